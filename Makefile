@@ -1,0 +1,38 @@
+# Quick start: `make bench` and `make test` each set up .venv (torch, triton, mmkernels with its compiled
+# extension) on a fresh machine, then run. Re-running skips set-up unless the build inputs changed.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
+STAMP := $(VENV)/.mmkernels-installed
+BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
+PYTEST_ARGS ?=
+
+.PHONY: install bench test test-gpu lint format clean
+
+install: $(STAMP)
+
+$(STAMP): $(BUILD_INPUTS)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "torch>=2.11" "numpy" "setuptools>=64" wheel ninja
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,bench]"
+	$(PY) -m mmkernels.info --brief
+	@touch $@
+
+bench: install
+	$(VENV)/bin/mmkernels-bench --quick --out bench-out
+
+test: install
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-gpu: install
+	$(PY) -m pytest tests benchmarks -m gpu $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+format: install
+	$(VENV)/bin/ruff format .
+
+clean:
+	rm -rf build $(VENV) mmkernels/_C*.so mmkernels/_build_info.py bench-out

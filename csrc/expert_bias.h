@@ -1,0 +1,57 @@
+// The expert-bias update rule of specs/longcat_moe.md, shared by the CPU and CUDA kernels so both compute the
+// same float32 arithmetic in the same order. The Triton kernel and the PyTorch reference follow the same order.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define MMK_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define MMK_HOST_DEVICE inline
+#endif
+
+namespace mmkernels {
+
+enum class BiasMode : int { kPid = 0, kSign = 1 };
+
+struct BiasUpdateParams {
+  int64_t num_ffn;        // N: FFN experts; entries >= N (zero experts) are never written
+  float target_share;     // K_e / (K * N): the share of all selections each FFN expert should get
+  float kp, ki, kd;       // velocity-form PID gains (ki is gamma in sign mode)
+  BiasMode mode;
+  bool clamp;             // anti-windup: |b_i| <= max_abs
+  float max_abs;
+};
+
+// Velocity-form PID step for FFN expert i. `total` is the number of selections in the batch (T_all * K);
+// a batch with no selections is no observation: bias and state stay as they are.
+// state0/state1 hold e_{t-1} and e_{t-2} and are advanced in place.
+MMK_HOST_DEVICE float pid_step(float bias, int64_t count, int64_t total, float& state0, float& state1,
+                               const BiasUpdateParams& p) {
+  if (total <= 0) return bias;
+  const float e = p.target_share - static_cast<float>(count) / static_cast<float>(total);
+  const float e1 = state0;
+  const float e2 = state1;
+  const float delta = p.ki * e + p.kp * (e - e1) + p.kd * (e - 2.0f * e1 + e2);
+  state1 = e1;
+  state0 = e;
+  float b = bias + delta;
+  if (p.clamp) b = b < -p.max_abs ? -p.max_abs : (b > p.max_abs ? p.max_abs : b);
+  return b;
+}
+
+// DeepSeek-V3 sign rule: b_i += gamma * sign(mean_j T_j - T_i) over FFN experts. Compared in integers
+// (sum_ffn vs N * T_i) so ties are exact and the step is exactly +gamma, -gamma or 0. As in pid_step, a batch
+// with no selections changes nothing; otherwise the clamp applies to every FFN bias.
+MMK_HOST_DEVICE float sign_step(float bias, int64_t count, int64_t sum_ffn, int64_t total,
+                                const BiasUpdateParams& p) {
+  if (total <= 0) return bias;
+  const int64_t diff = sum_ffn - p.num_ffn * count;
+  float b = bias;
+  if (diff > 0) b = bias + p.ki;
+  else if (diff < 0) b = bias - p.ki;
+  if (p.clamp) b = b < -p.max_abs ? -p.max_abs : (b > p.max_abs ? p.max_abs : b);
+  return b;
+}
+
+}  // namespace mmkernels

@@ -1,0 +1,33 @@
+"""mmkernels: fast Triton and CUDA kernels for multimodal and mixture-of-experts models.
+
+Public layers: ``mmkernels.ops`` (functions), ``mmkernels.nn`` (modules), ``mmkernels.bench`` (benchmarks).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from ._backends import BACKENDS, BackendError, available_backends, registered_ops
+from ._config import deterministic, is_deterministic, set_deterministic
+from ._extension import ExtensionWarning, extension_status
+
+extension_status()  # load mmkernels._C (if built) before the ops, so its kernels are registered
+
+from . import nn, ops  # noqa: E402
+from ._info import info  # noqa: E402
+
+__all__ = [
+    "BACKENDS",
+    "BackendError",
+    "ExtensionWarning",
+    "__version__",
+    "available_backends",
+    "deterministic",
+    "extension_status",
+    "info",
+    "is_deterministic",
+    "nn",
+    "ops",
+    "registered_ops",
+    "set_deterministic",
+]

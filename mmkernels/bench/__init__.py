@@ -1,0 +1,28 @@
+"""Benchmark harness and the ``mmkernels-bench`` CLI.
+
+``time_fn`` (CUDA events or perf_counter; median, p20, p80; warm-up; a pool of fresh inputs; peak memory),
+``measure_ceilings`` (the device's real copy bandwidth and matmul rate), suites of cases per op, and writers for
+JSON/CSV results and plots. Every row names the device.
+"""
+
+from .device import device_name, measure_ceilings
+from .results import Row, write_results
+from .runner import run_cases, run_suite
+from .suite import BenchConfig, Case, Suite, register_suite, suites
+from .timing import Timing, time_fn
+
+__all__ = [
+    "BenchConfig",
+    "Case",
+    "Row",
+    "Suite",
+    "Timing",
+    "device_name",
+    "measure_ceilings",
+    "register_suite",
+    "run_cases",
+    "run_suite",
+    "suites",
+    "time_fn",
+    "write_results",
+]

@@ -1,0 +1,72 @@
+"""Benchmark rows and their files: JSON (with run metadata), CSV (one row per op/case/provider/device)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+__all__ = ["Row", "run_metadata", "write_results"]
+
+
+@dataclass
+class Row:
+    op: str
+    case: str
+    mode: str
+    provider: str
+    device: str
+    dtype: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    reps: int
+    tflops: float | None
+    gbps: float | None
+    pct_peak_tflops: float | None
+    pct_peak_gbps: float | None
+    peak_mem_mb: float | None
+    speedup: float | None  # baseline median / this median, same case, same run
+    baseline: str
+
+
+def run_metadata(device: torch.device, ceilings: dict) -> dict:
+    from .. import __version__
+    from .._backends import triton_available
+    from .._extension import extension_status
+    from .device import device_name
+
+    triton_version = None
+    if triton_available():
+        import triton
+
+        triton_version = triton.__version__
+    return {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "mmkernels": __version__,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "extension_loaded": extension_status().loaded,
+        "ceilings": dict(ceilings),
+    }
+
+
+def write_results(out_dir: str | Path, rows: list[Row], metadata: dict, stem: str = "results") -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / f"{stem}.json"
+    json_path.write_text(json.dumps({"metadata": metadata, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+    csv_path = out / f"{stem}.csv"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(Row)])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow(asdict(r))
+    return [json_path, csv_path]

@@ -1,0 +1,1 @@
+"""Kernels: Triton (``kernels.triton``) and plain-PyTorch references (``kernels.reference``)."""

@@ -1,0 +1,97 @@
+"""Triton kernel for the expert-bias update: one program reduces the counts and updates every FFN bias.
+
+The problem is tiny (a few thousand floats), so the goal is one launch with no host synchronisation, not
+bandwidth. Arithmetic follows csrc/expert_bias.h in the same float32 order.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _expert_bias_update_kernel(
+    bias_ptr,
+    counts_ptr,
+    state_ptr,
+    n_total,
+    num_ffn,
+    target_share,
+    kp,
+    ki,
+    kd,
+    max_abs,
+    SIGN: tl.constexpr,
+    CLAMP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.arange(0, BLOCK)
+    acc_total = tl.zeros([BLOCK], dtype=tl.int64)
+    acc_ffn = tl.zeros([BLOCK], dtype=tl.int64)
+    for start in range(0, n_total, BLOCK):
+        idx = start + offs
+        c = tl.load(counts_ptr + idx, mask=idx < n_total, other=0).to(tl.int64)
+        acc_total += c
+        acc_ffn += tl.where(idx < num_ffn, c, 0)
+    total = tl.sum(acc_total, axis=0)
+    sum_ffn = tl.sum(acc_ffn, axis=0)
+    observed = total > 0
+
+    for start in range(0, num_ffn, BLOCK):
+        idx = start + offs
+        mask = idx < num_ffn
+        c = tl.load(counts_ptr + idx, mask=mask, other=0).to(tl.int64)
+        b = tl.load(bias_ptr + idx, mask=mask, other=0.0)
+        if SIGN:
+            diff = sum_ffn - num_ffn * c
+            new_b = tl.where(diff > 0, b + ki, tl.where(diff < 0, b - ki, b))
+        else:
+            e1 = tl.load(state_ptr + idx, mask=mask, other=0.0)
+            e2 = tl.load(state_ptr + num_ffn + idx, mask=mask, other=0.0)
+            e = target_share - c.to(tl.float32) / total.to(tl.float32)
+            delta = ki * e + kp * (e - e1) + kd * (e - 2.0 * e1 + e2)
+            new_b = b + delta
+            tl.store(state_ptr + idx, tl.where(observed, e, e1), mask=mask)
+            tl.store(state_ptr + num_ffn + idx, tl.where(observed, e1, e2), mask=mask)
+        if CLAMP:
+            new_b = tl.minimum(tl.maximum(new_b, -max_abs), max_abs)
+        tl.store(bias_ptr + idx, tl.where(observed, new_b, b), mask=mask)
+
+
+def expert_bias_update_triton(
+    bias: torch.Tensor,
+    counts: torch.Tensor,
+    state: torch.Tensor,
+    num_ffn_experts: int,
+    top_k: int,
+    target_ffn_per_token: float,
+    kp: float,
+    ki: float,
+    kd: float,
+    mode: str,
+    max_abs: float | None,
+    *,
+    launch=None,
+) -> None:
+    """Launch the kernel. ``launch`` wraps the kernel (``torch.library.wrap_triton`` inside the registered op)."""
+    kernel = launch(_expert_bias_update_kernel) if launch is not None else _expert_bias_update_kernel
+    n_total = bias.numel()
+    block = min(1024, max(32, triton.next_power_of_2(n_total)))
+    kernel[(1,)](
+        bias,
+        counts,
+        state,
+        n_total,
+        num_ffn_experts,
+        target_ffn_per_token / (top_k * num_ffn_experts),  # rounded to float32 at launch, as in C++
+        float(kp),
+        float(ki),
+        float(kd),
+        float(max_abs) if max_abs is not None else 0.0,
+        SIGN=mode == "sign",
+        CLAMP=max_abs is not None,
+        BLOCK=block,
+        num_warps=4,
+    )

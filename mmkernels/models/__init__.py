@@ -1,0 +1,1 @@
+"""mmkernels.models: see docs/ and DESIGN.md (filled in as the stacks land)."""

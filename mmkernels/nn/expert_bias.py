@@ -1,0 +1,190 @@
+"""``ExpertBiasController``: owns a router's expert bias and keeps FFN load balanced and on budget.
+
+Feed it each step's selection counts; it all-reduces them over the data-parallel group (one async all-reduce)
+and applies :func:`mmkernels.ops.expert_bias_update_` on the device. Nothing on the update path reads a device
+value on the host, so it runs without host synchronisation and can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..ops import _validate as v
+from ..ops.expert_bias import MODES, expert_bias_update_
+
+__all__ = ["ExpertBiasController", "PendingBiasUpdate"]
+
+_NAME = "ExpertBiasController"
+
+
+class PendingBiasUpdate:
+    """A bias update whose count all-reduce is in flight. ``wait()`` applies it (no host sync on NCCL)."""
+
+    def __init__(self, controller: ExpertBiasController, counts: torch.Tensor, work) -> None:
+        self._controller = controller
+        self._counts = counts
+        self._work = work
+        self._done = False
+
+    def wait(self) -> None:
+        if self._done:
+            return
+        if self._work is not None:
+            self._work.wait()  # on NCCL this orders the current stream after the all-reduce; the host does not block
+        self._controller._apply(self._counts)
+        self._done = True
+
+
+class ExpertBiasController(nn.Module):
+    """PID (or sign-rule) controller of a MoE router's per-expert selection bias.
+
+    Args:
+        num_ffn_experts: N, real (FFN) experts; their ids are ``0..N-1``.
+        num_zero_experts: Z, zero-computation experts (ids ``N..N+Z-1``); their biases are never changed.
+        top_k: K, experts picked per token.
+        target_ffn_per_token: K_e, the wanted mean number of FFN experts per token (LongCat: about 8 of 12).
+        kp, ki, kd: PID gains (``ki`` is gamma in ``mode="sign"``).
+        mode: ``"pid"`` (LongCat-Flash, velocity form) or ``"sign"`` (DeepSeek-V3).
+        max_abs: optional clamp on the FFN biases (anti-windup).
+        gain_schedule: optional ``step -> scale``; the gains used at step ``t`` are ``scale(t) * (kp, ki, kd)``
+            (e.g. a decay of mu over training). Computed on the host from a step counter: no device read. Under
+            CUDA-graph replay the gains captured are reused.
+        process_group: group to sum counts over; ``None`` uses the default group when torch.distributed is
+            initialised with more than one rank.
+        reduce_counts: set False when the counts you pass are already global.
+        backend: backend for the update op (``None`` = auto).
+
+    Buffers ``bias`` ``[N+Z]`` and ``state`` ``[2, N]`` (and the step counter, as extra state) are in
+    ``state_dict()``, so a checkpoint restores the controller exactly.
+    """
+
+    def __init__(
+        self,
+        num_ffn_experts: int,
+        num_zero_experts: int,
+        top_k: int,
+        target_ffn_per_token: float,
+        kp: float = 0.0,
+        ki: float = 1e-3,
+        kd: float = 0.0,
+        mode: str = "pid",
+        max_abs: float | None = None,
+        gain_schedule: Callable[[int], float] | None = None,
+        process_group: dist.ProcessGroup | None = None,
+        reduce_counts: bool = True,
+        device: torch.device | str | None = None,
+        backend: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_ffn_experts = v.integer("num_ffn_experts", num_ffn_experts, op=_NAME, low=1)
+        self.num_zero_experts = v.integer("num_zero_experts", num_zero_experts, op=_NAME, low=0)
+        n_total = self.num_ffn_experts + self.num_zero_experts
+        self.top_k = v.integer("top_k", top_k, op=_NAME, low=1, high=n_total)
+        self.target_ffn_per_token = v.real("target_ffn_per_token", target_ffn_per_token, op=_NAME, low=0.0,
+                                           high=float(self.top_k))
+        self.kp, self.ki, self.kd = (v.real(n, g, op=_NAME) for n, g in (("kp", kp), ("ki", ki), ("kd", kd)))
+        self.mode = v.choice("mode", mode, MODES, op=_NAME)
+        self.max_abs = None if max_abs is None else v.real("max_abs", max_abs, op=_NAME, low=0.0)
+        self.gain_schedule = gain_schedule
+        self.process_group = process_group
+        self.reduce_counts = reduce_counts
+        self.backend = backend
+        self.steps = 0
+        self.register_buffer("bias", torch.zeros(n_total, dtype=torch.float32, device=device))
+        self.register_buffer("state", torch.zeros(2, self.num_ffn_experts, dtype=torch.float32, device=device))
+        # The last global counts, for metrics(); not checkpointed.
+        self.register_buffer("last_counts", torch.zeros(n_total, dtype=torch.int64, device=device), persistent=False)
+
+    @property
+    def num_experts(self) -> int:
+        return self.num_ffn_experts + self.num_zero_experts
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_ffn_experts={self.num_ffn_experts}, num_zero_experts={self.num_zero_experts}, top_k={self.top_k}, "
+            f"target_ffn_per_token={self.target_ffn_per_token}, mode={self.mode!r}, kp={self.kp}, ki={self.ki}, "
+            f"kd={self.kd}, max_abs={self.max_abs}"
+        )
+
+    def get_extra_state(self) -> dict:
+        return {"steps": self.steps}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+
+    def gains(self, step: int | None = None) -> tuple[float, float, float]:
+        """The (kp, ki, kd) used at ``step`` (default: the next update)."""
+        scale = 1.0 if self.gain_schedule is None else float(self.gain_schedule(self.steps if step is None else step))
+        return self.kp * scale, self.ki * scale, self.kd * scale
+
+    def _group(self):
+        if not self.reduce_counts or not dist.is_available() or not dist.is_initialized():
+            return None
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
+    def start_update(self, counts: torch.Tensor) -> PendingBiasUpdate:
+        """Launch the count all-reduce (async) and return a handle; ``handle.wait()`` applies the update.
+
+        Lets the all-reduce overlap with other work (e.g. the optimizer step). ``counts``: this rank's int32 or
+        int64 ``[N+Z]`` selections per expert; it is not modified.
+        """
+        v.tensor("counts", counts, dtypes=(torch.int32, torch.int64), dim=1, op=_NAME)
+        if counts.numel() != self.num_experts:
+            raise ValueError(
+                f"{_NAME}: counts must have N+Z = {self.num_ffn_experts}+{self.num_zero_experts} = "
+                f"{self.num_experts} entries, got {counts.numel()}"
+            )
+        v.same_device(_NAME, counts=counts, bias=self.bias)
+        global_counts = counts.to(torch.int64, copy=True)  # int64: the global sum can outgrow int32
+        group = self._group()
+        work = dist.all_reduce(global_counts, group=group, async_op=True) if group is not None else None
+        return PendingBiasUpdate(self, global_counts, work)
+
+    def update(self, counts: torch.Tensor) -> None:
+        """Sum ``counts`` over the process group and update the bias in place."""
+        self.start_update(counts).wait()
+
+    def _apply(self, global_counts: torch.Tensor) -> None:
+        kp, ki, kd = self.gains()
+        with torch.no_grad():
+            expert_bias_update_(
+                self.bias,
+                global_counts,
+                self.state,
+                num_ffn_experts=self.num_ffn_experts,
+                top_k=self.top_k,
+                target_ffn_per_token=self.target_ffn_per_token,
+                kp=kp,
+                ki=ki,
+                kd=kd,
+                mode=self.mode,
+                max_abs=self.max_abs,
+                backend=self.backend,
+            )
+            self.last_counts.copy_(global_counts)
+        self.steps += 1
+
+    @torch.no_grad()
+    def metrics(self) -> dict[str, torch.Tensor]:
+        """What to log, as 0-d device tensors (call ``.item()`` when logging, off the hot path).
+
+        From the counts of the last update: ``ffn_experts_per_token`` (mean FFN experts per token, aim: K_e),
+        ``max_over_mean_ffn_load`` (1.0 is perfect balance), ``zero_share`` (share of selections on zero
+        experts), and ``bias_min`` / ``bias_max`` over the FFN experts.
+        """
+        n = self.num_ffn_experts
+        counts = self.last_counts.to(torch.float32)
+        total = counts.sum().clamp_min(1.0)
+        ffn = counts[:n]
+        return {
+            "ffn_experts_per_token": self.top_k * ffn.sum() / total,
+            "max_over_mean_ffn_load": ffn.max() / ffn.mean().clamp_min(torch.finfo(torch.float32).tiny),
+            "zero_share": counts[n:].sum() / total,
+            "bias_min": self.bias[:n].min(),
+            "bias_max": self.bias[:n].max(),
+        }

@@ -1,0 +1,136 @@
+"""Expert-bias update (the PID-controlled balancer of specs/longcat_moe.md): one op through every layer.
+
+Layers:
+- kernels: ``csrc/cpu/expert_bias.cpp`` (cpp), ``csrc/cuda/expert_bias.cu`` (cuda),
+  ``kernels/triton/expert_bias.py`` (triton), ``kernels/reference/expert_bias.py`` (reference);
+- registered ops: ``torch.ops.mmkernels.expert_bias_update_`` (C++/CUDA impls from ``mmkernels._C``) and
+  ``torch.ops.mmkernels.expert_bias_update_triton_`` (a ``triton_op``), both mutating ``bias`` and ``state``;
+- the validated public function :func:`expert_bias_update_` below;
+- the module ``mmkernels.nn.ExpertBiasController``.
+
+No gradient: the bias is a controller state, not a trained parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._backends import OpBackends, triton_available
+from ..kernels.reference.expert_bias import expert_bias_update_reference
+from . import _validate as v
+from ._library import define
+
+__all__ = ["expert_bias_update_"]
+
+OP = "expert_bias_update_"
+MODES = ("pid", "sign")
+
+_ARGS = (
+    "int num_ffn_experts, int top_k, float target_ffn_per_token, float kp, float ki, float kd, str mode, "
+    "float? max_abs"
+)
+NATIVE = define(f"expert_bias_update_(Tensor(a!) bias, Tensor counts, Tensor(b!) state, {_ARGS}) -> ()")
+
+
+@torch.library.register_fake(NATIVE)
+def _native_fake(bias, counts, state, num_ffn_experts, top_k, target_ffn_per_token, kp, ki, kd, mode, max_abs):
+    return None
+
+
+BACKENDS = OpBackends(OP)
+
+
+@BACKENDS.register("cuda")
+@BACKENDS.register("cpp")
+def _native(*args) -> None:
+    torch.ops.mmkernels.expert_bias_update_(*args)
+
+
+BACKENDS.register("reference")(expert_bias_update_reference)
+
+if triton_available():
+    from ..kernels.triton.expert_bias import expert_bias_update_triton
+
+    @torch.library.triton_op("mmkernels::expert_bias_update_triton_", mutates_args={"bias", "state"})
+    def _triton_op(
+        bias: torch.Tensor,
+        counts: torch.Tensor,
+        state: torch.Tensor,
+        num_ffn_experts: int,
+        top_k: int,
+        target_ffn_per_token: float,
+        kp: float,
+        ki: float,
+        kd: float,
+        mode: str,
+        max_abs: float | None,
+    ) -> None:
+        expert_bias_update_triton(
+            bias, counts, state, num_ffn_experts, top_k, target_ffn_per_token, kp, ki, kd, mode, max_abs,
+            launch=torch.library.wrap_triton,
+        )
+
+    @BACKENDS.register("triton")
+    def _triton(*args) -> None:
+        torch.ops.mmkernels.expert_bias_update_triton_(*args)
+
+
+def expert_bias_update_(
+    bias: torch.Tensor,
+    counts: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    num_ffn_experts: int,
+    top_k: int,
+    target_ffn_per_token: float,
+    kp: float = 0.0,
+    ki: float = 1e-3,
+    kd: float = 0.0,
+    mode: str = "pid",
+    max_abs: float | None = None,
+    backend: str | None = None,
+) -> None:
+    """Update the router's expert bias in place from one step's selection counts. No host synchronisation.
+
+    For FFN experts ``i < N`` (``N = num_ffn_experts``), with ``T_i = counts[i]`` and ``K * T_all = counts.sum()``:
+
+    - ``mode="pid"`` (LongCat-Flash): ``e_i = K_e / (K N) - T_i / (K T_all)`` and
+      ``bias_i += ki e_t + kp (e_t - e_{t-1}) + kd (e_t - 2 e_{t-1} + e_{t-2})``; ``state`` holds
+      ``[e_{t-1}, e_{t-2}]`` and is advanced in place. ``kp = kd = 0`` is the published pure-integral rule.
+    - ``mode="sign"`` (DeepSeek-V3): ``bias_i += ki * sign(mean_j T_j - T_i)`` over FFN experts, i.e. exactly
+      ``+ki``, ``-ki`` or unchanged; ``state`` is not used.
+
+    Zero-expert biases (``i >= N``) are never written. ``max_abs`` clamps the FFN biases to ``[-max_abs, max_abs]``
+    after the step (anti-windup). A step whose counts are all zero changes nothing.
+
+    Args:
+        bias: float32 ``[N+Z]``, contiguous, updated in place.
+        counts: int32 or int64 ``[N+Z]``: selections per expert over the (global) batch.
+        state: float32 ``[2, N]``, contiguous, updated in place (zeros at the start of training).
+        num_ffn_experts: N.
+        top_k: K, experts chosen per token (FFN and zero slots together).
+        target_ffn_per_token: K_e, the wanted mean number of FFN experts per token (0 <= K_e <= K).
+        kp, ki, kd: gains, Python numbers (``ki`` is gamma in sign mode).
+        mode: ``"pid"`` or ``"sign"``.
+        max_abs: optional clamp on ``|bias_i|`` for FFN experts.
+        backend: ``None`` (auto), ``"cuda"``, ``"cpp"``, ``"triton"`` or ``"reference"``.
+    """
+    v.tensor("bias", bias, dtypes=(torch.float32,), dim=1, contiguous=True, op=OP)
+    v.tensor("counts", counts, dtypes=(torch.int32, torch.int64), dim=1, op=OP)
+    v.tensor("state", state, dtypes=(torch.float32,), dim=2, contiguous=True, op=OP)
+    device = v.same_device(OP, bias=bias, counts=counts, state=state)
+    n_total = bias.numel()
+    if counts.numel() != n_total:
+        raise ValueError(f"{OP}: counts must have one entry per expert like bias ({n_total}), got {counts.numel()}")
+    n = v.integer("num_ffn_experts", num_ffn_experts, op=OP, low=1, high=n_total)
+    if tuple(state.shape) != (2, n):
+        raise ValueError(f"{OP}: state must have shape (2, num_ffn_experts) = (2, {n}), got {tuple(state.shape)}")
+    k = v.integer("top_k", top_k, op=OP, low=1, high=n_total)
+    target = v.real("target_ffn_per_token", target_ffn_per_token, op=OP, low=0.0, high=float(k))
+    gains = [v.real(name, g, op=OP) for name, g in (("kp", kp), ("ki", ki), ("kd", kd))]
+    v.choice("mode", mode, MODES, op=OP)
+    if max_abs is not None:
+        max_abs = v.real("max_abs", max_abs, op=OP, low=0.0)
+    counts = counts.contiguous()
+    _, impl = BACKENDS.select(device, backend)
+    impl(bias, counts, state, n, k, target, *gains, mode, max_abs)
