@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/cuda)
 STAMP := $(VENV)/.mmkernels-installed
-BUILD_INPUTS := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
+BUILD_INPUTS := Makefile setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 PYTEST_ARGS ?=
 
 .PHONY: install bench test test-gpu lint format clean
@@ -15,7 +15,10 @@ install: $(STAMP)
 $(STAMP): $(BUILD_INPUTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "torch>=2.11" "numpy" "setuptools>=64" wheel ninja
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev,bench]"
+	@echo "building mmkernels (C++ CPU + CUDA sources; log: $(VENV)/build.log)"
+	@$(PY) -m pip install -v --no-build-isolation -e ".[dev,bench,hf]" > $(VENV)/build.log 2>&1 \
+		|| { tail -n 60 $(VENV)/build.log; echo "build failed: full log in $(VENV)/build.log"; exit 1; }
+	@grep -F "[mmkernels build]" $(VENV)/build.log | sed 's/^ *//' || true
 	$(PY) -m mmkernels.info --brief
 	@touch $@
 

@@ -79,7 +79,7 @@ def torch_bundled_cuda_includes() -> list[str]:
     found: list[str] = []
     for entry in sys.path:
         for inc in sorted(glob.glob(os.path.join(entry, "nvidia", "cu*", "include"))):
-            if os.path.isdir(inc) and inc not in found:
+            if re.fullmatch(r"cu\d+", Path(inc).parent.name) and os.path.isdir(inc) and inc not in found:
                 found.append(inc)
     return found
 

@@ -8,7 +8,7 @@ JSON/CSV results and plots. Every row names the device.
 from .device import device_name, measure_ceilings
 from .results import Row, write_results
 from .runner import run_cases, run_suite
-from .suite import BenchConfig, Case, Suite, register_suite, suites
+from .suite import BenchConfig, Case, Suite, register_suite, registered_suites
 from .timing import Timing, time_fn
 
 __all__ = [
@@ -22,7 +22,7 @@ __all__ = [
     "register_suite",
     "run_cases",
     "run_suite",
-    "suites",
+    "registered_suites",
     "time_fn",
     "write_results",
 ]

@@ -5,6 +5,7 @@ Examples:
   mmkernels-bench list                    the ops that have benchmarks, and their presets
   mmkernels-bench expert_bias_update --shapes default --out results/ --plot
   mmkernels-bench all --backends cuda triton --dtype bf16
+  mmkernels-bench attention patch_embed --out results/
 
 Each row names the device; "speedup" is the baseline's median time over the row's, measured in the same run.
 """
@@ -20,7 +21,7 @@ import torch
 from .. import BACKENDS
 from .results import Row, run_metadata, write_results
 from .runner import run_cases
-from .suite import BenchConfig, suites
+from .suite import BenchConfig, registered_suites
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -32,8 +33,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n\n", 1)[1],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("target", nargs="?", default=None,
-                   help="an op name (see `list`), `all`, or `list`; default with --quick: all")
+    p.add_argument("targets", nargs="*", metavar="OP",
+                   help="op names (see `list`), `all`, or `list`; default with --quick: all")
     p.add_argument("--quick", action="store_true", help="small shapes and short timing: a whole run in seconds")
     p.add_argument("--shapes", default=None, help="shape preset: quick or default (some ops have more)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="input dtype (default: each op's own)")
@@ -59,7 +60,7 @@ def _cells(r: Row) -> list[str]:
     pct = max((x for x in (r.pct_peak_tflops, r.pct_peak_gbps) if x is not None), default=None)
     return [
         r.op, r.case, r.mode, r.provider, _fmt(r.median_ms, ".4f"), f"{r.p20_ms:.4f}-{r.p80_ms:.4f}",
-        _fmt(r.tflops, ".3f"), _fmt(r.gbps, ".2f"), _fmt(pct, ".1f"), _fmt(r.peak_mem_mb, ".1f"),
+        _fmt(r.tflops, ".3g"), _fmt(r.gbps, ".3g"), _fmt(pct, ".2g"), _fmt(r.peak_mem_mb, ".1f"),
         _fmt(r.speedup, ".2f") + ("x" if r.speedup is not None else ""),
     ]
 
@@ -68,6 +69,7 @@ def _print_table(rows: Sequence[Row], title: str) -> None:
     try:
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
     except ImportError:
         cells = [list(COLUMNS)] + [_cells(r) for r in rows]
         widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
@@ -79,7 +81,7 @@ def _print_table(rows: Sequence[Row], title: str) -> None:
     for col in COLUMNS:
         table.add_column(col, justify="right" if col not in ("op", "case", "mode", "provider") else "left")
     for r in rows:
-        table.add_row(*_cells(r))
+        table.add_row(*(Text(c) for c in _cells(r)))  # Text: no markup parsing of 'mmkernels[cpp]'
     Console(width=200).print(table)
 
 
@@ -118,19 +120,20 @@ class _Progress:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    all_suites = suites()
-    target = args.target or ("all" if args.quick else None)
-    if target is None:
+    all_suites = registered_suites()
+    targets = args.targets or (["all"] if args.quick else [])
+    if not targets:
         _parser().print_help()
         return 2
-    if target == "list":
+    if targets == ["list"]:
         for name, s in sorted(all_suites.items()):
             print(f"{name:28s} {s.description}  [presets: {', '.join(s.presets)}]")
         return 0
-    if target != "all" and target not in all_suites:
-        print(f"mmkernels-bench: unknown op {target!r}; `mmkernels-bench list` shows the ops", file=sys.stderr)
+    unknown = [t for t in targets if t != "all" and t not in all_suites]
+    if unknown:
+        print(f"mmkernels-bench: unknown op {unknown[0]!r}; `mmkernels-bench list` shows the ops", file=sys.stderr)
         return 2
-    chosen = list(all_suites.values()) if target == "all" else [all_suites[target]]
+    chosen = list(all_suites.values()) if "all" in targets else [all_suites[t] for t in dict.fromkeys(targets)]
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     preset = args.shapes or ("quick" if args.quick else "default")
@@ -154,10 +157,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"measured ceilings: copy {ceilings['gbps']:.1f} GB/s, {ceilings['dtype']} matmul "
           f"{ceilings['tflops']:.2f} TFLOP/s", flush=True)
     rows: list[Row] = []
+    failures: list[str] = []
     with _Progress(total) as progress:
         for s, cases in plan:
             for case in cases:
-                rows += run_cases(s, [case], config, warmup_ms=warmup_ms, rep_ms=rep_ms)
+                try:
+                    rows += run_cases(s, [case], config, warmup_ms=warmup_ms, rep_ms=rep_ms)
+                except Exception as exc:  # keep timing the other cases; report and fail at the end
+                    failures.append(f"{s.name} {case.name} [{case.mode}]: {type(exc).__name__}: {exc}")
                 progress.advance(f"{s.name} {case.name}")
     _print_table(rows, f"mmkernels-bench — {device_name(device)}")
     if args.out:
@@ -169,7 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("wrote " + ", ".join(str(p) for p in paths))
     elif args.plot:
         print("mmkernels-bench: --plot needs --out DIR", file=sys.stderr)
-    return 0
+    for failure in failures:
+        print(f"mmkernels-bench: FAILED {failure}", file=sys.stderr)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

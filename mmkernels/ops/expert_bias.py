@@ -23,17 +23,19 @@ from ._library import define
 __all__ = ["expert_bias_update_"]
 
 OP = "expert_bias_update_"
+# The schema names the update rule `rule` (the public keyword is `mode`): opcheck's dispatch-mode machinery
+# reserves an argument called `mode`.
 MODES = ("pid", "sign")
 
 _ARGS = (
-    "int num_ffn_experts, int top_k, float target_ffn_per_token, float kp, float ki, float kd, str mode, "
+    "int num_ffn_experts, int top_k, float target_ffn_per_token, float kp, float ki, float kd, str rule, "
     "float? max_abs"
 )
 NATIVE = define(f"expert_bias_update_(Tensor(a!) bias, Tensor counts, Tensor(b!) state, {_ARGS}) -> ()")
 
 
 @torch.library.register_fake(NATIVE)
-def _native_fake(bias, counts, state, num_ffn_experts, top_k, target_ffn_per_token, kp, ki, kd, mode, max_abs):
+def _native_fake(bias, counts, state, num_ffn_experts, top_k, target_ffn_per_token, kp, ki, kd, rule, max_abs):
     return None
 
 
@@ -50,8 +52,9 @@ BACKENDS.register("reference")(expert_bias_update_reference)
 
 if triton_available():
     from ..kernels.triton.expert_bias import expert_bias_update_triton
+    from ._triton_op import triton_op
 
-    @torch.library.triton_op("mmkernels::expert_bias_update_triton_", mutates_args={"bias", "state"})
+    @triton_op("mmkernels::expert_bias_update_triton_", mutates_args={"bias", "state"}, fake=_native_fake)
     def _triton_op(
         bias: torch.Tensor,
         counts: torch.Tensor,
@@ -62,11 +65,11 @@ if triton_available():
         kp: float,
         ki: float,
         kd: float,
-        mode: str,
+        rule: str,
         max_abs: float | None,
     ) -> None:
         expert_bias_update_triton(
-            bias, counts, state, num_ffn_experts, top_k, target_ffn_per_token, kp, ki, kd, mode, max_abs,
+            bias, counts, state, num_ffn_experts, top_k, target_ffn_per_token, kp, ki, kd, rule, max_abs,
             launch=torch.library.wrap_triton,
         )
 

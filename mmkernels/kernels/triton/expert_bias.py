@@ -75,7 +75,7 @@ def expert_bias_update_triton(
     *,
     launch=None,
 ) -> None:
-    """Launch the kernel. ``launch`` wraps the kernel (``torch.library.wrap_triton`` inside the registered op)."""
+    """Launch the kernel. ``launch`` wraps the kernel (``torch.library.wrap_triton`` inside the op)."""
     kernel = launch(_expert_bias_update_kernel) if launch is not None else _expert_bias_update_kernel
     n_total = bias.numel()
     block = min(1024, max(32, triton.next_power_of_2(n_total)))

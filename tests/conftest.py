@@ -1,0 +1,47 @@
+"""Test setup. TRITON_INTERPRET must be set before triton is first imported, so this runs before mmkernels loads:
+without a CUDA device, Triton kernels run on CPU tensors through the interpreter (fp32/fp16 only: the
+interpreter mishandles bf16 on CPU)."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+assert "triton" not in sys.modules, "triton was imported before tests/conftest.py could set TRITON_INTERPRET"
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import mmkernels  # noqa: E402,F401  (registers the ops with the interpreter setting in place)
+
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """CUDA when present, else CPU (Triton then runs under the interpreter)."""
+    return DEVICE
+
+
+@pytest.fixture(autouse=True)
+def seed() -> int:
+    """Every test starts from the same seed; tests that need other draws use their own torch.Generator."""
+    torch.manual_seed(0)
+    return 0
+
+
+@pytest.fixture
+def no_backend_env(monkeypatch):
+    """Run with MMKERNELS_BACKEND unset, whatever the caller's environment says."""
+    monkeypatch.delenv("MMKERNELS_BACKEND", raising=False)

@@ -1,0 +1,71 @@
+"""The backend registry: auto choice, MMKERNELS_BACKEND, explicit choices that cannot run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mmkernels
+from mmkernels import BackendError
+from mmkernels._backends import OpBackends, _REGISTRY, backend_unavailable_reason
+
+
+@pytest.fixture
+def toy(no_backend_env):
+    op = OpBackends("toy_op_for_tests")
+    op.register("reference")(lambda: "reference")
+    op.register("triton")(lambda: "triton")
+    op.register("cuda")(lambda: "cuda")
+    yield op
+    _REGISTRY.pop("toy_op_for_tests")
+
+
+def test_auto_on_cpu_skips_gpu_backends(toy):
+    name, fn = toy.select(torch.device("cpu"))
+    assert name == "reference" and fn() == "reference"
+
+
+def test_env_override(toy, monkeypatch):
+    monkeypatch.setenv("MMKERNELS_BACKEND", "triton")
+    name, _ = toy.select(torch.device("cpu"))  # triton runs on CPU here only under the interpreter
+    assert name == "triton"
+    monkeypatch.setenv("MMKERNELS_BACKEND", "cpp")  # an op without that backend keeps auto
+    assert toy.select(torch.device("cpu"))[0] == "reference"
+    monkeypatch.setenv("MMKERNELS_BACKEND", "cuda")  # an op with it, but it cannot run: explicit, so it raises
+    with pytest.raises(BackendError, match="MMKERNELS_BACKEND='cuda' cannot run"):
+        toy.select(torch.device("cpu"))
+    monkeypatch.setenv("MMKERNELS_BACKEND", "fastest")
+    with pytest.raises(BackendError, match="not a backend"):
+        toy.select(torch.device("cpu"))
+
+
+def test_explicit_choice(toy):
+    assert toy.select(torch.device("cpu"), "reference")[0] == "reference"
+    with pytest.raises(BackendError, match="needs CUDA tensors"):
+        toy.select(torch.device("cpu"), "cuda")
+    with pytest.raises(BackendError, match="is not implemented"):
+        toy.select(torch.device("cpu"), "cpp")
+
+
+def test_register_unknown_backend_rejected(toy):
+    with pytest.raises(ValueError, match="unknown backend"):
+        toy.register("cudnn")
+
+
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "TRITON_INTERPRET" in backend_unavailable_reason("triton", torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend_unavailable_reason("triton", torch.device("cpu")) is None
+
+
+def test_public_listing():
+    assert "expert_bias_update_" in mmkernels.registered_ops()
+    assert "reference" in mmkernels.available_backends("expert_bias_update_", "cpu")
+
+
+def test_deterministic_switch():
+    assert not mmkernels.is_deterministic()
+    with mmkernels.deterministic():
+        assert mmkernels.is_deterministic()
+    assert not mmkernels.is_deterministic()
