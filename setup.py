@@ -101,7 +101,8 @@ def default_max_jobs() -> int:
     # nvcc peaks around 1.5 GiB per job on our sources; leave headroom.
     cores = os.cpu_count() or 1
     try:
-        avail_kib = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemAvailable"))
+        with open("/proc/meminfo") as meminfo:
+            avail_kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable"))
         by_mem = max(1, int(avail_kib / (1.5 * 1024 * 1024)))
     except (OSError, StopIteration, ValueError):
         by_mem = cores
@@ -176,7 +177,10 @@ def extension_modules():
         "mmkernels._C",
         cpp_sources + cu_sources,
         include_dirs=extra_includes,
-        extra_compile_args={"cxx": cxx_flags + ["-DMMKERNELS_WITH_CUDA"], "nvcc": nvcc_flags + ["-DMMKERNELS_WITH_CUDA"]},
+        extra_compile_args={
+            "cxx": [*cxx_flags, "-DMMKERNELS_WITH_CUDA"],
+            "nvcc": [*nvcc_flags, "-DMMKERNELS_WITH_CUDA"],
+        },
         define_macros=define_macros,
     )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}

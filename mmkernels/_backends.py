@@ -13,7 +13,6 @@ implements that backend. An explicit choice (argument or environment) that canno
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import os
@@ -35,9 +34,15 @@ class BackendError(RuntimeError):
     """An explicitly requested backend cannot run the op for these tensors."""
 
 
-@functools.cache
+_TRITON_AVAILABLE: bool | None = None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    # A plain module-level cache (not functools.cache, which torch.compile warns about when it traces a caller).
+    global _TRITON_AVAILABLE
+    if _TRITON_AVAILABLE is None:
+        _TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
 
 
 def _triton_interpreting() -> bool:

@@ -57,7 +57,7 @@ def _load() -> ExtensionStatus:
         info = importlib.import_module("mmkernels._build_info")
     except ImportError:
         info = None
-    if info is not None and info.TORCH_VERSION != torch.__version__:
+    if info is not None and torch.__version__ != info.TORCH_VERSION:
         # Loading a library built against another torch can crash the process, so check before importing it.
         return unavailable(f"built for torch {info.TORCH_VERSION}, running torch {torch.__version__}", warn=True,
                            info=info)

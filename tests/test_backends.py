@@ -7,7 +7,7 @@ import torch
 
 import mmkernels
 from mmkernels import BackendError
-from mmkernels._backends import OpBackends, _REGISTRY, backend_unavailable_reason
+from mmkernels._backends import _REGISTRY, OpBackends, backend_unavailable_reason
 
 
 @pytest.fixture

@@ -1,1 +1,5 @@
-"""mmkernels.models: see docs/ and DESIGN.md (filled in as the stacks land)."""
+"""Reference model stacks built from mmkernels modules, with converters from Hugging Face / timm weights."""
+
+from .vit import ViT
+
+__all__ = ["ViT"]

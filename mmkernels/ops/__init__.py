@@ -2,5 +2,7 @@
 op (or the PyTorch reference)."""
 
 from .expert_bias import expert_bias_update_
+from .moe import MoERouting, moe_experts, moe_route
+from .patch_embed import patch_embed
 
-__all__ = ["expert_bias_update_"]
+__all__ = ["MoERouting", "expert_bias_update_", "moe_experts", "moe_route", "patch_embed"]

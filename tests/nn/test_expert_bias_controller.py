@@ -197,7 +197,7 @@ def test_update_captures_in_cuda_graph():
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             ctrl.update(static_counts)
-        for step in range(5):
+        for _ in range(5):
             counts = torch.randint(0, 100, (768,), dtype=torch.int32, device=dev)
             static_counts.copy_(counts)
             graph.replay()

@@ -1,0 +1,27 @@
+"""PyTorch reference of the ViT patch embedding, written the way timm and HF do it:
+``conv2d(stride=P) -> flatten -> transpose -> cat cls -> add pos``. Differentiable through PyTorch autograd; the
+tests' oracle (run in float64) and the benchmarks' eager baseline."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def patch_embed_reference(
+    pixels: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    pos_embed: torch.Tensor | None = None,
+    cls_token: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[B, (1 if cls) + (H/P)*(W/P), D]``. ``pos_embed`` ``[L, D]`` (or ``[1, L, D]``), ``cls_token`` ``[D]``
+    (or ``[1, 1, D]``)."""
+    p = weight.shape[-1]
+    x = F.conv2d(pixels, weight, bias, stride=p)  # [B, D, Hp, Wp]
+    x = x.flatten(2).transpose(1, 2)  # [B, N, D]
+    if cls_token is not None:
+        x = torch.cat([cls_token.reshape(1, 1, -1).expand(x.shape[0], 1, -1).to(x.dtype), x], dim=1)
+    if pos_embed is not None:
+        x = x + pos_embed.reshape(1, x.shape[1], -1)
+    return x
