@@ -49,6 +49,7 @@ inline RouteParams check_route_args(const at::Tensor& logits, const std::optiona
                      renormalize, n_groups, topk_groups};
 }
 
+// (ids, weights, zero_weight, counts); the op returns them as (weights, zero_weight, ids, counts).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> alloc_route_outputs(const at::Tensor& logits,
                                                                                      const RouteParams& p) {
   auto opts = logits.options();

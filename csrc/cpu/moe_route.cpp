@@ -97,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cpu(
   int32_t* cp = counts.data_ptr<int32_t>();
   const int32_t* ip = ids.data_ptr<int32_t>();
   for (int64_t i = 0; i < p.tokens * p.top_k; ++i) ++cp[ip[i]];
-  return {ids, weights, zero_weight, counts};
+  return {weights, zero_weight, ids, counts};
 }
 
 }  // namespace

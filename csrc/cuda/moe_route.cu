@@ -184,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor bias = bias_in.has_value() ? bias_in->contiguous() : at::Tensor();
   auto [ids, weights, zero_weight, counts] = alloc_route_outputs(logits, p);
-  if (p.tokens == 0) return {ids, weights, zero_weight, counts};
+  if (p.tokens == 0) return {weights, zero_weight, ids, counts};
   const float* bp = bias.defined() ? bias.data_ptr<float>() : nullptr;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int64_t v = (p.experts + kWarp - 1) / kWarp;
@@ -192,7 +192,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(
   else if (v <= 8) launch<8>(logits, bp, ids, weights, zero_weight, counts, p, stream);
   else if (v <= 16) launch<16>(logits, bp, ids, weights, zero_weight, counts, p, stream);
   else launch<32>(logits, bp, ids, weights, zero_weight, counts, p, stream);
-  return {ids, weights, zero_weight, counts};
+  return {weights, zero_weight, ids, counts};
 }
 
 }  // namespace

@@ -44,16 +44,17 @@ class MoERouting(NamedTuple):
 ROUTE = define(
     "moe_route(Tensor logits, Tensor? bias, int top_k, int num_ffn_experts, str scoring, "
     "float routed_scaling_factor, bool renormalize, int n_groups, int topk_groups) -> "
-    "(Tensor, Tensor, Tensor, Tensor)"
+    "(Tensor topk_weights, Tensor zero_weight, Tensor topk_ids, Tensor counts)"
 )
+# Float outputs first: opcheck's autograd test sums the outputs into one scalar and trips over an int first.
 
 
 @torch.library.register_fake(ROUTE)
 def _route_fake(logits, bias, top_k, num_ffn_experts, scoring, routed_scaling_factor, renormalize, n_groups,
                 topk_groups):
     t, e = logits.shape
-    return (logits.new_empty((t, top_k), dtype=torch.int32), logits.new_empty((t, top_k), dtype=torch.float32),
-            logits.new_empty((t,), dtype=torch.float32), logits.new_empty((e,), dtype=torch.int32))
+    return (logits.new_empty((t, top_k), dtype=torch.float32), logits.new_empty((t,), dtype=torch.float32),
+            logits.new_empty((t, top_k), dtype=torch.int32), logits.new_empty((e,), dtype=torch.int32))
 
 
 def route_backward(logits, topk_ids, grad_weights, grad_zero_weight, num_ffn_experts, scoring, scale, renormalize):
@@ -81,11 +82,11 @@ def route_backward(logits, topk_ids, grad_weights, grad_zero_weight, num_ffn_exp
 
 def _route_setup(ctx, inputs, output):
     logits, _, _, num_ffn, scoring, scale, renormalize, _, _ = inputs
-    ctx.save_for_backward(logits, output[0])
+    ctx.save_for_backward(logits, output[2])
     ctx.args = (num_ffn, scoring, scale, renormalize)
 
 
-def _route_autograd_backward(ctx, grad_ids, grad_weights, grad_zero_weight, grad_counts):
+def _route_autograd_backward(ctx, grad_weights, grad_zero_weight, grad_ids, grad_counts):
     logits, ids = ctx.saved_tensors
     d = route_backward(logits, ids, grad_weights, grad_zero_weight, *ctx.args)
     return d, None, None, None, None, None, None, None, None
@@ -99,7 +100,8 @@ ROUTE_BACKENDS = OpBackends("moe_route", auto_order={"cuda": ("cuda", "reference
 @ROUTE_BACKENDS.register("cuda")
 @ROUTE_BACKENDS.register("cpp")
 def _route_native(*args):
-    return torch.ops.mmkernels.moe_route(*args)
+    weights, zero_weight, ids, counts = torch.ops.mmkernels.moe_route(*args)
+    return ids, weights, zero_weight, counts
 
 
 @ROUTE_BACKENDS.register("reference")

@@ -1,0 +1,408 @@
+"""Triton kernels for Q-Former cross-attention: few learned queries (Lq <= 128) over many image tokens.
+
+Layout (flash-attn style, unit stride on the head dim, any other strides): q ``[B, Lq, H, D]``,
+k/v ``[B, Lk, H, D]``, out ``[B, Lq, H, D]``, log-sum-exp ``[B, H, Lq]`` (fp32, natural log).
+
+- forward: one program per (batch, head) holds *every* query (``BLOCK_M >= Lq``) and streams its keys once
+  through an online softmax in fp32 (exp2 with the scale folded in). Each key/value tile is loaded once for all
+  queries, so K/V traffic is the minimum. ``kv_lens[b]`` ends the key loop early (padded image tokens are never
+  read). Head dims that are not powers of two are padded to ``BLOCK_D`` with masked loads.
+- split-K (flash-decoding): when B*H programs cannot fill the GPU, grid axis 1 splits the keys into chunks; each
+  program writes a normalised fp32 partial output and its LSE, and :func:`_qf_combine_kernel` merges them
+  (``out = sum_s exp(lse_s - lse) o_s``, ``lse = logsumexp_s lse_s``; empty chunks have ``lse_s = -inf`` and
+  weigh nothing).
+- backward: one program per (batch, head, key chunk) holds every query, so dK/dV of its keys are complete in
+  registers (no atomics); dQ is complete too when there is one chunk, else each chunk writes an fp32 partial and
+  the host sums them (deterministic). ``delta = rowsum(dO * Out)`` is recomputed in the program (Lq x D: cheap).
+
+Only the basic ``tl`` API is used (Triton >= 3.6).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["MAX_HEAD_DIM", "MAX_QUERIES", "qformer_attention_bwd_triton", "qformer_attention_fwd_triton"]
+
+MAX_QUERIES = 128
+MAX_HEAD_DIM = 128
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _qf_fwd_kernel(
+    Q, K, V, Out, LSE, KV_LENS,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_os, stride_ob, stride_om, stride_oh,
+    stride_ls, stride_lb, stride_lh,
+    H, Lq, Lk, chunk, qk_scale,
+    HAS_KV_LENS: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    kv_len = Lk
+    if HAS_KV_LENS:
+        kv_len = tl.minimum(tl.load(KV_LENS + b).to(tl.int32), Lk)
+    start = pid_s * chunk
+    end = tl.minimum(start + chunk, kv_len)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < Lq
+    mask_d = offs_d < HEAD_D
+
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    for n0 in range(start, end, BLOCK_N):
+        offs = n0 + offs_n
+        mask_n = offs < end
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + offs[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds at least one live key
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+
+    live = l_i > 0.0  # false only for an empty key range (an empty split, or kv_len == 0)
+    l_safe = tl.where(live, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(live, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    o_ptrs = Out + pid_s * stride_os + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    tl.store(LSE + pid_s * stride_ls + b * stride_lb + h * stride_lh + offs_m, lse, mask=mask_m)
+
+
+@triton.jit
+def _qf_combine_kernel(
+    OP, LSEP, Out, LSE,
+    stride_ps, stride_pb, stride_pm, stride_ph,
+    stride_qs, stride_qb, stride_qh,
+    stride_ob, stride_om, stride_oh,
+    stride_lb, stride_lh,
+    H, Lq, num_splits,
+    HEAD_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < Lq
+    mask = mask_m[:, None] & (offs_d[None, :] < HEAD_D)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for s in range(0, num_splits):
+        lse_s = tl.load(LSEP + s * stride_qs + b * stride_qb + h * stride_qh + offs_m, mask=mask_m,
+                        other=float("-inf"))
+        o_s = tl.load(OP + s * stride_ps + b * stride_pb + h * stride_ph + offs_m[:, None] * stride_pm
+                      + offs_d[None, :], mask=mask, other=0.0)
+        m_new = tl.maximum(m_i, lse_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)  # 0 while nothing was seen
+        w = tl.exp(lse_s - m_safe)  # 0 for an empty split
+        l_i = l_i * alpha + w
+        acc = acc * alpha[:, None] + w[:, None] * o_s
+        m_i = m_new
+
+    live = l_i > 0.0
+    l_safe = tl.where(live, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(live, m_i + tl.log(l_safe), float("-inf"))
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=mask)
+    tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse, mask=mask_m)
+
+
+@triton.jit
+def _qf_bwd_kernel(
+    Q, K, V, Out, DO, LSE, KV_LENS, DQ, DK, DV,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_ob, stride_om, stride_oh,
+    stride_dob, stride_dom, stride_doh,
+    stride_lb, stride_lh,
+    stride_dqs, stride_dqb, stride_dqm, stride_dqh,
+    stride_dkb, stride_dkn, stride_dkh,
+    stride_dvb, stride_dvn, stride_dvh,
+    H, Lq, Lk, chunk, sm_scale, qk_scale,
+    HAS_KV_LENS: tl.constexpr,
+    HEAD_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    kv_len = Lk
+    if HAS_KV_LENS:
+        kv_len = tl.minimum(tl.load(KV_LENS + b).to(tl.int32), Lk)
+    start = pid_s * chunk
+    end = tl.minimum(start + chunk, kv_len)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < Lq
+    mask_d = offs_d < HEAD_D
+    mask_md = mask_m[:, None] & mask_d[None, :]
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=mask_md, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :],
+                 mask=mask_md, other=0.0)
+    o = tl.load(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :],
+                mask=mask_md, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m, mask=mask_m, other=float("inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # dead rows: p = 0
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_base = K + b * stride_kb + h * stride_kh
+    v_base = V + b * stride_vb + h * stride_vh
+    for n0 in range(start, end, BLOCK_N):
+        offs = n0 + offs_n
+        mask_n = offs < end
+        kv_mask = mask_n[:, None] & mask_d[None, :]
+        k = tl.load(k_base + offs[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.exp2(s - lse2[:, None])
+        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)  # [BLOCK_M, BLOCK_N]
+        dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)  # [BLOCK_N, BLOCK_D]
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+        ds = p * (dp - delta[:, None])
+        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * sm_scale
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+        tl.store(DK + b * stride_dkb + h * stride_dkh + offs[:, None] * stride_dkn + offs_d[None, :],
+                 dk.to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(DV + b * stride_dvb + h * stride_dvh + offs[:, None] * stride_dvn + offs_d[None, :],
+                 dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+    dq = dq * sm_scale
+    tl.store(DQ + pid_s * stride_dqs + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm
+             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=mask_md)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    return t.device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _blocks(lq: int, d: int) -> tuple[int, int]:
+    return max(16, triton.next_power_of_2(lq)), max(16, triton.next_power_of_2(d))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get exact fp32 products (not TF32): the fp32 path is the accuracy path.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _fwd_config(block_m: int, block_d: int, dtype: torch.dtype, interpret: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages)."""
+    if interpret:
+        return 64, 4, 1
+    tile = block_m * block_d * (2 if dtype == torch.float32 else 1)
+    if tile <= 32 * 64:
+        return 64, 4, 3
+    if tile <= 64 * 128:
+        return 64, 4, 2
+    return 32, 8, 2
+
+
+def _bwd_config(block_m: int, block_d: int, dtype: torch.dtype, interpret: bool) -> tuple[int, int, int]:
+    if interpret:
+        return 64, 4, 1
+    tile = block_m * block_d * (2 if dtype == torch.float32 else 1)
+    if tile <= 32 * 64:
+        return 64, 4, 2
+    if tile <= 64 * 128:
+        return 32, 4, 2
+    return 16, 8, 1
+
+
+def num_key_splits(q: torch.Tensor, lk: int, block_n: int, requested: int = 0) -> int:
+    """Key chunks per (batch, head). ``requested > 0`` forces it (tests); 0 picks: one chunk when the B*H
+    programs fill the GPU, else enough chunks for about two waves, never less than one key tile per chunk."""
+    tiles = triton.cdiv(max(lk, 1), block_n)
+    if requested > 0:
+        return max(1, min(requested, tiles))
+    if _interpreting(q):
+        return 1
+    programs = q.shape[0] * q.shape[2]
+    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    if programs >= sms:
+        return 1
+    return max(1, min(tiles, triton.cdiv(2 * sms, programs)))
+
+
+def _chunking(lk: int, splits: int, block_n: int) -> tuple[int, int]:
+    """(chunk length, number of chunks): chunks are whole key tiles."""
+    chunk = triton.cdiv(triton.cdiv(max(lk, 1), splits), block_n) * block_n
+    return chunk, triton.cdiv(max(lk, 1), chunk)
+
+
+def _launcher(kernel, launch):
+    return launch(kernel) if launch is not None else kernel
+
+
+def qformer_attention_fwd_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_lens: torch.Tensor | None,
+    softmax_scale: float,
+    num_splits: int = 0,
+    *,
+    launch=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward. Returns ``(out [B, Lq, H, D] contiguous in q's dtype, lse [B, H, Lq] fp32)``.
+
+    ``launch`` wraps each kernel (``torch.library.wrap_triton`` inside the registered op)."""
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, H, Lq), dtype=torch.float32, device=q.device)
+    if B == 0:
+        return out, lse
+    block_m, block_d = _blocks(Lq, D)
+    interpret = _interpreting(q)
+    block_n, warps, stages = _fwd_config(block_m, block_d, q.dtype, interpret)
+    chunk, splits = _chunking(Lk, num_key_splits(q, Lk, block_n, num_splits), block_n)
+    has_lens = kv_lens is not None
+    lens = kv_lens if has_lens else lse  # any pointer; never read
+    qk_scale = float(softmax_scale) * _LOG2E
+    common = dict(HAS_KV_LENS=has_lens, HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+                  PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
+    fwd = _launcher(_qf_fwd_kernel, launch)
+    if splits == 1:
+        fwd[(B * H, 1)](
+            q, k, v, out, lse, lens,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            0, out.stride(0), out.stride(1), out.stride(2),
+            0, lse.stride(0), lse.stride(1),
+            H, Lq, Lk, chunk, qk_scale,
+            **common,
+        )
+        return out, lse
+    o_part = torch.empty((splits, B, Lq, H, D), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((splits, B, H, Lq), dtype=torch.float32, device=q.device)
+    fwd[(B * H, splits)](
+        q, k, v, o_part, lse_part, lens,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
+        lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
+        H, Lq, Lk, chunk, qk_scale,
+        **common,
+    )
+    _launcher(_qf_combine_kernel, launch)[(B * H,)](
+        o_part, lse_part, out, lse,
+        o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
+        lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0), lse.stride(1),
+        H, Lq, splits,
+        HEAD_D=D, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
+    )
+    return out, lse
+
+
+def qformer_attention_bwd_triton(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    kv_lens: torch.Tensor | None,
+    softmax_scale: float,
+    num_splits: int = 0,
+    *,
+    launch=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward. Returns contiguous ``(dq, dk, dv)`` shaped like ``q, k, v``; keys at or past ``kv_lens[b]`` get
+    zero gradients."""
+    B, Lq, H, D = q.shape
+    Lk = k.shape[1]
+    has_lens = kv_lens is not None
+    # Keys past kv_len are never visited: their gradients must start at zero.
+    alloc = torch.zeros if has_lens else torch.empty
+    dk = alloc((B, Lk, H, D), dtype=k.dtype, device=k.device)
+    dv = alloc((B, Lk, H, D), dtype=v.dtype, device=v.device)
+    if B == 0:
+        return torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device), dk, dv
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    block_m, block_d = _blocks(Lq, D)
+    interpret = _interpreting(q)
+    block_n, warps, stages = _bwd_config(block_m, block_d, q.dtype, interpret)
+    chunk, splits = _chunking(Lk, num_key_splits(q, Lk, block_n, num_splits), block_n)
+    if splits == 1:
+        dq = torch.empty((1, B, Lq, H, D), dtype=q.dtype, device=q.device)
+    else:
+        dq = torch.empty((splits, B, Lq, H, D), dtype=torch.float32, device=q.device)
+    lens = kv_lens if has_lens else lse
+    _launcher(_qf_bwd_kernel, launch)[(B * H, splits)](
+        q, k, v, out, dout, lse, lens, dq, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        lse.stride(0), lse.stride(1),
+        dq.stride(0), dq.stride(1), dq.stride(2), dq.stride(3),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        H, Lq, Lk, chunk, float(softmax_scale), float(softmax_scale) * _LOG2E,
+        HAS_KV_LENS=has_lens, HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+    )
+    dq = dq[0] if splits == 1 else dq.sum(0).to(q.dtype)
+    return dq, dk, dv

@@ -1,0 +1,119 @@
+"""Hugging Face ``Blip2QFormerModel`` / ``InstructBlipQFormerModel`` state dicts -> :class:`mmkernels.models.QFormer`.
+
+Key mapping (``L`` = layer, ``c`` = its index among the cross-attention layers):
+
+====================================================================  ==========================================
+HF                                                                    mmkernels
+====================================================================  ==========================================
+``layernorm.*`` (BLIP-2) or ``embeddings.layernorm.*`` (InstructBLIP)  ``layernorm.*``
+``encoder.layer.L.attention.attention.{query,key,value}.*``           ``layers.L.qkv.*`` (concatenated q, k, v)
+``encoder.layer.L.attention.output.dense.*`` / ``.LayerNorm.*``       ``layers.L.attn_out.*`` / ``attn_norm.*``
+``encoder.layer.L.crossattention.attention.query.*``                  ``layers.L.cross.query.*``
+``encoder.layer.L.crossattention.attention.{key,value}.*``            ``kv_proj.*`` rows ``[2c d, (2c+2) d)``
+``encoder.layer.L.crossattention.output.dense.*`` / ``.LayerNorm.*``  ``layers.L.cross_out.*`` / ``cross_norm.*``
+``encoder.layer.L.intermediate_query.dense.*``                        ``layers.L.fc1.*``
+``encoder.layer.L.output_query.dense.*`` / ``.LayerNorm.*``           ``layers.L.fc2.*`` / ``ffn_norm.*``
+====================================================================  ==========================================
+
+Text-path weights that never touch query tokens are recognised and dropped: ``encoder.layer.L.intermediate.*``,
+``encoder.layer.L.output.*`` (the text FFN), ``embeddings.word_embeddings.*``, ``embeddings.position_embeddings.*``,
+``embeddings.position_ids``. Anything else unknown, or anything missing, is a :class:`ConversionError` listing the
+keys. A full BLIP-2 / InstructBLIP state dict works too: the ``qformer.`` prefix is detected and other keys
+(vision model, language model, ``query_tokens``) are ignored. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import torch
+
+from ..qformer import QFormerConfig
+from ._common import ConversionError, check_keys
+
+__all__ = ["ConversionError", "hf_to_mmkernels"]
+
+_SOURCE = "QFormer from HF Blip2QFormerModel"
+_TEXT_ONLY = re.compile(
+    r"^(encoder\.layer\.\d+\.(intermediate|output)\.|embeddings\.(word_embeddings|position_embeddings)\.|"
+    r"embeddings\.position_ids$)"
+)
+
+
+def _strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str | None) -> dict[str, torch.Tensor]:
+    if prefix is None:
+        own = ("layernorm.", "embeddings.", "encoder.")
+        has_own = any(k.startswith(own) for k in state_dict)
+        prefix = "qformer." if not has_own and any(k.startswith("qformer.") for k in state_dict) else ""
+    if not prefix:
+        return dict(state_dict)
+    return {k[len(prefix):]: t for k, t in state_dict.items() if k.startswith(prefix)}
+
+
+def hf_to_mmkernels(state_dict: Mapping[str, torch.Tensor], config: QFormerConfig, *,
+                    prefix: str | None = None) -> dict[str, torch.Tensor]:
+    """Convert a HF Q-Former state dict (tensors or, e.g., gradients keyed the same way) to ``QFormer`` keys.
+
+    ``prefix``: strip it and ignore keys without it (``None``: detect ``"qformer."`` when the dict is a whole
+    BLIP-2 model's).
+    """
+    sd = _strip_prefix(state_dict, prefix)
+    d = config.hidden_size
+    if "embeddings.layernorm.weight" in sd and "layernorm.weight" in sd:
+        raise ConversionError(f"{_SOURCE}: both layernorm.* (BLIP-2) and embeddings.layernorm.* (InstructBLIP) "
+                              "are present; pass one Q-Former's state dict")
+    ln = "embeddings.layernorm" if "embeddings.layernorm.weight" in sd else "layernorm"
+
+    expected: dict[str, tuple[int, ...]] = {f"{ln}.weight": (d,), f"{ln}.bias": (d,)}
+    for i in range(config.num_hidden_layers):
+        p = f"encoder.layer.{i}."
+        blocks = ["attention"] + (["crossattention"] if i % config.cross_attention_frequency == 0 else [])
+        for blk in blocks:
+            kv_in = config.encoder_hidden_size if blk == "crossattention" else d
+            for name, fan_in in (("query", d), ("key", kv_in), ("value", kv_in)):
+                expected[f"{p}{blk}.attention.{name}.weight"] = (d, fan_in)
+                expected[f"{p}{blk}.attention.{name}.bias"] = (d,)
+            expected[f"{p}{blk}.output.dense.weight"] = (d, d)
+            expected[f"{p}{blk}.output.dense.bias"] = (d,)
+            expected[f"{p}{blk}.output.LayerNorm.weight"] = (d,)
+            expected[f"{p}{blk}.output.LayerNorm.bias"] = (d,)
+        expected[f"{p}intermediate_query.dense.weight"] = (config.intermediate_size, d)
+        expected[f"{p}intermediate_query.dense.bias"] = (config.intermediate_size,)
+        expected[f"{p}output_query.dense.weight"] = (d, config.intermediate_size)
+        expected[f"{p}output_query.dense.bias"] = (d,)
+        expected[f"{p}output_query.LayerNorm.weight"] = (d,)
+        expected[f"{p}output_query.LayerNorm.bias"] = (d,)
+
+    unknown = [k for k in sd if k not in expected and not _TEXT_ONLY.match(k)]
+    missing = [k for k in expected if k not in sd]
+    check_keys(_SOURCE, unknown, missing)
+    bad = [f"{k}: {tuple(sd[k].shape)} (expected {shape})" for k, shape in expected.items()
+           if tuple(sd[k].shape) != shape]
+    if bad:
+        raise ConversionError(f"{_SOURCE}: {len(bad)} tensor(s) with the wrong shape for this config: "
+                              + "; ".join(bad[:20]))
+
+    out = {"layernorm.weight": sd[f"{ln}.weight"], "layernorm.bias": sd[f"{ln}.bias"]}
+    kv_w, kv_b = [], []
+    for i in range(config.num_hidden_layers):
+        p, o = f"encoder.layer.{i}.", f"layers.{i}."
+        a = f"{p}attention."
+        for suffix in ("weight", "bias"):
+            out[f"{o}qkv.{suffix}"] = torch.cat([sd[f"{a}attention.{n}.{suffix}"] for n in ("query", "key", "value")])
+            out[f"{o}attn_out.{suffix}"] = sd[f"{a}output.dense.{suffix}"]
+            out[f"{o}attn_norm.{suffix}"] = sd[f"{a}output.LayerNorm.{suffix}"]
+            out[f"{o}fc1.{suffix}"] = sd[f"{p}intermediate_query.dense.{suffix}"]
+            out[f"{o}fc2.{suffix}"] = sd[f"{p}output_query.dense.{suffix}"]
+            out[f"{o}ffn_norm.{suffix}"] = sd[f"{p}output_query.LayerNorm.{suffix}"]
+        if i % config.cross_attention_frequency == 0:
+            x = f"{p}crossattention."
+            for suffix in ("weight", "bias"):
+                out[f"{o}cross.query.{suffix}"] = sd[f"{x}attention.query.{suffix}"]
+                out[f"{o}cross_out.{suffix}"] = sd[f"{x}output.dense.{suffix}"]
+                out[f"{o}cross_norm.{suffix}"] = sd[f"{x}output.LayerNorm.{suffix}"]
+            kv_w += [sd[f"{x}attention.key.weight"], sd[f"{x}attention.value.weight"]]
+            kv_b += [sd[f"{x}attention.key.bias"], sd[f"{x}attention.value.bias"]]
+    out["kv_proj.weight"] = torch.cat(kv_w)
+    out["kv_proj.bias"] = torch.cat(kv_b)
+    return out

@@ -1,0 +1,269 @@
+"""``QFormer``: the BLIP-2 Querying Transformer for learned query tokens, as Hugging Face ``Blip2QFormerModel``
+computes it, on mmkernels ops.
+
+Per layer (post-norm BERT): self-attention over the queries, then (every ``cross_attention_frequency`` layers,
+starting with layer 0) cross-attention from the queries to the image features, then the query feed-forward
+(HF's ``intermediate_query`` / ``output_query``); each block is ``LayerNorm(x + dropout(dense(block(x))))``. The
+input goes through a LayerNorm first (``Blip2QFormerModel.layernorm``), as in HF.
+
+The one structural change: the image features are the same for every cross-attention layer, so the K and V
+projections of *all* cross-attention layers are one GEMM (``kv_proj``, ``[n_cross * 2 * hidden, encoder_hidden]``,
+layer-major, K before V), done once before the layers; each layer reads its K/V slice in place (strided views,
+no copies). On the real config that GEMM is about half of the model's FLOPs (see :func:`qformer_flops`).
+Both attentions run on :func:`mmkernels.ops.qformer_cross_attention` (the self-attention is the same shape
+class: 32 queries over 32 keys).
+
+Dropout on the attention probabilities (HF ``attention_probs_dropout_prob``) is not implemented; hidden dropout is.
+Results equal HF's in eval mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.qformer_attention import QFormerCrossAttention
+from ..ops.qformer_attention import MAX_QUERIES, qformer_cross_attention
+
+__all__ = ["NUM_QUERY_TOKENS", "PRESETS", "QFormer", "QFormerConfig", "qformer_flops"]
+
+_NAME = "QFormer"
+NUM_QUERY_TOKENS = 32  # BLIP-2 and InstructBLIP learn 32 query tokens
+
+_ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+@dataclass(frozen=True)
+class QFormerConfig:
+    """Hyper-parameters, named after HF ``Blip2QFormerConfig`` fields where they exist. Defaults: BLIP-2."""
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    encoder_hidden_size: int = 1408  # EVA ViT-g/14 features
+    cross_attention_frequency: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1  # as HF (active in train mode only)
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"{_NAME}: hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                             f"{self.num_attention_heads}")
+        if self.cross_attention_frequency < 1:
+            raise ValueError(f"{_NAME}: cross_attention_frequency must be >= 1, got {self.cross_attention_frequency}")
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"{_NAME}: hidden_act {self.hidden_act!r} not supported; one of {sorted(_ACTIVATIONS)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def cross_layers(self) -> list[int]:
+        return [i for i in range(self.num_hidden_layers) if i % self.cross_attention_frequency == 0]
+
+    @classmethod
+    def from_hf(cls, hf_config) -> QFormerConfig:
+        """From a HF ``Blip2QFormerConfig`` / ``InstructBlipQFormerConfig`` (or a ``Blip2Config``: its
+        ``qformer_config`` is used)."""
+        hf_config = getattr(hf_config, "qformer_config", hf_config)
+        act = hf_config.hidden_act
+        if not isinstance(act, str):
+            raise ValueError(f"{_NAME}: hidden_act must be a string, got {act!r}")
+        if getattr(hf_config, "position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"{_NAME}: only absolute position embeddings (none for query tokens) are supported")
+        return cls(
+            hidden_size=hf_config.hidden_size,
+            num_hidden_layers=hf_config.num_hidden_layers,
+            num_attention_heads=hf_config.num_attention_heads,
+            intermediate_size=hf_config.intermediate_size,
+            encoder_hidden_size=hf_config.encoder_hidden_size,
+            cross_attention_frequency=hf_config.cross_attention_frequency,
+            layer_norm_eps=hf_config.layer_norm_eps,
+            hidden_act=act,
+            hidden_dropout_prob=hf_config.hidden_dropout_prob,
+        )
+
+
+# BLIP-2 (OPT-2.7b/6.7b, FlanT5-XL/XXL: one Q-Former config) and InstructBLIP (the same Q-Former shapes; for query
+# tokens alone its forward is the same, see docs/models/qformer.md).
+PRESETS: dict[str, QFormerConfig] = {
+    "blip2": QFormerConfig(),
+    "instructblip": QFormerConfig(),
+}
+
+
+def qformer_flops(config: QFormerConfig = PRESETS["blip2"], *, num_queries: int = NUM_QUERY_TOKENS,
+                  image_tokens: int = 257, batch: int = 1) -> dict[str, float]:
+    """Forward FLOPs (2 per multiply-add) by part, analytically. Keys: ``cross_kv_proj`` (the hoisted K/V GEMM),
+    ``attention_math`` (QK^T and PV of self- and cross-attention), ``cross_q_out_proj``, ``self_attn_proj``
+    (QKV and output projections), ``ffn``, ``total``, and ``*_share`` fractions of the total. Norms, softmax and
+    activations are left out (a fraction of a percent)."""
+    c, Lq, Lk = config, num_queries, image_tokens
+    d, e, n_layers, n_cross = c.hidden_size, c.encoder_hidden_size, c.num_hidden_layers, len(c.cross_layers)
+    parts = {
+        "cross_kv_proj": n_cross * 2 * (2 * Lk * e * d),
+        "attention_math": n_layers * 4 * Lq * Lq * d + n_cross * 4 * Lq * Lk * d,
+        "cross_q_out_proj": n_cross * 2 * (2 * Lq * d * d),
+        "self_attn_proj": n_layers * 4 * (2 * Lq * d * d),
+        "ffn": n_layers * 2 * (2 * Lq * d * c.intermediate_size),
+    }
+    parts = {k: float(batch * v) for k, v in parts.items()}
+    total = sum(parts.values())
+    out = dict(parts, total=total)
+    out.update({f"{k}_share": v / total for k, v in parts.items()})
+    return out
+
+
+class _QFormerLayer(nn.Module):
+    def __init__(self, config: QFormerConfig, cross_index: int | None, backend: str | None, factory: dict) -> None:
+        super().__init__()
+        d, eps = config.hidden_size, config.layer_norm_eps
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.backend = backend
+        self.cross_index = cross_index
+        self.act = _ACTIVATIONS[config.hidden_act]
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.qkv = nn.Linear(d, 3 * d, **factory)
+        self.attn_out = nn.Linear(d, d, **factory)
+        self.attn_norm = nn.LayerNorm(d, eps=eps, **factory)
+        if cross_index is not None:
+            self.cross = QFormerCrossAttention(d, config.num_attention_heads, config.encoder_hidden_size,
+                                               project_kv=False, backend=backend, **factory)
+            self.cross.kv_lens_prevalidated = True  # QFormer._kv_lens checked them
+            self.cross_out = nn.Linear(d, d, **factory)
+            self.cross_norm = nn.LayerNorm(d, eps=eps, **factory)
+        self.fc1 = nn.Linear(d, config.intermediate_size, **factory)
+        self.fc2 = nn.Linear(config.intermediate_size, d, **factory)
+        self.ffn_norm = nn.LayerNorm(d, eps=eps, **factory)
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                kv_lens: torch.Tensor | None) -> torch.Tensor:
+        q, sk, sv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(2)
+        ctx = qformer_cross_attention(q, sk, sv, backend=self.backend).flatten(2)
+        x = self.attn_norm(x + self.dropout(self.attn_out(ctx)))
+        if self.cross_index is not None:
+            ctx = self.cross(x, key=k, value=v, kv_lens=kv_lens)
+            x = self.cross_norm(x + self.dropout(self.cross_out(ctx)))
+        h = self.fc2(self.act(self.fc1(x)))
+        return self.ffn_norm(x + self.dropout(h))
+
+
+class QFormer(nn.Module):
+    """BLIP-2 Q-Former over learned query tokens.
+
+    ``QFormer(query_embeds [B, Lq, hidden], image_embeds [B, Lk, encoder_hidden], image_attention_mask=None)``
+    returns ``[B, Lq, hidden]`` (HF's ``last_hidden_state``). ``Lq <= 128``. ``image_attention_mask`` ``[B, Lk]``
+    (1/True = attend) must be a prefix mask per row (tokens past each image's length padded), with at least one
+    token per row; it becomes per-sample ``kv_lens`` for the attention kernel. Inputs are cast to the model's dtype,
+    as HF does.
+
+    Build from a config (``QFormer(PRESETS["blip2"])``), from a HF model (:meth:`from_hf`) or load a converted HF
+    state dict (:func:`mmkernels.models.convert.qformer.hf_to_mmkernels`). ``backend`` applies to every attention
+    op (``None`` = auto).
+    """
+
+    def __init__(self, config: QFormerConfig = PRESETS["blip2"], *, backend: str | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.backend = backend
+        factory = dict(device=device, dtype=dtype)
+        d = config.hidden_size
+        cross = config.cross_layers
+        self.layernorm = nn.LayerNorm(d, eps=config.layer_norm_eps, **factory)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        # K and V of every cross-attention layer in one GEMM: rows [(2c) d, (2c+1) d) are layer c's K, then its V.
+        self.kv_proj = nn.Linear(config.encoder_hidden_size, 2 * len(cross) * d, **factory)
+        index = {layer: c for c, layer in enumerate(cross)}
+        self.layers = nn.ModuleList(
+            _QFormerLayer(config, index.get(i), backend, factory) for i in range(config.num_hidden_layers)
+        )
+
+    @classmethod
+    def from_preset(cls, name: str, **kwargs) -> QFormer:
+        if name not in PRESETS:
+            raise ValueError(f"{_NAME}: unknown preset {name!r}; one of {sorted(PRESETS)}")
+        return cls(PRESETS[name], **kwargs)
+
+    @classmethod
+    def from_hf(cls, model: nn.Module, *, backend: str | None = None, hidden_dropout_prob: float | None = None
+                ) -> QFormer:
+        """Copy a HF ``Blip2QFormerModel`` / ``InstructBlipQFormerModel`` (or a BLIP-2 / InstructBLIP model that
+        holds one as ``.qformer``). Same device, dtype and train/eval mode. Nothing is downloaded."""
+        from .convert.qformer import hf_to_mmkernels
+
+        qformer = getattr(model, "qformer", model)
+        config = QFormerConfig.from_hf(qformer.config)
+        if hidden_dropout_prob is not None:
+            config = dataclasses.replace(config, hidden_dropout_prob=hidden_dropout_prob)
+        ref = next(qformer.parameters())
+        out = cls(config, backend=backend, device=ref.device, dtype=ref.dtype)
+        out.load_state_dict(hf_to_mmkernels(qformer.state_dict(), config))
+        return out.train(qformer.training)
+
+    def _kv_lens(self, mask: torch.Tensor | None, B: int, Lk: int) -> torch.Tensor | None:
+        if mask is None:
+            return None
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"{_NAME}: image_attention_mask must be a torch.Tensor, got {type(mask).__name__}")
+        if tuple(mask.shape) != (B, Lk):
+            raise ValueError(f"{_NAME}: image_attention_mask must be [B, Lk] = [{B}, {Lk}], got {tuple(mask.shape)}")
+        keep = mask != 0
+        lens = keep.sum(1, dtype=torch.int32)
+        if B and not torch.compiler.is_compiling():  # one small host read; skipped inside compiled graphs
+            prefix = torch.arange(Lk, device=mask.device)[None, :] < lens[:, None]
+            holes, lo = torch.stack([(keep != prefix).any().to(torch.int32), lens.min()]).tolist()
+            if holes:
+                raise ValueError(f"{_NAME}: image_attention_mask must be a prefix mask (each row: ones, then zeros "
+                                 "for padded image tokens); arbitrary masks are not supported")
+            if lo < 1:
+                raise ValueError(f"{_NAME}: every row of image_attention_mask needs at least one unmasked token")
+            if lo == Lk:
+                return None  # nothing masked: skip the masking work
+        return lens
+
+    def forward(self, query_embeds: torch.Tensor, image_embeds: torch.Tensor,
+                image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        c = self.config
+        for name, t, width in (("query_embeds", query_embeds, c.hidden_size),
+                               ("image_embeds", image_embeds, c.encoder_hidden_size)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{_NAME}: {name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 3 or t.shape[-1] != width:
+                raise ValueError(f"{_NAME}: {name} must be [B, L, {width}], got {tuple(t.shape)}")
+        B, Lq, _ = query_embeds.shape
+        Lk = image_embeds.shape[1]
+        if image_embeds.shape[0] != B:
+            raise ValueError(f"{_NAME}: query_embeds and image_embeds must share the batch size, got {B} and "
+                             f"{image_embeds.shape[0]}")
+        if not 1 <= Lq <= MAX_QUERIES:
+            raise ValueError(f"{_NAME}: 1 <= Lq <= {MAX_QUERIES} query tokens supported, got {Lq}")
+        if Lk < 1:
+            raise ValueError(f"{_NAME}: image_embeds needs at least one token")
+        kv_lens = self._kv_lens(image_attention_mask, B, Lk)
+        dtype = self.layernorm.weight.dtype
+        x = self.dropout(self.layernorm(query_embeds.to(dtype)))
+        n_cross = len(c.cross_layers)
+        kv = self.kv_proj(image_embeds.to(dtype)).unflatten(-1, (2 * n_cross, c.num_attention_heads, c.head_dim))
+        kv = kv.unbind(2)  # views [B, Lk, H, D]; backward is one stack
+        for layer in self.layers:
+            ci = layer.cross_index
+            if ci is None:
+                x = layer(x, None, None, None)
+            else:
+                x = layer(x, kv[2 * ci], kv[2 * ci + 1], kv_lens)
+        return x

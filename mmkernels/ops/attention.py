@@ -1,0 +1,244 @@
+"""Fused attention (FlashAttention-2 style): one op through every layer.
+
+Layers:
+- kernels: ``kernels/triton/attention.py`` (triton), ``kernels/reference/attention.py`` (reference);
+- registered ops (``triton_op`` + ``wrap_triton``, so ``torch.compile`` sees the kernels; the op function itself,
+  traced under fake tensors, is the fake): ``torch.ops.mmkernels.attention_fwd_triton`` -> ``(out, lse)`` with
+  autograd registered, and ``torch.ops.mmkernels.attention_bwd_triton`` -> ``(dq, dk, dv)``;
+- the validated public function :func:`attention` below;
+- the module ``mmkernels.nn.Attention``.
+
+The forward saves only ``out`` and the log-sum-exp; the backward recomputes the probabilities, so memory is linear
+in the sequence length. The backward reads :func:`mmkernels.is_deterministic` when it runs: on, dQ comes from its
+own kernel (bitwise reproducible); off, dQ is accumulated with fp32 atomics.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .._backends import OpBackends, triton_available
+from .._config import is_deterministic
+from ..kernels.reference.attention import attention_reference
+from . import _validate as check
+
+__all__ = ["MAX_HEAD_DIM", "attention"]
+
+OP = "attention"
+MAX_HEAD_DIM = 256
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+BACKENDS = OpBackends(OP, auto_order={"cuda": ("triton", "reference"), "cpu": ("reference",)})
+
+
+@BACKENDS.register("reference")
+def _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+    return attention_reference(q, k, v, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                               max_seqlen_k)
+
+
+def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+    return q.new_empty(q.shape), q.new_empty(lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
+
+
+def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+              softmax_scale, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _register(name: str, fn, fake):
+    """``triton_op`` (Inductor sees the kernels through ``wrap_triton``) with an explicit fake. Under
+    ``TRITON_INTERPRET=1`` the kernels are Python functions that ``wrap_triton`` cannot trace, so the op is an opaque
+    ``custom_op`` there instead: same schema, same fake, same autograd."""
+    if os.environ.get("TRITON_INTERPRET", "") == "1":
+        op = torch.library.custom_op(name, mutates_args=())(fn)
+    else:
+        op = torch.library.triton_op(name, mutates_args=())(fn)
+    op.register_fake(fake)
+    return op
+
+
+if triton_available():
+    from ..kernels.triton.attention import attention_bwd_triton, attention_fwd_triton, lse_shape
+
+    def _fwd_impl(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cu_seqlens_q: torch.Tensor | None,
+        cu_seqlens_k: torch.Tensor | None,
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+        causal: bool,
+        softmax_scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return attention_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                    softmax_scale, launch=torch.library.wrap_triton)
+
+    def _bwd_impl(
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        cu_seqlens_q: torch.Tensor | None,
+        cu_seqlens_k: torch.Tensor | None,
+        max_seqlen_q: int,
+        max_seqlen_k: int,
+        causal: bool,
+        softmax_scale: float,
+        deterministic: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return attention_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                    causal, softmax_scale, deterministic, launch=torch.library.wrap_triton)
+
+    _fwd_op = _register("mmkernels::attention_fwd_triton", _fwd_impl, _fwd_fake)
+    _bwd_op = _register("mmkernels::attention_bwd_triton", _bwd_impl, _bwd_fake)
+
+    def _setup_context(ctx, inputs, output) -> None:
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
+        ctx.causal, ctx.softmax_scale = causal, softmax_scale
+        ctx.mark_non_differentiable(lse)
+
+    def _backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        if dout.stride(-1) != 1:  # e.g. the expanded gradient of out.sum()
+            dout = dout.contiguous()
+        dq, dk, dv = torch.ops.mmkernels.attention_bwd_triton(
+            dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.causal,
+            ctx.softmax_scale, is_deterministic(),
+        )
+        return dq, dk, dv, None, None, None, None, None, None
+
+    _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+    @BACKENDS.register("triton")
+    def _triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+        out, _ = torch.ops.mmkernels.attention_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                          max_seqlen_k, causal, softmax_scale)
+        return out
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_name: str, max_seqlen: int | None) -> int:
+    """Host-side checks of a cu_seqlens tensor's values (one device->host copy); returns the max length."""
+    values = cu.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{OP}: {name} must start at 0, got {values[0]}")
+    lengths = [b - a for a, b in zip(values[:-1], values[1:], strict=True)]
+    if any(n < 0 for n in lengths):
+        i = next(i for i, n in enumerate(lengths) if n < 0)
+        raise ValueError(f"{OP}: {name} must be non-decreasing, but {name}[{i + 1}] = {values[i + 1]} < "
+                         f"{name}[{i}] = {values[i]}")
+    if values[-1] != total:
+        raise ValueError(f"{OP}: {name}[-1] must equal the number of rows ({total}), got {values[-1]}")
+    longest = max(lengths, default=0)
+    if max_seqlen is not None and max_seqlen < longest:
+        raise ValueError(f"{OP}: {max_name}={max_seqlen} is shorter than the longest sequence in {name} ({longest})")
+    return longest if max_seqlen is None else max_seqlen
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    softmax_scale: float | None = None,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Scaled dot-product attention, ``softmax(q k^T * softmax_scale) v``, fused (FlashAttention-2 style).
+
+    Dense: q ``[B, Lq, Hq, D]``, k and v ``[B, Lk, Hkv, D]`` (flash-attn's layout), output ``[B, Lq, Hq, D]``.
+    Varlen: q ``[total_q, Hq, D]``, k and v ``[total_k, Hkv, D]``, with int32 ``cu_seqlens_q`` / ``cu_seqlens_k`` of
+    length ``B + 1`` (cumulative sequence lengths from 0; zero-length sequences allowed).
+
+    - ``Hq`` a multiple of ``Hkv`` (GQA/MQA): query head ``h`` attends with key/value head ``h // (Hq // Hkv)``.
+    - ``Lq != Lk`` is allowed (cross-attention). ``causal`` masks are bottom-right aligned: query ``i`` sees keys
+      ``j <= i + Lk - Lq`` (flash-attn >= 2.1); a query that sees no key gets zeros.
+    - fp16, bf16 or fp32 (all three tensors alike); any head dim ``D <= 256``; fp32 accumulation, output in the
+      input dtype. Differentiable in q, k and v.
+    - ``softmax_scale`` defaults to ``D ** -0.5``.
+    - ``max_seqlen_q/k`` (varlen only) default to the longest sequence; computing them, and checking the
+      ``cu_seqlens`` values, reads ``cu_seqlens`` on the host. Under ``torch.compile`` those value checks are
+      skipped and ``max_seqlen_q/k`` must be given.
+    - ``backend``: ``None`` (auto: ``"triton"`` on CUDA, ``"reference"`` on CPU), ``"triton"`` or ``"reference"``.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check.tensor(name, t, dtypes=DTYPES, op=OP)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{OP}: q, k and v must have the same dtype, got q {_dtype_name(q.dtype)}, "
+                        f"k {_dtype_name(k.dtype)}, v {_dtype_name(v.dtype)}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"{OP}: causal must be a bool, got {type(causal).__name__}")
+    if (cu_seqlens_q is None) != (cu_seqlens_k is None):
+        raise ValueError(f"{OP}: pass both cu_seqlens_q and cu_seqlens_k (varlen) or neither (dense)")
+    varlen = cu_seqlens_q is not None
+    tensors = {"q": q, "k": k, "v": v}
+    if varlen:
+        tensors.update(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    device = check.same_device(OP, **tensors)
+
+    layout = "[total, H, D]" if varlen else "[B, L, H, D]"
+    ndim = 3 if varlen else 4
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != ndim:
+            raise ValueError(f"{OP}: {name} must be {layout} ({ndim} dims{' with cu_seqlens' if varlen else ''}), "
+                             f"got shape {tuple(t.shape)}")
+    if tuple(k.shape) != tuple(v.shape):
+        raise ValueError(f"{OP}: k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if not varlen and k.shape[0] != q.shape[0]:
+        raise ValueError(f"{OP}: q and k/v must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
+    head_dim, hq, hkv = q.shape[-1], q.shape[-2], k.shape[-2]
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"{OP}: q and k/v must have the same head dim, got {head_dim} and {k.shape[-1]}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"{OP}: head dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
+    if hq < 1 or hkv < 1 or hq % hkv != 0:
+        raise ValueError(f"{OP}: the number of query heads ({hq}) must be a positive multiple of the number of "
+                         f"key/value heads ({hkv})")
+
+    if varlen:
+        for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+            check.tensor(name, cu, dtypes=(torch.int32,), dim=1, op=OP)
+            if cu.numel() < 1:
+                raise ValueError(f"{OP}: {name} must have B + 1 >= 1 entries, got none")
+        if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+            raise ValueError(f"{OP}: cu_seqlens_q and cu_seqlens_k must both have B + 1 entries, got "
+                             f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+        for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+            if m is not None:
+                check.integer(name, m, op=OP, low=0)
+        cu_seqlens_q = cu_seqlens_q.contiguous()
+        cu_seqlens_k = cu_seqlens_k.contiguous()
+        if torch.compiler.is_compiling():
+            if max_seqlen_q is None or max_seqlen_k is None:
+                raise ValueError(f"{OP}: under torch.compile, pass max_seqlen_q and max_seqlen_k with cu_seqlens")
+        else:
+            max_seqlen_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q)
+            max_seqlen_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)
+    else:
+        for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+            if m is not None:
+                raise ValueError(f"{OP}: {name} is only used with cu_seqlens (varlen); dense lengths come from the "
+                                 "shapes")
+        max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
+
+    scale = head_dim**-0.5 if softmax_scale is None else check.real("softmax_scale", softmax_scale, op=OP)
+    # The kernels take any strides but a unit stride on the head dim.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    _, impl = BACKENDS.select(device, backend)
+    return impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)

@@ -1,0 +1,181 @@
+"""Q-Former cross-attention (few learned queries over many image tokens): one op through every layer.
+
+Layers:
+- kernels: ``kernels/triton/qformer_attention.py`` (triton), ``kernels/reference/qformer_attention.py``
+  (reference);
+- registered ops (``triton_op`` + ``wrap_triton`` on GPUs; an opaque ``custom_op`` with the same fake under
+  ``TRITON_INTERPRET=1``): ``torch.ops.mmkernels.qformer_attention_fwd_triton`` -> ``(out, lse)`` with autograd
+  registered, and ``torch.ops.mmkernels.qformer_attention_bwd_triton`` -> ``(dq, dk, dv)``;
+- the validated public function :func:`qformer_cross_attention` below;
+- the module ``mmkernels.nn.QFormerCrossAttention``.
+
+The forward saves only ``out`` and the fp32 log-sum-exp; the backward recomputes the probabilities. Both ops take
+``num_splits`` (0 = auto): the number of key chunks per (batch, head), i.e. the flash-decoding split used when
+B*H programs cannot fill the GPU. The backward is deterministic (no atomics) whatever the split.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._backends import OpBackends, triton_available
+from ..kernels.reference.qformer_attention import qformer_attention_reference
+from . import _validate as check
+
+__all__ = ["DTYPES", "MAX_HEAD_DIM", "MAX_QUERIES", "qformer_cross_attention"]
+
+OP = "qformer_cross_attention"
+MAX_QUERIES = 128
+MAX_HEAD_DIM = 128
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+BACKENDS = OpBackends(OP, auto_order={"cuda": ("triton", "reference"), "cpu": ("reference",)})
+
+
+@BACKENDS.register("reference")
+def _reference(q, k, v, kv_lens, softmax_scale):
+    return qformer_attention_reference(q, k, v, kv_lens, softmax_scale)
+
+
+def _fwd_fake(q, k, v, kv_lens, softmax_scale, num_splits):
+    B, Lq, H, D = q.shape
+    return q.new_empty((B, Lq, H, D)), q.new_empty((B, H, Lq), dtype=torch.float32)
+
+
+def _bwd_fake(dout, q, k, v, out, lse, kv_lens, softmax_scale, num_splits):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+if triton_available():
+    from ..kernels.triton.qformer_attention import qformer_attention_bwd_triton, qformer_attention_fwd_triton
+    from ._triton_op import triton_op
+
+    @triton_op("mmkernels::qformer_attention_fwd_triton", mutates_args=(), fake=_fwd_fake)
+    def _fwd_op(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kv_lens: torch.Tensor | None,
+        softmax_scale: float,
+        num_splits: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return qformer_attention_fwd_triton(q, k, v, kv_lens, softmax_scale, num_splits,
+                                            launch=torch.library.wrap_triton)
+
+    @triton_op("mmkernels::qformer_attention_bwd_triton", mutates_args=(), fake=_bwd_fake)
+    def _bwd_op(
+        dout: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        kv_lens: torch.Tensor | None,
+        softmax_scale: float,
+        num_splits: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return qformer_attention_bwd_triton(dout, q, k, v, out, lse, kv_lens, softmax_scale, num_splits,
+                                            launch=torch.library.wrap_triton)
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v, kv_lens, softmax_scale, num_splits = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, kv_lens)
+        ctx.softmax_scale = softmax_scale
+        ctx.num_splits = num_splits
+        ctx.mark_non_differentiable(lse)
+
+    def _backward(ctx, dout, dlse):
+        q, k, v, out, lse, kv_lens = ctx.saved_tensors
+        dq, dk, dv = torch.ops.mmkernels.qformer_attention_bwd_triton(
+            dout, q, k, v, out, lse, kv_lens, ctx.softmax_scale, ctx.num_splits
+        )
+        return dq, dk, dv, None, None, None
+
+    _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+    @BACKENDS.register("triton")
+    def _triton(q, k, v, kv_lens, softmax_scale, num_splits: int = 0):
+        out, _ = torch.ops.mmkernels.qformer_attention_fwd_triton(q, k, v, kv_lens, softmax_scale, num_splits)
+        return out
+
+
+def _unit_stride(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take any strides except on the head dim."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _check_kv_lens(kv_lens, B: int, Lk: int, device: torch.device, *, check_range: bool = True) -> torch.Tensor:
+    check.tensor("kv_lens", kv_lens, dtypes=(torch.int32,), dim=1, op=OP)
+    if kv_lens.shape[0] != B:
+        raise ValueError(f"{OP}: kv_lens must have shape [B] = [{B}], got {tuple(kv_lens.shape)}")
+    if kv_lens.device != device:
+        raise ValueError(f"{OP}: kv_lens must be on {device} like q, got {kv_lens.device}")
+    if check_range and B and not torch.compiler.is_compiling():
+        # One small device->host read; skipped inside torch.compile graphs (the kernels clamp to [0, Lk] there).
+        lo, hi = (int(x) for x in torch.aminmax(kv_lens))
+        if lo < 1 or hi > Lk:
+            raise ValueError(f"{OP}: kv_lens values must be in [1, Lk] = [1, {Lk}], got min {lo}, max {hi}")
+    return kv_lens.contiguous()
+
+
+def qformer_cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    kv_lens: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    backend: str | None = None,
+    _check_range: bool = True,
+) -> torch.Tensor:
+    """``softmax(q k^T * scale) v`` per (batch, head), for a few queries over many keys (Q-Former, Perceiver).
+
+    Args:
+        q: ``[B, Lq, H, D]`` queries, ``1 <= Lq <= 128`` (BLIP-2: 32 learned queries).
+        k, v: ``[B, Lk, H, D]`` image-token keys and values, ``Lk >= 1``. Any strides with a unit stride on the
+            head dim (e.g. per-layer slices of one hoisted K/V projection) are read in place.
+        kv_lens: optional int32 ``[B]`` on q's device: keys ``j >= kv_lens[b]`` are masked (padded image tokens of
+            smaller images in a mixed-resolution batch). Values must be in ``[1, Lk]`` (checked eagerly; one
+            small device-to-host read).
+        softmax_scale: default ``D ** -0.5``.
+        backend: ``None`` (auto: triton on CUDA, reference on CPU), ``"triton"`` or ``"reference"``.
+
+    q, k, v share one dtype (fp16, bf16 or fp32) and one device; ``1 <= D <= 128`` (any, not only powers of two).
+    Returns ``[B, Lq, H, D]`` (contiguous) in q's dtype, differentiable in q, k and v (keys past ``kv_lens`` get
+    zero gradients).
+
+    ``_check_range=False`` (private) skips the ``kv_lens`` value check for callers that validated the lengths once
+    for many calls (``mmkernels.models.QFormer``: once per forward, not once per layer).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check.tensor(name, t, dtypes=DTYPES, dim=4, op=OP)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"{OP}: q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    device = check.same_device(OP, q=q, k=k, v=v)
+    B, Lq, H, D = q.shape
+    if tuple(k.shape) != tuple(v.shape):
+        raise ValueError(f"{OP}: k and v must have the same shape [B, Lk, H, D], got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    Lk = k.shape[1]
+    if (k.shape[0], k.shape[2], k.shape[3]) != (B, H, D):
+        raise ValueError(f"{OP}: k and v must be [B, Lk, H, D] = [{B}, Lk, {H}, {D}] to match q "
+                         f"[B, Lq, H, D] = {tuple(q.shape)}, got {tuple(k.shape)}")
+    if not 1 <= Lq <= MAX_QUERIES:
+        raise ValueError(f"{OP}: q must have 1 <= Lq <= {MAX_QUERIES} queries (dim 1 of [B, Lq, H, D]), got {Lq}; "
+                         "use mmkernels.ops.attention for long query sequences")
+    if Lk < 1:
+        raise ValueError(f"{OP}: k and v need at least one key (Lk >= 1), got Lk = {Lk}")
+    if H < 1:
+        raise ValueError(f"{OP}: q must have at least one head, got shape {tuple(q.shape)}")
+    if not 1 <= D <= MAX_HEAD_DIM:
+        raise ValueError(f"{OP}: head dim D must be in [1, {MAX_HEAD_DIM}], got {D}")
+    if kv_lens is not None:
+        kv_lens = _check_kv_lens(kv_lens, B, Lk, device, check_range=_check_range)
+    scale = D**-0.5 if softmax_scale is None else check.real("softmax_scale", softmax_scale, op=OP)
+    name, impl = BACKENDS.select(device, backend)
+    if B == 0:  # nothing to launch; the reference keeps the autograd graph for an empty batch
+        return _reference(q, k, v, kv_lens, scale)
+    if name != "reference":
+        q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
+    return impl(q, k, v, kv_lens, scale)

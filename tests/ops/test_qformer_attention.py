@@ -1,0 +1,265 @@
+"""mmkernels.ops.qformer_cross_attention: forward and every gradient against a float64 reference (flash-attn's 2x
+rule), Lk = 1 / 257 / 677, mixed kv_lens, B = 1, the split-K path and its combine, opcheck, torch.compile, bad
+input. On CPU the Triton kernels run under TRITON_INTERPRET=1 (fp32/fp16, small grid); larger grids are GPU tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmkernels import BackendError
+from mmkernels.kernels.reference.qformer_attention import qformer_attention_reference
+from mmkernels.ops import qformer_cross_attention
+from mmkernels.ops.qformer_attention import BACKENDS
+from mmkernels.testing import assert_within_ref_error, run_opcheck
+
+CPU = torch.device("cpu")
+HAS_CUDA = torch.cuda.is_available()
+TRITON_CPU = "triton" in BACKENDS.available(CPU)
+
+# (B, Lq, H, D, Lk, kv_lens): BLIP-2 shape at 224 px and 364 px (B = 1), one key, mixed lengths with a length-1
+# sample, 128 queries x head dim 128, non-power-of-two head dims.
+SHAPES = [
+    (2, 32, 2, 64, 257, None),
+    (1, 32, 1, 64, 677, None),
+    (2, 7, 3, 40, 1, None),
+    (3, 5, 2, 24, 97, [1, 50, 97]),
+    (1, 128, 1, 128, 33, None),
+    (2, 1, 1, 3, 17, [17, 4]),
+]
+GPU_SHAPES = [
+    (256, 32, 12, 64, 257, None),
+    (32, 32, 12, 64, 577, None),
+    (1, 32, 12, 64, 677, None),
+    (4, 32, 12, 64, 677, [677, 257, 1, 500]),
+    (8, 96, 4, 128, 300, None),
+    (3, 17, 5, 72, 129, [129, 64, 2]),
+    (2, 128, 2, 111, 1025, [1000, 1025]),
+]
+
+
+def _ids(shapes):
+    return [f"B{b}-Lq{q}-H{h}-D{d}-Lk{k}" + ("-lens" if lens else "") for b, q, h, d, k, lens in shapes]
+
+
+def make(B, Lq, H, D, Lk, lens, dtype, device, *, strided=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Lq, H, D, generator=g)
+    if strided:  # K and V as slices of one projection, like QFormer's hoisted K/V GEMM
+        kv = torch.randn(B, Lk, 2, H, D, generator=g)
+        k, v = kv[:, :, 0], kv[:, :, 1]
+    else:
+        k, v = torch.randn(B, Lk, H, D, generator=g), torch.randn(B, Lk, H, D, generator=g)
+    dout = torch.randn(B, Lq, H, D, generator=g)
+    kv_lens = None if lens is None else torch.tensor(lens, dtype=torch.int32, device=device)
+    to = dict(device=device, dtype=dtype)
+    return q.to(**to), k.to(**to), v.to(**to), dout.to(**to), kv_lens
+
+
+def fwd_bwd(fn, q, k, v, dout):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(dout)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def check_against_reference(fn, q, k, v, dout, kv_lens, scale=None):
+    """Ours vs a float64 truth, allowed 2x the error of the same-dtype PyTorch reference (forward and grads)."""
+    ours = fwd_bwd(fn, q, k, v, dout)
+    ref = fwd_bwd(lambda a, b, c: qformer_attention_reference(a, b, c, kv_lens, scale), q, k, v, dout)
+    truth = fwd_bwd(lambda a, b, c: qformer_attention_reference(a, b, c, kv_lens, scale),
+                    q.double(), k.double(), v.double(), dout.double())
+    # Samples attending to one key are degenerate: the softmax is constant, so dq = dk = 0 exactly, and the
+    # same-dtype reference gets exactly zero by cancellation; ours (recomputed p = exp2(s - lse) ~ 1, dp - delta)
+    # gets fp32 rounding relative to the problem's scale. Those samples get that absolute bound; the others (and
+    # out, dv everywhere) the 2x rule.
+    n_keys = torch.full((q.shape[0],), k.shape[1]) if kv_lens is None else kv_lens.cpu()
+    one_key = n_keys == 1
+    scale = max(t.abs().max().item() for t in truth if t.numel())
+    for name, a, r, t in zip(("out", "dq", "dk", "dv"), ours, ref, truth):
+        assert a.shape == t.shape and a.dtype == q.dtype, name
+        if name in ("dq", "dk") and one_key.any():
+            torch.testing.assert_close(a[one_key].double(), t[one_key], rtol=0, atol=1e-6 * scale)
+            a, r, t = a[~one_key], r[~one_key], t[~one_key]
+        # + 4 fp32 ulps of the tensor's magnitude: the kernel recomputes p from the saved LSE (FlashAttention-2),
+        # a few ulps off the reference's softmax; it matters only when the reference error is itself ~1 ulp (fp32,
+        # tiny reductions).
+        floor = 4 * torch.finfo(torch.float32).eps * t.abs().max().item() if t.numel() else 0.0
+        assert_within_ref_error(a, r, t, name=name, floor=floor)
+    if kv_lens is not None:  # padded keys: exactly zero gradients
+        for b, n in enumerate(kv_lens.tolist()):
+            assert torch.all(ours[2][b, n:] == 0) and torch.all(ours[3][b, n:] == 0)
+    return ours
+
+
+def _triton_dtypes(device):
+    # the interpreter mishandles bf16 on CPU
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if device.type == "cuda" else [])
+
+
+@pytest.mark.skipif(not TRITON_CPU and not HAS_CUDA, reason="needs triton (GPU or TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("B,Lq,H,D,Lk,lens", SHAPES, ids=_ids(SHAPES))
+def test_triton_matches_reference(device, B, Lq, H, D, Lk, lens, dtype):
+    q, k, v, dout, kv_lens = make(B, Lq, H, D, Lk, lens, dtype, device, strided=Lk == 257)
+    fn = lambda a, b, c: qformer_cross_attention(a, b, c, kv_lens=kv_lens, backend="triton")  # noqa: E731
+    check_against_reference(fn, q, k, v, dout, kv_lens)
+
+
+@pytest.mark.skipif(not TRITON_CPU and not HAS_CUDA, reason="needs triton")
+@pytest.mark.parametrize("splits,lens", [(3, None), (4, [1, 130]), (7, [200, 65])], ids=["3", "4-lens", "7-lens"])
+def test_split_k_matches_reference(device, splits, lens):
+    """Flash-decoding: keys split over programs, then combined; empty chunks (kv_len < chunk start) weigh nothing."""
+    q, k, v, dout, kv_lens = make(len(lens or [0, 0]), 9, 2, 48, 200, lens, torch.float32, device)
+    op = torch.ops.mmkernels.qformer_attention_fwd_triton
+
+    def fn(a, b, c):
+        return op(a, b, c, kv_lens, 0.125, splits)[0]
+
+    check_against_reference(fn, q, k, v, dout, kv_lens, scale=0.125)
+    out_1, lse_1 = op(q, k, v, kv_lens, 0.125, 1)
+    out_s, lse_s = op(q, k, v, kv_lens, 0.125, splits)
+    torch.testing.assert_close(lse_s, lse_1, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_s, out_1, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not TRITON_CPU and not HAS_CUDA, reason="needs triton")
+def test_lse_is_logsumexp(device):
+    q, k, v, _, kv_lens = make(2, 6, 2, 16, 40, [40, 11], torch.float32, device)
+    _, lse = torch.ops.mmkernels.qformer_attention_fwd_triton(q, k, v, kv_lens, 0.3, 0)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * 0.3
+    scores[1, :, :, 11:] = float("-inf")
+    torch.testing.assert_close(lse.double(), torch.logsumexp(scores, -1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not TRITON_CPU and not HAS_CUDA, reason="needs triton")
+def test_backward_is_deterministic(device):
+    q, k, v, dout, kv_lens = make(2, 8, 2, 32, 150, [150, 70], torch.float32, device)
+    op = torch.ops.mmkernels.qformer_attention_fwd_triton
+    out, lse = op(q, k, v, kv_lens, 0.2, 3)
+    bwd = torch.ops.mmkernels.qformer_attention_bwd_triton
+    first = bwd(dout, q, k, v, out, lse, kv_lens, 0.2, 3)
+    second = bwd(dout, q, k, v, out, lse, kv_lens, 0.2, 3)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_reference_backend(dtype):
+    """The CPU fallback (also the bf16 path on CPU: no interpreter involved)."""
+    q, k, v, dout, kv_lens = make(2, 32, 2, 64, 257, [257, 100], dtype, CPU)
+    out = check_against_reference(
+        lambda a, b, c: qformer_cross_attention(a, b, c, kv_lens=kv_lens, backend="reference"), q, k, v, dout,
+        kv_lens)
+    truth = qformer_attention_reference(q.double(), k.double(), v.double(), kv_lens)
+    rtol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(out[0].double(), truth, rtol=rtol, atol=rtol)
+
+
+def test_auto_backend_cpu_is_reference(no_backend_env):
+    assert BACKENDS.select(CPU)[0] == "reference"
+
+
+def test_softmax_scale_and_empty_batch(device):
+    q, k, v, _, _ = make(2, 4, 1, 8, 9, None, torch.float32, device)
+    got = qformer_cross_attention(q, k, v, softmax_scale=0.7)
+    want = qformer_attention_reference(q.double(), k.double(), v.double(), None, 0.7)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    empty = [t[:0].requires_grad_() for t in (q, k, v)]
+    out = qformer_cross_attention(*empty, kv_lens=torch.zeros(0, dtype=torch.int32, device=device))
+    assert out.shape == (0, 4, 1, 8)
+    out.sum().backward()
+    assert empty[0].grad.shape == (0, 4, 1, 8)
+
+
+@pytest.mark.skipif(not TRITON_CPU and not HAS_CUDA, reason="needs triton")
+@pytest.mark.parametrize("lens,splits", [(None, 0), ([5, 33], 2)], ids=["dense", "lens-split"])
+def test_opcheck(device, lens, splits):
+    q, k, v, dout, kv_lens = make(2, 5, 2, 24, 33, lens, torch.float32, device, strided=True)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    run_opcheck(torch.ops.mmkernels.qformer_attention_fwd_triton.default, (q, k, v, kv_lens, 0.2, splits))
+    out, lse = torch.ops.mmkernels.qformer_attention_fwd_triton(q, k, v, kv_lens, 0.2, splits)
+    run_opcheck(torch.ops.mmkernels.qformer_attention_bwd_triton.default,
+                (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, kv_lens, 0.2, splits))
+
+
+@pytest.mark.skipif(not TRITON_CPU and not HAS_CUDA, reason="needs triton")
+def test_torch_compile_fullgraph(device):
+    q, k, v, dout, kv_lens = make(2, 6, 2, 16, 20, [20, 7], torch.float32, device)
+    backend = "inductor" if device.type == "cuda" else "aot_eager"
+
+    def f(a, b, c, lens):
+        return qformer_cross_attention(a, b, c, kv_lens=lens, backend="triton") * 2
+
+    compiled = torch.compile(f, backend=backend, fullgraph=True)
+    got = fwd_bwd(lambda a, b, c: compiled(a, b, c, kv_lens), q, k, v, dout)
+    want = fwd_bwd(lambda a, b, c: f(a, b, c, kv_lens), q, k, v, dout)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _bad_inputs():
+    q = torch.randn(2, 4, 3, 8)
+    k = torch.randn(2, 10, 3, 8)
+    lens = torch.tensor([10, 3], dtype=torch.int32)
+    yield "q not a tensor", dict(q=q.numpy()), TypeError, "q must be a torch.Tensor"
+    yield "int dtype", dict(q=q.int(), k=k.int(), v=k.int()), TypeError, "q must be"
+    yield "dtype mismatch", dict(k=k.double(), v=k.double()), TypeError, "k must be"
+    yield "fp16 vs fp32", dict(k=k.half(), v=k.half()), TypeError, "share one dtype"
+    yield "3-d q", dict(q=q[0]), ValueError, "q must have 4 dimension"
+    yield "k/v shapes differ", dict(v=k[:, :5]), ValueError, "same shape"
+    yield "head count", dict(k=k[:, :, :2], v=k[:, :, :2]), ValueError, "to match q"
+    yield "batch", dict(k=k[:1], v=k[:1]), ValueError, "to match q"
+    yield "too many queries", dict(q=torch.randn(2, 129, 3, 8)), ValueError, "Lq <= 128"
+    yield "no keys", dict(k=k[:, :0], v=k[:, :0]), ValueError, "Lk >= 1"
+    yield "head dim", dict(q=torch.randn(2, 4, 1, 129), k=torch.randn(2, 3, 1, 129), v=torch.randn(2, 3, 1, 129)), \
+        ValueError, "head dim"
+    yield "kv_lens int64", dict(kv_lens=lens.long()), TypeError, "kv_lens must be int32"
+    yield "kv_lens shape", dict(kv_lens=lens[:1]), ValueError, "kv_lens must have shape"
+    yield "kv_lens too big", dict(kv_lens=torch.tensor([11, 3], dtype=torch.int32)), ValueError, "[1, Lk]"
+    yield "kv_lens zero", dict(kv_lens=torch.tensor([0, 3], dtype=torch.int32)), ValueError, "[1, Lk]"
+    yield "kv_lens not tensor", dict(kv_lens=[10, 3]), TypeError, "kv_lens must be a torch.Tensor"
+    yield "scale tensor", dict(softmax_scale=torch.tensor(0.1)), TypeError, "softmax_scale"
+    yield "unknown backend", dict(backend="cuda"), BackendError, "not implemented"
+
+
+@pytest.mark.parametrize("name,override,exc,match", list(_bad_inputs()), ids=[b[0] for b in _bad_inputs()])
+def test_bad_input(name, override, exc, match):
+    args = dict(q=torch.randn(2, 4, 3, 8), k=torch.randn(2, 10, 3, 8), v=torch.randn(2, 10, 3, 8))
+    args.update(override)
+    q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+    with pytest.raises(exc, match=match.replace("[", r"\[").replace("]", r"\]")):
+        qformer_cross_attention(q, k, v, **args)
+
+
+def test_triton_on_cpu_without_interpreter_raises(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q = torch.randn(1, 2, 1, 8)
+    with pytest.raises(BackendError):
+        qformer_cross_attention(q, q, q, backend="triton")
+
+
+@pytest.mark.gpu
+def test_device_mismatch():
+    q = torch.randn(1, 2, 1, 8, device="cuda")
+    with pytest.raises(ValueError, match="one device"):
+        qformer_cross_attention(q, q.cpu(), q.cpu())
+    with pytest.raises(ValueError, match="kv_lens must be on"):
+        qformer_cross_attention(q, q, q, kv_lens=torch.ones(1, dtype=torch.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("B,Lq,H,D,Lk,lens", GPU_SHAPES, ids=_ids(GPU_SHAPES))
+def test_gpu_grid(B, Lq, H, D, Lk, lens, dtype):
+    """The auto split heuristic on a real SM count (B*H small -> split-K), wrap_triton ops, every dtype."""
+    q, k, v, dout, kv_lens = make(B, Lq, H, D, Lk, lens, dtype, torch.device("cuda"), strided=True)
+    check_against_reference(lambda a, b, c: qformer_cross_attention(a, b, c, kv_lens=kv_lens, backend="triton"),
+                            q, k, v, dout, kv_lens)
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck_triton_op():
+    q, k, v, dout, kv_lens = make(2, 32, 4, 64, 257, [257, 100], torch.bfloat16, torch.device("cuda"))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    run_opcheck(torch.ops.mmkernels.qformer_attention_fwd_triton.default, (q, k, v, kv_lens, 0.125, 0))
