@@ -5,8 +5,9 @@
 #
 # Writes to OUTDIR: build.log, info.txt, tests.log, bench.log, results.json, results.csv, summary.txt.
 # Budget: 8 minutes on an H100 including the build. Env: PYTHON (default python3), SHAPES (bench preset,
-# default "default"), MMKERNELS_CUDA_ARCHS (default: this GPU's arch, e.g. 90a on Hopper), BENCH_ARGS (extra
-# mmkernels-bench flags), TEST_TIMEOUT / BENCH_TIMEOUT (seconds, default 150 / 240).
+# default "gpu": each op's budgeted subset), MMKERNELS_CUDA_ARCHS (default: this GPU's arch, e.g. 90a on Hopper),
+# BENCH_ARGS (mmkernels-bench flags, default "--warmup-ms 10 --rep-ms 40"), TEST_TIMEOUT / BENCH_TIMEOUT
+# (seconds, default 150 / 240). Results are written after every case, so a run cut short keeps what it timed.
 set -uo pipefail
 
 OUT=${1:?usage: benchmarks/gpu_suite.sh OUTDIR [OP ...]}
@@ -52,10 +53,10 @@ tail -n 15 "$OUT/tests.log"
 
 targets=("${OPS[@]}")
 [ ${#targets[@]} -gt 0 ] || targets=(all)
-stamp "benchmarks: ${targets[*]} (preset ${SHAPES:-default})"
+stamp "benchmarks: ${targets[*]} (preset ${SHAPES:-gpu})"
 # shellcheck disable=SC2086
-timeout "${BENCH_TIMEOUT:-240}" "$PY" -m mmkernels.bench "${targets[@]}" --shapes "${SHAPES:-default}" \
-  --out "$OUT" ${BENCH_ARGS:-} >"$OUT/bench.log" 2>&1
+timeout "${BENCH_TIMEOUT:-240}" "$PY" -m mmkernels.bench "${targets[@]}" --shapes "${SHAPES:-gpu}" \
+  --out "$OUT" ${BENCH_ARGS:---warmup-ms 10 --rep-ms 40} >"$OUT/bench.log" 2>&1
 rc=$?
 tail -n 80 "$OUT/bench.log"
 [ $rc -eq 0 ] || { stamp "BENCHMARKS FAILED (rc=$rc)"; status=1; }

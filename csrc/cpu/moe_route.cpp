@@ -57,8 +57,18 @@ void route_rows(const scalar_t* logits, const float* bias, int32_t* ids, float* 
       for (int64_t e = 0; e < e_count; ++e)
         if (!keep[e / group]) choice[e] = -std::numeric_limits<float>::infinity();
     }
-    std::iota(order.begin(), order.end(), 0);
-    std::partial_sort(order.begin(), order.begin() + p.top_k, order.end(), ByChoice{choice.data()});
+    // Keep the k best in order with an insertion step; most experts fail the first comparison (O(E) typically).
+    const ByChoice before{choice.data()};
+    int64_t kept = 0;
+    for (int64_t e = 0; e < e_count; ++e) {
+      if (kept == p.top_k && !before(e, order[kept - 1])) continue;
+      int64_t pos = kept < p.top_k ? kept++ : kept - 1;
+      while (pos > 0 && before(e, order[pos - 1])) {
+        order[pos] = order[pos - 1];
+        --pos;
+      }
+      order[pos] = e;
+    }
     float total = 0.0f;
     for (int64_t k = 0; k < p.top_k; ++k) total += score[order[k]];
     const float factor = p.renormalize ? p.scale / total : p.scale;

@@ -13,6 +13,7 @@ Each row names the device; "speedup" is the baseline's median time over the row'
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 
@@ -36,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("targets", nargs="*", metavar="OP",
                    help="op names (see `list`), `all`, or `list`; default with --quick: all")
     p.add_argument("--quick", action="store_true", help="small shapes and short timing: a whole run in seconds")
-    p.add_argument("--shapes", default=None, help="shape preset: quick or default (some ops have more)")
+    p.add_argument("--shapes", default=None,
+                   help="shape preset: quick, default, or gpu (the GPU suite's budgeted subset; ops without one "
+                        "use default); some ops have more, see `list`")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="input dtype (default: each op's own)")
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
                    help="only time these mmkernels backends (baselines always run)")
@@ -143,11 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     plan = []
     for s in chosen:
-        if preset not in s.presets:
+        suite_preset = preset if preset in s.presets or preset != "gpu" else "default"  # "gpu": budgeted subset
+        if suite_preset not in s.presets:
             print(f"mmkernels-bench: {s.name} has no preset {preset!r} (it has {', '.join(s.presets)})",
                   file=sys.stderr)
             return 2
-        plan.append((s, s.build(config)))
+        plan.append((s, s.build(dataclasses.replace(config, preset=suite_preset))))
     total = sum(len(cases) for _, cases in plan)
 
     from .device import device_name, measure_ceilings
@@ -156,6 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ceilings = measure_ceilings(str(device), quick=preset == "quick")
     print(f"measured ceilings: copy {ceilings['gbps']:.1f} GB/s, {ceilings['dtype']} matmul "
           f"{ceilings['tflops']:.2f} TFLOP/s", flush=True)
+    metadata = run_metadata(device, ceilings)
     rows: list[Row] = []
     failures: list[str] = []
     with _Progress(total) as progress:
@@ -165,10 +170,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                     rows += run_cases(s, [case], config, warmup_ms=warmup_ms, rep_ms=rep_ms)
                 except Exception as exc:  # keep timing the other cases; report and fail at the end
                     failures.append(f"{s.name} {case.name} [{case.mode}]: {type(exc).__name__}: {exc}")
+                if args.out:  # after every case, so a run cut short by a time limit keeps what it measured
+                    write_results(args.out, rows, metadata)
                 progress.advance(f"{s.name} {case.name}")
     _print_table(rows, f"mmkernels-bench — {device_name(device)}")
     if args.out:
-        paths = write_results(args.out, rows, run_metadata(device, ceilings))
+        paths = write_results(args.out, rows, metadata)
         if args.plot:
             from .plot import plot_speedups
 

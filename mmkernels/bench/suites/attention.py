@@ -17,7 +17,7 @@ forward; fwd+bwd 3.5x. Bytes: q, k, v read and o written (forward); q, k, v, o, 
 
 Presets: ``quick`` (tiny, CPU-friendly), ``default`` (the standard sweep and the vision shapes), ``sweep`` (B*S =
 16k tokens, S = 512..16k, H*D = 2048, D in {64, 128}, causal and not) and ``vision`` (ViT-B/16 at 224, ViT-L/14 at
-336, ViT-g/14 at 224, batch 256).
+336, ViT-g/14 at 224, batch 256); ``gpu`` (the GPU suite's budget: vision plus S in {1k, 4k, 16k}).
 """
 
 from __future__ import annotations
@@ -52,7 +52,9 @@ _VISION = [
     ("ViT-L/14 336", 256, 577, 577, 16, 16, 64, False),
     ("ViT-g/14 224", 256, 257, 257, 16, 16, 88, False),
 ]
-SHAPES = {"quick": _QUICK, "default": _SWEEP + _VISION, "sweep": _SWEEP, "vision": _VISION}
+# The GPU suite's budget (8 minutes for everything): the vision shapes and a third of the sweep.
+_GPU = _VISION + [c for c in _SWEEP if c[1] * c[2] == 16384 and c[2] in (1024, 4096, 16384)]
+SHAPES = {"quick": _QUICK, "default": _SWEEP + _VISION, "sweep": _SWEEP, "vision": _VISION, "gpu": _GPU}
 
 
 def flops(b: int, lq: int, lk: int, hq: int, d: int, causal: bool, mode: str) -> float:
@@ -198,6 +200,6 @@ register_suite(Suite(
     name="attention",
     description="fused attention (FlashAttention-2 style Triton) vs SDPA flash/efficient, compiled reference",
     build=_build,
-    presets=("quick", "default", "sweep", "vision"),
+    presets=("quick", "default", "sweep", "vision", "gpu"),
     default_dtype=torch.bfloat16,
 ))

@@ -1,0 +1,208 @@
+"""``moe_route`` and ``moe_experts``: LongCat-Flash routing and grouped SwiGLU experts against what users run today.
+
+moe_route providers: ``mmkernels[cuda|cpp|reference]``; ``torch-eager`` (softmax + bias + topk + gather +
+bincount, as HF's router does it, plus the zero-expert weight); ``torch-compile`` of the same (CUDA only).
+Baseline: ``torch-eager``. Bytes: logits read once, ids/weights/zero_weight/counts written once.
+
+moe_experts providers: ``mmkernels[triton]``; ``torch-loop`` (sort by expert, one GEMM pair per expert: our
+reference, which syncs to the host for the loop); ``torch-grouped-mm`` (``torch._grouped_mm`` over a sorted,
+gathered copy of the activations, where the installed torch has it for this device and dtype); ``hf-loop`` (HF
+``LongcatFlashExperts``, when transformers is installed, fwd only). Baseline: ``torch-loop``. FLOPs count FFN
+slots only: ``6 Dm Di`` per slot forward, 3x that for fwd+bwd. Routing skews: uniform, mild (logit std 0.5),
+extreme (std 2).
+
+Presets: ``quick`` (tiny, CPU-friendly), ``default`` (the issue's shapes), ``gpu`` (what fits the GPU suite's
+budget).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from ...kernels.reference.moe import moe_experts_reference
+from ...ops.moe import EXPERTS_BACKENDS, ROUTE_BACKENDS, MoERouting, moe_experts, moe_route
+from ..suite import BenchConfig, Case, Suite, register_suite
+
+# ---- routing -----------------------------------------------------------------------------------------------------
+
+ROUTE_SHAPES = {  # (T, N, Z, K)
+    "quick": [(128, 256, 128, 12), (1024, 512, 256, 12)],
+    "default": [(t, n, z, 12) for t in (1, 128, 4096, 16384) for n, z in ((256, 128), (512, 256))],
+    "gpu": [(t, n, z, 12) for t in (1, 128, 4096, 16384) for n, z in ((256, 128), (512, 256))],
+}
+
+
+def eager_router(logits, bias, k, n, scale):
+    """What a PyTorch user writes (HF LongcatFlashTopkRouter + the zero-weight and the counts)."""
+    scores = logits.float().softmax(-1)
+    ids = torch.topk(scores + bias, k, dim=-1, sorted=False).indices
+    w = scores.gather(1, ids) * scale
+    zero_weight = (w * (ids >= n)).sum(-1)
+    return ids, w, zero_weight, torch.bincount(ids.flatten(), minlength=logits.shape[1])
+
+
+def _route_cases(config: BenchConfig) -> list[Case]:
+    device = config.device
+    ours = [b for b in ROUTE_BACKENDS.available(device) if config.backends is None or b in config.backends]
+    compiled = torch.compile(eager_router) if device.type == "cuda" else None
+    cases = []
+    for t, n, z, k in ROUTE_SHAPES[config.preset]:
+        e = n + z
+
+        def make_inputs(t=t, e=e):
+            return torch.randn(t, e, device=device), torch.randn(e, device=device) * 1e-3
+
+        providers = {
+            f"mmkernels[{b}]": (lambda x, b=b, n=n, k=k: moe_route(x[0], top_k=k, num_ffn_experts=n, bias=x[1],
+                                                                routed_scaling_factor=6.0, backend=b))
+            for b in ours
+        }
+        providers["torch-eager"] = lambda x, n=n, k=k: eager_router(x[0], x[1], k, n, 6.0)
+        if compiled is not None:
+            providers["torch-compile"] = lambda x, n=n, k=k: compiled(x[0], x[1], k, n, 6.0)
+        cases.append(Case(
+            name=f"T={t} N+Z={e} K={k}", make_inputs=make_inputs, providers=providers, baseline="torch-eager",
+            flops=float(5 * t * e), bytes=float(4 * t * e + 4 * e + t * k * 8 + 4 * t + 4 * e),
+            params={"T": t, "N": n, "Z": z, "K": k},
+        ))
+    return cases
+
+
+register_suite(Suite(
+    name="moe_route",
+    description="top-k routing with zero-computation experts vs eager/compiled PyTorch routers",
+    build=_route_cases,
+    presets=("quick", "default", "gpu"),
+))
+
+# ---- experts -----------------------------------------------------------------------------------------------------
+
+# (label, T, Dm, N, Z, K, Di)
+EXPERT_SHAPES = {
+    "quick": [("tiny", 256, 128, 8, 4, 4, 64)],
+    "default": [("LongCat-Flash-Lite", 4096, 3072, 256, 128, 12, 1024),
+                ("LongCat-Flash (64+32 experts)", 2048, 6144, 64, 32, 12, 2048)],
+    "gpu": [("LongCat-Flash-Lite", 4096, 3072, 256, 128, 12, 1024),
+            ("LongCat-Flash (64+32 experts)", 2048, 6144, 64, 32, 12, 2048)],
+}
+SKEWS = {"uniform": 0.0, "mild": 0.5, "extreme": 2.0}
+
+
+def routing_with_skew(t, n, z, k, skew, device, seed=0) -> MoERouting:
+    """Routing of the LongCat router on logits with per-expert offsets ``skew * N(0, 1)`` plus token noise."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    logits = skew * torch.randn(n + z, generator=g) + torch.randn(t, n + z, generator=g)
+    r = moe_route(logits, top_k=k, num_ffn_experts=n, routed_scaling_factor=6.0, backend="reference")
+    return MoERouting(*(x.to(device) for x in r))
+
+
+def torch_loop(hidden, r, w_gate_up, w_down):
+    return moe_experts_reference(hidden, r.topk_ids, r.topk_weights, r.zero_weight, w_gate_up, w_down)
+
+
+def grouped_mm_experts(hidden, r, w_gate_up, w_down):
+    """``torch._grouped_mm`` on a sorted, gathered copy of the FFN slots' activations (one host sync)."""
+    t, k = r.topk_ids.shape
+    n = w_gate_up.shape[0]
+    di = w_gate_up.shape[1] // 2
+    flat = r.topk_ids.reshape(-1).long()
+    slots = torch.nonzero(flat < n).squeeze(1)
+    order = slots[torch.argsort(flat[slots], stable=True)]
+    offs = torch.bincount(flat[order], minlength=n).cumsum(0).to(torch.int32)
+    rows = hidden[order // k]
+    gu = torch._grouped_mm(rows, w_gate_up.transpose(1, 2), offs=offs)
+    h = F.silu(gu[:, :di]) * gu[:, di:]
+    y = torch._grouped_mm(h, w_down.transpose(1, 2), offs=offs) * r.topk_weights.reshape(-1)[order, None]
+    out = hidden * r.zero_weight[:, None].to(hidden.dtype)
+    return out.index_add(0, order // k, y.to(hidden.dtype))
+
+
+def _works(fn, *args) -> bool:
+    try:
+        fn(*args)
+        return True
+    except Exception:  # not supported for this device/dtype in the installed torch
+        return False
+
+
+def _hf_experts(n, z, dm, di, w_gate_up, w_down):
+    if importlib.util.find_spec("transformers") is None:
+        return None
+    try:
+        from transformers.models.longcat_flash.configuration_longcat_flash import LongcatFlashConfig
+        from transformers.models.longcat_flash.modeling_longcat_flash import LongcatFlashExperts
+    except ImportError:
+        return None
+    cfg = LongcatFlashConfig(hidden_size=dm, n_routed_experts=n, zero_expert_num=z, expert_ffn_hidden_size=di)
+    with torch.device("meta"):
+        experts = LongcatFlashExperts(cfg)
+    pad = torch.zeros(z, *w_gate_up.shape[1:], dtype=w_gate_up.dtype, device=w_gate_up.device)
+    experts.gate_up_proj = torch.nn.Parameter(torch.cat([w_gate_up, pad]), requires_grad=False)
+    experts.down_proj = torch.nn.Parameter(w_down, requires_grad=False)
+    return experts
+
+
+def _expert_cases(config: BenchConfig) -> list[Case]:
+    device = config.device
+    dtype = config.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    ours = [b for b in EXPERTS_BACKENDS.available(device)
+            if b != "reference" and (config.backends is None or b in config.backends)]
+    cases = []
+    for label, t, dm, n, z, k, di in EXPERT_SHAPES[config.preset]:
+        w_gate_up = (torch.randn(n, 2 * di, dm, device=device) / dm**0.5).to(dtype)
+        w_down = (torch.randn(n, dm, di, device=device) / di**0.5).to(dtype)
+        probe = routing_with_skew(8, n, z, k, 0.0, device)
+        x_probe = torch.randn(8, dm, device=device, dtype=dtype)
+        has_grouped_mm = hasattr(torch, "_grouped_mm") and _works(grouped_mm_experts, x_probe, probe, w_gate_up,
+                                                                   w_down)
+        hf = _hf_experts(n, z, dm, di, w_gate_up, w_down)
+        for skew_name, skew in SKEWS.items():
+            r = routing_with_skew(t, n, z, k, skew, device)
+            ffn_slots = int((r.topk_ids < n).sum())
+            fwd_flops = 6.0 * dm * di * ffn_slots
+            for mode in ("fwd", "fwd+bwd"):
+                grad_mode = mode == "fwd+bwd"
+                w1 = w_gate_up.detach().requires_grad_(grad_mode)
+                w2 = w_down.detach().requires_grad_(grad_mode)
+
+                def make_inputs(t=t, dm=dm, grad_mode=grad_mode):
+                    x = torch.randn(t, dm, device=device, dtype=dtype, requires_grad=grad_mode)
+                    return x, torch.randn(t, dm, device=device, dtype=dtype)
+
+                def wrap(fn, grad_mode=grad_mode, r=r, w1=w1, w2=w2):
+                    def run(x):
+                        y = fn(x[0], r, w1, w2)
+                        if grad_mode:
+                            x[0].grad = w1.grad = w2.grad = None  # no accumulation kernels in the timing
+                            y.backward(x[1])
+                        return y
+                    return run
+
+                providers = {f"mmkernels[{b}]": wrap(lambda h, r, w1, w2, b=b: moe_experts(h, r, w1, w2, backend=b))
+                             for b in ours}
+                providers["torch-loop"] = wrap(torch_loop)
+                if has_grouped_mm:
+                    providers["torch-grouped-mm"] = wrap(grouped_mm_experts)
+                if hf is not None and not grad_mode:
+                    providers["hf-loop"] = wrap(lambda h, r, w1, w2, hf=hf: hf(h, r.topk_ids.long(), r.topk_weights))
+                weight_bytes = (3 * n * dm * di) * w_gate_up.element_size()
+                act_bytes = 2 * t * dm * w_gate_up.element_size()
+                cases.append(Case(
+                    name=f"{label} T={t} {skew_name}", make_inputs=make_inputs, providers=providers,
+                    baseline="torch-loop", mode=mode, flops=fwd_flops * (3 if grad_mode else 1),
+                    bytes=float((weight_bytes + act_bytes) * (3 if grad_mode else 1)),
+                    params={"T": t, "Dm": dm, "N": n, "Z": z, "K": k, "Di": di, "skew": skew,
+                            "ffn_slots": ffn_slots},
+                ))
+    return cases
+
+
+register_suite(Suite(
+    name="moe_experts",
+    description="grouped SwiGLU experts with zero experts vs per-expert loop, torch._grouped_mm, HF",
+    build=_expert_cases,
+    presets=("quick", "default", "gpu"),
+))
