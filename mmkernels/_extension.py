@@ -40,7 +40,7 @@ def _load() -> ExtensionStatus:
                 f"mmkernels: compiled extension not used ({reason}); ops run on their Triton/PyTorch backends. "
                 "Rebuild with `pip install --no-build-isolation -e .` to get the C++/CUDA kernels.",
                 ExtensionWarning,
-                stacklevel=3,
+                stacklevel=4,  # the line that imported mmkernels
             )
         return ExtensionStatus(
             False,

@@ -184,6 +184,31 @@ if triton_available():
     from ..kernels.triton import moe as tk
     from ._triton_op import triton_op
 
+    class _Plan(NamedTuple):
+        t: int
+        dm: int
+        n: int
+        di: int
+        k: int
+        al: tk.Alignment
+        scale: torch.Tensor  # routing weight of each sorted row
+
+    def _plan(hidden, topk_ids, topk_weights, w_gate_up) -> _Plan:
+        """Sizes, the device-side alignment, and the weights in expert order: shared by forward and backward."""
+        t, dm = hidden.shape
+        n, two_di, _ = w_gate_up.shape
+        al = tk.align(topk_ids, n, tk._blocks(hidden.dtype)[0])
+        scale = topk_weights.reshape(-1)[al.order.long()].contiguous()
+        return _Plan(t, dm, n, two_di // 2, topk_ids.shape[1], al, scale)
+
+    def _transposed(w):
+        """Strides (expert, k, n) that read expert e's [rows, cols] weight as B_e = W_e^T (y = x @ W_e^T)."""
+        return w.stride(0), w.stride(2), w.stride(1)
+
+    def _as_is(w):
+        """Strides (expert, k, n) that read W_e itself (y = x @ W_e)."""
+        return w.stride(0), w.stride(1), w.stride(2)
+
     def _experts_fake(hidden, topk_ids, topk_weights, zero_weight, w_gate_up, w_down, deterministic):
         return torch.empty_like(hidden)
 
@@ -198,25 +223,19 @@ if triton_available():
         deterministic: bool,
     ) -> torch.Tensor:
         wrap = torch.library.wrap_triton
-        t, dm = hidden.shape
-        n, two_di, _ = w_gate_up.shape
-        di = two_di // 2
-        k = topk_ids.shape[1]
-        block_m = tk._blocks(hidden.dtype)[0]
-        al = tk.align(topk_ids, n, block_m)
-        scale = topk_weights.reshape(-1)[al.order.long()].contiguous()
+        p = _plan(hidden, topk_ids, topk_weights, w_gate_up)
+        al = p.al
         # SwiGLU intermediate of every FFN slot, in expert order (rows of zero slots are never written or read).
-        h = hidden.new_empty((t * k, di))
-        tk.grouped_gemm(hidden, w_gate_up, (w_gate_up.stride(0), w_gate_up.stride(2), w_gate_up.stride(1)), h, al,
-                        n=di, k=dm, a_index=al.token, up_offset=di, launch=wrap)
+        h = hidden.new_empty((p.t * p.k, p.di))
+        tk.grouped_gemm(hidden, w_gate_up, _transposed(w_gate_up), h, al, n=p.di, k=p.dm, a_index=al.token,
+                        up_offset=p.di, launch=wrap)
         if deterministic:
-            y = hidden.new_empty((t * k, dm), dtype=torch.float32)
-            tk.grouped_gemm(h, w_down, (w_down.stride(0), w_down.stride(2), w_down.stride(1)), y, al, n=dm, k=di,
-                            scale=scale, launch=wrap)
-            return _combine_in_slot_order(y, al, topk_ids, n, hidden, zero_weight)
+            y = hidden.new_empty((p.t * p.k, p.dm), dtype=torch.float32)
+            tk.grouped_gemm(h, w_down, _transposed(w_down), y, al, n=p.dm, k=p.di, scale=p.scale, launch=wrap)
+            return _combine_in_slot_order(y, al, topk_ids, p.n, hidden, zero_weight)
         out = hidden.float() * zero_weight[:, None]
-        tk.grouped_gemm(h, w_down, (w_down.stride(0), w_down.stride(2), w_down.stride(1)), out, al, n=dm, k=di,
-                        c_index=al.token, scale=scale, launch=wrap)
+        tk.grouped_gemm(h, w_down, _transposed(w_down), out, al, n=p.dm, k=p.di, c_index=al.token, scale=p.scale,
+                        launch=wrap)
         return out.to(hidden.dtype)
 
     def _experts_backward_fake(grad_out, hidden, topk_ids, topk_weights, zero_weight, w_gate_up, w_down,
@@ -236,26 +255,20 @@ if triton_available():
         deterministic: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         wrap = torch.library.wrap_triton
-        t, dm = hidden.shape
-        n, two_di, _ = w_gate_up.shape
-        di = two_di // 2
-        k = topk_ids.shape[1]
-        block_m = tk._blocks(hidden.dtype)[0]
-        al = tk.align(topk_ids, n, block_m)
+        p = _plan(hidden, topk_ids, topk_weights, w_gate_up)
+        t, dm, n, di, k, al, scale = p.t, p.dm, p.n, p.di, p.k, p.al, p.scale
         order = al.order.long()
-        scale = topk_weights.reshape(-1)[order].contiguous()
         grad_out = grad_out.contiguous()
         # Recompute gate/up (cheaper in memory than saving them from the forward).
-        gu = hidden.new_empty((t * k, two_di), dtype=torch.float32)
-        tk.grouped_gemm(hidden, w_gate_up, (w_gate_up.stride(0), w_gate_up.stride(2), w_gate_up.stride(1)), gu,
-                        al, n=two_di, k=dm, a_index=al.token, launch=wrap)
+        gu = hidden.new_empty((t * k, 2 * di), dtype=torch.float32)
+        tk.grouped_gemm(hidden, w_gate_up, _transposed(w_gate_up), gu, al, n=2 * di, k=dm, a_index=al.token,
+                        launch=wrap)
         gate, up = gu[:, :di], gu[:, di:]
         act = F.silu(gate)
         h = act * up
         # dY_t @ W_down_e, per slot: gives d(weight) = <., h> and d(h) = weight * (.)
         dhp = hidden.new_empty((t * k, di), dtype=torch.float32)
-        tk.grouped_gemm(grad_out, w_down, (w_down.stride(0), w_down.stride(1), w_down.stride(2)), dhp, al,
-                        n=di, k=dm, a_index=al.token, launch=wrap)
+        tk.grouped_gemm(grad_out, w_down, _as_is(w_down), dhp, al, n=di, k=dm, a_index=al.token, launch=wrap)
         ffn_rows = torch.arange(t * k, device=hidden.device) < al.ends[-1:].long() if n > 0 else None
         d_w_sorted = (dhp * h).sum(-1)
         d_w_sorted = torch.where(ffn_rows, d_w_sorted, 0.0) if ffn_rows is not None else d_w_sorted
@@ -269,13 +282,12 @@ if triton_available():
         d_zero = (grad_out.float() * hidden.float()).sum(-1).to(zero_weight.dtype)
         if deterministic:
             dx_rows = hidden.new_empty((t * k, dm), dtype=torch.float32)
-            tk.grouped_gemm(d_gu, w_gate_up, (w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2)),
-                            dx_rows, al, n=dm, k=two_di, launch=wrap)
+            tk.grouped_gemm(d_gu, w_gate_up, _as_is(w_gate_up), dx_rows, al, n=dm, k=2 * di, launch=wrap)
             d_hidden = _combine_in_slot_order(dx_rows, al, topk_ids, n, grad_out, zero_weight)
         else:
             d_hidden = grad_out.float() * zero_weight[:, None]
-            tk.grouped_gemm(d_gu, w_gate_up, (w_gate_up.stride(0), w_gate_up.stride(1), w_gate_up.stride(2)),
-                            d_hidden, al, n=dm, k=two_di, c_index=al.token, launch=wrap)
+            tk.grouped_gemm(d_gu, w_gate_up, _as_is(w_gate_up), d_hidden, al, n=dm, k=2 * di, c_index=al.token,
+                            launch=wrap)
             d_hidden = d_hidden.to(hidden.dtype)
         d_w_down = torch.empty_like(w_down)
         tk.grouped_wgrad(grad_out, h.to(hidden.dtype), d_w_down, al, a_index=al.token, scale=scale, launch=wrap)

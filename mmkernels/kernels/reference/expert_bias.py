@@ -34,7 +34,7 @@ def expert_bias_update_reference(
         new_bias = torch.where(diff != 0, b + step, b)
     else:
         target_share = target_ffn_per_token / (top_k * n)  # a Python scalar: rounded to float32, no H2D copy
-        e = target_share - c_ffn.to(torch.float32) / total.to(torch.float32)
+        e = target_share - c_ffn.to(torch.float32) / total.clamp_min(1).to(torch.float32)  # total=0: discarded
         e1, e2 = state[0], state[1]
         delta = ki * e + kp * (e - e1) + kd * (e - 2.0 * e1 + e2)
         new_bias = b + delta

@@ -50,7 +50,7 @@ def _expert_bias_update_kernel(
         else:
             e1 = tl.load(state_ptr + idx, mask=mask, other=0.0)
             e2 = tl.load(state_ptr + num_ffn + idx, mask=mask, other=0.0)
-            e = target_share - c.to(tl.float32) / total.to(tl.float32)
+            e = target_share - c.to(tl.float32) / tl.maximum(total, 1).to(tl.float32)  # total=0: discarded below
             delta = ki * e + kp * (e - e1) + kd * (e - 2.0 * e1 + e2)
             new_b = b + delta
             tl.store(state_ptr + idx, tl.where(observed, e, e1), mask=mask)
