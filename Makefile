@@ -8,7 +8,7 @@ STAMP := $(VENV)/.mmkernels-installed
 BUILD_INPUTS := Makefile setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: install bench test test-gpu lint format clean
+.PHONY: install bench test test-gpu check-triton lint format clean
 
 install: $(STAMP)
 
@@ -30,6 +30,14 @@ test: install
 
 test-gpu: install
 	$(PY) -m pytest tests benchmarks -m gpu $(PYTEST_ARGS)
+
+# Compile every Triton kernel, at the block sizes its launcher picks on a GPU, for real targets with Triton's own
+# compiler (catches what the CPU interpreter cannot: tl.dot shape rules, types, shared memory over the limit).
+TRITON_ARCHS ?= 80,90
+check-triton: install
+	@mkdir -p build
+	TRITON_INTERPRET=1 $(PY) tests/triton_launches.py build/triton-gpu-launches.jsonl
+	env -u TRITON_INTERPRET $(PY) tests/triton_gpu_compile.py build/triton-gpu-launches.jsonl --archs $(TRITON_ARCHS)
 
 lint: install
 	$(VENV)/bin/ruff check .

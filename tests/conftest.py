@@ -45,3 +45,10 @@ def seed() -> int:
 def no_backend_env(monkeypatch):
     """Run with MMKERNELS_BACKEND unset, whatever the caller's environment says."""
     monkeypatch.delenv("MMKERNELS_BACKEND", raising=False)
+
+
+
+if os.environ.get("MMKERNELS_RECORD_TRITON") and os.environ.get("TRITON_INTERPRET") == "1":
+    from triton_launches import record_launches  # tests/triton_launches.py
+
+    record_launches(os.environ["MMKERNELS_RECORD_TRITON"])

@@ -1,0 +1,155 @@
+"""Record the Triton kernel launches made under ``TRITON_INTERPRET=1`` (kernel, argument types, constexprs,
+launch options) as JSON lines, for ``tests/triton_gpu_compile.py`` to compile for real GPU targets.
+
+Two sources of launches:
+- the CPU test suite (``MMKERNELS_RECORD_TRITON=<file> pytest tests``): every specialisation the tests ran;
+- ``python tests/triton_launches.py <file>``: the configurations the launchers choose **on a GPU** (block sizes,
+  warps and stages differ from the interpreter's), for representative model shapes. Kernels are recorded, not
+  run, so this takes seconds.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+
+import torch
+
+_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
+           torch.int64: "i64", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1"}
+
+
+def _spec(fn, args, kwargs) -> tuple[str, dict]:
+    params = inspect.signature(fn).parameters
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "num_ctas") if k in kwargs}
+    bound = dict(zip(params, args)) | kwargs
+    signature, constexprs = {}, {}
+    for name, p in params.items():
+        value = bound.get(name, p.default)
+        if "constexpr" in str(p.annotation) or value is None:
+            signature[name] = "constexpr"
+            constexprs[name] = value
+        elif isinstance(value, torch.Tensor):
+            signature[name] = "*" + _DTYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"cannot type argument {name}={value!r} of {fn.__name__}")
+    spec = {"module": fn.__module__, "kernel": fn.__name__, "signature": signature, "constexprs": constexprs,
+            "options": options}
+    return json.dumps(spec, sort_keys=True), options
+
+
+def record_launches(path: str, *, execute: bool = True) -> None:
+    """Patch the interpreter so each launch appends its specialisation to ``path`` (deduplicated)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    seen: set[str] = set()
+    original = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        line, options = _spec(self.fn, args, kwargs)
+        if line not in seen:
+            seen.add(line)
+            with open(path, "a") as f:
+                f.write(line + "\n")
+        if execute:
+            return original(self, *args, grid=grid, warmup=warmup, **options, **kwargs)
+        return None
+
+    InterpretedFunction.run = run
+
+
+def _as_if_on_gpu(sm_count: int = 132) -> None:
+    """Make the launchers pick their GPU configurations for CPU tensors (an H100 has 132 SMs)."""
+    from mmkernels.kernels.triton import attention, patch_embed, qformer_attention
+
+    cuda = torch.device("cuda")
+    attention._interpreting = lambda t: False
+    qformer_attention._interpreting = lambda t: False
+    qformer_attention._sm_count = lambda index: sm_count
+    torch.cuda.current_device = lambda: 0  # asked for the device index of the (CPU) tensors
+    patch_embed._sm_count = lambda device: sm_count
+    for name in ("_gemm_config", "_weight_grad_splits", "_token_grad_splits"):
+        original = getattr(patch_embed, name)
+        setattr(patch_embed, name, lambda device, *a, _f=original: _f(cuda, *a))
+
+
+def record_gpu_configs(path: str) -> None:
+    """Call every Triton launcher with representative model shapes, recording (not running) its kernels."""
+    record_launches(path, execute=False)
+    _as_if_on_gpu()
+    from mmkernels.kernels.triton.attention import attention_bwd_triton, attention_fwd_triton
+    from mmkernels.kernels.triton.patch_embed import (
+        patch_embed_bwd_input,
+        patch_embed_bwd_tokens,
+        patch_embed_bwd_weight,
+        patch_embed_fwd,
+    )
+    from mmkernels.kernels.triton.qformer_attention import qformer_attention_bwd_triton, qformer_attention_fwd_triton
+    from mmkernels.ops.moe import moe_route
+
+    for dtype in (torch.float16, torch.float32):  # fp16 specs are compiled as bf16 too
+        # attention: ViT shapes (D 64 / 88), LLM shapes (D 128, long), D 256, GQA, causal, varlen
+        for b, lq, lk, hq, hkv, d, causal in [(2, 197, 197, 12, 12, 64, False), (2, 257, 257, 16, 16, 88, False),
+                                              (1, 4096, 4096, 16, 4, 128, True), (1, 1024, 1024, 8, 8, 256, True),
+                                              (2, 577, 577, 16, 16, 80, False), (2, 32, 257, 4, 4, 72, False)]:
+            q = torch.randn(b, lq, hq, d, dtype=dtype)
+            k = torch.randn(b, lk, hkv, d, dtype=dtype)
+            v = torch.randn_like(k)
+            out, lse = attention_fwd_triton(q, k, v, None, None, lq, lk, causal, d**-0.5)
+            for deterministic in (False, True):
+                attention_bwd_triton(torch.randn_like(out), q, k, v, out, lse, None, None, lq, lk, causal, d**-0.5,
+                                     deterministic)
+        cu = torch.tensor([0, 100, 300, 301], dtype=torch.int32)
+        q = torch.randn(301, 8, 128, dtype=dtype)
+        out, lse = attention_fwd_triton(q, q, q, cu, cu, 200, 200, True, 0.1)
+        attention_bwd_triton(torch.randn_like(out), q, q, q, out, lse, cu, cu, 200, 200, True, 0.1, False)
+        # Q-Former cross-attention: BLIP-2 (32 queries, 257 / 677 keys), small batch (split-K) and large
+        for b, lk, d in [(1, 257, 64), (64, 257, 64), (2, 677, 88), (8, 677, 128)]:
+            q = torch.randn(b, 32, 12, d, dtype=dtype)
+            k = torch.randn(b, lk, 12, d, dtype=dtype)
+            lens = torch.full((b,), lk, dtype=torch.int32)
+            out, lse = qformer_attention_fwd_triton(q, k, k, lens, d**-0.5)
+            qformer_attention_bwd_triton(torch.randn_like(out), q, k, k, out, lse, lens, d**-0.5)
+        # patch embedding: ViT-B/16, ViT-L/14 channels-last, ViT-g/14
+        for b, c, hw, p, d, cl in [(8, 3, 224, 16, 768, False), (4, 3, 336, 14, 1024, True),
+                                   (4, 3, 224, 14, 1408, False)]:
+            px = torch.randn(b, c, hw, hw, dtype=dtype)
+            if cl:
+                px = px.to(memory_format=torch.channels_last)
+            w = torch.randn(d, c, p, p, dtype=dtype)
+            n = (hw // p) ** 2 + 1
+            y = patch_embed_fwd(px, w, torch.randn(d, dtype=dtype), torch.randn(n, d, dtype=dtype),
+                                torch.randn(d, dtype=dtype))
+            g = torch.randn_like(y)
+            patch_embed_bwd_input(g, w, px, True)
+            patch_embed_bwd_weight(g, px, p, True)
+            patch_embed_bwd_tokens(g, n, True, True)
+        # grouped experts: LongCat-Flash-Lite-like widths (smaller counts; configs depend on dtype only)
+        t, n_exp, z, k, dm, di = 256, 16, 8, 12, 3072, 1024
+        r = moe_route(torch.randn(t, n_exp + z), top_k=k, num_ffn_experts=n_exp, routed_scaling_factor=6.0)
+        x = torch.randn(t, dm, dtype=dtype)
+        wgu = torch.randn(n_exp, 2 * di, dm, dtype=dtype)
+        wd = torch.randn(n_exp, dm, di, dtype=dtype)
+        args = (x, r.topk_ids, r.topk_weights, r.zero_weight, wgu, wd)
+        for deterministic in (False, True):
+            torch.ops.mmkernels.moe_experts_triton(*args, deterministic)
+            torch.ops.mmkernels.moe_experts_triton_backward(torch.randn_like(x), *args, deterministic)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if os.environ["TRITON_INTERPRET"] != "1":
+        sys.exit("needs TRITON_INTERPRET=1")
+    target = sys.argv[1]
+    open(target, "w").close()  # start empty: record_launches appends
+    record_gpu_configs(target)
+    with open(target) as f:
+        print(f"recorded {sum(1 for _ in f)} launch specialisations to {target}")
