@@ -44,8 +44,11 @@ if [ ${#OPS[@]} -gt 0 ]; then
   expr=$(printf ' or %s' "${OPS[@]}")
   filter=(-k "${expr:4}")
 fi
-stamp "GPU tests: pytest -m gpu ${filter[*]}"
-timeout "${TEST_TIMEOUT:-150}" "$PY" -m pytest tests -m gpu -q -p no:cacheprovider "${filter[@]}" \
+# Most of the GPU tests' time is Triton compiling each kernel specialisation once: spread it over processes.
+parallel=()
+"$PY" -c "import xdist" 2>/dev/null && parallel=(-n "${TEST_WORKERS:-8}")
+stamp "GPU tests: pytest -m gpu ${parallel[*]} ${filter[*]}"
+timeout "${TEST_TIMEOUT:-150}" "$PY" -m pytest tests -m gpu -q -p no:cacheprovider "${parallel[@]}" "${filter[@]}" \
   >"$OUT/tests.log" 2>&1
 rc=$?
 tail -n 15 "$OUT/tests.log"
