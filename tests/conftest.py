@@ -49,6 +49,7 @@ def no_backend_env(monkeypatch):
 
 
 if os.environ.get("MMKERNELS_RECORD_TRITON") and os.environ.get("TRITON_INTERPRET") == "1":
+    sys.path.insert(0, os.path.dirname(__file__))  # --import-mode=importlib keeps tests/ off sys.path
     from triton_launches import record_launches  # tests/triton_launches.py
 
     record_launches(os.environ["MMKERNELS_RECORD_TRITON"])
