@@ -30,6 +30,13 @@ logger = logging.getLogger("mmkernels")
 BACKENDS = ("cuda", "cpp", "triton", "reference")
 
 
+def _debug(msg: str, *args) -> None:
+    # Backend selection runs inside torch.compile'd code too; a logging call there is a graph break, which
+    # fullgraph=True turns into an error. Log in eager mode only.
+    if not torch.compiler.is_compiling():
+        logger.debug(msg, *args)
+
+
 class BackendError(RuntimeError):
     """An explicitly requested backend cannot run the op for these tensors."""
 
@@ -114,7 +121,7 @@ class OpBackends:
             elif env and env not in BACKENDS:
                 raise BackendError(f"MMKERNELS_BACKEND={env!r} is not a backend; expected one of {BACKENDS}")
             elif env:
-                logger.debug("%s: has no %r backend; MMKERNELS_BACKEND ignored, using auto", self.op, env)
+                _debug("%s: has no %r backend; MMKERNELS_BACKEND ignored, using auto", self.op, env)
         if backend is not None:
             if backend not in self.impls:
                 raise BackendError(
@@ -130,7 +137,7 @@ class OpBackends:
             reason = backend_unavailable_reason(name, device)
             if reason is None:
                 return name, self.impls[name]
-            logger.debug("%s: auto skips %r: %s", self.op, name, reason)
+            _debug("%s: auto skips %r: %s", self.op, name, reason)
         if "reference" in self.impls:
             return "reference", self.impls["reference"]
         raise BackendError(f"{self.op}: no backend can run on {device}")

@@ -69,3 +69,21 @@ def test_deterministic_switch():
     with mmkernels.deterministic():
         assert mmkernels.is_deterministic()
     assert not mmkernels.is_deterministic()
+
+
+def test_auto_fallback_traces_under_fullgraph_compile(monkeypatch, no_backend_env):
+    """Skipping an unavailable backend logs at debug in eager mode only: inside torch.compile the log call
+    would be a graph break, an error with fullgraph=True."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # triton cannot run on CPU tensors now
+    op = OpBackends("toy_fallback_for_tests", auto_order={"cpu": ("triton", "reference")})
+    op.register("triton")(lambda x: x * 2)
+    op.register("reference")(lambda x: x + 1)
+    try:
+        def f(x):
+            return op.select(x.device)[1](x)
+
+        torch._dynamo.reset()
+        x = torch.ones(3)
+        assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(x), x + 1)
+    finally:
+        _REGISTRY.pop("toy_fallback_for_tests")
