@@ -55,6 +55,14 @@ def align(topk_ids: torch.Tensor, num_ffn_experts: int, block_m: int) -> Alignme
 
 
 @triton.jit
+def _rows(index_ptr, rows, mask, GATHER: tl.constexpr):
+    """The source row of each sorted row: ``index[r]`` when GATHER (e.g. the token of a slot), else r itself."""
+    if GATHER:
+        return tl.load(index_ptr + rows, mask=mask, other=0).to(tl.int64)
+    return rows.to(tl.int64)
+
+
+@triton.jit
 def _grouped_gemm_kernel(
     a_ptr, a_index_ptr, stride_am, stride_ak,
     b_ptr, stride_be, stride_bk, stride_bn,
@@ -81,10 +89,7 @@ def _grouped_gemm_kernel(
     row_end = tl.load(expert_end_ptr + e)
     rows = row0 + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
-    if A_GATHER:
-        a_rows = tl.load(a_index_ptr + rows, mask=row_mask, other=0).to(tl.int64)
-    else:
-        a_rows = rows.to(tl.int64)
+    a_rows = _rows(a_index_ptr, rows, row_mask, A_GATHER)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
     b_base = b_ptr + e.to(tl.int64) * stride_be
@@ -148,14 +153,8 @@ def _grouped_wgrad_kernel(
     for r0 in range(start, end, BLOCK_R):
         rs = r0 + tl.arange(0, BLOCK_R)
         r_mask = rs < end
-        if A_GATHER:
-            a_rows = tl.load(a_index_ptr + rs, mask=r_mask, other=0).to(tl.int64)
-        else:
-            a_rows = rs.to(tl.int64)
-        if B_GATHER:
-            b_rows = tl.load(b_index_ptr + rs, mask=r_mask, other=0).to(tl.int64)
-        else:
-            b_rows = rs.to(tl.int64)
+        a_rows = _rows(a_index_ptr, rs, r_mask, A_GATHER)
+        b_rows = _rows(b_index_ptr, rs, r_mask, B_GATHER)
         a = tl.load(a_ptr + a_rows[:, None] * stride_am + ms[None, :] * stride_ak,
                     mask=r_mask[:, None] & m_mask[None, :], other=0.0)
         b = tl.load(b_ptr + b_rows[:, None] * stride_bm + ns[None, :] * stride_bn,
