@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string_view>
 #include <tuple>
@@ -47,6 +49,33 @@ inline RouteParams check_route_args(const at::Tensor& logits, const std::optiona
               "moe_route: top_k exceeds the experts left in the kept groups");
   return RouteParams{logits.size(0), experts, num_ffn_experts, top_k, s == "sigmoid", static_cast<float>(scale),
                      renormalize, n_groups, topk_groups};
+}
+
+#if defined(__CUDACC__)
+#define MMK_HOST_DEVICE __host__ __device__
+#else
+#define MMK_HOST_DEVICE
+#endif
+
+// HF DeepSeek-V3's renormalisation epsilon: w = p / (sum + 1e-20), never 0/0. Same as RENORM_EPS in Python.
+constexpr float kRenormEps = 1e-20f;
+
+// The selection order of every backend as one unsigned key, larger = better: numbers by value (-0 == +0, -inf
+// lowest), then NaN, then experts excluded by the group-limited choice (kExcludedKey). Equal keys go to the
+// lower expert id. Numbers map monotonically: flip all bits of negatives, set the sign bit of positives.
+constexpr uint32_t kExcludedKey = 0u;
+constexpr uint32_t kNanKey = 1u;  // below -inf, whose key is 0x007fffff
+
+MMK_HOST_DEVICE inline uint32_t choice_key(float v) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t b = __float_as_uint(v);
+#else
+  uint32_t b;
+  std::memcpy(&b, &v, sizeof b);
+#endif
+  const uint32_t number = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+  // Selects, not early returns: the CPU loop over experts vectorises. -0 ties with +0, as comparisons say.
+  return v != v ? kNanKey : (v == 0.0f ? 0x80000000u : number);
 }
 
 // (ids, weights, zero_weight, counts); the op returns them as (weights, zero_weight, ids, counts).

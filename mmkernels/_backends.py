@@ -13,17 +13,29 @@ implements that backend. An explicit choice (argument or environment) that canno
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from ._env import triton_interpreting
 from ._extension import extension_status
 
-__all__ = ["BACKENDS", "BackendError", "OpBackends", "available_backends", "registered_ops", "triton_available"]
+__all__ = [
+    "BACKENDS",
+    "BackendError",
+    "BackendChoice",
+    "ModuleBackend",
+    "OpBackends",
+    "available_backends",
+    "registered_ops",
+    "resolve_backends",
+    "triton_available",
+]
 
 logger = logging.getLogger("mmkernels")
 
@@ -52,10 +64,6 @@ def triton_available() -> bool:
     return _TRITON_AVAILABLE
 
 
-def _triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "") == "1"
-
-
 def backend_unavailable_reason(name: str, device: torch.device) -> str | None:
     """None when backend ``name`` can run on ``device``, else a human-readable reason."""
     if name == "reference":
@@ -69,6 +77,8 @@ def backend_unavailable_reason(name: str, device: torch.device) -> str | None:
                 return f"backend 'cuda' needs CUDA tensors, got {device.type} tensors"
             if not ext.cuda:
                 return f"the extension was built without CUDA kernels ({ext.cuda_skip_reason or 'CPU-only build'})"
+            if not torch.cuda.is_available():
+                return "no CUDA device is available"
             return None
         if device.type != "cpu":
             return f"backend 'cpp' runs on CPU tensors, got {device.type} tensors"
@@ -77,8 +87,8 @@ def backend_unavailable_reason(name: str, device: torch.device) -> str | None:
         if not triton_available():
             return "triton is not installed"
         if device.type == "cuda":
-            return None
-        if device.type == "cpu" and _triton_interpreting():
+            return None if torch.cuda.is_available() else "no CUDA device is available"
+        if device.type == "cpu" and triton_interpreting():
             return None
         return f"backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests), got {device.type} tensors"
     return f"unknown backend {name!r}"
@@ -93,16 +103,26 @@ class OpBackends:
         default_factory=lambda: {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpp", "reference")}
     )
     impls: dict[str, Callable] = field(default_factory=dict)
+    # Per backend, the inputs it can take: ``supports(*args)`` is None when it can, else the reason ("N+Z <= 1024").
+    supports: dict[str, Callable[..., str | None]] = field(default_factory=dict)
+    _resolved: dict = field(default_factory=dict, repr=False)  # select()'s cache
 
     def __post_init__(self) -> None:
         _REGISTRY[self.op] = self
 
-    def register(self, name: str) -> Callable[[Callable], Callable]:
+    def register(self, name: str, *, supports: Callable[..., str | None] | None = None
+                 ) -> Callable[[Callable], Callable]:
+        """Decorator: ``fn`` implements the op on backend ``name``. ``supports``, called with the same arguments as
+        ``fn``, declares the backend's limits (sizes, dtypes, shapes): auto-selection skips a backend whose
+        ``supports`` returns a reason, and an explicit choice raises :class:`BackendError` with it."""
         if name not in BACKENDS:
             raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
 
         def deco(fn: Callable) -> Callable:
+            self._resolved.clear()
             self.impls[name] = fn
+            if supports is not None:
+                self.supports[name] = supports
             return fn
 
         return deco
@@ -110,9 +130,35 @@ class OpBackends:
     def available(self, device: torch.device) -> list[str]:
         return [n for n in self.impls if backend_unavailable_reason(n, device) is None]
 
-    def select(self, device: torch.device, backend: str | None = None) -> tuple[str, Callable]:
-        """Resolve ``backend`` (None = auto) for tensors on ``device``; returns (name, implementation)."""
+    def _unsupported(self, name: str, device: torch.device, args: tuple | None) -> str | None:
+        reason = backend_unavailable_reason(name, device)
+        if reason is None and args is not None and name in self.supports:
+            reason = self.supports[name](*args)
+        return reason
+
+    def select(self, device: torch.device, backend: str | None = None, args: tuple | None = None
+               ) -> tuple[str, Callable]:
+        """Resolve ``backend`` (None = auto) for tensors on ``device``; returns (name, implementation).
+
+        ``args``: the arguments the implementation will be called with, checked against each backend's declared
+        limits (``register(..., supports=...)``).
+        """
         device = torch.device(device)
+        if args is None or not self.supports:
+            # The answer depends only on these (and on the extension and triton, fixed once loaded): cache it, as
+            # every op call resolves its backend. Not while compiling (the trace resolves it once anyway).
+            key = (device.type, backend, os.environ.get("MMKERNELS_BACKEND", ""), triton_interpreting())
+            compiling = torch.compiler.is_compiling()
+            hit = None if compiling else self._resolved.get(key)
+            if hit is None:
+                hit = self._resolve(device, backend, None)
+                if not compiling:
+                    self._resolved[key] = hit
+            return hit[0], _outside_autocast(hit[1], device)
+        name, impl = self._resolve(device, backend, args)
+        return name, _outside_autocast(impl, device)
+
+    def _resolve(self, device: torch.device, backend: str | None, args: tuple | None) -> tuple[str, Callable]:
         source = "backend="
         if backend is None:
             env = os.environ.get("MMKERNELS_BACKEND", "").strip()
@@ -127,20 +173,36 @@ class OpBackends:
                 raise BackendError(
                     f"{self.op}: {source}{backend!r} is not implemented; this op has {sorted(self.impls)}"
                 )
-            reason = backend_unavailable_reason(backend, device)
+            reason = self._unsupported(backend, device, args)
             if reason is not None:
                 raise BackendError(f"{self.op}: {source}{backend!r} cannot run: {reason}")
             return backend, self.impls[backend]
         for name in self.auto_order.get(device.type, ("reference",)):
             if name not in self.impls:
                 continue
-            reason = backend_unavailable_reason(name, device)
+            reason = self._unsupported(name, device, args)
             if reason is None:
                 return name, self.impls[name]
             _debug("%s: auto skips %r: %s", self.op, name, reason)
         if "reference" in self.impls:
             return "reference", self.impls["reference"]
         raise BackendError(f"{self.op}: no backend can run on {device}")
+
+
+def _outside_autocast(impl: Callable, device: torch.device) -> Callable:
+    """Every backend computes in the precision its op documents (fp32 router math, fp32 softmax statistics, inputs'
+    dtype for the products), whatever autocast region the caller is in: an enabled autocast would silently recast
+    the reference's matmuls (e.g. fp32 router logits to bf16) and make backends disagree. The caller's autocast
+    still decides the dtype of the tensors it hands to the op."""
+    if device.type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device.type):
+        return impl
+
+    @functools.wraps(impl)
+    def run(*args, **kwargs):
+        with torch.autocast(device.type, enabled=False):
+            return impl(*args, **kwargs)
+
+    return run
 
 
 _REGISTRY: dict[str, OpBackends] = {}
@@ -154,3 +216,64 @@ def registered_ops() -> dict[str, OpBackends]:
 def available_backends(op: str, device: str | torch.device = "cpu") -> list[str]:
     """The backends of ``op`` that can run on ``device`` right now."""
     return _REGISTRY[op].available(torch.device(device))
+
+
+BackendChoice = str | Mapping[str, str | None] | None
+"""What a module or model takes as ``backend``: ``None`` (auto for every op), one backend name for every op it runs,
+or a mapping ``{op name: backend or None}`` (ops not named run on auto), e.g. ``{"moe_experts": "triton"}``."""
+
+
+def resolve_backends(owner: str, backend: BackendChoice, ops: Sequence[str]) -> dict[str, str | None]:
+    """The backend each op of a module runs on, checked when the module is built.
+
+    A name given for every op must be implemented by each of ``ops``; a mapping may name only ops of ``ops``. Raises
+    ``BackendError`` (naming the op, the backend and the alternatives) instead of failing at the first forward.
+    Whether the backend can run on the tensors' device is checked per call, as for the functional ops.
+    """
+    if backend is None:
+        return dict.fromkeys(ops)
+    if isinstance(backend, str):
+        chosen = dict.fromkeys(ops, backend)
+    elif isinstance(backend, Mapping):
+        unknown = sorted(set(backend) - set(ops))
+        if unknown:
+            raise BackendError(f"{owner}: backend names ops it does not run: {unknown}; its ops are {list(ops)}")
+        chosen = {op: backend.get(op) for op in ops}
+    else:
+        raise TypeError(f"{owner}: backend must be None, a backend name or a mapping {{op: backend}}, "
+                        f"got {type(backend).__name__}")
+    for op, name in chosen.items():
+        if name is None:
+            continue
+        if name not in BACKENDS:
+            raise BackendError(f"{owner}: unknown backend {name!r} for {op}; expected one of {BACKENDS}")
+        impls = _REGISTRY[op].impls if op in _REGISTRY else {}
+        if name not in impls:
+            raise BackendError(
+                f"{owner}: {op} has no {name!r} backend (it has {sorted(impls)}); pass a mapping such as "
+                f"backend={{{op!r}: {sorted(impls)[0]!r}}} to choose per op"
+            )
+    return chosen
+
+
+class ModuleBackend:
+    """The ``backend`` attribute of a module: checked with :func:`resolve_backends` whenever it is set (so at
+    construction too); ``module._backends[op]`` is what the module passes to each op.
+
+    Use as a class attribute, ``backend = ModuleBackend("patch_embed")``, and assign ``self.backend = backend`` in
+    ``__init__``.
+    """
+
+    def __init__(self, *ops: str) -> None:
+        self.ops = ops
+        self.owner = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.owner = owner.__name__
+
+    def __get__(self, obj, objtype=None):
+        return self if obj is None else obj.__dict__["_backend_choice"]
+
+    def __set__(self, obj, value: BackendChoice) -> None:
+        obj.__dict__["_backends"] = resolve_backends(self.owner, value, self.ops)
+        obj.__dict__["_backend_choice"] = value

@@ -15,10 +15,13 @@ _DETERMINISTIC = False
 def set_deterministic(enabled: bool) -> None:
     """Make every mmkernels op pick kernels whose results are bitwise reproducible (no atomics in reductions).
 
-    ``torch.use_deterministic_algorithms(True)`` turns this on as well.
+    ``torch.use_deterministic_algorithms(True)`` turns this on as well. Raises ``TypeError`` unless ``enabled`` is a
+    bool.
     """
     global _DETERMINISTIC
-    _DETERMINISTIC = bool(enabled)
+    if not isinstance(enabled, bool):  # bool("no") is True: a string or a number here is a mistake
+        raise TypeError(f"set_deterministic: enabled must be a bool, got {type(enabled).__name__} {enabled!r}")
+    _DETERMINISTIC = enabled
 
 
 def is_deterministic() -> bool:

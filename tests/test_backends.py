@@ -87,3 +87,37 @@ def test_auto_fallback_traces_under_fullgraph_compile(monkeypatch, no_backend_en
         assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(x), x + 1)
     finally:
         _REGISTRY.pop("toy_fallback_for_tests")
+
+
+def test_declared_limits_steer_auto_and_fail_explicit(no_backend_env, monkeypatch):
+    """A backend's ``supports`` (its size/dtype limits) is checked against the call's arguments: auto skips it, an
+    explicit choice raises BackendError with the reason."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    op = OpBackends("toy_limits_for_tests", auto_order={"cpu": ("triton", "reference")})
+    try:
+        op.register("reference")(lambda n: "reference")
+        op.register("triton", supports=lambda n: None if n <= 8 else f"n <= 8, got n = {n}")(lambda n: "triton")
+        cpu = torch.device("cpu")
+        assert op.select(cpu, None, (4,))[0] == "triton"
+        assert op.select(cpu, None, (9,))[0] == "reference"
+        with pytest.raises(BackendError, match="n <= 8, got n = 9"):
+            op.select(cpu, "triton", (9,))
+        assert op.select(cpu, "triton", (8,))[1](8) == "triton"
+    finally:
+        _REGISTRY.pop("toy_limits_for_tests")
+
+
+def test_available_backends_tell_the_truth_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    for op in mmkernels.registered_ops():
+        assert mmkernels.available_backends(op, "cuda") == ["reference"], op
+
+
+def test_float64_patch_embed_takes_the_reference():
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    w = torch.randn(4, 3, 4, 4, dtype=torch.float64)
+    want = torch.nn.functional.conv2d(x, w, stride=4).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(mmkernels.ops.patch_embed(x, w), want)
+    with pytest.raises(BackendError, match="float64"):
+        mmkernels.ops.patch_embed(x, w, backend="triton")

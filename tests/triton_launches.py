@@ -67,18 +67,12 @@ def record_launches(path: str, *, execute: bool = True) -> None:
 
 
 def _as_if_on_gpu(sm_count: int = 132) -> None:
-    """Make the launchers pick their GPU configurations for CPU tensors (an H100 has 132 SMs)."""
-    from mmkernels.kernels.triton import attention, patch_embed, qformer_attention
+    """Make the launchers pick their GPU configurations for CPU tensors (an H100 has 132 SMs): every launcher asks
+    ``kernels.triton._common`` whether it runs in the interpreter and how many SMs the device has."""
+    from mmkernels.kernels.triton import _common
 
-    cuda = torch.device("cuda")
-    attention._interpreting = lambda t: False
-    qformer_attention._interpreting = lambda t: False
-    qformer_attention._sm_count = lambda index: sm_count
-    torch.cuda.current_device = lambda: 0  # asked for the device index of the (CPU) tensors
-    patch_embed._sm_count = lambda device: sm_count
-    for name in ("_gemm_config", "_weight_grad_splits", "_token_grad_splits"):
-        original = getattr(patch_embed, name)
-        setattr(patch_embed, name, lambda device, *a, _f=original: _f(cuda, *a))
+    _common.interpreted = lambda t: False
+    _common.sm_count = lambda device: sm_count
 
 
 def record_gpu_configs(path: str) -> None:
@@ -111,6 +105,14 @@ def record_gpu_configs(path: str) -> None:
         q = torch.randn(301, 8, 128, dtype=dtype)
         out, lse = attention_fwd_triton(q, q, q, cu, cu, 200, 200, True, 0.1)
         attention_bwd_triton(torch.randn_like(out), q, q, q, out, lse, cu, cu, 200, 200, True, 0.1, False)
+        # attention dropout (a DROPOUT specialisation of each kernel): ViT-B and an LLM head dim
+        seed = torch.tensor([1234], dtype=torch.int64)
+        for b, lq, h, d in [(2, 197, 12, 64), (1, 1024, 8, 128)]:
+            q = torch.randn(b, lq, h, d, dtype=dtype)
+            out, lse = attention_fwd_triton(q, q, q, None, None, lq, lq, False, d**-0.5, 0.1, seed)
+            for deterministic in (False, True):
+                attention_bwd_triton(torch.randn_like(out), q, q, q, out, lse, None, None, lq, lq, False, d**-0.5,
+                                     deterministic, 0.1, seed)
         # Q-Former cross-attention: BLIP-2 (32 queries, 257 / 677 keys), small batch (split-K) and large
         for b, lk, d in [(1, 257, 64), (64, 257, 64), (2, 677, 88), (8, 677, 128)]:
             q = torch.randn(b, 32, 12, d, dtype=dtype)
@@ -118,6 +120,9 @@ def record_gpu_configs(path: str) -> None:
             lens = torch.full((b,), lk, dtype=torch.int32)
             out, lse = qformer_attention_fwd_triton(q, k, k, lens, d**-0.5)
             qformer_attention_bwd_triton(torch.randn_like(out), q, k, k, out, lse, lens, d**-0.5)
+            # the Q-Former's training mode: attention dropout 0.1 (BLIP-2's attention_probs_dropout_prob)
+            out, lse = qformer_attention_fwd_triton(q, k, k, lens, d**-0.5, 0, 0.1, seed)
+            qformer_attention_bwd_triton(torch.randn_like(out), q, k, k, out, lse, lens, d**-0.5, 0, 0.1, seed)
         # patch embedding: ViT-B/16, ViT-L/14 channels-last, ViT-g/14
         for b, c, hw, p, d, cl in [(8, 3, 224, 16, 768, False), (4, 3, 336, 14, 1024, True),
                                    (4, 3, 224, 14, 1408, False)]:
@@ -138,10 +143,18 @@ def record_gpu_configs(path: str) -> None:
         x = torch.randn(t, dm, dtype=dtype)
         wgu = torch.randn(n_exp, 2 * di, dm, dtype=dtype)
         wd = torch.randn(n_exp, dm, di, dtype=dtype)
-        args = (x, r.topk_ids, r.topk_weights, r.zero_weight, wgu, wd)
+        from mmkernels.kernels.triton import moe as tk
+
+        order, offsets = tk.align(r.topk_ids, n_exp)
+        g = tk.tiles(offsets, order.numel(), tk.block_m(dtype))
+        args = (x, r.topk_weights, r.zero_weight, wgu, wd, order, g.offsets, g.tile_expert, g.tile_row)
         for deterministic in (False, True):
-            torch.ops.mmkernels.moe_experts_triton(*args, deterministic)
-            torch.ops.mmkernels.moe_experts_triton_backward(torch.randn_like(x), *args, deterministic)
+            torch.ops.mmkernels.moe_experts_fwd_triton(*args, deterministic)
+            torch.ops.mmkernels.moe_experts_bwd_triton(torch.randn_like(x), *args, deterministic)
+        rows = torch.randn(t * k, dm, dtype=dtype)
+        sw = (rows, g.offsets, g.tile_expert, g.tile_row, wgu, wd)
+        torch.ops.mmkernels.moe_grouped_swiglu_fwd_triton(*sw)
+        torch.ops.mmkernels.moe_grouped_swiglu_bwd_triton(torch.randn_like(rows), *sw)
 
 
 if __name__ == "__main__":

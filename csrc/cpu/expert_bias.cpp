@@ -11,10 +11,15 @@ namespace {
 template <typename count_t>
 void update_cpu(float* bias, const count_t* counts, float* state, int64_t n_total, const BiasUpdateParams& p) {
   int64_t total = 0, sum_ffn = 0;
+  count_t low = 0;
   for (int64_t i = 0; i < n_total; ++i) {
     total += counts[i];
+    low = counts[i] < low ? counts[i] : low;
     if (i < p.num_ffn) sum_ffn += counts[i];
   }
+  // Checked here, before anything is written: on CPU the kernel reads the counts anyway (no extra pass).
+  TORCH_CHECK(low >= 0, "expert_bias_update_: counts must be >= 0 (selections per expert), got a minimum of ",
+              static_cast<int64_t>(low));
   float* e1 = state;
   float* e2 = state + p.num_ffn;
   for (int64_t i = 0; i < p.num_ffn; ++i) {

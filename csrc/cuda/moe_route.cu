@@ -1,13 +1,12 @@
 // CUDA kernel for mmkernels::moe_route: one warp per token, the token's N+Z scores in registers (lane l holds
-// experts l, l+32, l+64, ...), top-k by K rounds of a warp-wide arg-max (ties go to the lower expert id),
-// counts by integer atomics (order-independent, so still deterministic). No host synchronisation.
+// experts l, l+32, l+64, ...), top-k by K rounds of a warp-wide arg-max in the selection order of moe_route.h
+// (NaN below -inf, ties to the lower expert id), counts by integer atomics (order-independent, so still
+// deterministic). No host synchronisation. Non-finite input: the rules of mmkernels/ops/moe.py, as the CPU kernel.
 // Supports N+Z <= 1024, top_k <= 32, n_groups <= 32.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
-
-#include <cfloat>
 
 #include "../moe_route.h"
 
@@ -19,20 +18,20 @@ constexpr int kWarpsPerBlock = 4;
 constexpr unsigned kFull = 0xffffffffu;
 
 struct Pick {
-  float value;  // biased score (the choice key)
-  int id;       // expert id; larger than any real id when empty
-  float score;  // unbiased score of that expert
+  uint32_t key;  // choice_key of the biased score: the selection order (NaN below -inf; see moe_route.h)
+  int id;        // expert id; larger than any real id when empty
+  float score;   // unbiased score of that expert
 };
 
 __device__ __forceinline__ bool better(const Pick& a, const Pick& b) {
-  return a.value > b.value || (a.value == b.value && a.id < b.id);
+  return a.key > b.key || (a.key == b.key && a.id < b.id);
 }
 
 __device__ __forceinline__ Pick warp_best(Pick p) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) {
     Pick o;
-    o.value = __shfl_xor_sync(kFull, p.value, offset);
+    o.key = __shfl_xor_sync(kFull, p.key, offset);
     o.id = __shfl_xor_sync(kFull, p.id, offset);
     o.score = __shfl_xor_sync(kFull, p.score, offset);
     if (better(o, p)) p = o;
@@ -46,10 +45,27 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
+// Max that propagates NaN, like ATen's softmax (fmaxf would drop it and hide a NaN logit).
+__device__ __forceinline__ float nan_max(float a, float b) { return (a != a || a > b) ? a : b; }
+
+__device__ __forceinline__ float warp_nan_max(float v) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(kFull, v, offset));
+  for (int offset = 16; offset > 0; offset >>= 1) v = nan_max(v, __shfl_xor_sync(kFull, v, offset));
   return v;
+}
+
+// Top-2 (key, value) of a group; empty entries have key 0 (below every real key: NaN's is 1).
+struct Top2 {
+  uint32_t k1, k2;
+  float v1, v2;
+};
+
+__device__ __forceinline__ void top2_insert(Top2& t, uint32_t k, float v) {
+  if (k > t.k1) {
+    t.k2 = t.k1, t.v2 = t.v1, t.k1 = k, t.v1 = v;
+  } else if (k > t.k2) {
+    t.k2 = k, t.v2 = v;
+  }
 }
 
 template <int V, typename scalar_t>
@@ -63,19 +79,22 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
   const int E = static_cast<int>(p.experts);
   const scalar_t* row = logits + t * p.experts;
 
-  float score[V], choice[V];
-  float m = -FLT_MAX;
+  // Scores as fp32 torch.softmax / torch.sigmoid give them, NaN included: a NaN logit makes the softmax row NaN,
+  // as does a +inf logit (inf - inf) or a row of -inf (-inf - -inf).
+  float score[V];
+  uint32_t key[V];
+  float m = -INFINITY;
 #pragma unroll
   for (int i = 0; i < V; ++i) {
     const int e = lane + i * kWarp;
-    score[i] = e < E ? static_cast<float>(row[e]) : -FLT_MAX;
-    m = fmaxf(m, score[i]);
+    score[i] = e < E ? static_cast<float>(row[e]) : 0.0f;
+    if (e < E) m = nan_max(m, score[i]);
   }
   if (p.sigmoid) {
 #pragma unroll
     for (int i = 0; i < V; ++i) score[i] = 1.0f / (1.0f + expf(-score[i]));
   } else {
-    m = warp_max(m);
+    m = warp_nan_max(m);
     float sum = 0.0f;
 #pragma unroll
     for (int i = 0; i < V; ++i) {
@@ -83,49 +102,46 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
       score[i] = e < E ? expf(score[i] - m) : 0.0f;
       sum += score[i];
     }
-    const float inv = 1.0f / warp_sum(sum);
+    sum = warp_sum(sum);
 #pragma unroll
-    for (int i = 0; i < V; ++i) score[i] *= inv;
+    for (int i = 0; i < V; ++i) score[i] = score[i] / sum;
   }
 #pragma unroll
   for (int i = 0; i < V; ++i) {
     const int e = lane + i * kWarp;
-    choice[i] = e < E ? score[i] + (bias ? bias[e] : 0.0f) : -INFINITY;
+    key[i] = e < E ? choice_key(bias ? score[i] + bias[e] : score[i]) : kExcludedKey;
   }
 
-  if (p.n_groups > 1) {  // DeepSeek-V3 group-limited choice
+  if (p.n_groups > 1) {  // DeepSeek-V3 group-limited choice, in the same selection order
     const int group = E / static_cast<int>(p.n_groups);
-    float my_group_score = -INFINITY;  // lane g keeps group g's top-2 sum
+    uint32_t my_group_key = kExcludedKey;  // lane g keeps group g's key
     for (int g = 0; g < p.n_groups; ++g) {
-      float b1 = -INFINITY, b2 = -INFINITY;
+      Top2 best{0u, 0u, 0.0f, 0.0f};
 #pragma unroll
       for (int i = 0; i < V; ++i) {
         const int e = lane + i * kWarp;
-        if (e < E && e / group == g) {
-          if (choice[i] > b1) { b2 = b1; b1 = choice[i]; } else if (choice[i] > b2) { b2 = choice[i]; }
-        }
+        if (e < E && e / group == g) top2_insert(best, key[i], bias ? score[i] + bias[e] : score[i]);
       }
 #pragma unroll
-      for (int offset = 16; offset > 0; offset >>= 1) {  // merge the lanes' top-2 pairs
-        const float o1 = __shfl_xor_sync(kFull, b1, offset), o2 = __shfl_xor_sync(kFull, b2, offset);
-        const float hi = fmaxf(b1, o1);
-        const float lo = fmaxf(fminf(b1, o1), fmaxf(b2, o2));
-        b1 = hi;
-        b2 = lo;
+      for (int offset = 16; offset > 0; offset >>= 1) {  // merge the lanes' top-2 lists (equal keys: equal values)
+        const uint32_t o1 = __shfl_xor_sync(kFull, best.k1, offset), o2 = __shfl_xor_sync(kFull, best.k2, offset);
+        const float w1 = __shfl_xor_sync(kFull, best.v1, offset), w2 = __shfl_xor_sync(kFull, best.v2, offset);
+        top2_insert(best, o1, w1);
+        top2_insert(best, o2, w2);
       }
-      if (lane == g) my_group_score = group >= 2 ? b1 + b2 : b1;
+      if (lane == g) my_group_key = choice_key(group >= 2 ? best.v1 + best.v2 : best.v1);
     }
     unsigned keep = 0;
-    Pick gp{lane < p.n_groups ? my_group_score : -INFINITY, lane < p.n_groups ? lane : 1 << 30, 0.0f};
+    Pick gp{my_group_key, lane < p.n_groups ? lane : 1 << 30, 0.0f};
     for (int r = 0; r < p.topk_groups; ++r) {
       const Pick best = warp_best(gp);
       keep |= 1u << best.id;
-      if (lane == best.id) gp.value = -INFINITY, gp.id = 1 << 30;
+      if (lane == best.id) gp.key = 0u, gp.id = 1 << 30;
     }
 #pragma unroll
     for (int i = 0; i < V; ++i) {
       const int e = lane + i * kWarp;
-      if (e < E && !((keep >> (e / group)) & 1u)) choice[i] = -INFINITY;
+      if (e < E && !((keep >> (e / group)) & 1u)) key[i] = kExcludedKey;
     }
   }
 
@@ -133,11 +149,11 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
   int my_id = 0;       // lane r keeps the r-th pick
   float my_score = 0.0f, picked_sum = 0.0f;
   for (int r = 0; r < p.top_k; ++r) {
-    Pick local{-INFINITY, 1 << 30, 0.0f};
+    Pick local{0u, 1 << 30, 0.0f};
 #pragma unroll
     for (int i = 0; i < V; ++i) {
       const int e = lane + i * kWarp;
-      const Pick cand{choice[i], e, score[i]};
+      const Pick cand{key[i], e, score[i]};
       if (e < E && !((taken >> i) & 1u) && (local.id == (1 << 30) || better(cand, local))) local = cand;
     }
     const Pick best = warp_best(local);
@@ -146,15 +162,18 @@ __global__ void __launch_bounds__(kWarp* kWarpsPerBlock)
       my_id = best.id;
       my_score = best.score;
     }
-    picked_sum += best.score;
+    picked_sum += best.score;  // in pick order on every lane, as the CPU kernel sums
   }
-  const float factor = p.renormalize ? p.scale / picked_sum : p.scale;
-  const float w = lane < p.top_k ? my_score * factor : 0.0f;
+  // The reference's operations: p / (sum + 1e-20) * s (never 0/0), or p * s.
+  const float w = lane < p.top_k ? (p.renormalize ? my_score / (picked_sum + kRenormEps) * p.scale
+                                                  : my_score * p.scale)
+                                 : 0.0f;
   if (lane < p.top_k) {
     ids[t * p.top_k + lane] = my_id;
     weights[t * p.top_k + lane] = w;
     atomicAdd(counts + my_id, 1);
   }
+  // Zero slots only (a select, not a product with a mask): a NaN weight on an FFN slot never leaks in.
   const float zw = warp_sum(lane < p.top_k && my_id >= p.num_ffn ? w : 0.0f);
   if (lane == 0) zero_weight[t] = zw;
 }

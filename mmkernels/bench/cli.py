@@ -7,7 +7,11 @@ Examples:
   mmkernels-bench all --backends cuda triton --dtype bf16
   mmkernels-bench attention patch_embed --out results/
 
-Each row names the device; "speedup" is the baseline's median time over the row's, measured in the same run.
+Each row names the device; "speedup" is the baseline's median time over the row's, measured in the same run;
+"%peak" divides by ceilings measured here (a value above 100 is marked * and explained under the table).
+Exit status: 0 done, 1 a case failed, 2 a usage error (one line; checked before anything is timed: an unknown op,
+device or preset, a --backends entry that cannot run here, an --out that cannot be written).
+See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -15,20 +19,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from .. import BACKENDS
+from .._backends import backend_unavailable_reason
 from .results import Row, run_metadata, write_results
 from .runner import run_cases
-from .suite import BenchConfig, registered_suites
+from .suite import BenchConfig, has_module, registered_suites
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage block: the line says what is wrong and how to find help
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="mmkernels-bench",
         description=__doc__.split("\n\n", 1)[0],
         epilog=__doc__.split("\n\n", 1)[1],
@@ -42,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
                         "use default); some ops have more, see `list`")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="input dtype (default: each op's own)")
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
-                   help="only time these mmkernels backends (baselines always run)")
+                   help="time exactly these mmkernels backends (baselines always run); one that cannot run here "
+                        "is an error")
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("--out", default=None, help="write results.json and results.csv (and plots) to this folder")
     p.add_argument("--plot", action="store_true", help="also save speed-up plots (needs matplotlib; with --out)")
@@ -57,18 +70,27 @@ def _fmt(x: float | None, spec: str) -> str:
 
 COLUMNS = ("op", "case", "mode", "provider", "median ms", "p20-p80 ms", "TFLOP/s", "GB/s", "%peak", "mem MB",
            "speedup")
+OVER_CEILING = "*"  # marks a %peak above 100: explained by the footnote under the table
+
+
+def _pct_cell(r: Row) -> str:
+    pct = max((x for x in (r.pct_peak_tflops, r.pct_peak_gbps) if x is not None), default=None)
+    if pct is None:
+        return "-"
+    if pct > 100:
+        return f"{pct:.0f}{OVER_CEILING}"
+    return f"{pct:.0f}" if pct >= 10 else f"{pct:.2g}"
 
 
 def _cells(r: Row) -> list[str]:
-    pct = max((x for x in (r.pct_peak_tflops, r.pct_peak_gbps) if x is not None), default=None)
     return [
         r.op, r.case, r.mode, r.provider, _fmt(r.median_ms, ".4f"), f"{r.p20_ms:.4f}-{r.p80_ms:.4f}",
-        _fmt(r.tflops, ".3g"), _fmt(r.gbps, ".3g"), _fmt(pct, ".2g"), _fmt(r.peak_mem_mb, ".1f"),
+        _fmt(r.tflops, ".3g"), _fmt(r.gbps, ".3g"), _pct_cell(r), _fmt(r.peak_mem_mb, ".1f"),
         _fmt(r.speedup, ".2f") + ("x" if r.speedup is not None else ""),
     ]
 
 
-def _print_table(rows: Sequence[Row], title: str) -> None:
+def _print_table(rows: Sequence[Row], title: str, ceilings: dict) -> None:
     try:
         from rich.console import Console
         from rich.table import Table
@@ -79,13 +101,17 @@ def _print_table(rows: Sequence[Row], title: str) -> None:
         print(title)
         for c in cells:
             print("  ".join(x.ljust(w) for x, w in zip(c, widths)))
-        return
-    table = Table(title=title, show_lines=False)
-    for col in COLUMNS:
-        table.add_column(col, justify="right" if col not in ("op", "case", "mode", "provider") else "left")
-    for r in rows:
-        table.add_row(*(Text(c) for c in _cells(r)))  # Text: no markup parsing of 'mmkernels[cpp]'
-    Console(width=200).print(table)
+    else:
+        table = Table(title=title, show_lines=False)
+        for col in COLUMNS:
+            table.add_column(col, justify="right" if col not in ("op", "case", "mode", "provider") else "left")
+        for r in rows:
+            table.add_row(*(Text(c) for c in _cells(r)))  # Text: no markup parsing of 'mmkernels[cpp]'
+        Console(width=200).print(table)
+    if any(_pct_cell(r).endswith(OVER_CEILING) for r in rows):
+        print(f"{OVER_CEILING} above 100% of the measured ceiling: the ceilings are estimates ({ceilings['method']}); "
+              "data that stays in cache, or work the analytic count leaves out, can beat them. Read such a row as "
+              "at the ceiling, not past it.")
 
 
 class _Progress:
@@ -121,12 +147,124 @@ class _Progress:
             print(f"[{self._done}/{self.total}] {label}", file=sys.stderr, flush=True)
 
 
+def _usage_error(message: str):
+    _parser().error(message)
+
+
+def _device(text: str | None) -> torch.device:
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        _usage_error(f"--device {text!r} is not a device (expected cpu, cuda or cuda:N)")
+    if device.type not in ("cpu", "cuda"):
+        _usage_error(f"--device {text}: mmkernels-bench times cpu and cuda devices only")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        _usage_error(f"--device {text}: no CUDA device here (torch.cuda.is_available() is False)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        _usage_error(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _check_out(out: str) -> None:
+    """--out must be a folder we can write in (created if missing), checked before anything is timed."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        _usage_error(f"--out {out}: exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        _usage_error(f"--out {out}: cannot write there ({exc.strerror or exc})")
+
+
+def _check_backends(requested: Sequence[str], device: torch.device, plan, named: bool) -> str | None:
+    """Refuse requested backends that cannot run (exit 2 before timing); returns a note for ops that lack one."""
+    for b in requested:
+        reason = backend_unavailable_reason(b, device)
+        if reason is not None:
+            if b in ("cuda", "triton") and not torch.cuda.is_available() and "CUDA device" not in reason:
+                reason += "; there is no CUDA device here"
+            _usage_error(f"--backends {b} cannot run on {device}: {reason}")
+    lacking = []
+    for s, config in plan:
+        for b in requested:
+            problem = s.backend_problem(b, config)
+            if problem is not None and (named or b in s.implemented()):
+                _usage_error(f"--backends {b}: {problem}")
+        if not any(b in s.implemented() for b in requested):
+            lacking.append(s.name)
+    if lacking:
+        return (f"note: {', '.join(lacking)} implement none of --backends {' '.join(requested)}: their rows are "
+                "baselines only")
+    return None
+
+
+def _cpu_note(plan_cases, device: torch.device) -> str:
+    """One line saying what a CPU run times: our C++ kernels, our references, and not the Triton kernels."""
+    from .._backends import registered_ops
+    from .._extension import extension_status
+
+    cpp, ref, ref_rows, triton, interpreted = [], [], {}, [], []
+    for s, cases in plan_cases:
+        names = {p for c in cases for p in c.providers if p.startswith("mmkernels")}
+        for p in sorted(names):
+            auto = "[" not in p  # a model suite's automatic choice per op
+            if p.endswith("[reference]") or (auto and all(
+                    registered_ops()[op].select(device)[0] == "reference" for op in s.ops)):
+                ref.append(s.name)
+                ref_rows[p if s.model else "mmkernels[reference]"] = None
+        if "mmkernels[cpp]" in names:
+            cpp.append(s.name)
+        if any(p.endswith("[triton]") for p in names):
+            interpreted.append(s.name)
+        if s.model:  # the model's Triton kernels are those of its ops
+            triton += [op for op in s.ops if "triton" in registered_ops()[op].impls]
+        elif "triton" in s.implemented():
+            triton.append(s.name)
+    head = "no GPU here" if not torch.cuda.is_available() else "CPU run (--device cpu)"
+    parts = []
+    if cpp:
+        parts.append(f"mmkernels[cpp] rows time our C++ CPU kernels ({', '.join(cpp)})")
+    elif not extension_status().loaded:
+        parts.append(f"our C++ CPU kernels are not timed: {extension_status().reason}")
+    if ref:
+        parts.append(f"{', '.join(ref_rows)} rows run our plain-PyTorch references ({', '.join(dict.fromkeys(ref))})")
+    if triton:
+        timed = f"; the {', '.join(interpreted)} [triton] rows time the interpreter, not the kernels" if interpreted \
+            else ""
+        parts.append(f"the Triton kernels ({', '.join(dict.fromkeys(triton))}) are verified for correctness by "
+                     "`make test` (it runs them under the Triton interpreter, TRITON_INTERPRET=1) but not timed "
+                     f"here{timed}")
+    return f"{head}: " + "; ".join(parts) + "."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """The CLI. Returns the exit status: 0 done, 1 some case failed, 2 a usage error (one line on stderr, nothing
+    timed)."""
+    try:
+        return _main(argv)
+    except SystemExit as exc:  # usage errors and --help: their status, no traceback
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            return 1
+        return exc.code or 0
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ep"]:  # expert parallelism spawns its own worker processes: a CLI of its own
+        from ..distributed.bench import main as ep_main
+
+        return ep_main(argv[1:]) or 0
+    parser = _parser()
+    args = parser.parse_args(argv)
     all_suites = registered_suites()
     targets = args.targets or (["all"] if args.quick else [])
     if not targets:
-        _parser().print_help()
+        parser.print_help()
         return 2
     if targets == ["list"]:
         for name, s in sorted(all_suites.items()):
@@ -134,12 +272,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     unknown = [t for t in targets if t != "all" and t not in all_suites]
     if unknown:
-        print(f"mmkernels-bench: unknown op {unknown[0]!r}; `mmkernels-bench list` shows the ops", file=sys.stderr)
-        return 2
+        _usage_error(f"unknown op {unknown[0]!r}; `mmkernels-bench list` shows the ops")
     chosen = list(all_suites.values()) if "all" in targets else [all_suites[t] for t in dict.fromkeys(targets)]
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     preset = args.shapes or ("quick" if args.quick else "default")
+    for flag, value in (("--warmup-ms", args.warmup_ms), ("--rep-ms", args.rep_ms)):
+        if value is not None and not value >= 0:
+            _usage_error(f"{flag} must be a number of milliseconds >= 0, got {value}")
     warmup_ms = args.warmup_ms if args.warmup_ms is not None else (5.0 if args.quick else 25.0)
     rep_ms = args.rep_ms if args.rep_ms is not None else (20.0 if args.quick else 100.0)
     config = BenchConfig(device=device, dtype=DTYPES.get(args.dtype), preset=preset, backends=args.backends)
@@ -148,32 +288,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     for s in chosen:
         suite_preset = preset if preset in s.presets or preset != "gpu" else "default"  # "gpu": budgeted subset
         if suite_preset not in s.presets:
-            print(f"mmkernels-bench: {s.name} has no preset {preset!r} (it has {', '.join(s.presets)})",
-                  file=sys.stderr)
-            return 2
-        plan.append((s, s.build(dataclasses.replace(config, preset=suite_preset))))
-    total = sum(len(cases) for _, cases in plan)
+            _usage_error(f"--shapes {preset}: {s.name} has no such preset (it has {', '.join(s.presets)})")
+        plan.append((s, dataclasses.replace(config, preset=suite_preset)))
+    note = _check_backends(args.backends, device, plan, "all" not in targets) if args.backends else None
+    if args.plot and not args.out:
+        _usage_error("--plot needs --out DIR")
+    if args.plot and not has_module("matplotlib"):
+        _usage_error("--plot needs matplotlib: pip install 'mmkernels[bench]'")
+    if args.out:
+        _check_out(args.out)
+
+    plan_cases = [(s, s.build(c)) for s, c in plan]
+    total = sum(len(cases) for _, cases in plan_cases)
 
     from .device import device_name, measure_ceilings
 
     print(f"mmkernels-bench on {device_name(device)} ({device}), preset {preset!r}", flush=True)
-    ceilings = measure_ceilings(str(device), quick=preset == "quick")
-    print(f"measured ceilings: copy {ceilings['gbps']:.1f} GB/s, {ceilings['dtype']} matmul "
-          f"{ceilings['tflops']:.2f} TFLOP/s", flush=True)
+    if device.type == "cpu":
+        print(_cpu_note(plan_cases, device), flush=True)
+    if note:
+        print(note, flush=True)
+    ceilings = measure_ceilings(device, quick=preset == "quick", dtypes=tuple(s.dtype(config) for s in chosen))
+    matmuls = ", ".join(f"{dt} matmul {v:.3g} TFLOP/s" for dt, v in ceilings["tflops_by_dtype"].items())
+    print(f"measured ceilings (%peak divides by these; {ceilings['method']}): copy {ceilings['gbps']:.1f} GB/s, "
+          f"{matmuls}", flush=True)
     metadata = run_metadata(device, ceilings)
     rows: list[Row] = []
     failures: list[str] = []
     with _Progress(total) as progress:
-        for s, cases in plan:
+        for (s, cases), (_, suite_config) in zip(plan_cases, plan):
             for case in cases:
                 try:
-                    rows += run_cases(s, [case], config, warmup_ms=warmup_ms, rep_ms=rep_ms)
+                    rows += run_cases(s, [case], suite_config, warmup_ms=warmup_ms, rep_ms=rep_ms)
                 except Exception as exc:  # keep timing the other cases; report and fail at the end
                     failures.append(f"{s.name} {case.name} [{case.mode}]: {type(exc).__name__}: {exc}")
                 if args.out:  # after every case, so a run cut short by a time limit keeps what it measured
                     write_results(args.out, rows, metadata)
                 progress.advance(f"{s.name} {case.name}")
-    _print_table(rows, f"mmkernels-bench — {device_name(device)}")
+    _print_table(rows, f"mmkernels-bench — {device_name(device)}", ceilings)
     if args.out:
         paths = write_results(args.out, rows, metadata)
         if args.plot:
@@ -181,8 +333,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             paths += plot_speedups(rows, args.out)
         print("wrote " + ", ".join(str(p) for p in paths))
-    elif args.plot:
-        print("mmkernels-bench: --plot needs --out DIR", file=sys.stderr)
     for failure in failures:
         print(f"mmkernels-bench: FAILED {failure}", file=sys.stderr)
     return 1 if failures else 0

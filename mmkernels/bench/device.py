@@ -1,4 +1,4 @@
-"""The device under test: its name and its measured ceilings (copy bandwidth, matmul rate)."""
+"""The device under test: its name and its measured ceilings (copy bandwidth, matmul rate per dtype)."""
 
 from __future__ import annotations
 
@@ -20,27 +20,89 @@ def device_name(device: torch.device | str) -> str:
     return f"CPU {cpu} x{torch.get_num_threads()} threads"
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
 class Ceilings(dict):
-    """``{"gbps": copy bandwidth (bytes read + written), "tflops": matmul rate, "dtype": matmul dtype}``."""
+    """What this device was measured to do, the divisors of the ``%peak`` columns.
+
+    Keys: ``gbps`` (the best copy rate, bytes read + written, GB/s), ``tflops`` (matmul TFLOP/s in ``dtype``),
+    ``dtype``, ``tflops_by_dtype`` (``{dtype name: TFLOP/s}`` for every dtype measured; a dtype whose matmul does
+    not run here is absent), ``threads`` (CPU threads used, the timed code's ``torch.get_num_threads()``; None on
+    GPUs) and ``method`` (one line on how they were measured).
+    """
+
+    def tflops_for(self, dtype: torch.dtype | str) -> float | None:
+        """The matmul ceiling in ``dtype`` (TFLOP/s), or None when it was not measured."""
+        name = dtype if isinstance(dtype, str) else _dtype_name(dtype)
+        return self.get("tflops_by_dtype", {}).get(name)
+
+
+def _best_ms(fn, device: torch.device, rep_ms: float) -> float:
+    # min_reps: on a busy machine a few calls can all be slowed down; the fastest of 20 is a fair peak
+    t = time_fn(lambda _: fn(), lambda: None, device=device, pool=1, warmup_ms=10, rep_ms=rep_ms, min_reps=20)
+    return t.min_ms if t.min_ms is not None else t.median_ms
 
 
 @functools.cache
-def measure_ceilings(device: str, quick: bool = False) -> Ceilings:
-    """Measure, once per process, what this device really does: a large device-to-device copy and a large matmul
-    (bf16 on GPUs, fp32 on CPUs). Percent-of-peak columns divide by these, not by datasheet numbers."""
+def _copy_gbps(device: str, quick: bool, threads: int | None) -> float:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        sizes_mb = (256,) if quick else (1024,)
+    else:  # cache-resident sizes too: small cases' data stays in cache, and the ceiling must bound them as well
+        sizes_mb = (1, 4, 32) if quick else (1, 4, 16, 128)
+    best = 0.0
+    for mb in sizes_mb:
+        src = torch.empty(mb * 2**20 // 4, dtype=torch.float32, device=dev).uniform_()
+        dst = torch.empty_like(src)
+        best = max(best, 2 * mb * 2**20 / (_best_ms(functools.partial(dst.copy_, src), dev, 50) * 1e-3) / 1e9)
+    return best
+
+
+@functools.cache
+def _matmul_tflops(device: str, dtype: torch.dtype, quick: bool, threads: int | None) -> float | None:
     dev = torch.device(device)
     cuda = dev.type == "cuda"
-    n_bytes = (256 if quick else 1024) * 2**20 if cuda else (32 if quick else 128) * 2**20
-    src = torch.empty(n_bytes // 4, dtype=torch.float32, device=dev).uniform_()
-    dst = torch.empty_like(src)
-    t_copy = time_fn(lambda _: dst.copy_(src), lambda: None, device=dev, pool=1, warmup_ms=10, rep_ms=50)
-    dtype = torch.bfloat16 if cuda else torch.float32
-    n = (4096 if quick else 8192) if cuda else (512 if quick else 1024)
-    a = torch.randn(n, n, device=dev, dtype=dtype)
-    b = torch.randn(n, n, device=dev, dtype=dtype)
-    t_mm = time_fn(lambda _: a @ b, lambda: None, device=dev, pool=1, warmup_ms=10, rep_ms=100)
+    max_n = (4096 if quick else 8192) if cuda else (1024 if quick else 2048)
+    best, n = 0.0, 256
+    try:
+        while n <= max_n:
+            a = torch.randn(n, n, device=dev).to(dtype)
+            b = torch.randn(n, n, device=dev).to(dtype)
+            ms = _best_ms(functools.partial(torch.matmul, a, b), dev, 100)
+            best = max(best, 2 * n**3 / (ms * 1e-3) / 1e12)
+            if not cuda and ms > 50:  # large enough to reach the rate; bigger would only cost time
+                break
+            n *= 2
+    except RuntimeError:  # no matmul in this dtype on this device
+        return None
+    return best or None
+
+
+def measure_ceilings(device: torch.device | str, quick: bool = False,
+                     dtypes: tuple[torch.dtype, ...] = ()) -> Ceilings:
+    """Measure what this device really does, once per process per (device, thread count, dtype): a copy and a
+    matmul (bf16 on GPUs, fp32 on CPUs, plus each of ``dtypes``). Each rate is the fastest call seen, over a few
+    sizes (copies of 1 MiB to 128 MiB on CPUs, so cache-resident data is bounded too; matmuls up to 1024-2048 on
+    CPUs, 4096-8192 on GPUs), on CPUs with the timed code's ``torch.get_num_threads()`` threads. Percent-of-peak
+    columns divide by these, not by datasheet numbers. They remain estimates: rows can exceed them (the CLI
+    flags that)."""
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    threads = None if cuda else torch.get_num_threads()
+    primary = torch.bfloat16 if cuda else torch.float32
+    by_dtype = {}
+    for dt in dict.fromkeys((primary, *dtypes)):
+        rate = _matmul_tflops(str(dev), dt, quick, threads)
+        if rate is not None:
+            by_dtype[_dtype_name(dt)] = rate
+    where = f"{threads} CPU threads" if threads is not None else "CUDA events"
     return Ceilings(
-        gbps=2 * n_bytes / (t_copy.median_ms * 1e-3) / 1e9,
-        tflops=2 * n**3 / (t_mm.median_ms * 1e-3) / 1e12,
-        dtype=str(dtype).replace("torch.", ""),
+        gbps=_copy_gbps(str(dev), quick, threads),
+        tflops=by_dtype.get(_dtype_name(primary)),
+        dtype=_dtype_name(primary),
+        tflops_by_dtype=by_dtype,
+        threads=threads,
+        method=f"fastest copy and matmul calls over a few sizes, {where}",
     )

@@ -1,4 +1,8 @@
-"""Run suites: time every provider of every case, derive TFLOP/s, GB/s, percent of ceilings and speed-ups."""
+"""Run suites: time every provider of every case, derive TFLOP/s, GB/s, percent of ceilings and speed-ups.
+
+Percentages divide by the ceilings measured on this device with the timed code's thread count, the matmul one in
+the row's dtype; a percentage is None where no ceiling was measured for it (e.g. a dtype without a matmul here).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,10 @@ from .suite import BenchConfig, Case, Suite
 from .timing import time_fn
 
 __all__ = ["run_cases", "run_suite"]
+
+
+def _pct(rate: float | None, ceiling: float | None) -> float | None:
+    return 100 * rate / ceiling if rate is not None and ceiling else None
 
 
 def _row(suite: str, case: Case, provider: str, timing, config: BenchConfig, dtype: torch.dtype, ceilings) -> Row:
@@ -31,8 +39,8 @@ def _row(suite: str, case: Case, provider: str, timing, config: BenchConfig, dty
         reps=timing.reps,
         tflops=tflops,
         gbps=gbps,
-        pct_peak_tflops=100 * tflops / ceilings["tflops"] if tflops is not None else None,
-        pct_peak_gbps=100 * gbps / ceilings["gbps"] if gbps is not None else None,
+        pct_peak_tflops=_pct(tflops, ceilings.tflops_for(dtype)),
+        pct_peak_gbps=_pct(gbps, ceilings.get("gbps")),
         peak_mem_mb=timing.peak_mem_mb,
         speedup=None,
         baseline=case.baseline,
@@ -48,8 +56,8 @@ def run_cases(
     rep_ms: float,
     on_result: Callable[[Row], None] | None = None,
 ) -> list[Row]:
-    dtype = config.dtype or suite.default_dtype
-    ceilings = measure_ceilings(str(config.device), quick=config.preset == "quick")
+    dtype = suite.dtype(config)
+    ceilings = measure_ceilings(config.device, quick=config.preset == "quick", dtypes=(dtype,))
     rows: list[Row] = []
     for case in cases:
         case_rows: list[Row] = []

@@ -19,6 +19,7 @@ class Timing:
     p80_ms: float
     reps: int
     peak_mem_mb: float | None  # extra device memory allocated during one call (CUDA only)
+    min_ms: float | None = None  # the fastest timed call (what the ceilings use: a peak, not a typical call)
 
 
 def _quantile(sorted_xs: Sequence[float], q: float) -> float:
@@ -98,4 +99,5 @@ def time_fn(
         p80_ms=_quantile(times, 0.8),
         reps=reps,
         peak_mem_mb=_peak_memory_mb(fn, inputs[0], device),
+        min_ms=times[0],
     )

@@ -13,8 +13,9 @@ no copies). On the real config that GEMM is about half of the model's FLOPs (see
 Both attentions run on :func:`mmkernels.ops.qformer_cross_attention` (the self-attention is the same shape
 class: 32 queries over 32 keys).
 
-Dropout on the attention probabilities (HF ``attention_probs_dropout_prob``) is not implemented; hidden dropout is.
-Results equal HF's in eval mode.
+Dropout on the attention probabilities (HF ``attention_probs_dropout_prob``, self- and cross-attention) and hidden
+dropout run in training mode as in HF (the masks differ: the kernels draw their own Philox numbers). Results equal
+HF's in eval mode.
 """
 
 from __future__ import annotations
@@ -26,12 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._backends import BackendChoice, resolve_backends
 from ..nn.qformer_attention import QFormerCrossAttention
+from ..ops import _validate as check
 from ..ops.qformer_attention import MAX_QUERIES, qformer_cross_attention
 
 __all__ = ["NUM_QUERY_TOKENS", "PRESETS", "QFormer", "QFormerConfig", "qformer_flops"]
 
 _NAME = "QFormer"
+_CONFIG = "QFormerConfig"
 NUM_QUERY_TOKENS = 32  # BLIP-2 and InstructBLIP learn 32 query tokens
 
 _ACTIVATIONS = {
@@ -56,8 +60,19 @@ class QFormerConfig:
     layer_norm_eps: float = 1e-12
     hidden_act: str = "gelu"
     hidden_dropout_prob: float = 0.1  # as HF (active in train mode only)
+    attention_probs_dropout_prob: float = 0.1  # as HF: on the self- and cross-attention probabilities, train mode
 
     def __post_init__(self) -> None:
+        for field in ("hidden_size", "num_attention_heads", "intermediate_size", "encoder_hidden_size",
+                      "cross_attention_frequency"):
+            check.integer(field, getattr(self, field), op=_CONFIG, low=1)
+        check.integer("num_hidden_layers", self.num_hidden_layers, op=_CONFIG, low=0)
+        check.real("layer_norm_eps", self.layer_norm_eps, op=_CONFIG, low=0.0)
+        check.real("hidden_dropout_prob", self.hidden_dropout_prob, op=_CONFIG, low=0.0, high=1.0)
+        check.real("attention_probs_dropout_prob", self.attention_probs_dropout_prob, op=_CONFIG, low=0.0)
+        if self.attention_probs_dropout_prob >= 1.0:
+            raise ValueError(f"{_CONFIG}: attention_probs_dropout_prob must be in [0, 1), got "
+                             f"{self.attention_probs_dropout_prob}")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"{_NAME}: hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
                              f"{self.num_attention_heads}")
@@ -69,6 +84,16 @@ class QFormerConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def preset(cls, name: str) -> QFormerConfig:
+        """``"blip2"`` or ``"instructblip"``."""
+        if name not in PRESETS:
+            raise ValueError(f"{_CONFIG}: unknown preset {name!r}; one of {sorted(PRESETS)}")
+        return PRESETS[name]
+
+    def replace(self, **changes) -> QFormerConfig:
+        return dataclasses.replace(self, **changes)
 
     @property
     def cross_layers(self) -> list[int]:
@@ -94,6 +119,7 @@ class QFormerConfig:
             layer_norm_eps=hf_config.layer_norm_eps,
             hidden_act=act,
             hidden_dropout_prob=hf_config.hidden_dropout_prob,
+            attention_probs_dropout_prob=float(getattr(hf_config, "attention_probs_dropout_prob", 0.0) or 0.0),
         )
 
 
@@ -134,6 +160,7 @@ class _QFormerLayer(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.backend = backend
+        self.attention_dropout = config.attention_probs_dropout_prob
         self.cross_index = cross_index
         self.act = _ACTIVATIONS[config.hidden_act]
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
@@ -142,8 +169,8 @@ class _QFormerLayer(nn.Module):
         self.attn_norm = nn.LayerNorm(d, eps=eps, **factory)
         if cross_index is not None:
             self.cross = QFormerCrossAttention(d, config.num_attention_heads, config.encoder_hidden_size,
-                                               project_kv=False, backend=backend, **factory)
-            self.cross.kv_lens_prevalidated = True  # QFormer._kv_lens checked them
+                                               project_kv=False, backend=backend,
+                                               dropout=config.attention_probs_dropout_prob, **factory)
             self.cross_out = nn.Linear(d, d, **factory)
             self.cross_norm = nn.LayerNorm(d, eps=eps, **factory)
         self.fc1 = nn.Linear(d, config.intermediate_size, **factory)
@@ -153,10 +180,12 @@ class _QFormerLayer(nn.Module):
     def forward(self, x: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                 kv_lens: torch.Tensor | None) -> torch.Tensor:
         q, sk, sv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(2)
-        ctx = qformer_cross_attention(q, sk, sv, backend=self.backend).flatten(2)
+        ctx = qformer_cross_attention(q, sk, sv, backend=self.backend,
+                                      dropout_p=self.attention_dropout if self.training else 0.0).flatten(2)
         x = self.attn_norm(x + self.dropout(self.attn_out(ctx)))
         if self.cross_index is not None:
-            ctx = self.cross(x, key=k, value=v, kv_lens=kv_lens)
+            # QFormer._kv_lens checked the lengths once for every layer
+            ctx = self.cross(x, key=k, value=v, kv_lens=kv_lens, validate_kv_lens=False)
             x = self.cross_norm(x + self.dropout(self.cross_out(ctx)))
         h = self.fc2(self.act(self.fc1(x)))
         return self.ffn_norm(x + self.dropout(h))
@@ -176,11 +205,14 @@ class QFormer(nn.Module):
     op (``None`` = auto).
     """
 
-    def __init__(self, config: QFormerConfig = PRESETS["blip2"], *, backend: str | None = None,
+    def __init__(self, config: QFormerConfig = PRESETS["blip2"], *, backend: BackendChoice = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        if not isinstance(config, QFormerConfig):
+            raise TypeError(f"{_NAME}: config must be a QFormerConfig, got {type(config).__name__}")
         self.config = config
         self.backend = backend
+        backend = resolve_backends(_NAME, backend, ("qformer_cross_attention",))["qformer_cross_attention"]
         factory = dict(device=device, dtype=dtype)
         d = config.hidden_size
         cross = config.cross_layers

@@ -10,7 +10,9 @@ Layout (also the state-dict key names, timm-like):
 ``blocks.{i}.norm1.*``, ``blocks.{i}.attn.qkv.*`` (q, k, v fused ``[3D, D]``), ``blocks.{i}.attn.proj.*``,
 ``blocks.{i}.norm2.*``, ``blocks.{i}.mlp.fc1.*``, ``blocks.{i}.mlp.fc2.*``, ``norm.*``.
 
-Dropout and stochastic depth are not modelled (ViT front ends of multimodal models run them off).
+Attention-probability dropout is modelled (``ViTConfig.attention_dropout``, training mode only); hidden dropout and
+stochastic depth are not (ViT front ends of multimodal models run them off; the converters warn when a source model
+has them on).
 """
 
 from __future__ import annotations
@@ -23,10 +25,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from .._backends import BackendChoice, resolve_backends
+from ..nn.attention import Attention
 from ..nn.patch_embed import POS_INTERPOLATIONS, PatchEmbed
+from ..ops import _validate as check
 
 __all__ = ["PRESETS", "ViT", "ViTBlock", "ViTConfig"]
+
+_NAME = "ViTConfig"
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
 
@@ -48,8 +54,23 @@ class ViTConfig:
     class_token: bool = True
     pre_norm: bool = False  # a LayerNorm after the embeddings (CLIP-style)
     pos_interpolation: str = "hf"  # how the position embedding is resized for other image sizes
+    attention_dropout: float = 0.0  # on the attention probabilities, in training mode (HF attention_probs_dropout_prob)
 
     def __post_init__(self) -> None:
+        if isinstance(self.image_size, tuple | list):
+            if len(self.image_size) != 2:
+                raise ValueError(f"{_NAME}: image_size must be an int or (height, width), got {self.image_size!r}")
+            for i, size in enumerate(self.image_size):
+                check.integer(f"image_size[{i}]", size, op=_NAME, low=1)
+        else:
+            check.integer("image_size", self.image_size, op=_NAME, low=1)
+        for field in ("patch_size", "in_channels", "hidden_size", "num_heads", "mlp_dim"):
+            check.integer(field, getattr(self, field), op=_NAME, low=1)
+        check.integer("num_layers", self.num_layers, op=_NAME, low=0)
+        check.real("layer_norm_eps", self.layer_norm_eps, op=_NAME, low=0.0)
+        check.real("attention_dropout", self.attention_dropout, op=_NAME, low=0.0)
+        if self.attention_dropout >= 1.0:
+            raise ValueError(f"{_NAME}: attention_dropout must be in [0, 1), got {self.attention_dropout}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"ViTConfig: hidden_size {self.hidden_size} is not divisible by num_heads "
                              f"{self.num_heads}")
@@ -66,6 +87,13 @@ class ViTConfig:
     def replace(self, **changes) -> ViTConfig:
         return dataclasses.replace(self, **changes)
 
+    @classmethod
+    def preset(cls, name: str) -> ViTConfig:
+        """``"vit_b_16"``, ``"vit_l_14"``, ``"vit_h_14"`` or ``"vit_g_14"``."""
+        if name not in PRESETS:
+            raise ValueError(f"{_NAME}: unknown preset {name!r}; presets: {sorted(PRESETS)}")
+        return PRESETS[name]
+
 
 PRESETS: dict[str, ViTConfig] = {
     # ViT-B/16 (Dosovitskiy et al.; google/vit-base-patch16-224)
@@ -77,31 +105,6 @@ PRESETS: dict[str, ViTConfig] = {
     # ViT-g/14 as used by BLIP-2 (EVA-CLIP g, first 39 layers): head dim 1408/16 = 88
     "vit_g_14": ViTConfig(image_size=224, patch_size=14, hidden_size=1408, num_layers=39, num_heads=16, mlp_dim=6144),
 }
-
-
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Bidirectional attention over ``[B, L, H, Dh]`` tensors (flash-attn layout), scale ``Dh ** -0.5``.
-
-    The one place the model picks its attention: ``mmkernels.ops.attention`` once it exists, else PyTorch SDPA.
-    """
-    if hasattr(ops, "attention"):
-        return ops.attention(q, k, v)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    return out.transpose(1, 2)
-
-
-class ViTAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, **factory) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias, **factory)
-        self.proj = nn.Linear(dim, dim, **factory)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, seq, dim = x.shape
-        q, k, v = self.qkv(x).view(b, seq, 3, self.num_heads, self.head_dim).unbind(2)
-        return self.proj(_attention(q, k, v).reshape(b, seq, dim))
 
 
 class ViTMLP(nn.Module):
@@ -125,11 +128,12 @@ class ViTMLP(nn.Module):
 class ViTBlock(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
 
-    def __init__(self, config: ViTConfig, **factory) -> None:
+    def __init__(self, config: ViTConfig, *, backend: str | None = None, **factory) -> None:
         super().__init__()
         d = config.hidden_size
         self.norm1 = nn.LayerNorm(d, eps=config.layer_norm_eps, **factory)
-        self.attn = ViTAttention(d, config.num_heads, config.qkv_bias, **factory)
+        self.attn = Attention(d, config.num_heads, qkv_bias=config.qkv_bias, out_bias=True,
+                              dropout=config.attention_dropout, backend=backend, **factory)
         self.norm2 = nn.LayerNorm(d, eps=config.layer_norm_eps, **factory)
         self.mlp = ViTMLP(d, config.mlp_dim, config.act, **factory)
 
@@ -145,7 +149,7 @@ class ViT(nn.Module):
     ``"vit_g_14"``), or from a loaded model with :meth:`from_hf` / :meth:`from_timm` (no download).
     """
 
-    def __init__(self, config: ViTConfig | str = "vit_b_16", *, backend: str | None = None,
+    def __init__(self, config: ViTConfig | str = "vit_b_16", *, backend: BackendChoice = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         if isinstance(config, str):
@@ -155,15 +159,18 @@ class ViT(nn.Module):
         if not isinstance(config, ViTConfig):
             raise TypeError(f"ViT: config must be a ViTConfig or a preset name, got {type(config).__name__}")
         self.config = config
+        self.backend = backend
+        backends = resolve_backends("ViT", backend, ("patch_embed", "attention"))
         factory = {"device": device, "dtype": dtype}
         self.patch_embed = PatchEmbed(
             config.image_size, config.patch_size, config.in_channels, config.hidden_size, bias=True,
             cls_token=config.class_token, pos_embed=True, pos_interpolation=config.pos_interpolation,
-            backend=backend, **factory,
+            backend=backends["patch_embed"], **factory,
         )
         self.norm_pre = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **factory) if config.pre_norm \
             else None
-        self.blocks = nn.ModuleList([ViTBlock(config, **factory) for _ in range(config.num_layers)])
+        self.blocks = nn.ModuleList([ViTBlock(config, backend=backends["attention"], **factory)
+                                     for _ in range(config.num_layers)])
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **factory)
         self._init_weights()
 

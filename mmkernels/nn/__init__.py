@@ -2,7 +2,8 @@
 
 from .attention import Attention
 from .expert_bias import ExpertBiasController
-from .moe import SwiGLUExperts, ZeroComputeMoE, update_expert_biases
+from .moe import SwiGLUExperts, ZeroComputeMoE, mask_padding, update_expert_biases
+from .moe_losses import device_balance_loss, load_balancing_loss, sequence_balance_loss
 from .patch_embed import PatchEmbed
 from .qformer_attention import QFormerCrossAttention
 
@@ -13,5 +14,9 @@ __all__ = [
     "QFormerCrossAttention",
     "SwiGLUExperts",
     "ZeroComputeMoE",
+    "device_balance_loss",
+    "load_balancing_loss",
+    "mask_padding",
+    "sequence_balance_loss",
     "update_expert_biases",
 ]

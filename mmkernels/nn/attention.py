@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._backends import BackendChoice, ModuleBackend
 from ..ops import _validate as check
-from ..ops.attention import MAX_HEAD_DIM, attention
+from ..ops.attention import MAX_HEAD_DIM, attention, check_dropout
 
 __all__ = ["Attention"]
 
@@ -33,13 +34,18 @@ class Attention(nn.Module):
         out_bias: bias on the output projection.
         causal: causal mask (bottom-right aligned when the query and key lengths differ).
         softmax_scale: default ``head_dim ** -0.5``.
-        backend: attention backend (``None`` = auto).
+        backend: attention backend: ``None`` (auto), a name or ``{"attention": name}``; checked here
+            (``mmkernels.BackendError``).
+        dropout: attention-probability dropout in ``[0, 1)`` (``dropout_p`` of :func:`mmkernels.ops.attention`),
+            applied in training mode only; the attribute ``dropout`` may be changed later.
 
     ``forward(x, context=None, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None)``:
     ``x`` ``[B, Lq, dim]`` (or ``[total_q, dim]`` with ``cu_seqlens_q``), ``context`` ``[B, Lk, kv_dim]`` (or
     ``[total_k, kv_dim]``); returns the shape of ``x``. Self-attention with ``cu_seqlens_q`` uses it for the keys
     too.
     """
+
+    backend = ModuleBackend("attention")
 
     def __init__(
         self,
@@ -54,11 +60,13 @@ class Attention(nn.Module):
         out_bias: bool = True,
         causal: bool = False,
         softmax_scale: float | None = None,
-        backend: str | None = None,
+        backend: BackendChoice = None,
+        dropout: float = 0.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.dropout = check_dropout(dropout, op=_NAME)
         self.dim = check.integer("dim", dim, op=_NAME, low=1)
         self.num_heads = check.integer("num_heads", num_heads, op=_NAME, low=1)
         self.num_kv_heads = check.integer("num_kv_heads", num_kv_heads if num_kv_heads is not None else num_heads,
@@ -90,7 +98,7 @@ class Attention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"head_dim={self.head_dim}, cross={self.cross}, causal={self.causal}")
+                f"head_dim={self.head_dim}, cross={self.cross}, causal={self.causal}, dropout={self.dropout}")
 
     def forward(
         self,
@@ -128,5 +136,5 @@ class Attention(nn.Module):
             q, k, v = q.unflatten(-1, (hq, d)), k.unflatten(-1, (hkv, d)), v.unflatten(-1, (hkv, d))
         out = attention(q, k, v, causal=self.causal, softmax_scale=self.softmax_scale, cu_seqlens_q=cu_seqlens_q,
                         cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-                        backend=self.backend)
+                        backend=self._backends["attention"], dropout_p=self.dropout if self.training else 0.0)
         return self.proj(out.reshape(*rows, hq * d))

@@ -13,8 +13,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .._backends import BackendChoice, ModuleBackend
 from ..ops import _validate as v
 from ..ops.expert_bias import MODES, expert_bias_update_
+from ._fp32 import keep_fp32
 
 __all__ = ["ExpertBiasController", "PendingBiasUpdate"]
 
@@ -35,7 +37,7 @@ class PendingBiasUpdate:
             return
         if self._work is not None:
             self._work.wait()  # on NCCL this orders the current stream after the all-reduce; the host does not block
-        self._controller._apply(self._counts)
+        self._controller._apply_update(self._counts)
         self._done = True
 
 
@@ -56,11 +58,13 @@ class ExpertBiasController(nn.Module):
         process_group: group to sum counts over; ``None`` uses the default group when torch.distributed is
             initialised with more than one rank.
         reduce_counts: set False when the counts you pass are already global.
-        backend: backend for the update op (``None`` = auto).
+        backend: backend for the update op: ``None`` (auto), a name or ``{"expert_bias_update_": name}``.
 
     Buffers ``bias`` ``[N+Z]`` and ``state`` ``[2, N]`` (and the step counter, as extra state) are in
     ``state_dict()``, so a checkpoint restores the controller exactly.
     """
+
+    backend = ModuleBackend("expert_bias_update_")
 
     def __init__(
         self,
@@ -77,7 +81,7 @@ class ExpertBiasController(nn.Module):
         process_group: dist.ProcessGroup | None = None,
         reduce_counts: bool = True,
         device: torch.device | str | None = None,
-        backend: str | None = None,
+        backend: BackendChoice = None,
     ) -> None:
         super().__init__()
         self.num_ffn_experts = v.integer("num_ffn_experts", num_ffn_experts, op=_NAME, low=1)
@@ -149,7 +153,12 @@ class ExpertBiasController(nn.Module):
         """Sum ``counts`` over the process group and update the bias in place."""
         self.start_update(counts).wait()
 
-    def _apply(self, global_counts: torch.Tensor) -> None:
+    def _apply(self, fn, recurse: bool = True):
+        # nn.Module._apply carries .to()/.cuda()/.half()/to_empty(): move the state with the module but keep it fp32
+        # (the update's error terms are differences of shares of order 1/N; fp16 would round them away).
+        return super()._apply(keep_fp32(fn), recurse)
+
+    def _apply_update(self, global_counts: torch.Tensor) -> None:
         kp, ki, kd = self.gains()
         with torch.no_grad():
             expert_bias_update_(
@@ -164,7 +173,7 @@ class ExpertBiasController(nn.Module):
                 kd=kd,
                 mode=self.mode,
                 max_abs=self.max_abs,
-                backend=self.backend,
+                backend=self._backends["expert_bias_update_"],
             )
             self.last_counts.copy_(global_counts)
         self.steps += 1

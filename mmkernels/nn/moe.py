@@ -3,28 +3,35 @@ fp32 router over N FFN + Z zero-computation experts, biased top-k, experts, iden
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .._backends import BackendChoice, ModuleBackend, resolve_backends
 from ..ops import _validate as v
 from ..ops.moe import MoERouting, moe_experts, moe_route
+from ._fp32 import FP32Linear
 from .expert_bias import ExpertBiasController
 
-__all__ = ["MOE_PRESETS", "MoEConfig", "SwiGLUExperts", "ZeroComputeMoE", "update_expert_biases"]
+__all__ = ["MOE_PRESETS", "MoEConfig", "SwiGLUExperts", "ZeroComputeMoE", "mask_padding", "update_expert_biases"]
 
 
 class SwiGLUExperts(nn.Module):
     """N SwiGLU FFNs without bias, stored grouped: ``w_gate_up`` [N, 2*Di, Dm] (gate rows first, the HF LongCat
     layout) and ``w_down`` [N, Dm, Di]. ``forward(hidden [T, Dm], routing) -> [T, Dm]`` via ``moe_experts``."""
 
+    backend = ModuleBackend("moe_experts")
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *, device=None, dtype=None,
-                 backend: str | None = None) -> None:
+                 backend: BackendChoice = None) -> None:
         super().__init__()
-        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        name = "SwiGLUExperts"
+        self.num_experts = v.integer("num_experts", num_experts, op=name, low=0)
+        self.hidden_size = v.integer("hidden_size", hidden_size, op=name, low=1)
+        self.intermediate_size = v.integer("intermediate_size", intermediate_size, op=name, low=1)
         self.backend = backend
         self.w_gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, device=device,
                                                   dtype=dtype))
@@ -41,11 +48,13 @@ class SwiGLUExperts(nn.Module):
         return f"num_experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}"
 
     def forward(self, hidden: torch.Tensor, routing: MoERouting) -> torch.Tensor:
-        return moe_experts(hidden, routing, self.w_gate_up, self.w_down, backend=self.backend)
+        return moe_experts(hidden, routing, self.w_gate_up, self.w_down, backend=self._backends["moe_experts"])
 
 
 @dataclass(frozen=True)
 class MoEConfig:
+    """Shape of a :class:`ZeroComputeMoE` block (``MoEConfig.preset(name)``, ``config.replace(...)``)."""
+
     hidden_size: int
     num_ffn_experts: int
     num_zero_experts: int
@@ -54,12 +63,41 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0
     target_ffn_per_token: float | None = None  # K_e for the balancer; None: no target given
 
+    def __post_init__(self) -> None:
+        name = "MoEConfig"
+        for field, low in (("hidden_size", 1), ("num_ffn_experts", 1), ("num_zero_experts", 0),
+                           ("expert_intermediate_size", 1)):
+            v.integer(field, getattr(self, field), op=name, low=low)
+        v.integer("top_k", self.top_k, op=name, low=1, high=self.num_ffn_experts + self.num_zero_experts)
+        v.real("routed_scaling_factor", self.routed_scaling_factor, op=name)
+        if self.target_ffn_per_token is not None:
+            v.real("target_ffn_per_token", self.target_ffn_per_token, op=name, low=0.0, high=float(self.top_k))
 
-# specs/longcat_moe.md. K_e = 8 of 12 (about 27B of 560B activated on average).
+    @classmethod
+    def preset(cls, name: str) -> MoEConfig:
+        if name not in MOE_PRESETS:
+            raise ValueError(f"MoEConfig: unknown preset {name!r}; presets: {sorted(MOE_PRESETS)}")
+        return MOE_PRESETS[name]
+
+    def replace(self, **changes) -> MoEConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# docs/design/longcat_moe.md#presets. K_e = 8 of 12 (about 27B of 560B activated on average).
 MOE_PRESETS: dict[str, MoEConfig] = {
     "longcat-flash": MoEConfig(6144, 512, 256, 12, 2048, 6.0, 8.0),
     "longcat-flash-lite": MoEConfig(3072, 256, 128, 12, 1024, 6.0, 8.0),
 }
+
+_MOE_OPS = ("moe_route", "moe_experts", "expert_bias_update_")
+
+
+def _in_checkpoint_recompute() -> bool:
+    """True while autograd's engine runs a backward pass, i.e. when a forward runs again as the recompute of
+    ``torch.utils.checkpoint`` (reentrant or not). Statistics gathered in forward must not be counted twice."""
+    if torch.compiler.is_compiling():
+        return False  # compiled graphs replay recomputation inside the backward graph, not through this forward
+    return torch._C._current_graph_task_id() != -1
 
 
 class ZeroComputeMoE(nn.Module):
@@ -74,7 +112,21 @@ class ZeroComputeMoE(nn.Module):
     :meth:`update_bias` (or :func:`update_expert_biases` on the whole model) once per optimizer step. Pass
     ``target_ffn_per_token=None`` to keep the bias fixed (e.g. a loaded HF ``e_score_correction_bias``).
 
-    ``forward(x [..., Dm]) -> [..., Dm]``.
+    ``forward(x [..., Dm], *, padding_mask=None, return_router_logits=False) -> [..., Dm]``:
+
+    - ``padding_mask``: optional bool tensor of ``x.shape[:-1]``, True = padding. Padding tokens are not routed to
+      any expert, give zero output and zero gradients (whatever they hold, NaN included), and are left out of the
+      balancer's counts (and of the balance losses, which take the same mask).
+    - ``return_router_logits=True`` returns ``(y, router_logits)``, the float32 ``[T, N+Z]`` logits (T = tokens of
+      ``x`` flattened), for :mod:`mmkernels.nn.moe_losses`.
+
+    Tokens are counted once per forward, not again when ``torch.utils.checkpoint`` recomputes the forward. The
+    router weight, the selection bias and the balancer state stay float32 under ``.half()``, ``.to(dtype)`` and
+    autocast (as HF keeps ``e_score_correction_bias`` in fp32).
+
+    ``backend``: ``None`` (auto), one name for every op (``moe_route``, ``moe_experts``, ``expert_bias_update_``)
+    or a mapping per op, e.g. ``{"moe_experts": "triton"}``; a choice an op does not implement raises
+    :class:`mmkernels.BackendError` here, at construction.
     """
 
     def __init__(
@@ -92,34 +144,40 @@ class ZeroComputeMoE(nn.Module):
         balancer_kwargs: dict | None = None,
         device=None,
         dtype=None,
-        backend: str | None = None,
+        backend: BackendChoice = None,
     ) -> None:
         super().__init__()
         name = "ZeroComputeMoE"
         self.hidden_size = v.integer("hidden_size", hidden_size, op=name, low=1)
         self.num_ffn_experts = v.integer("num_ffn_experts", num_ffn_experts, op=name, low=1)
         self.num_zero_experts = v.integer("num_zero_experts", num_zero_experts, op=name, low=0)
+        v.integer("expert_intermediate_size", expert_intermediate_size, op=name, low=1)
         n_total = self.num_ffn_experts + self.num_zero_experts
         self.top_k = v.integer("top_k", top_k, op=name, low=1, high=n_total)
         self.routed_scaling_factor = v.real("routed_scaling_factor", routed_scaling_factor, op=name)
         self.scoring = v.choice("scoring", scoring, ("softmax", "sigmoid"), op=name)
-        self.renormalize = bool(renormalize)
-        self.backend = backend
-        self.router = nn.Linear(hidden_size, n_total, bias=False, device=device, dtype=torch.float32)
+        if not isinstance(renormalize, bool):
+            raise TypeError(f"{name}: renormalize must be a bool, got {type(renormalize).__name__}")
+        self.renormalize = renormalize
+        if balancer_kwargs is not None and "backend" in balancer_kwargs:
+            raise ValueError(f"{name}: pass the balancer's backend as backend={{'expert_bias_update_': ...}}")
+        self._backends = resolve_backends(name, backend, _MOE_OPS)
+        self._backend_choice = backend
+        self.router = FP32Linear(hidden_size, n_total, bias=False, device=device)
         self.experts = SwiGLUExperts(self.num_ffn_experts, hidden_size, expert_intermediate_size, device=device,
-                                     dtype=dtype, backend=backend)
+                                     dtype=dtype, backend={"moe_experts": self._backends["moe_experts"]})
         self.balance = target_ffn_per_token is not None
         self.balancer = ExpertBiasController(
             self.num_ffn_experts, self.num_zero_experts, self.top_k,
             target_ffn_per_token if target_ffn_per_token is not None else 0.0, device=device,
-            **(balancer_kwargs or {}),
+            backend=self._backends["expert_bias_update_"], **(balancer_kwargs or {}),
         )
         self.register_buffer("pending_counts", torch.zeros(n_total, dtype=torch.int64, device=device),
                              persistent=False)
 
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> ZeroComputeMoE:
-        """``longcat-flash`` or ``longcat-flash-lite`` (specs/longcat_moe.md); kwargs override or add options."""
+        """``longcat-flash`` or ``longcat-flash-lite`` (docs/design/longcat_moe.md); kwargs override or add options."""
         if name not in MOE_PRESETS:
             raise ValueError(f"ZeroComputeMoE: unknown preset {name!r}; have {sorted(MOE_PRESETS)}")
         c = MOE_PRESETS[name]
@@ -130,10 +188,27 @@ class ZeroComputeMoE(nn.Module):
 
     @classmethod
     def from_hf(cls, hf_moe: nn.Module, **kwargs) -> ZeroComputeMoE:
-        """Build from a Hugging Face ``LongcatFlashMoE`` (weights copied; nothing is downloaded)."""
+        """Build from a Hugging Face ``LongcatFlashMoE`` (weights copied; nothing is downloaded).
+
+        The converter lives with the others, in :mod:`mmkernels.models.convert.longcat` (``moe_from_hf``); it is
+        imported here on call, so importing ``mmkernels.nn`` never imports the model stacks.
+        """
         from ..models.convert.longcat import moe_from_hf
 
         return moe_from_hf(hf_moe, **kwargs)
+
+    @property
+    def backend(self) -> BackendChoice:
+        """The backend choice (``None``, a name or ``{op: name}``); assigning one checks it and passes it on to the
+        experts and the balancer."""
+        return self._backend_choice
+
+    @backend.setter
+    def backend(self, value: BackendChoice) -> None:
+        self._backends = resolve_backends("ZeroComputeMoE", value, _MOE_OPS)
+        self._backend_choice = value
+        self.experts.backend = {"moe_experts": self._backends["moe_experts"]}
+        self.balancer.backend = self._backends["expert_bias_update_"]
 
     @property
     def expert_bias(self) -> torch.Tensor:
@@ -141,22 +216,41 @@ class ZeroComputeMoE(nn.Module):
         return self.balancer.bias
 
     def route(self, hidden: torch.Tensor) -> MoERouting:
-        """Router logits in fp32 (input upcast, weight kept fp32), then ``moe_route``."""
-        logits = F.linear(hidden.float(), self.router.weight.float())
+        """Router logits in fp32 (input upcast, weight kept fp32, autocast off), then ``moe_route``."""
+        return self._route(self.router(hidden))
+
+    def _route(self, logits: torch.Tensor) -> MoERouting:
         return moe_route(logits, top_k=self.top_k, num_ffn_experts=self.num_ffn_experts, bias=self.balancer.bias,
                          scoring=self.scoring, routed_scaling_factor=self.routed_scaling_factor,
-                         renormalize=self.renormalize, backend=self.backend)
+                         renormalize=self.renormalize, backend=self._backends["moe_route"])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.hidden_size:
-            raise ValueError(f"ZeroComputeMoE: x must be [..., {self.hidden_size}], got {tuple(x.shape)}")
+    def forward(self, x: torch.Tensor, *, padding_mask: torch.Tensor | None = None,
+                return_router_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        name = "ZeroComputeMoE"
+        v.tensor("x", x, op=name)
+        if x.dim() < 1 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"{name}: x must be [..., {self.hidden_size}], got {tuple(x.shape)}")
         hidden = x.reshape(-1, self.hidden_size)
-        routing = self.route(hidden)
-        if self.training and self.balance:
+        pad = None
+        if padding_mask is not None:
+            v.tensor("padding_mask", padding_mask, dtypes=(torch.bool,), op=name)
+            if tuple(padding_mask.shape) != tuple(x.shape[:-1]):
+                raise ValueError(f"{name}: padding_mask must have x.shape[:-1] = {tuple(x.shape[:-1])}, got "
+                                 f"{tuple(padding_mask.shape)}")
+            v.same_device(name, x=x, padding_mask=padding_mask)
+            pad = padding_mask.reshape(-1)
+            # Padding rows may hold anything (NaN included): zero them before any product so nothing reaches the
+            # router's or the experts' weight gradients (0 * NaN would).
+            hidden = torch.where(pad[:, None], 0.0, hidden)
+        logits = self.router(hidden)
+        routing = self._route(logits)
+        if pad is not None:
+            routing = mask_padding(routing, pad)
+        if self.training and self.balance and not _in_checkpoint_recompute():
             with torch.no_grad():
                 self.pending_counts.add_(routing.counts)
-        y = self.experts(hidden, routing)
-        return y.view(x.shape)
+        y = self.experts(hidden, routing).view(x.shape)
+        return (y, logits) if return_router_logits else y
 
     def update_bias(self) -> None:
         """Feed the counts gathered since the last call to the balancer (all-reduced over its process group)."""
@@ -166,8 +260,25 @@ class ZeroComputeMoE(nn.Module):
         self.pending_counts.zero_()
 
 
+def mask_padding(routing: MoERouting, padding: torch.Tensor) -> MoERouting:
+    """Drop padding tokens (``padding`` bool ``[T]``, True = padding) from a routing: their slots get id -1 (not
+    dispatched), weight 0 and no zero-expert term, and ``counts`` leaves them out. No host sync."""
+    ids, weights, zero_weight, counts = routing
+    pad_slots = padding[:, None].expand_as(ids)
+    dropped = torch.zeros(counts.shape, dtype=torch.int32, device=counts.device)
+    dropped.scatter_add_(0, ids.reshape(-1).long().clamp_min(0), pad_slots.reshape(-1).to(torch.int32))
+    return MoERouting(
+        torch.where(pad_slots, -1, ids),
+        torch.where(pad_slots, 0.0, weights),
+        torch.where(padding, 0.0, zero_weight),
+        counts - dropped,
+    )
+
+
 def update_expert_biases(model: nn.Module) -> None:
-    """Call :meth:`ZeroComputeMoE.update_bias` on every MoE block of ``model`` (once per optimizer step)."""
+    """Call ``update_bias()`` on every MoE block of ``model`` — :class:`ZeroComputeMoE` and any block with the same
+    method, e.g. ``mmkernels.distributed.ExpertParallelMoE`` — once per optimizer step."""
     for module in model.modules():
-        if isinstance(module, ZeroComputeMoE):
-            module.update_bias()
+        update = getattr(module, "update_bias", None)
+        if callable(update):
+            update()

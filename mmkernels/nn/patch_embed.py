@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._backends import BackendChoice, ModuleBackend
 from ..ops import _validate as v
 from ..ops.patch_embed import patch_embed
 
@@ -87,8 +88,10 @@ class PatchEmbed(nn.Module):
         cls_token: learn a cls token ``[1, 1, D]``, prepended as token 0.
         pos_embed: learn a position embedding ``[1, L, D]`` (L counts the cls token when there is one).
         pos_interpolation: ``"hf"`` or ``"timm"``: how ``pos_embed`` is resized for other image sizes.
-        backend: backend of the op (``None`` = auto).
+        backend: backend of the op: ``None`` (auto), a name, or ``{"patch_embed": name}``; checked here.
     """
+
+    backend = ModuleBackend("patch_embed")
 
     def __init__(
         self,
@@ -101,7 +104,7 @@ class PatchEmbed(nn.Module):
         cls_token: bool = False,
         pos_embed: bool = False,
         pos_interpolation: str = "hf",
-        backend: str | None = None,
+        backend: BackendChoice = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -168,4 +171,4 @@ class PatchEmbed(nn.Module):
                                  f"P={self.patch_size}")
             pos = self.interpolate_pos_embed(self.grid_for(h, w))
         return patch_embed(pixels, self.weight, self.bias, pos_embed=pos, cls_token=self.cls_token,
-                           backend=self.backend)
+                           backend=self._backends["patch_embed"])

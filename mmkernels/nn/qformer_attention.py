@@ -14,6 +14,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._backends import BackendChoice, ModuleBackend
+from ..ops import _validate as check
+from ..ops.attention import check_dropout
 from ..ops.qformer_attention import MAX_HEAD_DIM, qformer_cross_attention
 
 __all__ = ["QFormerCrossAttention"]
@@ -31,13 +34,20 @@ class QFormerCrossAttention(nn.Module):
         bias: biases on the projections (BLIP-2: yes).
         project_kv: own ``key``/``value`` projections (default); False when keys/values always come precomputed.
         softmax_scale: default ``head_dim ** -0.5``.
-        backend: backend of the attention op (``None`` = auto).
+        backend: backend of the attention op: ``None`` (auto), a name or ``{"qformer_cross_attention": name}``;
+            checked here (``mmkernels.BackendError``).
+        dropout: attention-probability dropout in ``[0, 1)``, applied in training mode only (HF's
+            ``attention_probs_dropout_prob``); the attribute ``dropout`` may be changed later.
 
-    ``forward(hidden_states [B, Lq, hidden_size], encoder_hidden_states [B, Lk, kv_dim], *, kv_lens=None)`` or
-    ``forward(hidden_states, key=k, value=v, kv_lens=None)`` with ``k``/``v`` ``[B, Lk, num_heads, head_dim]``
-    (any strides with a unit stride on the last dim) or ``[B, Lk, hidden_size]``. ``kv_lens`` int32 ``[B]`` masks
-    padded image tokens ``>= kv_lens[b]``. Returns ``[B, Lq, hidden_size]``.
+    ``forward(hidden_states [B, Lq, hidden_size], encoder_hidden_states [B, Lk, kv_dim], *, kv_lens=None,
+    validate_kv_lens=True)`` or ``forward(hidden_states, key=k, value=v, kv_lens=None, validate_kv_lens=True)``
+    with ``k``/``v`` ``[B, Lk, num_heads, head_dim]`` (any strides with a unit stride on the last dim) or
+    ``[B, Lk, hidden_size]``. ``kv_lens`` int32 ``[B]`` masks padded image tokens ``>= kv_lens[b]``;
+    ``validate_kv_lens=False`` skips the per-call host read of its values (for owners that checked them once per
+    forward; unchecked values are clamped to ``[0, Lk]``). Returns ``[B, Lq, hidden_size]``.
     """
+
+    backend = ModuleBackend("qformer_cross_attention")
 
     def __init__(
         self,
@@ -48,12 +58,20 @@ class QFormerCrossAttention(nn.Module):
         bias: bool = True,
         project_kv: bool = True,
         softmax_scale: float | None = None,
-        backend: str | None = None,
+        backend: BackendChoice = None,
+        dropout: float = 0.0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if hidden_size < 1 or num_heads < 1 or hidden_size % num_heads:
+        self.dropout = check_dropout(dropout, op=_NAME)
+        check.integer("hidden_size", hidden_size, op=_NAME, low=1)
+        check.integer("num_heads", num_heads, op=_NAME, low=1)
+        if kv_dim is not None:
+            check.integer("kv_dim", kv_dim, op=_NAME, low=1)
+        if softmax_scale is not None:
+            softmax_scale = check.real("softmax_scale", softmax_scale, op=_NAME)
+        if hidden_size % num_heads:
             raise ValueError(f"{_NAME}: hidden_size ({hidden_size}) must be a positive multiple of num_heads "
                              f"({num_heads})")
         head_dim = hidden_size // num_heads
@@ -65,8 +83,6 @@ class QFormerCrossAttention(nn.Module):
         self.kv_dim = hidden_size if kv_dim is None else kv_dim
         self.softmax_scale = softmax_scale
         self.backend = backend
-        # Set by owners that validate kv_lens once per forward (QFormer): skips the per-call host read.
-        self.kv_lens_prevalidated = False
         kw = dict(bias=bias, device=device, dtype=dtype)
         self.query = nn.Linear(hidden_size, hidden_size, **kw)
         if project_kv:
@@ -77,18 +93,22 @@ class QFormerCrossAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, num_heads={self.num_heads}, kv_dim={self.kv_dim}, "
-                f"project_kv={self.key is not None}, backend={self.backend!r}")
+                f"project_kv={self.key is not None}, dropout={self.dropout}, backend={self.backend!r}")
 
     @classmethod
     def from_hf(cls, module: nn.Module, *, backend: str | None = None) -> QFormerCrossAttention:
         """Copy a Hugging Face ``Blip2QFormerMultiHeadAttention`` (or any module with ``query``/``key``/``value``
-        linears and ``num_attention_heads``)."""
+        linears and ``num_attention_heads``). The attention dropout comes from its ``attention_dropout`` (a float,
+        recent transformers) or ``dropout`` (an ``nn.Dropout``, older releases); 0 when it has neither."""
         q, k = module.query, module.key
+        drop = getattr(module, "attention_dropout", None)
+        if drop is None:
+            drop = getattr(getattr(module, "dropout", None), "p", 0.0)
         out = cls(q.out_features, module.num_attention_heads, k.in_features, bias=q.bias is not None,
-                  backend=backend, device=q.weight.device, dtype=q.weight.dtype)
+                  backend=backend, dropout=float(drop), device=q.weight.device, dtype=q.weight.dtype)
         out.load_state_dict({f"{n}.{p}": t for n in ("query", "key", "value")
                              for p, t in getattr(module, n).state_dict().items()})
-        return out
+        return out.train(module.training)  # same mode as the source: its dropout is active exactly when HF's is
 
     def _heads(self, name: str, t: torch.Tensor, B: int) -> torch.Tensor:
         if not isinstance(t, torch.Tensor):
@@ -109,6 +129,7 @@ class QFormerCrossAttention(nn.Module):
         key: torch.Tensor | None = None,
         value: torch.Tensor | None = None,
         kv_lens: torch.Tensor | None = None,
+        validate_kv_lens: bool = True,
     ) -> torch.Tensor:
         if not isinstance(hidden_states, torch.Tensor):
             raise TypeError(f"{_NAME}: hidden_states must be a torch.Tensor, got {type(hidden_states).__name__}")
@@ -137,5 +158,7 @@ class QFormerCrossAttention(nn.Module):
             v = self.value(encoder_hidden_states).unflatten(2, (self.num_heads, self.head_dim))
         q = self.query(hidden_states).unflatten(2, (self.num_heads, self.head_dim))
         ctx = qformer_cross_attention(q, k, v, kv_lens=kv_lens, softmax_scale=self.softmax_scale,
-                                      backend=self.backend, _check_range=not self.kv_lens_prevalidated)
+                                      backend=self._backends["qformer_cross_attention"],
+                                      validate_kv_lens=validate_kv_lens,
+                                      dropout_p=self.dropout if self.training else 0.0)
         return ctx.flatten(2)

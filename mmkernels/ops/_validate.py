@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 
 import torch
@@ -25,11 +26,12 @@ def tensor(name: str, value, *, dtypes: Iterable[torch.dtype] | None = None, dim
 
 
 def same_device(op: str, **tensors: torch.Tensor) -> torch.device:
-    devices = {name: t.device for name, t in tensors.items()}
-    first = next(iter(devices.values()))
-    if any(d != first for d in devices.values()):
-        listing = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"{op}: all tensors must be on one device, got {listing}")
+    values = iter(tensors.values())
+    first = next(values).device
+    for t in values:  # a plain loop: this runs on every op call
+        if t.device != first:
+            listing = ", ".join(f"{n} on {x.device}" for n, x in tensors.items())
+            raise ValueError(f"{op}: all tensors must be on one device, got {listing}")
     return first
 
 
@@ -37,18 +39,37 @@ def integer(name: str, value, *, op: str, low: int | None = None, high: int | No
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
     if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
-        raise ValueError(f"{op}: {name} must be in {bounds}, got {value}")
+        if high is None:
+            bounds = f">= {low}"
+        elif low is None:
+            bounds = f"<= {high}"
+        else:
+            bounds = f"in [{low}, {high}]"
+        raise ValueError(f"{op}: {name} must be {bounds}, got {value}")
     return value
 
 
 def real(name: str, value, *, op: str, low: float | None = None, high: float | None = None) -> float:
+    """A finite real number as a Python float. Accepts Python and NumPy scalars (``numpy.float32(0.125)``).
+
+    Under ``torch.compile(dynamic=True)`` a float argument can arrive as a symbolic float (``torch.SymFloat``):
+    its value is unknown while tracing, so inside ``torch.compile`` it is returned as is after the type check (a
+    module checks its float options eagerly, at construction).
+    """
+    compiling = torch.compiler.is_compiling()
+    if (type(value) is float or type(value) is int) and not compiling:  # the common case first: every op call
+        return _real_range(name, float(value), op, low, high)
     if isinstance(value, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a Python number, not a tensor (reading a device tensor would "
                         "synchronise with the host)")
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real | torch.SymFloat | torch.SymInt):
         raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
-    value = float(value)
+    if compiling or isinstance(value, torch.SymFloat | torch.SymInt):
+        return value  # possibly symbolic (dynamic=True): no concrete value to check while tracing
+    return _real_range(name, float(value), op, low, high)
+
+
+def _real_range(name: str, value: float, op: str, low: float | None, high: float | None) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{op}: {name} must be finite, got {value}")
     if (low is not None and value < low) or (high is not None and value > high):
@@ -61,3 +82,16 @@ def choice(name: str, value, options: Iterable[str], *, op: str) -> str:
     if value not in options:
         raise ValueError(f"{op}: {name} must be one of {options}, got {value!r}")
     return value
+
+
+def no_double_backward(op: str) -> None:
+    """Call at the top of a registered op's backward: the kernels' backward is not itself differentiable.
+
+    With ``create_graph=True`` (double backward, e.g. a gradient penalty) autograd runs the backward with grad
+    mode on; raise a clear error there instead of PyTorch's message at the second backward.
+    """
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"{op}: double backward (torch.autograd.grad(..., create_graph=True) through this op) is not supported by "
+            "its fused kernels; use backend='reference' for higher-order gradients"
+        )

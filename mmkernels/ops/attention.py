@@ -2,24 +2,25 @@
 
 Layers:
 - kernels: ``kernels/triton/attention.py`` (triton), ``kernels/reference/attention.py`` (reference);
-- registered ops (``triton_op`` + ``wrap_triton``, so ``torch.compile`` sees the kernels; the op function itself,
-  traced under fake tensors, is the fake): ``torch.ops.mmkernels.attention_fwd_triton`` -> ``(out, lse)`` with
-  autograd registered, and ``torch.ops.mmkernels.attention_bwd_triton`` -> ``(dq, dk, dv)``;
+- registered ops (``ops._triton_op.triton_op``: ``triton_op`` + ``wrap_triton`` on GPUs, so ``torch.compile`` sees
+  the kernels; an opaque ``custom_op`` with the same fake under ``TRITON_INTERPRET=1``):
+  ``torch.ops.mmkernels.attention_fwd_triton`` -> ``(out, lse)`` with autograd registered, and
+  ``torch.ops.mmkernels.attention_bwd_triton`` -> ``(dq, dk, dv)``;
 - the validated public function :func:`attention` below;
 - the module ``mmkernels.nn.Attention``.
 
 The forward saves only ``out`` and the log-sum-exp; the backward recomputes the probabilities, so memory is linear
 in the sequence length. The backward reads :func:`mmkernels.is_deterministic` when it runs: on, dQ comes from its
-own kernel (bitwise reproducible); off, dQ is accumulated with fp32 atomics.
+own kernel (bitwise reproducible); off, dQ is accumulated with fp32 atomics. Attention dropout draws one int64 seed
+per call (``torch.randint`` on q's device: no host synchronisation, reproducible under ``torch.manual_seed``); the
+kernels derive the keep mask from it with Philox, and the backward regenerates the same mask from the saved seed.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from .._backends import OpBackends, triton_available
+from .._backends import BackendError, OpBackends, triton_available
 from .._config import is_deterministic
 from ..kernels.reference.attention import attention_reference
 from . import _validate as check
@@ -28,100 +29,70 @@ __all__ = ["MAX_HEAD_DIM", "attention"]
 
 OP = "attention"
 MAX_HEAD_DIM = 256
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DTYPES = (*KERNEL_DTYPES, torch.float64)  # float64 runs on the reference only
 
 BACKENDS = OpBackends(OP, auto_order={"cuda": ("triton", "reference"), "cpu": ("reference",)})
 
 
 @BACKENDS.register("reference")
-def _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+def _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+               dropout_p=0.0):
     return attention_reference(q, k, v, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                               max_seqlen_k)
+                               max_seqlen_k, dropout_p=dropout_p)
 
 
-def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+def draw_seed(device: torch.device) -> torch.Tensor:
+    """One int64 Philox seed ``[1]`` from torch's generator of ``device`` (no host sync; ``torch.manual_seed``
+    reproduces it). Shared with the Q-Former kernels."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, dropout_p,
+              seed):
     return q.new_empty(q.shape), q.new_empty(lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
 
 def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-              softmax_scale, deterministic):
+              softmax_scale, deterministic, dropout_p, seed):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-def _register(name: str, fn, fake):
-    """``triton_op`` (Inductor sees the kernels through ``wrap_triton``) with an explicit fake. Under
-    ``TRITON_INTERPRET=1`` the kernels are Python functions that ``wrap_triton`` cannot trace, so the op is an opaque
-    ``custom_op`` there instead: same schema, same fake, same autograd."""
-    if os.environ.get("TRITON_INTERPRET", "") == "1":
-        op = torch.library.custom_op(name, mutates_args=())(fn)
-    else:
-        op = torch.library.triton_op(name, mutates_args=())(fn)
-    op.register_fake(fake)
-    return op
 
 
 if triton_available():
     from ..kernels.triton.attention import attention_bwd_triton, attention_fwd_triton, lse_shape
+    from ._triton_op import triton_op
 
-    def _fwd_impl(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        cu_seqlens_q: torch.Tensor | None,
-        cu_seqlens_k: torch.Tensor | None,
-        max_seqlen_q: int,
-        max_seqlen_k: int,
-        causal: bool,
-        softmax_scale: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return attention_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                                    softmax_scale, launch=torch.library.wrap_triton)
-
-    def _bwd_impl(
-        dout: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        out: torch.Tensor,
-        lse: torch.Tensor,
-        cu_seqlens_q: torch.Tensor | None,
-        cu_seqlens_k: torch.Tensor | None,
-        max_seqlen_q: int,
-        max_seqlen_k: int,
-        causal: bool,
-        softmax_scale: float,
-        deterministic: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return attention_bwd_triton(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                    causal, softmax_scale, deterministic, launch=torch.library.wrap_triton)
-
-    _fwd_op = _register("mmkernels::attention_fwd_triton", _fwd_impl, _fwd_fake)
-    _bwd_op = _register("mmkernels::attention_bwd_triton", _bwd_impl, _bwd_fake)
+    # The launchers are the ops: their signatures (without `launch`) are the schemas.
+    _fwd_op = triton_op("mmkernels::attention_fwd_triton", attention_fwd_triton, mutates_args=(), fake=_fwd_fake)
+    triton_op("mmkernels::attention_bwd_triton", attention_bwd_triton, mutates_args=(), fake=_bwd_fake)
 
     def _setup_context(ctx, inputs, output) -> None:
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale = inputs
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, dropout_p, seed = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed)
         ctx.max_seqlen_q, ctx.max_seqlen_k = max_seqlen_q, max_seqlen_k
-        ctx.causal, ctx.softmax_scale = causal, softmax_scale
+        ctx.causal, ctx.softmax_scale, ctx.dropout_p = causal, softmax_scale, dropout_p
         ctx.mark_non_differentiable(lse)
 
     def _backward(ctx, dout, dlse):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        check.no_double_backward(OP)
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed = ctx.saved_tensors
         if dout.stride(-1) != 1:  # e.g. the expanded gradient of out.sum()
             dout = dout.contiguous()
         dq, dk, dv = torch.ops.mmkernels.attention_bwd_triton(
             dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ctx.max_seqlen_q, ctx.max_seqlen_k, ctx.causal,
-            ctx.softmax_scale, is_deterministic(),
+            ctx.softmax_scale, is_deterministic(), ctx.dropout_p, seed,
         )
-        return dq, dk, dv, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
     _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
     @BACKENDS.register("triton")
-    def _triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale):
+    def _triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
+                dropout_p=0.0):
+        seed = draw_seed(q.device) if dropout_p > 0.0 else None
         out, _ = torch.ops.mmkernels.attention_fwd_triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                          max_seqlen_k, causal, softmax_scale)
+                                                          max_seqlen_k, causal, softmax_scale, dropout_p, seed)
         return out
 
 
@@ -139,8 +110,8 @@ def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_name: str, ma
         i = next(i for i, n in enumerate(lengths) if n < 0)
         raise ValueError(f"{OP}: {name} must be non-decreasing, but {name}[{i + 1}] = {values[i + 1]} < "
                          f"{name}[{i}] = {values[i]}")
-    if values[-1] != total:
-        raise ValueError(f"{OP}: {name}[-1] must equal the number of rows ({total}), got {values[-1]}")
+    if values[-1] > total:
+        raise ValueError(f"{OP}: {name}[-1] = {values[-1]} exceeds the number of rows ({total})")
     longest = max(lengths, default=0)
     if max_seqlen is not None and max_seqlen < longest:
         raise ValueError(f"{OP}: {max_name}={max_seqlen} is shorter than the longest sequence in {name} ({longest})")
@@ -159,23 +130,37 @@ def attention(
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
     backend: str | None = None,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Scaled dot-product attention, ``softmax(q k^T * softmax_scale) v``, fused (FlashAttention-2 style).
 
     Dense: q ``[B, Lq, Hq, D]``, k and v ``[B, Lk, Hkv, D]`` (flash-attn's layout), output ``[B, Lq, Hq, D]``.
     Varlen: q ``[total_q, Hq, D]``, k and v ``[total_k, Hkv, D]``, with int32 ``cu_seqlens_q`` / ``cu_seqlens_k`` of
-    length ``B + 1`` (cumulative sequence lengths from 0; zero-length sequences allowed).
+    length ``B + 1`` (cumulative sequence lengths from 0; zero-length sequences allowed; ``B = 0`` allowed).
+    ``cu_seqlens_*[-1]`` may be smaller than ``total_*``: the rows after it are padding (e.g. a fixed-size buffer
+    for ``torch.compile``); padding rows of the output and of every gradient are zeros, and their values (even NaN
+    or inf) never reach any result.
 
     - ``Hq`` a multiple of ``Hkv`` (GQA/MQA): query head ``h`` attends with key/value head ``h // (Hq // Hkv)``.
     - ``Lq != Lk`` is allowed (cross-attention). ``causal`` masks are bottom-right aligned: query ``i`` sees keys
-      ``j <= i + Lk - Lq`` (flash-attn >= 2.1); a query that sees no key gets zeros.
+      ``j <= i + Lk - Lq`` (flash-attn >= 2.1); a query that sees no key gets zeros and zero gradients, and its q
+      values (even NaN) reach nothing.
     - fp16, bf16 or fp32 (all three tensors alike); any head dim ``D <= 256``; fp32 accumulation, output in the
-      input dtype. Differentiable in q, k and v.
-    - ``softmax_scale`` defaults to ``D ** -0.5``.
+      input dtype. float64 runs on the reference backend (auto picks it; an explicit other backend raises
+      :class:`mmkernels.BackendError`). Differentiable in q, k and v (once; the reference also twice).
+    - ``softmax_scale`` (any real number: Python or NumPy scalar) defaults to ``D ** -0.5``.
     - ``max_seqlen_q/k`` (varlen only) default to the longest sequence; computing them, and checking the
       ``cu_seqlens`` values, reads ``cu_seqlens`` on the host. Under ``torch.compile`` those value checks are
       skipped and ``max_seqlen_q/k`` must be given.
+    - ``dropout_p`` in ``[0, 1)``: attention dropout on the probabilities (inverted: kept with probability
+      ``1 - dropout_p`` and scaled by ``1 / (1 - dropout_p)``, as ``scaled_dot_product_attention`` and flash-attn).
+      Applied whenever it is > 0, also in eval mode: pass 0 there (``mmkernels.nn.Attention`` does). The mask is
+      drawn from torch's generator (reproducible under ``torch.manual_seed``); the backends draw different masks.
+      ``0.0`` (default) is exactly no dropout.
     - ``backend``: ``None`` (auto: ``"triton"`` on CUDA, ``"reference"`` on CPU), ``"triton"`` or ``"reference"``.
+
+    Raises ``TypeError``/``ValueError`` naming the argument for bad dtypes, shapes, ``cu_seqlens`` values and
+    scalars; :class:`mmkernels.BackendError` for a backend that cannot run these tensors.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check.tensor(name, t, dtypes=DTYPES, op=OP)
@@ -238,7 +223,24 @@ def attention(
         max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
 
     scale = head_dim**-0.5 if softmax_scale is None else check.real("softmax_scale", softmax_scale, op=OP)
+    dropout_p = check_dropout(dropout_p, op=OP)
+    if q.dtype in KERNEL_DTYPES:
+        _, impl = BACKENDS.select(device, backend)
+    elif backend in (None, "reference"):
+        impl = BACKENDS.impls["reference"]
+    else:
+        raise BackendError(f"{OP}: backend={backend!r} supports float16, bfloat16 and float32; float64 inputs run on "
+                           "backend='reference' (or backend=None)")
     # The kernels take any strides but a unit stride on the head dim.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    _, impl = BACKENDS.select(device, backend)
-    return impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+    return impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p)
+
+
+def check_dropout(dropout_p, *, op: str) -> float:
+    """``dropout_p`` as a float in ``[0, 1)`` (shared with the Q-Former op)."""
+    value = check.real("dropout_p", dropout_p, op=op)
+    if not isinstance(value, float):  # symbolic under torch.compile(dynamic=True): checked when traced eagerly
+        return value
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{op}: dropout_p must be in [0, 1), got {value}")
+    return value

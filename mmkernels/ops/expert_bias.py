@@ -1,10 +1,10 @@
-"""Expert-bias update (the PID-controlled balancer of specs/longcat_moe.md): one op through every layer.
+"""Expert-bias update (the PID-controlled balancer of docs/design/longcat_moe.md): one op through every layer.
 
 Layers:
 - kernels: ``csrc/cpu/expert_bias.cpp`` (cpp), ``csrc/cuda/expert_bias.cu`` (cuda),
   ``kernels/triton/expert_bias.py`` (triton), ``kernels/reference/expert_bias.py`` (reference);
 - registered ops: ``torch.ops.mmkernels.expert_bias_update_`` (C++/CUDA impls from ``mmkernels._C``) and
-  ``torch.ops.mmkernels.expert_bias_update_triton_`` (a ``triton_op``), both mutating ``bias`` and ``state``;
+  ``torch.ops.mmkernels.expert_bias_update_fwd_triton_`` (a ``triton_op``), both mutating ``bias`` and ``state``;
 - the validated public function :func:`expert_bias_update_` below;
 - the module ``mmkernels.nn.ExpertBiasController``.
 
@@ -39,43 +39,47 @@ def _native_fake(bias, counts, state, num_ffn_experts, top_k, target_ffn_per_tok
     return None
 
 
-BACKENDS = OpBackends(OP)
+EXPERT_BIAS_BACKENDS = OpBackends(OP)
 
 
-@BACKENDS.register("cuda")
-@BACKENDS.register("cpp")
-def _native(*args) -> None:
+def check_non_negative_counts(op: str, counts: torch.Tensor) -> None:
+    """Selection counts are histograms: a negative entry means the caller passed something else (e.g. a difference of
+    counts). ``torch._assert_async`` checks without a host sync: on CPU it raises ``RuntimeError`` at once; on CUDA it
+    is a device-side assertion that fails the next synchronising call."""
+    if counts.numel():
+        torch._assert_async(counts.min() >= 0, f"{op}: counts must be >= 0 (selections per expert)")
+
+
+# Negative counts are an error on every backend: the C++ kernel checks them while it sums them; the others check
+# with torch._assert_async (no host sync) before they write anything.
+@EXPERT_BIAS_BACKENDS.register("cpp")
+def _cpp(*args) -> None:
     torch.ops.mmkernels.expert_bias_update_(*args)
 
 
-BACKENDS.register("reference")(expert_bias_update_reference)
+@EXPERT_BIAS_BACKENDS.register("cuda")
+def _cuda(bias, counts, *args) -> None:
+    check_non_negative_counts(OP, counts)
+    torch.ops.mmkernels.expert_bias_update_(bias, counts, *args)
+
+
+@EXPERT_BIAS_BACKENDS.register("reference")
+def _reference(bias, counts, *args) -> None:
+    check_non_negative_counts(OP, counts)
+    expert_bias_update_reference(bias, counts, *args)
 
 if triton_available():
     from ..kernels.triton.expert_bias import expert_bias_update_triton
     from ._triton_op import triton_op
 
-    @triton_op("mmkernels::expert_bias_update_triton_", mutates_args={"bias", "state"}, fake=_native_fake)
-    def _triton_op(
-        bias: torch.Tensor,
-        counts: torch.Tensor,
-        state: torch.Tensor,
-        num_ffn_experts: int,
-        top_k: int,
-        target_ffn_per_token: float,
-        kp: float,
-        ki: float,
-        kd: float,
-        rule: str,
-        max_abs: float | None,
-    ) -> None:
-        expert_bias_update_triton(
-            bias, counts, state, num_ffn_experts, top_k, target_ffn_per_token, kp, ki, kd, rule, max_abs,
-            launch=torch.library.wrap_triton,
-        )
+    # The launcher is the op: its signature (without `launch`) is the schema, the native op's.
+    triton_op("mmkernels::expert_bias_update_fwd_triton_", expert_bias_update_triton, mutates_args={"bias", "state"},
+              fake=_native_fake)
 
-    @BACKENDS.register("triton")
+    @EXPERT_BIAS_BACKENDS.register("triton")
     def _triton(*args) -> None:
-        torch.ops.mmkernels.expert_bias_update_triton_(*args)
+        check_non_negative_counts(OP, args[1])
+        torch.ops.mmkernels.expert_bias_update_fwd_triton_(*args)
 
 
 def expert_bias_update_(
@@ -117,6 +121,11 @@ def expert_bias_update_(
         mode: ``"pid"`` or ``"sign"``.
         max_abs: optional clamp on ``|bias_i|`` for FFN experts.
         backend: ``None`` (auto), ``"cuda"``, ``"cpp"``, ``"triton"`` or ``"reference"``.
+
+    Raises:
+        TypeError / ValueError: wrong dtypes, shapes, devices, or arguments out of range (naming the argument).
+        RuntimeError: a negative count (on CPU at once; on CUDA a device-side assertion, checked without a host
+            sync, that fails the next synchronising call).
     """
     v.tensor("bias", bias, dtypes=(torch.float32,), dim=1, contiguous=True, op=OP)
     v.tensor("counts", counts, dtypes=(torch.int32, torch.int64), dim=1, op=OP)
@@ -135,5 +144,5 @@ def expert_bias_update_(
     if max_abs is not None:
         max_abs = v.real("max_abs", max_abs, op=OP, low=0.0)
     counts = counts.contiguous()
-    _, impl = BACKENDS.select(device, backend)
+    _, impl = EXPERT_BIAS_BACKENDS.select(device, backend)
     impl(bias, counts, state, n, k, target, *gains, mode, max_abs)

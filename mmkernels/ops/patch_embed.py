@@ -2,9 +2,9 @@
 
 Layers:
 - kernels: ``kernels/triton/patch_embed.py`` (triton), ``kernels/reference/patch_embed.py`` (reference);
-- registered ops (``triton_op``, so ``torch.compile`` sees the kernels): ``torch.ops.mmkernels.patch_embed_fwd``
-  (differentiable through ``register_autograd``) and its backward pieces ``patch_embed_bwd_input``,
-  ``patch_embed_bwd_weight``, ``patch_embed_bwd_tokens``, each with a fake;
+- registered ops (``triton_op``, so ``torch.compile`` sees the kernels): ``torch.ops.mmkernels.patch_embed_fwd_triton``
+  (differentiable through ``register_autograd``) and its backward pieces ``patch_embed_bwd_input_triton``,
+  ``patch_embed_bwd_weight_triton``, ``patch_embed_bwd_tokens_triton``, each with a fake;
 - the validated public function :func:`patch_embed` below;
 - the module ``mmkernels.nn.PatchEmbed``.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backends import BackendError, OpBackends, triton_available
+from .._backends import OpBackends, triton_available
 from ..kernels.reference.patch_embed import patch_embed_reference
 from . import _validate as v
 
@@ -23,13 +23,11 @@ OP = "patch_embed"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float64: reference backend only
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-BACKENDS = OpBackends(OP, auto_order={"cuda": ("triton", "reference"), "cpu": ("reference",)})
-BACKENDS.register("reference")(patch_embed_reference)
+PATCH_EMBED_BACKENDS = OpBackends(OP, auto_order={"cuda": ("triton", "reference"), "cpu": ("reference",)})
+PATCH_EMBED_BACKENDS.register("reference")(patch_embed_reference)
 
 
 if triton_available():
-    from torch.library import wrap_triton
-
     from ..kernels.triton import patch_embed as _k
     from ._triton_op import triton_op
 
@@ -41,46 +39,30 @@ if triton_available():
         seq = (1 if cls_token is not None else 0) + (h // p) * (w // p)
         return pixels.new_empty((b, seq, d))
 
-    @triton_op("mmkernels::patch_embed_fwd", mutates_args=(), fake=_fwd_fake)
-    def _fwd(
-        pixels: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        pos_embed: torch.Tensor | None,
-        cls_token: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """pixels [B, C, H, W], weight [D, C, P, P], bias [D], pos_embed [L, D], cls_token [D] -> [B, L, D]."""
-        return _k.patch_embed_fwd(pixels, weight, bias, pos_embed, cls_token, launch=wrap_triton)
+    # The launchers are the ops: their signatures (without `launch`) are the schemas.
+    _fwd = triton_op("mmkernels::patch_embed_fwd_triton", _k.patch_embed_fwd, mutates_args=(), fake=_fwd_fake)
 
     # -- backward pieces (not differentiable themselves) ---------------------------------------------------------
 
     def _bwd_input_fake(grad_out, weight, pixels, has_cls):
         return torch.empty_like(pixels)
 
-    @triton_op("mmkernels::patch_embed_bwd_input", mutates_args=(), fake=_bwd_input_fake)
-    def _bwd_input(grad_out: torch.Tensor, weight: torch.Tensor, pixels: torch.Tensor, has_cls: bool) -> torch.Tensor:
-        """Pixel gradient in the layout of ``pixels`` (read for its shape and strides only)."""
-        return _k.patch_embed_bwd_input(grad_out, weight, pixels, has_cls, launch=wrap_triton)
+    triton_op("mmkernels::patch_embed_bwd_input_triton", _k.patch_embed_bwd_input, mutates_args=(),
+              fake=_bwd_input_fake)
 
     def _bwd_weight_fake(grad_out, pixels, patch_size, has_cls):
         return grad_out.new_empty((grad_out.shape[2], pixels.shape[1], patch_size, patch_size))
 
-    @triton_op("mmkernels::patch_embed_bwd_weight", mutates_args=(), fake=_bwd_weight_fake)
-    def _bwd_weight(grad_out: torch.Tensor, pixels: torch.Tensor, patch_size: int, has_cls: bool) -> torch.Tensor:
-        """Weight gradient [D, C, P, P] (dtype of ``grad_out``)."""
-        return _k.patch_embed_bwd_weight(grad_out, pixels, patch_size, has_cls, launch=wrap_triton)
+    triton_op("mmkernels::patch_embed_bwd_weight_triton", _k.patch_embed_bwd_weight, mutates_args=(),
+              fake=_bwd_weight_fake)
 
     def _bwd_tokens_fake(grad_out, sum_rows, has_cls, bias_grad):
         d = grad_out.shape[2]
         return (grad_out.new_empty((sum_rows, d), dtype=torch.float32),
                 grad_out.new_empty((d if bias_grad else 0,), dtype=torch.float32))
 
-    @triton_op("mmkernels::patch_embed_bwd_tokens", mutates_args=(), fake=_bwd_tokens_fake)
-    def _bwd_tokens(
-        grad_out: torch.Tensor, sum_rows: int, has_cls: bool, bias_grad: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """fp32 (sum over the batch of the first ``sum_rows`` tokens [sum_rows, D], bias gradient [D] or [0])."""
-        return _k.patch_embed_bwd_tokens(grad_out, sum_rows, has_cls, bias_grad, launch=wrap_triton)
+    triton_op("mmkernels::patch_embed_bwd_tokens_triton", _k.patch_embed_bwd_tokens, mutates_args=(),
+              fake=_bwd_tokens_fake)
 
     # -- autograd ------------------------------------------------------------------------------------------------
 
@@ -92,16 +74,18 @@ if triton_available():
         ctx.save_for_backward(pixels, weight)
 
     def _backward(ctx, grad):
+        v.no_double_backward(OP)
         pixels, weight = ctx.saved_tensors
         need_x, need_w, need_b, need_pos, need_cls = ctx.needs_input_grad
         grad_x = grad_w = grad_b = grad_pos = grad_cls = None
         if need_x:
-            grad_x = torch.ops.mmkernels.patch_embed_bwd_input(grad, weight, pixels, ctx.has_cls)
+            grad_x = torch.ops.mmkernels.patch_embed_bwd_input_triton(grad, weight, pixels, ctx.has_cls)
         if need_w:
-            grad_w = torch.ops.mmkernels.patch_embed_bwd_weight(grad, pixels, weight.shape[-1], ctx.has_cls)
+            grad_w = torch.ops.mmkernels.patch_embed_bwd_weight_triton(grad, pixels, weight.shape[-1], ctx.has_cls)
         sum_rows = ctx.seq if need_pos else (1 if need_cls else 0)
         if need_b or sum_rows:
-            sums, bias_sum = torch.ops.mmkernels.patch_embed_bwd_tokens(grad, sum_rows, ctx.has_cls, bool(need_b))
+            sums, bias_sum = torch.ops.mmkernels.patch_embed_bwd_tokens_triton(grad, sum_rows, ctx.has_cls,
+                                                                                bool(need_b))
             if need_b:
                 grad_b = bias_sum.to(ctx.param_dtype)
             if need_pos:
@@ -112,9 +96,14 @@ if triton_available():
 
     _fwd.register_autograd(_backward, setup_context=_setup_context)
 
-    @BACKENDS.register("triton")
+    def _triton_supports(pixels, *_) -> str | None:
+        return None if pixels.dtype in KERNEL_DTYPES else (
+            f"the kernels take float32, float16 and bfloat16, got {str(pixels.dtype).replace('torch.', '')} "
+            "(float64 runs on backend='reference')")
+
+    @PATCH_EMBED_BACKENDS.register("triton", supports=_triton_supports)
     def _triton(pixels, weight, bias=None, pos_embed=None, cls_token=None):
-        return torch.ops.mmkernels.patch_embed_fwd(pixels, weight, bias, pos_embed, cls_token)
+        return torch.ops.mmkernels.patch_embed_fwd_triton(pixels, weight, bias, pos_embed, cls_token)
 
 
 def _shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -191,15 +180,10 @@ def patch_embed(
                             f"got {str(t.dtype).replace('torch.', '')}")
     device = v.same_device(OP, **tensors)
 
-    if pixels.dtype not in KERNEL_DTYPES:
-        if backend not in (None, "reference"):
-            raise BackendError(f"{OP}: backend={backend!r} supports float32, float16 and bfloat16; float64 inputs "
-                               "run on backend='reference'")
-        impl = BACKENDS.impls["reference"]
-    else:
-        _, impl = BACKENDS.select(device, backend)
     if pos_embed is not None:
         pos_embed = pos_embed.reshape(seq, d)
     if cls_token is not None:
         cls_token = cls_token.reshape(d)
-    return impl(pixels, weight, bias, pos_embed, cls_token)
+    args = (pixels, weight, bias, pos_embed, cls_token)
+    _, impl = PATCH_EMBED_BACKENDS.select(device, backend, args)
+    return impl(*args)

@@ -11,38 +11,41 @@ Layers:
 
 The forward saves only ``out`` and the fp32 log-sum-exp; the backward recomputes the probabilities. Both ops take
 ``num_splits`` (0 = auto): the number of key chunks per (batch, head), i.e. the flash-decoding split used when
-B*H programs cannot fill the GPU. The backward is deterministic (no atomics) whatever the split.
+B*H programs cannot fill the GPU. The backward is deterministic (no atomics) whatever the split. Dropout: one int64
+seed per call (as in :mod:`mmkernels.ops.attention`), saved for the backward, which regenerates the same mask.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .._backends import OpBackends, triton_available
+from .._backends import BackendError, OpBackends, triton_available
 from ..kernels.reference.qformer_attention import qformer_attention_reference
 from . import _validate as check
+from .attention import check_dropout, draw_seed
 
 __all__ = ["DTYPES", "MAX_HEAD_DIM", "MAX_QUERIES", "qformer_cross_attention"]
 
 OP = "qformer_cross_attention"
 MAX_QUERIES = 128
 MAX_HEAD_DIM = 128
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DTYPES = (*KERNEL_DTYPES, torch.float64)  # float64 runs on the reference only
 
 BACKENDS = OpBackends(OP, auto_order={"cuda": ("triton", "reference"), "cpu": ("reference",)})
 
 
 @BACKENDS.register("reference")
-def _reference(q, k, v, kv_lens, softmax_scale):
-    return qformer_attention_reference(q, k, v, kv_lens, softmax_scale)
+def _reference(q, k, v, kv_lens, softmax_scale, dropout_p=0.0):
+    return qformer_attention_reference(q, k, v, kv_lens, softmax_scale, dropout_p=dropout_p)
 
 
-def _fwd_fake(q, k, v, kv_lens, softmax_scale, num_splits):
+def _fwd_fake(q, k, v, kv_lens, softmax_scale, num_splits, dropout_p, seed):
     B, Lq, H, D = q.shape
     return q.new_empty((B, Lq, H, D)), q.new_empty((B, H, Lq), dtype=torch.float32)
 
 
-def _bwd_fake(dout, q, k, v, out, lse, kv_lens, softmax_scale, num_splits):
+def _bwd_fake(dout, q, k, v, out, lse, kv_lens, softmax_scale, num_splits, dropout_p, seed):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -50,53 +53,36 @@ if triton_available():
     from ..kernels.triton.qformer_attention import qformer_attention_bwd_triton, qformer_attention_fwd_triton
     from ._triton_op import triton_op
 
-    @triton_op("mmkernels::qformer_attention_fwd_triton", mutates_args=(), fake=_fwd_fake)
-    def _fwd_op(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        kv_lens: torch.Tensor | None,
-        softmax_scale: float,
-        num_splits: int,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return qformer_attention_fwd_triton(q, k, v, kv_lens, softmax_scale, num_splits,
-                                            launch=torch.library.wrap_triton)
-
-    @triton_op("mmkernels::qformer_attention_bwd_triton", mutates_args=(), fake=_bwd_fake)
-    def _bwd_op(
-        dout: torch.Tensor,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        out: torch.Tensor,
-        lse: torch.Tensor,
-        kv_lens: torch.Tensor | None,
-        softmax_scale: float,
-        num_splits: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return qformer_attention_bwd_triton(dout, q, k, v, out, lse, kv_lens, softmax_scale, num_splits,
-                                            launch=torch.library.wrap_triton)
+    # The launchers are the ops: their signatures (without `launch`) are the schemas.
+    _fwd_op = triton_op("mmkernels::qformer_attention_fwd_triton", qformer_attention_fwd_triton, mutates_args=(),
+                        fake=_fwd_fake)
+    triton_op("mmkernels::qformer_attention_bwd_triton", qformer_attention_bwd_triton, mutates_args=(),
+              fake=_bwd_fake)
 
     def _setup_context(ctx, inputs, output):
-        q, k, v, kv_lens, softmax_scale, num_splits = inputs
+        q, k, v, kv_lens, softmax_scale, num_splits, dropout_p, seed = inputs
         out, lse = output
-        ctx.save_for_backward(q, k, v, out, lse, kv_lens)
+        ctx.save_for_backward(q, k, v, out, lse, kv_lens, seed)
         ctx.softmax_scale = softmax_scale
         ctx.num_splits = num_splits
+        ctx.dropout_p = dropout_p
         ctx.mark_non_differentiable(lse)
 
     def _backward(ctx, dout, dlse):
-        q, k, v, out, lse, kv_lens = ctx.saved_tensors
+        check.no_double_backward(OP)
+        q, k, v, out, lse, kv_lens, seed = ctx.saved_tensors
         dq, dk, dv = torch.ops.mmkernels.qformer_attention_bwd_triton(
-            dout, q, k, v, out, lse, kv_lens, ctx.softmax_scale, ctx.num_splits
+            dout, q, k, v, out, lse, kv_lens, ctx.softmax_scale, ctx.num_splits, ctx.dropout_p, seed
         )
-        return dq, dk, dv, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
     _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
     @BACKENDS.register("triton")
-    def _triton(q, k, v, kv_lens, softmax_scale, num_splits: int = 0):
-        out, _ = torch.ops.mmkernels.qformer_attention_fwd_triton(q, k, v, kv_lens, softmax_scale, num_splits)
+    def _triton(q, k, v, kv_lens, softmax_scale, dropout_p=0.0, num_splits: int = 0):
+        seed = draw_seed(q.device) if dropout_p > 0.0 else None
+        out, _ = torch.ops.mmkernels.qformer_attention_fwd_triton(q, k, v, kv_lens, softmax_scale, num_splits,
+                                                                  dropout_p, seed)
         return out
 
 
@@ -112,7 +98,8 @@ def _check_kv_lens(kv_lens, B: int, Lk: int, device: torch.device, *, check_rang
     if kv_lens.device != device:
         raise ValueError(f"{OP}: kv_lens must be on {device} like q, got {kv_lens.device}")
     if check_range and B and not torch.compiler.is_compiling():
-        # One small device->host read; skipped inside torch.compile graphs (the kernels clamp to [0, Lk] there).
+        # One small device->host read; skipped inside torch.compile graphs and with validate_kv_lens=False, where
+        # every backend clamps the values to [0, Lk] instead (a sample with no key gets zeros).
         lo, hi = (int(x) for x in torch.aminmax(kv_lens))
         if lo < 1 or hi > Lk:
             raise ValueError(f"{OP}: kv_lens values must be in [1, Lk] = [1, {Lk}], got min {lo}, max {hi}")
@@ -127,7 +114,8 @@ def qformer_cross_attention(
     kv_lens: torch.Tensor | None = None,
     softmax_scale: float | None = None,
     backend: str | None = None,
-    _check_range: bool = True,
+    validate_kv_lens: bool = True,
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """``softmax(q k^T * scale) v`` per (batch, head), for a few queries over many keys (Q-Former, Perceiver).
 
@@ -136,17 +124,25 @@ def qformer_cross_attention(
         k, v: ``[B, Lk, H, D]`` image-token keys and values, ``Lk >= 1``. Any strides with a unit stride on the
             head dim (e.g. per-layer slices of one hoisted K/V projection) are read in place.
         kv_lens: optional int32 ``[B]`` on q's device: keys ``j >= kv_lens[b]`` are masked (padded image tokens of
-            smaller images in a mixed-resolution batch). Values must be in ``[1, Lk]`` (checked eagerly; one
-            small device-to-host read).
-        softmax_scale: default ``D ** -0.5``.
+            smaller images in a mixed-resolution batch); their values, even NaN or inf, never reach a result, and
+            they get zero gradients. Values must be in ``[1, Lk]``, checked eagerly (one small device-to-host read)
+            when ``validate_kv_lens`` is true.
+        softmax_scale: default ``D ** -0.5`` (any real number: Python or NumPy scalar).
         backend: ``None`` (auto: triton on CUDA, reference on CPU), ``"triton"`` or ``"reference"``.
+        validate_kv_lens: check the ``kv_lens`` values (default). ``False`` skips that host read, for callers that
+            validated the lengths once for many calls (``mmkernels.models.QFormer``: once per forward, not once
+            per layer); it is skipped under ``torch.compile`` anyway. Unchecked values are clamped to ``[0, Lk]``
+            on every backend, and a sample left with no key gets zeros (and zero gradients).
+        dropout_p: attention dropout in ``[0, 1)`` on the probabilities (inverted: kept with probability
+            ``1 - p``, scaled by ``1 / (1 - p)``), from torch's generator; applied whenever > 0 (pass 0 in eval
+            mode; ``mmkernels.nn.QFormerCrossAttention`` does). ``0.0`` is exactly no dropout.
 
-    q, k, v share one dtype (fp16, bf16 or fp32) and one device; ``1 <= D <= 128`` (any, not only powers of two).
-    Returns ``[B, Lq, H, D]`` (contiguous) in q's dtype, differentiable in q, k and v (keys past ``kv_lens`` get
-    zero gradients).
+    q, k, v share one dtype (fp16, bf16 or fp32; float64 on the reference backend, which auto picks for it) and one
+    device; ``1 <= D <= 128`` (any, not only powers of two). Returns ``[B, Lq, H, D]`` (contiguous) in q's dtype,
+    differentiable in q, k and v (keys past ``kv_lens`` get zero gradients).
 
-    ``_check_range=False`` (private) skips the ``kv_lens`` value check for callers that validated the lengths once
-    for many calls (``mmkernels.models.QFormer``: once per forward, not once per layer).
+    Raises ``TypeError``/``ValueError`` naming the argument; :class:`mmkernels.BackendError` when an explicit
+    backend cannot run these tensors (e.g. ``"triton"`` with float64).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check.tensor(name, t, dtypes=DTYPES, dim=4, op=OP)
@@ -170,12 +166,21 @@ def qformer_cross_attention(
         raise ValueError(f"{OP}: q must have at least one head, got shape {tuple(q.shape)}")
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"{OP}: head dim D must be in [1, {MAX_HEAD_DIM}], got {D}")
+    if not isinstance(validate_kv_lens, bool):
+        raise TypeError(f"{OP}: validate_kv_lens must be a bool, got {type(validate_kv_lens).__name__}")
     if kv_lens is not None:
-        kv_lens = _check_kv_lens(kv_lens, B, Lk, device, check_range=_check_range)
+        kv_lens = _check_kv_lens(kv_lens, B, Lk, device, check_range=validate_kv_lens)
     scale = D**-0.5 if softmax_scale is None else check.real("softmax_scale", softmax_scale, op=OP)
-    name, impl = BACKENDS.select(device, backend)
+    dropout_p = check_dropout(dropout_p, op=OP)
+    if q.dtype in KERNEL_DTYPES:
+        name, impl = BACKENDS.select(device, backend)
+    elif backend in (None, "reference"):
+        name, impl = "reference", _reference
+    else:
+        raise BackendError(f"{OP}: backend={backend!r} supports float16, bfloat16 and float32; float64 inputs run on "
+                           "backend='reference' (or backend=None)")
     if B == 0:  # nothing to launch; the reference keeps the autograd graph for an empty batch
         return _reference(q, k, v, kv_lens, scale)
     if name != "reference":
         q, k, v = _unit_stride(q), _unit_stride(k), _unit_stride(v)
-    return impl(q, k, v, kv_lens, scale)
+    return impl(q, k, v, kv_lens, scale, dropout_p)

@@ -141,3 +141,22 @@ def test_bad_forward():
         c(torch.randn(1, 4, 32))
     with pytest.raises(ValueError, match="32 features"):
         c(torch.randn(1, 4, 32), torch.randn(1, 4, 16))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_dropout_in_training_only(backend, device):
+    m = Attention(32, 4, num_kv_heads=2, causal=True, dropout=0.3, backend=backend, device=device)
+    plain = copy.deepcopy(m)
+    plain.dropout = 0.0
+    x = torch.randn(2, 19, 32, device=device)
+    m.eval()
+    torch.testing.assert_close(m(x), plain(x), rtol=0, atol=0)
+    m.train()
+    torch.manual_seed(4)
+    first = m(x)
+    torch.manual_seed(4)
+    torch.testing.assert_close(m(x), first, rtol=0, atol=0)
+    assert not torch.allclose(first, plain(x))
+    assert "dropout=0.3" in repr(m)
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        Attention(32, 4, dropout=1.0)

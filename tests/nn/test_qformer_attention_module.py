@@ -92,3 +92,37 @@ def test_bad_construction():
         QFormerCrossAttention(30, 4)
     with pytest.raises(ValueError, match="exceeds 128"):
         QFormerCrossAttention(512, 2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_dropout_in_training_only_and_from_hf(backend):
+    hf = hf_cross_attention()
+    if hasattr(hf, "attention_dropout"):  # transformers >= 4.48-ish: a float; older: an nn.Dropout
+        hf.attention_dropout = 0.2
+    else:
+        hf.dropout.p = 0.2
+    m = QFormerCrossAttention.from_hf(hf, backend=backend)
+    assert m.dropout == 0.2
+    plain = QFormerCrossAttention.from_hf(hf, backend=backend)
+    plain.dropout = 0.0
+    x, img = torch.randn(2, 8, 48), torch.randn(2, 29, 40)
+    m.eval()
+    torch.testing.assert_close(m(x, img), plain(x, img), rtol=0, atol=0)
+    m.train()
+    torch.manual_seed(1)
+    first = m(x, img)
+    torch.manual_seed(1)
+    torch.testing.assert_close(m(x, img), first, rtol=0, atol=0)
+    assert not torch.allclose(first, plain(x, img))
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_validate_kv_lens_false_clamps(backend):
+    """validate_kv_lens=False skips the host read of kv_lens; out-of-range values are clamped to [0, Lk]."""
+    m = QFormerCrossAttention(32, 4, 24, backend=backend)
+    x, img = torch.randn(2, 3, 32), torch.randn(2, 5, 24)
+    wild = torch.tensor([9, 0], dtype=torch.int32)
+    out = m(x, img, kv_lens=wild, validate_kv_lens=False)
+    torch.testing.assert_close(out[0], m(x, img)[0], rtol=1e-6, atol=1e-6)
+    assert torch.all(out[1] == 0)
+    assert not hasattr(m, "kv_lens_prevalidated")

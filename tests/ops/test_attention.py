@@ -1,5 +1,6 @@
 """mmkernels.ops.attention: Triton forward and backward against a float64 reference (flash-attn's 2x rule), on
-awkward shapes; registration (opcheck, torch.compile); determinism; bad input.
+awkward shapes; registration (opcheck, torch.compile); determinism; bad input; invalid values (NaN/inf in padding
+and blind rows) never leaking, eager and compiled; float64 and the grid folding; attention dropout.
 
 On CPU the Triton kernels run under the interpreter (fp32/fp16), so the CPU grid is small; the big grid carries the
 ``gpu`` marker.
@@ -167,15 +168,17 @@ def test_opcheck(device):
     q, k, v = _make((2, 37, 4, 40), (2, 45, 2, 40), torch.float32, device)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     fwd = torch.ops.mmkernels.attention_fwd_triton.default
-    run_opcheck(fwd, (q, k, v, None, None, 37, 45, True, 0.2))
+    run_opcheck(fwd, (q, k, v, None, None, 37, 45, True, 0.2, 0.0, None))
     cu = torch.tensor([0, 5, 5, 30], dtype=torch.int32, device=device)
-    qv, kv, vv = (torch.randn(30, h, 72, device=device, requires_grad=True) for h in (4, 2, 2))
-    run_opcheck(fwd, (qv, kv, vv, cu, cu, 25, 25, False, 0.2))
+    qv, kv, vv = (torch.randn(33, h, 72, device=device, requires_grad=True) for h in (4, 2, 2))  # 3 padding rows
+    run_opcheck(fwd, (qv, kv, vv, cu, cu, 25, 25, False, 0.2, 0.0, None))
+    seed = torch.tensor([1234], dtype=torch.int64, device=device)
+    run_opcheck(fwd, (q, k, v, None, None, 37, 45, True, 0.2, 0.3, seed))  # dropout: the seed fixes the mask
     with torch.no_grad():
-        out, lse = fwd(q, k, v, None, None, 37, 45, True, 0.2)
+        out, lse = fwd(q, k, v, None, None, 37, 45, True, 0.2, 0.0, None)
     dout = torch.randn_like(out)
     run_opcheck(torch.ops.mmkernels.attention_bwd_triton.default,
-                (dout, q.detach(), k.detach(), v.detach(), out, lse, None, None, 37, 45, True, 0.2, True))
+                (dout, q.detach(), k.detach(), v.detach(), out, lse, None, None, 37, 45, True, 0.2, True, 0.0, None))
 
 
 def test_torch_compile_fullgraph(device):
@@ -225,7 +228,8 @@ _CU = torch.tensor([0, 2, 4], dtype=torch.int32)
 BAD_INPUTS = [
     ("int q", lambda: ((_t(1, 4, 2, 8, dtype=torch.int32), _t(1, 4, 2, 8), _t(1, 4, 2, 8)), {}), TypeError,
      "q must be"),
-    ("fp64", lambda: ((_t(1, 4, 2, 8, dtype=torch.float64),) * 3, {}), TypeError, "float16 or bfloat16"),
+    ("fp64 on triton", lambda: ((_t(1, 4, 2, 8, dtype=torch.float64),) * 3, {"backend": "triton"}), BackendError,
+     "float64 inputs run on backend='reference'"),
     ("dtype mismatch", lambda: ((_t(1, 4, 2, 8, dtype=torch.float16), _t(1, 4, 2, 8), _t(1, 4, 2, 8)), {}),
      TypeError, "same dtype"),
     ("not a tensor", lambda: (([1.0], _t(1, 4, 2, 8), _t(1, 4, 2, 8)), {}), TypeError, "torch.Tensor"),
@@ -247,8 +251,8 @@ BAD_INPUTS = [
     ("cu_seqlens start", lambda: ((_t(4, 2, 8),) * 3, {
         "cu_seqlens_q": torch.tensor([1, 4], dtype=torch.int32),
         "cu_seqlens_k": torch.tensor([0, 4], dtype=torch.int32)}), ValueError, "start at 0"),
-    ("cu_seqlens end", lambda: ((_t(5, 2, 8),) * 3, {"cu_seqlens_q": _CU, "cu_seqlens_k": _CU}), ValueError,
-     "number of rows"),
+    ("cu_seqlens end", lambda: ((_t(3, 2, 8),) * 3, {"cu_seqlens_q": _CU, "cu_seqlens_k": _CU}), ValueError,
+     "exceeds the number of rows"),
     ("cu_seqlens batch", lambda: ((_t(4, 2, 8),) * 3, {
         "cu_seqlens_q": _CU, "cu_seqlens_k": torch.tensor([0, 4], dtype=torch.int32)}), ValueError, "B \\+ 1"),
     ("max_seqlen too small", lambda: ((_t(4, 2, 8),) * 3, {"cu_seqlens_q": _CU, "cu_seqlens_k": _CU,
@@ -260,6 +264,9 @@ BAD_INPUTS = [
     ("scale tensor", lambda: ((_t(1, 4, 2, 8),) * 3, {"softmax_scale": torch.tensor(0.1)}), TypeError,
      "softmax_scale"),
     ("scale nan", lambda: ((_t(1, 4, 2, 8),) * 3, {"softmax_scale": float("nan")}), ValueError, "finite"),
+    ("dropout 1", lambda: ((_t(1, 4, 2, 8),) * 3, {"dropout_p": 1.0}), ValueError, r"dropout_p must be in \[0, 1\)"),
+    ("dropout negative", lambda: ((_t(1, 4, 2, 8),) * 3, {"dropout_p": -0.1}), ValueError, "dropout_p"),
+    ("dropout tensor", lambda: ((_t(1, 4, 2, 8),) * 3, {"dropout_p": torch.tensor(0.1)}), TypeError, "dropout_p"),
     ("unknown backend", lambda: ((_t(1, 4, 2, 8),) * 3, {"backend": "cuda"}), BackendError, "not implemented"),
 ]
 
@@ -332,3 +339,311 @@ def test_attention_gpu_deterministic_long(d, device):
         runs = [_fwd_bwd(attention, q, k, v, dout, causal=True, backend="triton") for _ in range(2)]
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# values outside the valid region never influence results (NaN, inf, fp16-overflowing garbage), eager and compiled
+# ---------------------------------------------------------------------------------------------------------------
+
+POISONS = [float("nan"), float("inf"), float("-inf"), 1e4]
+_POISON_IDS = ["nan", "inf", "-inf", "1e4"]
+
+
+def _cu(lengths, device):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+
+
+def _invalid_rows(lens_q, lens_k, total_q, causal):
+    """Query rows whose values reach nothing: padding past cu_seqlens_q[-1], and rows that see no key (a sequence
+    without keys; causal with more queries than keys: its first len_q - len_k rows)."""
+    bad = torch.ones(total_q, dtype=torch.bool)
+    start = 0
+    for lq, lk in zip(lens_q, lens_k, strict=True):
+        blind = lq if lk == 0 else (max(lq - lk, 0) if causal else 0)
+        bad[start + blind:start + lq] = False
+        start += lq
+    return bad
+
+
+# name -> (Hq, Hkv, D, dense shapes or varlen lengths, causal); padding rows past cu_seqlens[-1] on both sides
+SWEEP_CASES = {
+    "causal-Lq>Lk": dict(hq=4, hkv=2, d=24, dense=(2, 37, 20), causal=True),
+    "varlen-pad": dict(hq=2, hkv=1, d=40, lens_q=[5, 0, 9, 4, 0], lens_k=[7, 3, 0, 6, 0], pad=(5, 3), causal=False),
+    "varlen-causal-pad": dict(hq=2, hkv=2, d=16, lens_q=[9, 3, 0, 5, 2], lens_k=[4, 7, 2, 5, 0], pad=(4, 2),
+                              causal=True),
+    "varlen-no-seqs": dict(hq=2, hkv=2, d=16, lens_q=[], lens_k=[], pad=(3, 2), causal=False),
+}
+
+
+def _sweep_problem(case, dtype, device):
+    """(x_q, x_k, x_v, weights, invalid q rows, invalid k/v rows, attention kwargs); the op's inputs are
+    ``x @ W`` plus the poison, so the weight gradients see every row of dq/dk/dv (padding rows included)."""
+    c = SWEEP_CASES[case]
+    hq, hkv, d, causal = c["hq"], c["hkv"], c["d"], c["causal"]
+    g = torch.Generator().manual_seed(3)
+    if "dense" in c:
+        b, lq, lk = c["dense"]
+        rows_q, rows_k = (b, lq), (b, lk)
+        bad_q = torch.zeros(b, lq, dtype=torch.bool)
+        bad_q[:, :max(lq - lk, 0)] = causal
+        bad_k = torch.zeros(b, lk, dtype=torch.bool)
+        kwargs = {}
+    else:
+        pad_q, pad_k = c["pad"]
+        total_q, total_k = sum(c["lens_q"]) + pad_q, sum(c["lens_k"]) + pad_k
+        rows_q, rows_k = (total_q,), (total_k,)
+        bad_q = _invalid_rows(c["lens_q"], c["lens_k"], total_q, causal)
+        bad_k = torch.arange(total_k) >= sum(c["lens_k"])
+        kwargs = dict(cu_seqlens_q=_cu(c["lens_q"], device), cu_seqlens_k=_cu(c["lens_k"], device),
+                      max_seqlen_q=max(c["lens_q"], default=0), max_seqlen_k=max(c["lens_k"], default=0))
+    xs = [torch.randn(*rows, 8, generator=g).to(device=device, dtype=dtype) for rows in (rows_q, rows_k, rows_k)]
+    ws = [(0.5 * torch.randn(8, h * d, generator=g)).to(device=device, dtype=dtype) for h in (hq, hkv, hkv)]
+    dout = torch.randn(*rows_q, hq, d, generator=g).to(device=device, dtype=dtype)
+    return xs, ws, dout, bad_q.to(device), bad_k.to(device), dict(kwargs, causal=causal), (hq, hkv, d)
+
+
+def _sweep_run(fn, xs, ws, dout, bad_q, bad_k, heads, poison):
+    """out and the gradients of q, k, v (through the poison tensors) and of the three projection weights."""
+    hq, hkv, d = heads
+    ws = [w.detach().clone().requires_grad_() for w in ws]
+    poisons = []
+    for rows_bad, h in ((bad_q, hq), (bad_k, hkv), (bad_k, hkv)):
+        shape = (*rows_bad.shape, h, d)
+        fill = torch.full(shape, poison, dtype=dout.dtype, device=dout.device)
+        poisons.append(torch.where(rows_bad[..., None, None], fill, 0.0).requires_grad_())
+    out = fn(*xs, *ws, *poisons)
+    (out.float() * dout.float()).sum().backward()
+    return [out.detach()] + [p.grad for p in poisons] + [w.grad for w in ws]
+
+
+def _projected(backend, kwargs, heads):
+    hq, hkv, d = heads
+
+    def f(xq, xk, xv, wq, wk, wv, pq, pk, pv):
+        q = (xq @ wq).unflatten(-1, (hq, d)) + pq
+        k = (xk @ wk).unflatten(-1, (hkv, d)) + pk
+        v = (xv @ wv).unflatten(-1, (hkv, d)) + pv
+        return attention(q, k, v, backend=backend, **kwargs)
+
+    return f
+
+
+# dynamic=True compiles are slow on CPU: the two richest cases (blind causal rows; varlen padding on both sides,
+# an empty sequence, a sequence without keys, blind causal rows)
+_SWEEP = [(c, m) for c in SWEEP_CASES for m in ("eager", "compile")] + [
+    ("causal-Lq>Lk", "compile-dynamic"), ("varlen-causal-pad", "compile-dynamic")]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("case,mode", _SWEEP, ids=[f"{c}-{m}" for c, m in _SWEEP])
+def test_invalid_region_never_leaks(case, backend, mode, device):
+    """NaN, +-inf and fp16-overflowing 1e4 in q rows that see no key, in varlen padding rows (past cu_seqlens[-1],
+    on both sides) and around empty sequences: out and every gradient (also of the projection weights) are finite,
+    padding/blind rows of out and dq and padding rows of dk/dv are exactly zero, and everything equals the run on
+    clean inputs. Compiled with fullgraph=True, dynamic False and True (aot_eager on CPU, the varlen value checks
+    skipped there)."""
+    dtype = torch.float16 if mode != "eager" else torch.float32
+    xs, ws, dout, bad_q, bad_k, kwargs, heads = _sweep_problem(case, dtype, device)
+    fn = _projected(backend, kwargs, heads)
+    if mode != "eager":
+        torch._dynamo.reset()  # one code object across cases: start each from an empty cache (recompile limit)
+        fn = torch.compile(fn, fullgraph=True, dynamic=mode == "compile-dynamic",
+                           backend="inductor" if device.type == "cuda" else "aot_eager")
+    with mmkernels.deterministic():
+        clean = _sweep_run(fn, xs, ws, dout, bad_q, bad_k, heads, 0.0)
+        for poison, pid in zip(POISONS, _POISON_IDS, strict=True):
+            got = _sweep_run(fn, xs, ws, dout, bad_q, bad_k, heads, poison)
+            names = ("out", "dq", "dk", "dv", "dWq", "dWk", "dWv")
+            for name, a, b in zip(names, got, clean, strict=True):
+                assert torch.isfinite(a).all(), f"{pid}: {name} not finite"
+                torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{pid}: {name} differs from the clean run")
+            out, dq, dk, dv = got[:4]
+            assert torch.all(out[bad_q] == 0) and torch.all(dq[bad_q] == 0), pid
+            assert torch.all(dk[bad_k] == 0) and torch.all(dv[bad_k] == 0), pid
+    if "dense" not in SWEEP_CASES[case] and backend == "triton":  # the padding rows are not left uninitialised
+        assert torch.all(clean[0][bad_q] == 0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_causal_hidden_keys_do_not_change_earlier_rows(backend, device):
+    """Causal with Lq < Lk: keys past query i's diagonal never change row i (finite garbage, here 1e4, which also
+    overflows fp16 products). NaN/inf in a key that a later query sees is data: it makes that query NaN, and can
+    reach the other rows of its block through 0 * NaN in P V, as in flash-attn and SDPA (docs/ops/attention.md)."""
+    q, k, v = _make((1, 20, 2, 32), (1, 37, 2, 32), torch.float16, device)
+    first = 6  # rows 0..5 see keys 0..5 + 17 = 22
+    kp, vp = k.clone(), v.clone()
+    kp[:, first + 17:] = 1e4
+    vp[:, first + 17:] = -1e4
+    clean = attention(q, k, v, causal=True, backend=backend)
+    dirty = attention(q, kp, vp, causal=True, backend=backend)
+    torch.testing.assert_close(dirty[:, :first], clean[:, :first], rtol=0, atol=0)
+    assert not torch.equal(dirty[:, first:], clean[:, first:])
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_varlen_padding_rows_and_no_sequences(backend, device):
+    """cu_seqlens_*[-1] < total: rows after it are padding (zeros in the output, zero gradients); B = 0
+    (cu_seqlens = [0]) runs forward and backward (the reference used to crash in backward)."""
+    q, k, v = _make((9, 2, 16), (6, 2, 16), torch.float32, device)
+    cu0 = torch.zeros(1, dtype=torch.int32, device=device)
+    out, dq, dk, dv = _fwd_bwd(attention, q, k, v, torch.ones(9, 2, 16), cu_seqlens_q=cu0, cu_seqlens_k=cu0,
+                               backend=backend)
+    for t in (out, dq, dk, dv):
+        assert torch.all(t == 0)
+    cu_q = torch.tensor([0, 4, 7], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 2, 5], dtype=torch.int32, device=device)
+    out, dq, dk, dv = check_against_reference(q, k, v, backend=backend, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    assert torch.all(out[7:] == 0) and torch.all(dq[7:] == 0) and torch.all(dk[5:] == 0) and torch.all(dv[5:] == 0)
+
+
+def test_float64_runs_on_the_reference(device, no_backend_env):
+    q, k, v = _make((1, 5, 2, 8), (1, 7, 1, 8), torch.float64, device)
+    q.requires_grad_()
+    out = attention(q, k, v, causal=True)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, attention_reference(q, k, v, causal=True), rtol=0, atol=0)
+    assert torch.autograd.gradcheck(lambda a: attention(a, k, v, causal=True), (q,))
+    with pytest.raises(BackendError, match="float64"):
+        attention(q, k, v, backend="triton")
+
+
+def test_numpy_softmax_scale(device):
+    np = pytest.importorskip("numpy")
+    q, k, v = _make((1, 7, 2, 16), (1, 9, 2, 16), torch.float32, device)
+    for backend in ("reference", "triton"):
+        got = attention(q, k, v, softmax_scale=np.float32(0.3), backend=backend)
+        torch.testing.assert_close(got, attention_reference(q, k, v, softmax_scale=0.3), rtol=1e-5, atol=1e-6)
+
+
+def test_grid_folds_sequences_and_heads_into_axis_0():
+    """More than 65535 sequences x heads (many short varlen sequences): one grid axis of up to 2**31 - 1 programs,
+    decoded as (block, head, sequence) with the blocks fastest; too many programs is a clear error."""
+    from mmkernels.kernels.triton.attention import MAX_PROGRAMS, _grid
+
+    assert _grid(3, 16, 70_000) == (3 * 16 * 70_000,)
+    assert _grid(1, 65536, 2) == (131072,)
+    with pytest.raises(ValueError, match="exceed the CUDA grid limit"):
+        _grid(2, 2**16, 2**15)
+    assert MAX_PROGRAMS == 2**31 - 1
+
+
+@pytest.mark.gpu
+def test_many_sequences_times_heads(device):
+    """B * H > 65535 through the op: 4097 one-token sequences x 16 heads (65k+ programs take minutes under the
+    interpreter, so on CPU only the grid function is tested, above)."""
+    n, h = 4097, 16
+    cu = torch.arange(n + 1, dtype=torch.int32, device=device)
+    q, k, v = _make((n, h, 8), (n, h, 8), torch.float16, device)
+    check_against_reference(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=1, max_seqlen_k=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention dropout
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _keep_from_output(backend, p, device, **kwargs):
+    """q = 0 makes every probability 1/Lk; v = one-hot keys (Lk = D) makes out[.., i, h, j] = keep_ij / (Lk (1-p)):
+    the output spells out the keep mask and the 1 / (1 - p) scale."""
+    lk = 32
+    q = torch.zeros(2, 24, 2, lk, device=device)
+    v = torch.eye(lk, device=device)[None, :, None, :].expand(2, lk, 2, lk).contiguous()
+    out = attention(q, torch.randn(2, lk, 2, lk, device=device), v, dropout_p=p, backend=backend, **kwargs)
+    return out * lk * (1 - p)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_semantics(backend, p, device):
+    """Inverted dropout: each probability kept with probability 1 - p and scaled by 1 / (1 - p); mean output over
+    many draws is the no-dropout output."""
+    keep = _keep_from_output(backend, p, device)
+    torch.testing.assert_close(keep, keep.round(), rtol=0, atol=1e-5)  # exactly 0 or 1 / (1 - p) before scaling
+    n = keep.numel()
+    assert abs(keep.mean().item() - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5  # 4 sigma
+    q, k, v = _make((1, 9, 2, 16), (1, 13, 2, 16), torch.float32, device)
+    want = attention_reference(q, k, v, causal=True)
+    runs = 100
+    mean = sum(attention(q, k, v, causal=True, dropout_p=p, backend=backend) for _ in range(runs)) / runs
+    # per element Var(out) = sum_j P_j^2 v_j^2 p / (1 - p) <= max|v|^2 p / (1 - p): a 5-sigma bound on the mean
+    bound = 5 * v.abs().max().item() * (p / (1 - p) / runs) ** 0.5
+    assert (mean - want).abs().max().item() < bound
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_dropout_reproducible_and_p0_is_no_dropout(backend, device):
+    q, k, v = _make((2, 17, 4, 24), (2, 23, 2, 24), torch.float32, device)
+    dout = torch.randn(q.shape, device=device)
+    runs = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(seed)
+        with mmkernels.deterministic():
+            runs.append(_fwd_bwd(attention, q, k, v, dout, causal=True, dropout_p=0.2, backend=backend))
+    for a, b in zip(runs[0], runs[1], strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(runs[0][0], runs[2][0])
+    state = torch.get_rng_state()
+    plain = _fwd_bwd(attention, q, k, v, dout, causal=True, backend=backend)
+    zero = _fwd_bwd(attention, q, k, v, dout, causal=True, dropout_p=0.0, backend=backend)
+    assert torch.equal(torch.get_rng_state(), state)  # p = 0 draws nothing
+    for a, b in zip(plain, zero, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_dropout_backward_matches_reference_with_the_same_mask(dtype, varlen, device):
+    """The Triton kernels' own keep mask (test hook) fed to the reference: forward and every gradient agree, so the
+    backward regenerates the forward's mask (dQ kernel, dK/dV kernel, atomic and deterministic dQ)."""
+    from mmkernels.kernels.triton.attention import dropout_keep_mask
+
+    p = 0.3
+    seed = torch.tensor([20240601], dtype=torch.int64, device=device)
+    if varlen:
+        lens_q, lens_k = [7, 0, 40, 12], [9, 5, 33, 4]
+        cu_q, cu_k = _cu(lens_q, device), _cu(lens_k, device)
+        q, k, v = _make((sum(lens_q) + 2, 4, 40), (sum(lens_k), 2, 40), dtype, device)
+        kwargs = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=40, max_seqlen_k=33)
+        batch, lq, lk = 4, 40, 33
+    else:
+        q, k, v = _make((2, 45, 4, 40), (2, 70, 2, 40), dtype, device)
+        kwargs, batch, lq, lk = {}, 2, 45, 70
+    mask = dropout_keep_mask(seed, batch, 4, lq, lk, p)
+    assert abs(mask.float().mean().item() - (1 - p)) < 0.02
+    args = (kwargs.get("cu_seqlens_q"), kwargs.get("cu_seqlens_k"), lq, lk, True, 40**-0.5, p, seed)
+    fn = lambda a, b, c: torch.ops.mmkernels.attention_fwd_triton(a, b, c, *args)[0]  # noqa: E731
+    dout = torch.randn(q.shape, dtype=torch.float32).to(device)
+    ref_kwargs = dict(kwargs, dropout_p=p, dropout_mask=mask)
+    truth = _fwd_bwd(attention_reference, q.double(), k.double(), v.double(), dout.double(), causal=True,
+                     **ref_kwargs)
+    same = _fwd_bwd(attention_reference, q, k, v, dout, causal=True, upcast=False, **ref_kwargs)
+    for deterministic in (False, True):
+        with mmkernels.deterministic(deterministic):
+            ours = _fwd_bwd(fn, q, k, v, dout)
+        for name, a, r, t in zip(("out", "dq", "dk", "dv"), ours, same, truth, strict=True):
+            floor = 4 * torch.finfo(torch.float32).eps * max(1.0, t.abs().max().item())
+            assert_within_ref_error(a, r, t, floor=floor, name=name)
+
+
+def test_dropout_under_torch_compile(device):
+    q, k, v = _make((2, 11, 2, 16), (2, 11, 2, 16), torch.float32, device)
+    f = torch.compile(lambda a, b, c: attention(a, b, c, dropout_p=0.25, backend="triton"), fullgraph=True,
+                      backend="inductor" if device.type == "cuda" else "aot_eager")
+    torch.manual_seed(3)
+    first = f(q, k, v)
+    torch.manual_seed(3)
+    assert torch.equal(f(q, k, v), first)
+    assert not torch.equal(f(q, k, v), first)
+
+
+def test_double_backward_is_a_clear_error(device):
+    q, k, v = (t.requires_grad_() for t in _make((1, 6, 2, 16), (1, 6, 2, 16), torch.float32, device))
+    out = attention(q, k, v, backend="triton")
+    (g,) = torch.autograd.grad(out.square().sum(), q, create_graph=False)
+    assert g.shape == q.shape
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(attention(q, k, v, backend="triton").square().sum(), q, create_graph=True)
+    # the reference is differentiable twice
+    (g,) = torch.autograd.grad(attention(q, k, v, backend="reference").square().sum(), q, create_graph=True)
+    g.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()

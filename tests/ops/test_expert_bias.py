@@ -9,18 +9,18 @@ import torch
 import mmkernels
 from mmkernels import BackendError
 from mmkernels.ops import expert_bias_update_
-from mmkernels.ops.expert_bias import BACKENDS
+from mmkernels.ops.expert_bias import EXPERT_BIAS_BACKENDS
 from mmkernels.testing import assert_close, run_opcheck
 
 CPU = torch.device("cpu")
-CPU_BACKENDS = BACKENDS.available(CPU)  # cpp (when _C is built), triton (interpreter), reference
+CPU_BACKENDS = EXPERT_BIAS_BACKENDS.available(CPU)  # cpp (when _C is built), triton (interpreter), reference
 
 # (N FFN experts, Z zero experts, K): one expert, odd sizes, the LongCat presets, more experts than one block.
 SHAPES = [(1, 0, 1), (7, 3, 2), (256, 128, 12), (512, 256, 12), (1000, 37, 16), (3001, 1, 4)]
 
 
 def oracle(bias, counts, state, n, k, target_ffn_per_token, kp=0.0, ki=1e-3, kd=0.0, mode="pid", max_abs=None):
-    """The rule of specs/longcat_moe.md in float64 NumPy, written independently of every backend."""
+    """The rule of docs/design/longcat_moe.md in float64 NumPy, written independently of every backend."""
     b = bias.double().numpy().copy()
     s = state.double().numpy().copy()
     c = counts.numpy().astype(np.int64)
@@ -145,7 +145,7 @@ def test_backends_agree_bitwise_on_cpu():
 
 
 def test_auto_backend_on_cpu(no_backend_env):
-    name, _ = BACKENDS.select(CPU)
+    name, _ = EXPERT_BIAS_BACKENDS.select(CPU)
     assert name == ("cpp" if mmkernels.extension_status().loaded else "reference")
 
 
@@ -161,7 +161,7 @@ def test_opcheck_native():
 
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton not available on CPU here")
 def test_opcheck_triton():
-    run_opcheck(torch.ops.mmkernels.expert_bias_update_triton_.default, _opcheck_args())
+    run_opcheck(torch.ops.mmkernels.expert_bias_update_fwd_triton_.default, _opcheck_args())
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -243,7 +243,7 @@ def test_gpu_backends_match_oracle(n, z, k, mode):
     bias, counts, state = make_inputs(n, z, k)
     kw = dict(target_ffn_per_token=0.7 * k, kp=0.3, ki=0.05, kd=0.02, mode=mode, max_abs=0.1)
     want_b, want_s = oracle(bias, counts, state, n, k, **kw)
-    for backend in BACKENDS.available(dev):
+    for backend in EXPERT_BIAS_BACKENDS.available(dev):
         b, c, s = bias.to(dev), counts.to(dev), state.to(dev)
         run(backend, b, c, s, n, k, **kw)
         assert torch.equal(b[n:].cpu(), bias[n:]), backend

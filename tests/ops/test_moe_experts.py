@@ -1,5 +1,7 @@
 """mmkernels.ops.moe_experts: grouped SwiGLU experts vs a per-expert loop in float64, forward and every gradient,
-the zero-expert and imbalance edge cases, deterministic combine, opcheck, bad input."""
+the zero-expert and imbalance edge cases, invalid expert ids (never dispatched, their weights never read),
+no uninitialised memory in outputs or gradients, bit-identity with the pre-split Triton path, deterministic
+combine, opcheck, torch.compile, bad input. The split pieces are in test_moe_split.py."""
 
 from __future__ import annotations
 
@@ -152,19 +154,27 @@ def test_int64_ids_accepted():
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not available")
-def test_opcheck_triton():
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_opcheck_triton(deterministic):
+    from mmkernels.kernels.triton import moe as tk
+
     t, n, z, k, dm, di = 11, 3, 2, 2, 32, 16
     r = routing(t, n, z, k)
+    r.topk_ids[0, 0] = -1
     wgu, wd = weights(n, dm, di, torch.float32)
-    args = (torch.randn(t, dm, requires_grad=True), r.topk_ids, r.topk_weights.requires_grad_(),
-            r.zero_weight.requires_grad_(), wgu.requires_grad_(), wd.requires_grad_(), False)
-    run_opcheck(torch.ops.mmkernels.moe_experts_triton.default, args)
+    order, offsets = tk.align(r.topk_ids, n)
+    g = tk.tiles(offsets, t * k, tk.block_m(torch.float32))
+    args = (torch.randn(t, dm, requires_grad=True), r.topk_weights.requires_grad_(), r.zero_weight.requires_grad_(),
+            wgu.requires_grad_(), wd.requires_grad_(), order, g.offsets, g.tile_expert, g.tile_row, deterministic)
+    run_opcheck(torch.ops.mmkernels.moe_experts_fwd_triton.default, args)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton not available")
-def test_compiles_fullgraph():
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiles_fullgraph(dynamic):
     t, n, z, k, dm, di = 10, 3, 2, 2, 16, 16
     r = routing(t, n, z, k)
+    r.topk_ids[1, 1] = -1  # the plan (sort, offsets, tile map) is traced: invalid ids too
     wgu, wd = weights(n, dm, di, torch.float32)
     x = torch.randn(t, dm, requires_grad=True)
 
@@ -172,12 +182,234 @@ def test_compiles_fullgraph():
         return moe_experts(x, r, wgu, wd, backend="triton").square().sum()
 
     torch._dynamo.reset()
-    out = torch.compile(f, fullgraph=True, backend="aot_eager")(x)
+    out = torch.compile(f, fullgraph=True, dynamic=dynamic, backend="aot_eager")(x)
     out.backward()
     torch.testing.assert_close(out, f(x.detach()))
     x2 = x.detach().clone().requires_grad_()
     f(x2).backward()
     torch.testing.assert_close(x.grad, x2.grad)
+
+
+# ---- invalid expert ids in a caller-built routing tuple --------------------------------------------------------------
+# Rule (every backend): a slot whose id is negative or >= N goes to no expert GEMM and contributes nothing; its
+# topk_weights entry is never read and gets gradient 0; the output is zero_weight * x plus the valid FFN slots.
+
+INT32_MAX = 2**31 - 1
+
+
+def slot_loop(x, ids, w, zw, wgu, wd):
+    """The float64 oracle for the rule, one token and one slot at a time: slots with id outside [0, N) skipped."""
+    n, di = wgu.shape[0], wgu.shape[1] // 2
+    rows = []
+    for t in range(x.shape[0]):
+        y = x[t] * zw[t]
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if 0 <= e < n:
+                gu = wgu[e] @ x[t]
+                y = y + w[t, j] * (wd[e] @ (torch.nn.functional.silu(gu[:di]) * gu[di:]))
+        rows.append(y)
+    return torch.stack(rows) if rows else x * zw[:, None]
+
+
+def invalid_routing(t, n, z, k, *, seed=0, all_invalid=False, int64=False):
+    """ids with -1, -7, N (a zero expert), N+Z+3, int32 max (and 2**40 for int64) mixed with valid ids; row 0
+    entirely invalid, row 1 entirely zero experts or invalid; NaN and inf in the weights of every undispatched slot
+    (never read: they must not reach the output or any gradient)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, n + z, (t, k), generator=g, dtype=torch.int64)
+    specials = torch.tensor([-1, -7, n, n + z + 3, INT32_MAX] + ([2**40, -(2**40)] if int64 else []))
+    pick = torch.rand(t, k, generator=g) < 0.4
+    ids = torch.where(pick, specials[torch.randint(0, len(specials), (t, k), generator=g)], ids)
+    if t > 0:
+        ids[0] = -1
+    if t > 1:
+        ids[1] = specials[torch.arange(k) % 4 + 1]
+    if all_invalid:
+        ids = specials[torch.randint(0, len(specials), (t, k), generator=g)]
+    ids = ids if int64 else ids.to(torch.int32)
+    w = torch.rand(t, k, generator=g) * 1.5
+    undispatched = (ids < 0) | (ids >= n)
+    poison = torch.tensor([float("nan"), float("inf"), -float("inf")])[torch.arange(t * k) % 3].view(t, k)
+    w = torch.where(undispatched, poison, w)
+    zw = torch.rand(t, generator=g)
+    return ids, w, zw
+
+
+def run_rule(backend, x, ids, w, zw, wgu, wd, grad):
+    leaves = [a.clone().requires_grad_() for a in (x, w, zw, wgu, wd)]
+    if backend == "loop":
+        y = slot_loop(*leaves[:1], ids, *leaves[1:])
+    else:
+        y = moe_experts(leaves[0], (ids, *leaves[1:3]), *leaves[3:], backend=backend)
+    grads = torch.autograd.grad(y, leaves, grad, allow_unused=True)
+    return [y, *(g if g is not None else torch.zeros_like(a) for g, a in zip(grads, leaves))]
+
+
+def assert_rule(backend, dtype, t, n, z, k, dm, di, **kw):
+    x = torch.randn(t, dm, generator=torch.Generator().manual_seed(kw.get("seed", 0))).to(dtype)
+    wgu, wd = weights(n, dm, di, dtype)
+    ids, w, zw = invalid_routing(t, n, z, k, **kw)
+    grad = torch.randn(t, dm, generator=torch.Generator().manual_seed(5)).to(dtype)
+    got = run_rule(backend, x, ids, w, zw, wgu, wd, grad)
+    want = run_rule("loop", x.double(), ids, w.double(), zw.double(), wgu.double(), wd.double(), grad.double())
+    rtol, atol = (1e-2, 1e-2) if dtype == torch.float16 else TOLERANCES[dtype]
+    for name, a, b in zip(NAMES, got, want):
+        assert a.isfinite().all(), f"{backend} {name}: NaN/inf leaked from an undispatched slot's weight"
+        scale = max(b.abs().max().item() if b.numel() else 1.0, 1.0)
+        torch.testing.assert_close(a.double(), b, rtol=rtol * 10, atol=atol * 10 * scale,
+                                   msg=lambda m, name=name: f"{backend} {name}: {m}")
+    undispatched = (ids < 0) | (ids >= n)
+    assert (got[2][undispatched] == 0).all(), "an undispatched slot's weight got a gradient"
+    return got
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("t,n,z,k,dm,di", [(19, 5, 3, 4, 24, 40), (1, 3, 2, 2, 16, 8), (2, 4, 2, 6, 33, 17)])
+def test_invalid_ids_are_not_dispatched_fp32(backend, t, n, z, k, dm, di):
+    assert_rule(backend, torch.float32, t, n, z, k, dm, di)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_invalid_ids_are_not_dispatched_fp16(backend):
+    assert_rule(backend, torch.float16, 23, 5, 3, 3, 40, 24, seed=3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_invalid_int64_ids_are_not_wrapped(backend):
+    # int64 ids past the int32 range (2**40) must stay invalid, not wrap to a valid id when narrowed.
+    assert_rule(backend, torch.float32, 17, 4, 2, 3, 24, 16, int64=True, seed=4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_all_invalid_batch_is_scaled_identity(backend, deterministic):
+    t, n, z, k, dm, di = 9, 4, 2, 3, 24, 16
+    with mmkernels.deterministic(deterministic):
+        y, dx, dw, dzw, dgu, dd = assert_rule(backend, torch.float32, t, n, z, k, dm, di, all_invalid=True, seed=6)
+    assert (dw == 0).all() and (dgu == 0).all() and (dd == 0).all()
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not available")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_triton_agrees_with_reference_on_invalid_ids(dtype, deterministic):
+    t, n, z, k, dm, di = 21, 6, 2, 5, 40, 24
+    with mmkernels.deterministic(deterministic):
+        ours = assert_rule("triton", dtype, t, n, z, k, dm, di, seed=7)
+    ref = assert_rule("reference", dtype, t, n, z, k, dm, di, seed=7)
+    for name, a, b in zip(NAMES, ours, ref):
+        tol = 1e-2 if dtype == torch.float16 else 1e-5
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.fixture
+def poisoned_empty():
+    """torch.empty (and new_empty, empty_like) return NaN-filled memory, so a padding row or slot that an output or
+    gradient leaves unwritten shows up as NaN."""
+    torch.use_deterministic_algorithms(True)
+    previous = torch.utils.deterministic.fill_uninitialized_memory
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.utils.deterministic.fill_uninitialized_memory = previous
+    torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_no_uninitialised_memory_in_outputs_or_gradients(backend, deterministic, poisoned_empty):
+    assert torch.empty(4).isnan().all()  # the fixture is in effect
+    with mmkernels.deterministic(deterministic):
+        assert_rule(backend, torch.float32, 15, 4, 3, 3, 24, 40, seed=8)  # experts 0..3, several empty ones
+
+
+# ---- the Triton path is bit-identical to the implementation before the split ----------------------------------------
+
+
+def _previous_triton_path(x, ids, w, zw, wgu, wd, grad, deterministic):
+    """The monolithic Triton path as it was before the split pieces (bincount alignment, plan recomputed in the
+    backward), kept as a private oracle: moe_experts must reproduce it bit for bit."""
+    import torch.nn.functional as F
+
+    from mmkernels.kernels.triton import moe as tk
+
+    t, dm = x.shape
+    n, two_di, _ = wgu.shape
+    di, k = two_di // 2, ids.shape[1]
+    flat = ids.reshape(-1).long()
+    key = torch.where(flat < n, flat, n)
+    order = torch.sort(key, stable=True).indices
+    ends = torch.bincount(key, minlength=n + 1)[:n].cumsum(0)
+    g = tk.tiles(torch.cat([ends.new_zeros(1), ends]), t * k, tk.block_m(x.dtype))
+    token = (order // k).to(torch.int32)
+    scale = w.reshape(-1)[order].contiguous()
+    ffn = (ids < n)[..., None]
+
+    def combine(rows, base):
+        slot_rows = torch.empty_like(rows).index_copy_(0, order, rows).view(t, k, -1)
+        return base.float() * zw[:, None] + torch.where(ffn, slot_rows, 0.0).sum(1)
+
+    def tr(a):
+        return a.stride(0), a.stride(2), a.stride(1)
+
+    def asis(a):
+        return a.stride(0), a.stride(1), a.stride(2)
+
+    h = x.new_empty((t * k, di))
+    tk.grouped_gemm(x, wgu, tr(wgu), h, g, n=di, k=dm, a_index=token, up_offset=di)
+    if deterministic:
+        yr = x.new_empty((t * k, dm), dtype=torch.float32)
+        tk.grouped_gemm(h, wd, tr(wd), yr, g, n=dm, k=di, scale=scale)
+        y = combine(yr, x).to(x.dtype)
+    else:
+        y = x.float() * zw[:, None]
+        tk.grouped_gemm(h, wd, tr(wd), y, g, n=dm, k=di, c_index=token, scale=scale)
+        y = y.to(x.dtype)
+    gu = x.new_empty((t * k, 2 * di), dtype=torch.float32)
+    tk.grouped_gemm(x, wgu, tr(wgu), gu, g, n=2 * di, k=dm, a_index=token)
+    gate, up = gu[:, :di], gu[:, di:]
+    act = F.silu(gate)
+    hh = act * up
+    dhp = x.new_empty((t * k, di), dtype=torch.float32)
+    tk.grouped_gemm(grad, wd, asis(wd), dhp, g, n=di, k=dm, a_index=token)
+    d_w_sorted = torch.where(torch.arange(t * k) < ends[-1:], (dhp * hh).sum(-1), 0.0)
+    d_w = torch.zeros(t * k).index_copy_(0, order, d_w_sorted)
+    d_w = torch.where(ids.reshape(-1) < n, d_w, 0.0).view(t, k)
+    dh = dhp * scale[:, None]
+    sig = torch.sigmoid(gate)
+    d_gu = torch.cat([dh * up * sig * (1 + gate * (1 - sig)), dh * act], dim=1).to(x.dtype)
+    d_zw = (grad.float() * x.float()).sum(-1)
+    if deterministic:
+        rows = x.new_empty((t * k, dm), dtype=torch.float32)
+        tk.grouped_gemm(d_gu, wgu, asis(wgu), rows, g, n=dm, k=2 * di)
+        dx = combine(rows, grad).to(x.dtype)
+    else:
+        dx = grad.float() * zw[:, None]
+        tk.grouped_gemm(d_gu, wgu, asis(wgu), dx, g, n=dm, k=2 * di, c_index=token)
+        dx = dx.to(x.dtype)
+    d_wd = tk.grouped_wgrad(grad, hh.to(x.dtype), torch.empty_like(wd), g, a_index=token, scale=scale)
+    d_wgu = tk.grouped_wgrad(d_gu, x, torch.empty_like(wgu), g, b_index=token)
+    return [y, dx, d_w, d_zw, d_wgu, d_wd]
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton not available")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("t,n,z,k,dm,di,pattern", [(37, 6, 3, 3, 40, 24, "random"), (1, 4, 2, 2, 24, 16, "random"),
+                                                   (19, 5, 4, 3, 24, 16, "one_expert"),
+                                                   (29, 5, 0, 5, 72, 20, "random")])
+def test_triton_bit_identical_to_previous_path(dtype, deterministic, t, n, z, k, dm, di, pattern):
+    x = torch.randn(t, dm).to(dtype)
+    wgu, wd = weights(n, dm, di, dtype)
+    r = routing(t, n, z, k, pattern=pattern)
+    grad = torch.randn(t, dm).to(dtype)
+    with mmkernels.deterministic(deterministic):
+        leaves = [a.clone().requires_grad_() for a in (x, r.topk_weights, r.zero_weight, wgu, wd)]
+        y = moe_experts(leaves[0], (r.topk_ids, *leaves[1:3]), *leaves[3:], backend="triton")
+        ours = [y, *torch.autograd.grad(y, leaves, grad)]
+    before = _previous_triton_path(x, r.topk_ids, r.topk_weights, r.zero_weight, wgu, wd, grad, deterministic)
+    for name, a, b in zip(NAMES, ours, before):
+        assert torch.equal(a, b), f"{name}: differs from the previous implementation by {(a - b).abs().max()}"
 
 
 def _good():

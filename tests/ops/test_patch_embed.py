@@ -10,7 +10,7 @@ import torch
 from mmkernels import BackendError
 from mmkernels.kernels.reference.patch_embed import patch_embed_reference
 from mmkernels.ops import patch_embed
-from mmkernels.ops.patch_embed import BACKENDS
+from mmkernels.ops.patch_embed import PATCH_EMBED_BACKENDS
 from mmkernels.testing import run_opcheck, tolerance
 
 HAS_CUDA = torch.cuda.is_available()
@@ -175,15 +175,16 @@ def test_opcheck(device):
     args = tuple(inputs[n] for n in NAMES)
     args = (args[0], args[1], args[2], args[3].detach().reshape(7, 16).requires_grad_(),
             args[4].detach().reshape(16).requires_grad_())
-    run_opcheck(torch.ops.mmkernels.patch_embed_fwd.default, args)
+    run_opcheck(torch.ops.mmkernels.patch_embed_fwd_triton.default, args)
     plain = make_case(1, 4, 14, 28, 14, 8, "channels_last", False, False, False, dtype=torch.float32, device=device)
-    run_opcheck(torch.ops.mmkernels.patch_embed_fwd.default, (plain["pixels"], plain["weight"], None, None, None))
+    run_opcheck(torch.ops.mmkernels.patch_embed_fwd_triton.default,
+                (plain["pixels"], plain["weight"], None, None, None))
     x, w = inputs["pixels"].detach(), inputs["weight"].detach()
     g = torch.randn(2, 7, 16, device=device)
-    run_opcheck(torch.ops.mmkernels.patch_embed_bwd_input.default, (g, w, x, True))
-    run_opcheck(torch.ops.mmkernels.patch_embed_bwd_weight.default, (g, x, 8, True))
-    run_opcheck(torch.ops.mmkernels.patch_embed_bwd_tokens.default, (g, 7, True, True))
-    run_opcheck(torch.ops.mmkernels.patch_embed_bwd_tokens.default, (g, 1, True, False))
+    run_opcheck(torch.ops.mmkernels.patch_embed_bwd_input_triton.default, (g, w, x, True))
+    run_opcheck(torch.ops.mmkernels.patch_embed_bwd_weight_triton.default, (g, x, 8, True))
+    run_opcheck(torch.ops.mmkernels.patch_embed_bwd_tokens_triton.default, (g, 7, True, True))
+    run_opcheck(torch.ops.mmkernels.patch_embed_bwd_tokens_triton.default, (g, 1, True, False))
 
 
 def test_compile_fullgraph(device):
@@ -205,9 +206,9 @@ def test_compile_fullgraph(device):
 
 
 def test_auto_backend(no_backend_env):
-    assert BACKENDS.select(torch.device("cpu"))[0] == "reference"
+    assert PATCH_EMBED_BACKENDS.select(torch.device("cpu"))[0] == "reference"
     if HAS_CUDA:
-        assert BACKENDS.select(torch.device("cuda"))[0] == "triton"
+        assert PATCH_EMBED_BACKENDS.select(torch.device("cuda"))[0] == "triton"
     # float64 always runs on the reference
     inputs = make_case(1, 3, 16, 16, 8, 8, "contiguous", True, True, True, dtype=torch.float64, device="cpu")
     assert run(inputs, None).dtype == torch.float64

@@ -1,6 +1,7 @@
 """mmkernels.ops.qformer_cross_attention: forward and every gradient against a float64 reference (flash-attn's 2x
 rule), Lk = 1 / 257 / 677, mixed kv_lens, B = 1, the split-K path and its combine, opcheck, torch.compile, bad
-input. On CPU the Triton kernels run under TRITON_INTERPRET=1 (fp32/fp16, small grid); larger grids are GPU tests."""
+input, masked keys holding NaN/inf never leaking (eager and compiled), unchecked kv_lens clamped, float64, dropout.
+On CPU the Triton kernels run under TRITON_INTERPRET=1 (fp32/fp16, small grid); larger grids are GPU tests."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def fwd_bwd(fn, q, k, v, dout):
 def check_against_reference(fn, q, k, v, dout, kv_lens, scale=None):
     """Ours vs a float64 truth, allowed 2x the error of the same-dtype PyTorch reference (forward and grads)."""
     ours = fwd_bwd(fn, q, k, v, dout)
-    ref = fwd_bwd(lambda a, b, c: qformer_attention_reference(a, b, c, kv_lens, scale), q, k, v, dout)
+    ref = fwd_bwd(lambda a, b, c: qformer_attention_reference(a, b, c, kv_lens, scale, upcast=False), q, k, v, dout)
     truth = fwd_bwd(lambda a, b, c: qformer_attention_reference(a, b, c, kv_lens, scale),
                     q.double(), k.double(), v.double(), dout.double())
     # Samples attending to one key are degenerate: the softmax is constant, so dq = dk = 0 exactly, and the
@@ -114,11 +115,11 @@ def test_split_k_matches_reference(device, splits, lens):
     op = torch.ops.mmkernels.qformer_attention_fwd_triton
 
     def fn(a, b, c):
-        return op(a, b, c, kv_lens, 0.125, splits)[0]
+        return op(a, b, c, kv_lens, 0.125, splits, 0.0, None)[0]
 
     check_against_reference(fn, q, k, v, dout, kv_lens, scale=0.125)
-    out_1, lse_1 = op(q, k, v, kv_lens, 0.125, 1)
-    out_s, lse_s = op(q, k, v, kv_lens, 0.125, splits)
+    out_1, lse_1 = op(q, k, v, kv_lens, 0.125, 1, 0.0, None)
+    out_s, lse_s = op(q, k, v, kv_lens, 0.125, splits, 0.0, None)
     torch.testing.assert_close(lse_s, lse_1, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out_s, out_1, rtol=1e-5, atol=1e-5)
 
@@ -126,7 +127,7 @@ def test_split_k_matches_reference(device, splits, lens):
 @pytest.mark.skipif(not TRITON_CPU and not HAS_CUDA, reason="needs triton")
 def test_lse_is_logsumexp(device):
     q, k, v, _, kv_lens = make(2, 6, 2, 16, 40, [40, 11], torch.float32, device)
-    _, lse = torch.ops.mmkernels.qformer_attention_fwd_triton(q, k, v, kv_lens, 0.3, 0)
+    _, lse = torch.ops.mmkernels.qformer_attention_fwd_triton(q, k, v, kv_lens, 0.3, 0, 0.0, None)
     scores = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * 0.3
     scores[1, :, :, 11:] = float("-inf")
     torch.testing.assert_close(lse.double(), torch.logsumexp(scores, -1), rtol=1e-5, atol=1e-5)
@@ -136,10 +137,10 @@ def test_lse_is_logsumexp(device):
 def test_backward_is_deterministic(device):
     q, k, v, dout, kv_lens = make(2, 8, 2, 32, 150, [150, 70], torch.float32, device)
     op = torch.ops.mmkernels.qformer_attention_fwd_triton
-    out, lse = op(q, k, v, kv_lens, 0.2, 3)
+    out, lse = op(q, k, v, kv_lens, 0.2, 3, 0.0, None)
     bwd = torch.ops.mmkernels.qformer_attention_bwd_triton
-    first = bwd(dout, q, k, v, out, lse, kv_lens, 0.2, 3)
-    second = bwd(dout, q, k, v, out, lse, kv_lens, 0.2, 3)
+    first = bwd(dout, q, k, v, out, lse, kv_lens, 0.2, 3, 0.0, None)
+    second = bwd(dout, q, k, v, out, lse, kv_lens, 0.2, 3, 0.0, None)
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 
@@ -177,10 +178,12 @@ def test_softmax_scale_and_empty_batch(device):
 def test_opcheck(device, lens, splits):
     q, k, v, dout, kv_lens = make(2, 5, 2, 24, 33, lens, torch.float32, device, strided=True)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    run_opcheck(torch.ops.mmkernels.qformer_attention_fwd_triton.default, (q, k, v, kv_lens, 0.2, splits))
-    out, lse = torch.ops.mmkernels.qformer_attention_fwd_triton(q, k, v, kv_lens, 0.2, splits)
+    run_opcheck(torch.ops.mmkernels.qformer_attention_fwd_triton.default, (q, k, v, kv_lens, 0.2, splits, 0.0, None))
+    seed = torch.tensor([99], dtype=torch.int64, device=device)
+    run_opcheck(torch.ops.mmkernels.qformer_attention_fwd_triton.default, (q, k, v, kv_lens, 0.2, splits, 0.25, seed))
+    out, lse = torch.ops.mmkernels.qformer_attention_fwd_triton(q, k, v, kv_lens, 0.2, splits, 0.0, None)
     run_opcheck(torch.ops.mmkernels.qformer_attention_bwd_triton.default,
-                (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, kv_lens, 0.2, splits))
+                (dout, q.detach(), k.detach(), v.detach(), out.detach(), lse, kv_lens, 0.2, splits, 0.0, None))
 
 
 @pytest.mark.skipif(not TRITON_CPU and not HAS_CUDA, reason="needs triton")
@@ -204,7 +207,7 @@ def _bad_inputs():
     lens = torch.tensor([10, 3], dtype=torch.int32)
     yield "q not a tensor", dict(q=q.numpy()), TypeError, "q must be a torch.Tensor"
     yield "int dtype", dict(q=q.int(), k=k.int(), v=k.int()), TypeError, "q must be"
-    yield "dtype mismatch", dict(k=k.double(), v=k.double()), TypeError, "k must be"
+    yield "dtype mismatch", dict(k=k.double(), v=k.double()), TypeError, "share one dtype"
     yield "fp16 vs fp32", dict(k=k.half(), v=k.half()), TypeError, "share one dtype"
     yield "3-d q", dict(q=q[0]), ValueError, "q must have 4 dimension"
     yield "k/v shapes differ", dict(v=k[:, :5]), ValueError, "same shape"
@@ -220,6 +223,10 @@ def _bad_inputs():
     yield "kv_lens zero", dict(kv_lens=torch.tensor([0, 3], dtype=torch.int32)), ValueError, "[1, Lk]"
     yield "kv_lens not tensor", dict(kv_lens=[10, 3]), TypeError, "kv_lens must be a torch.Tensor"
     yield "scale tensor", dict(softmax_scale=torch.tensor(0.1)), TypeError, "softmax_scale"
+    yield "fp64 on triton", dict(q=q.double(), k=k.double(), v=k.double(), backend="triton"), BackendError, "float64"
+    yield "validate not bool", dict(validate_kv_lens=1), TypeError, "validate_kv_lens must be a bool"
+    yield "dropout 1", dict(dropout_p=1.0), ValueError, "dropout_p must be in"
+    yield "dropout nan", dict(dropout_p=float("nan")), ValueError, "dropout_p"
     yield "unknown backend", dict(backend="cuda"), BackendError, "not implemented"
 
 
@@ -262,4 +269,191 @@ def test_gpu_grid(B, Lq, H, D, Lk, lens, dtype):
 def test_gpu_opcheck_triton_op():
     q, k, v, dout, kv_lens = make(2, 32, 4, 64, 257, [257, 100], torch.bfloat16, torch.device("cuda"))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    run_opcheck(torch.ops.mmkernels.qformer_attention_fwd_triton.default, (q, k, v, kv_lens, 0.125, 0))
+    run_opcheck(torch.ops.mmkernels.qformer_attention_fwd_triton.default, (q, k, v, kv_lens, 0.125, 0, 0.0, None))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# keys past kv_lens never influence results (NaN, inf, fp16-overflowing garbage), eager and compiled
+# ---------------------------------------------------------------------------------------------------------------
+
+POISONS = [float("nan"), float("inf"), float("-inf"), 1e4]
+_BACKENDS_HERE = ["reference"] + (["triton"] if TRITON_CPU or HAS_CUDA else [])
+
+
+def _poisoned_run(fn, x, img, ws, dout, bad_k, heads, poison):
+    """q = x Wq, k = img Wk (+ poison past kv_lens), v = img Wv (+ poison): out, dq, dk, dv, dWq, dWk, dWv."""
+    H, D = heads
+    ws = [w.detach().clone().requires_grad_() for w in ws]
+    shape = (*bad_k.shape, H, D)
+    fill = torch.full(shape, poison, dtype=x.dtype, device=x.device)
+    pq = torch.zeros(*x.shape[:2], H, D, dtype=x.dtype, device=x.device, requires_grad=True)
+    pk, pv = (torch.where(bad_k[..., None, None], fill, 0.0).requires_grad_() for _ in range(2))
+    out = fn(x, img, *ws, pq, pk, pv)
+    (out.float() * dout.float()).sum().backward()
+    return [out.detach(), pq.grad, pk.grad, pv.grad] + [w.grad for w in ws]
+
+
+@pytest.mark.parametrize("mode", ["eager", "compile", "compile-dynamic"])
+@pytest.mark.parametrize("backend", _BACKENDS_HERE)
+def test_masked_keys_never_leak(backend, mode, device):
+    """NaN, +-inf and 1e4 in the keys and values past kv_lens: out and every gradient (also of the projection
+    weights) finite, dk/dv exactly zero past kv_lens, everything equal to the run with zeros there."""
+    dtype = torch.float16 if mode != "eager" else torch.float32
+    B, Lq, H, D, Lk = 3, 5, 2, 24, 29
+    lens = [29, 1, 13]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(B, Lq, 16, generator=g).to(device=device, dtype=dtype)
+    img = torch.randn(B, Lk, 12, generator=g).to(device=device, dtype=dtype)
+    ws = [(0.5 * torch.randn(c, H * D, generator=g)).to(device=device, dtype=dtype) for c in (16, 12, 12)]
+    dout = torch.randn(B, Lq, H, D, generator=g).to(device=device, dtype=dtype)
+    kv_lens = torch.tensor(lens, dtype=torch.int32, device=device)
+    bad_k = torch.arange(Lk, device=device)[None, :] >= kv_lens[:, None]
+
+    def f(x, img, wq, wk, wv, pq, pk, pv):
+        q = (x @ wq).unflatten(-1, (H, D)) + pq
+        k = (img @ wk).unflatten(-1, (H, D)) + pk
+        v = (img @ wv).unflatten(-1, (H, D)) + pv
+        return qformer_cross_attention(q, k, v, kv_lens=kv_lens, backend=backend)
+
+    if mode != "eager":
+        torch._dynamo.reset()
+        f = torch.compile(f, fullgraph=True, dynamic=mode == "compile-dynamic",
+                          backend="inductor" if device.type == "cuda" else "aot_eager")
+    clean = _poisoned_run(f, x, img, ws, dout, bad_k, (H, D), 0.0)
+    for poison in POISONS:
+        got = _poisoned_run(f, x, img, ws, dout, bad_k, (H, D), poison)
+        for name, a, b in zip(("out", "dq", "dk", "dv", "dWq", "dWk", "dWv"), got, clean):
+            assert torch.isfinite(a).all(), f"{poison}: {name} not finite"
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=f"{poison}: {name} differs from the clean run")
+        assert torch.all(got[2][bad_k] == 0) and torch.all(got[3][bad_k] == 0)
+
+
+@pytest.mark.parametrize("backend", _BACKENDS_HERE)
+def test_issue_example_and_fp16_overflow(backend, device):
+    """The issue's cases: v = [[2], [nan or inf]] with kv_lens = [1] gives 2; fp16 scores past 65504 stay finite
+    and agree across backends (the reference computes in fp32)."""
+    q = torch.ones(1, 1, 1, 1, device=device)
+    lens = torch.tensor([1], dtype=torch.int32, device=device)
+    for bad in (float("nan"), float("inf")):
+        v = torch.tensor([2.0, bad], device=device).reshape(1, 2, 1, 1)
+        assert qformer_cross_attention(q, q.expand(1, 2, 1, 1), v, kv_lens=lens, backend=backend).item() == 2.0
+    g = torch.Generator().manual_seed(2)
+    q = (100 * torch.randn(2, 4, 2, 16, generator=g)).half().to(device)  # raw scores past 65504
+    k = (100 * torch.randn(2, 9, 2, 16, generator=g)).half().to(device)
+    v = torch.randn(2, 9, 2, 16, generator=g).half().to(device)
+    got = qformer_cross_attention(q, k, v, softmax_scale=1e-3, backend=backend)
+    want = qformer_attention_reference(q.double(), k.double(), v.double(), None, 1e-3)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("backend", _BACKENDS_HERE)
+def test_unchecked_kv_lens_are_clamped(backend, device):
+    """validate_kv_lens=False (and torch.compile, where the check is skipped): values clamped to [0, Lk] on every
+    backend; a sample left with no key gets zeros and zero gradients."""
+    q, k, v, dout, _ = make(4, 3, 2, 8, 6, None, torch.float32, device)
+    wild = torch.tensor([0, 40, -3, 4], dtype=torch.int32, device=device)
+    clamped = wild.clamp(0, 6)
+    with pytest.raises(ValueError, match="kv_lens values"):
+        qformer_cross_attention(q, k, v, kv_lens=wild, backend=backend)
+
+    def f(a, b, c, lens):
+        return qformer_cross_attention(a, b, c, kv_lens=lens, backend=backend, validate_kv_lens=False)
+
+    compiled = torch.compile(lambda a, b, c, lens: qformer_cross_attention(a, b, c, kv_lens=lens, backend=backend),
+                             fullgraph=True, backend="inductor" if device.type == "cuda" else "aot_eager")
+    for fn in (f, compiled):
+        out, dq, dk, dv = fwd_bwd(lambda a, b, c, fn=fn: fn(a, b, c, wild), q, k, v, dout)
+        assert torch.all(out[[0, 2]] == 0) and torch.all(dq[[0, 2]] == 0)
+        assert torch.all(dk[[0, 2]] == 0) and torch.all(dv[[0, 2]] == 0)
+        live = [1, 3]
+        want = qformer_attention_reference(q.double(), k.double(), v.double(), clamped)
+        torch.testing.assert_close(out[live].double(), want[live], rtol=1e-5, atol=1e-5)
+
+
+def test_float64_numpy_scale_and_grid(device, no_backend_env):
+    np = pytest.importorskip("numpy")
+    q, k, v, _, kv_lens = make(2, 3, 2, 8, 7, [7, 2], torch.float64, device)
+    q.requires_grad_()
+    out = qformer_cross_attention(q, k, v, kv_lens=kv_lens, softmax_scale=np.float32(0.5))
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, qformer_attention_reference(q, k, v, kv_lens, 0.5), rtol=0, atol=0)
+    assert torch.autograd.gradcheck(lambda a: qformer_cross_attention(a, k, v, kv_lens=kv_lens), (q,))
+    if "triton" in BACKENDS.impls:
+        from mmkernels.kernels.triton.qformer_attention import _grid
+
+        assert _grid(70_000, 12) == (840_000, 1)  # batch x heads on axis 0: past 65535
+        with pytest.raises(ValueError, match="CUDA grid"):
+            _grid(2**20, 2**12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# attention dropout
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", _BACKENDS_HERE)
+def test_dropout_semantics_and_reproducibility(backend, device):
+    """q = 0 and one-hot values make the output spell out keep / (Lk (1 - p)): kept with probability 1 - p,
+    scaled by 1 / (1 - p), keys past kv_lens never kept. Same torch.manual_seed, same output and gradients;
+    p = 0 is the no-dropout call and draws nothing from the generator."""
+    p, lk = 0.3, 40
+    lens = torch.tensor([40, 25], dtype=torch.int32, device=device)
+    q = torch.zeros(2, 32, 2, lk, device=device)
+    v = torch.eye(lk, device=device)[None, :, None, :].expand(2, lk, 2, lk).contiguous()
+    out = qformer_cross_attention(q, torch.randn(2, lk, 2, lk, device=device), v, kv_lens=lens, dropout_p=p,
+                                  backend=backend)
+    keep = out * (1 - p) * lens.view(2, 1, 1, 1)
+    torch.testing.assert_close(keep, keep.round(), rtol=0, atol=1e-5)
+    assert torch.all(keep[1, :, :, 25:] == 0)
+    n = 32 * 2 * (40 + 25)  # live (query, head, key) triples
+    kept = keep.sum().item() / n
+    assert abs(kept - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5
+
+    a, b, c, dout, lens = make(2, 7, 2, 24, 50, [50, 13], torch.float32, device)
+    fn = lambda x, y, z: qformer_cross_attention(x, y, z, kv_lens=lens, dropout_p=0.2, backend=backend)  # noqa: E731
+    runs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        runs.append(fwd_bwd(fn, a, b, c, dout))
+    for x, y in zip(runs[0], runs[1]):
+        assert torch.equal(x, y)
+    assert not torch.equal(runs[0][0], runs[2][0])
+    state = torch.get_rng_state()
+    plain = fwd_bwd(lambda x, y, z: qformer_cross_attention(x, y, z, kv_lens=lens, backend=backend), a, b, c, dout)
+    zero = fwd_bwd(lambda x, y, z: qformer_cross_attention(x, y, z, kv_lens=lens, dropout_p=0.0, backend=backend),
+                   a, b, c, dout)
+    assert torch.equal(torch.get_rng_state(), state)
+    for x, y in zip(plain, zero):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.skipif(not TRITON_CPU and not HAS_CUDA, reason="needs triton")
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_dropout_matches_reference_with_the_same_mask(device, dtype, splits):
+    """The kernels' keep mask (test hook, shared with the attention kernels) fed to the reference: forward and every
+    gradient agree, with and without the split-K path."""
+    from mmkernels.kernels.triton.attention import dropout_keep_mask
+
+    p = 0.25
+    q, k, v, dout, kv_lens = make(2, 9, 2, 40, 150, [150, 61], dtype, device)
+    seed = torch.tensor([777], dtype=torch.int64, device=device)
+    mask = dropout_keep_mask(seed, 2, 2, 9, 150, p)
+    op = torch.ops.mmkernels.qformer_attention_fwd_triton
+    ours = fwd_bwd(lambda a, b, c: op(a, b, c, kv_lens, 0.15, splits, p, seed)[0], q, k, v, dout)
+    ref = lambda a, b, c, up: qformer_attention_reference(a, b, c, kv_lens, 0.15, upcast=up, dropout_p=p,  # noqa: E731
+                                                          dropout_mask=mask)
+    same = fwd_bwd(lambda a, b, c: ref(a, b, c, False), q, k, v, dout)
+    truth = fwd_bwd(lambda a, b, c: ref(a, b, c, True), q.double(), k.double(), v.double(), dout.double())
+    for name, a, r, t in zip(("out", "dq", "dk", "dv"), ours, same, truth):
+        floor = 4 * torch.finfo(torch.float32).eps * t.abs().max().item()
+        assert_within_ref_error(a, r, t, name=name, floor=floor)
+
+
+@pytest.mark.skipif(not TRITON_CPU and not HAS_CUDA, reason="needs triton")
+def test_double_backward_is_a_clear_error(device):
+    q, k, v, _, _ = make(1, 4, 2, 8, 9, None, torch.float32, device)
+    q.requires_grad_()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(qformer_cross_attention(q, k, v, backend="triton").square().sum(), q, create_graph=True)

@@ -23,17 +23,13 @@ Presets: ``quick`` (tiny, CPU-friendly), ``default`` (the standard sweep and the
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 import torch.nn.functional as F
 
 from ...kernels.reference.attention import attention_reference
-from ...ops.attention import BACKENDS, attention
-from ..suite import BenchConfig, Case, Suite, register_suite
-
-MODES = ("fwd", "bwd", "fwd+bwd")
-_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+from ...ops.attention import attention
+from ..suite import BenchConfig, Inputs, Shape, Suite, has_module, mmkernels_providers, register_suite
 
 # (label, B, Lq, Lk, Hq, Hkv, D, causal)
 _QUICK = [
@@ -57,19 +53,6 @@ _GPU = _VISION + [c for c in _SWEEP if c[1] * c[2] == 16384 and c[2] in (1024, 4
 SHAPES = {"quick": _QUICK, "default": _SWEEP + _VISION, "sweep": _SWEEP, "vision": _VISION, "gpu": _GPU}
 
 
-def flops(b: int, lq: int, lk: int, hq: int, d: int, causal: bool, mode: str) -> float:
-    fwd = 4.0 * b * hq * lq * lk * d
-    if causal and lq == lk:
-        fwd /= 2
-    return fwd * _FLOP_FACTOR[mode]
-
-
-def _bytes(b, lq, lk, hq, hkv, d, elem, mode) -> float:
-    fwd = elem * b * d * (2 * lq * hq + 2 * lk * hkv)
-    bwd = elem * b * d * (4 * lq * hq + 4 * lk * hkv)
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
-
-
 def _sdpa(backend_name: str | None):
     def run(q, k, v, causal):
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D] views, no copies
@@ -86,19 +69,6 @@ def _sdpa(backend_name: str | None):
     return run
 
 
-@functools.cache
-def _runs(name: str, fn, device: str, dtype: torch.dtype, d: int, hq: int, hkv: int, causal: bool) -> bool:
-    """Whether a provider runs for this head dim / dtype / GQA / causal on this device (one tiny trial)."""
-    try:
-        q = torch.randn(1, 16, hq, d, device=device, dtype=dtype, requires_grad=True)
-        k = torch.randn(1, 16, hkv, d, device=device, dtype=dtype, requires_grad=True)
-        v = torch.randn(1, 16, hkv, d, device=device, dtype=dtype, requires_grad=True)
-        fn(q, k, v, causal).sum().backward()
-        return True
-    except Exception:  # noqa: BLE001  (any failure means: not a provider here)
-        return False
-
-
 # providers that hold the [B, H, Lq, Lk] score matrix (skipped where it would not fit comfortably)
 _MATERIALIZING = ("mmkernels[reference]", "torch.compile(reference)", "sdpa-math")
 
@@ -107,47 +77,30 @@ def _compiled_reference():
     return torch.compile(lambda q, k, v, causal: attention_reference(q, k, v, causal=causal))
 
 
-def _wrap(fn, mode: str, causal: bool):
-    if mode == "fwd":
-        def run(x):
-            with torch.no_grad():
-                return fn(x["q"], x["k"], x["v"], causal)
-    elif mode == "fwd+bwd":
-        def run(x):
-            out = fn(x["q"], x["k"], x["v"], causal)
-            return torch.autograd.grad(out, (x["q"], x["k"], x["v"]), x["do"])
-    else:
-        def run(x):
-            out = x["saved"].get(run)
-            if out is None:  # first call on these inputs: the forward, outside the timed calls after warm-up
-                out = x["saved"][run] = fn(x["q"], x["k"], x["v"], causal)
-            return torch.autograd.grad(out, (x["q"], x["k"], x["v"]), x["do"], retain_graph=True)
-    return run
+def _backend_limits(backend: str, config: BenchConfig) -> str | None:
+    if backend == "triton" and config.device.type == "cpu" and config.dtype == torch.bfloat16:
+        return "the Triton interpreter mishandles bf16 on CPU (use --dtype fp32 or fp16)"
+    return None
 
 
-def _build(config: BenchConfig) -> list[Case]:
-    device = config.device
+def _inputs(b, lq, lk, hq, hkv, d, device, dtype, grad) -> Inputs:
+    q, k, v = (torch.randn(b, n, h, d, device=device, dtype=dtype).requires_grad_(grad)
+               for n, h in ((lq, hq), (lk, hkv), (lk, hkv)))
+    return Inputs((q, k, v), wrt=(q, k, v), grad_out=torch.randn_like(q) if grad else None)
+
+
+def _shapes(config: BenchConfig, ours: list[str]) -> list[Shape]:
+    device, dtype = config.device, config.dtype
     cuda = device.type == "cuda"
-    dtype = config.dtype or torch.bfloat16
     half = dtype in (torch.float16, torch.bfloat16)
-    available = BACKENDS.available(device)
-    ours = [b for b in available if b != "reference" and (config.backends is None or b in config.backends)]
-    if device.type == "cpu" and dtype == torch.bfloat16:
-        ours = [b for b in ours if b != "triton"]  # the interpreter mishandles bf16 on CPU
-    want_reference = not cuda or (config.backends is not None and "reference" in config.backends)
-    if want_reference and (config.backends is None or "reference" in config.backends):
-        ours.append("reference")
-
-    candidates = {}
-    for backend in ours:
-        candidates[f"mmkernels[{backend}]"] = (
-            lambda q, k, v, causal, backend=backend: attention(q, k, v, causal=causal, backend=backend))
+    candidates = mmkernels_providers(
+        ours, lambda backend: lambda q, k, v, causal: attention(q, k, v, causal=causal, backend=backend))
     if cuda:
         if half:
             candidates["sdpa-flash"] = _sdpa("FLASH_ATTENTION")
         candidates["sdpa-efficient"] = _sdpa("EFFICIENT_ATTENTION")
         candidates["torch.compile(reference)"] = _compiled_reference()
-        if half and importlib.util.find_spec("flash_attn") is not None:
+        if half and has_module("flash_attn"):
             from flash_attn import flash_attn_func
 
             candidates["flash_attn"] = lambda q, k, v, causal: flash_attn_func(q, k, v, causal=causal)
@@ -157,49 +110,37 @@ def _build(config: BenchConfig) -> list[Case]:
         baseline = "sdpa-math"
     memory_budget = 0.4 * torch.cuda.get_device_properties(device).total_memory if cuda else 4.0 * 2**30
 
-    cases = []
+    shapes = []
     for label, b, lq, lk, hq, hkv, d, causal in SHAPES[config.preset]:
-        for mode in MODES:
-            def make_inputs(b=b, lq=lq, lk=lk, hq=hq, hkv=hkv, d=d, mode=mode):
-                grad = mode != "fwd"
-                return {
-                    "q": torch.randn(b, lq, hq, d, device=device, dtype=dtype).requires_grad_(grad),
-                    "k": torch.randn(b, lk, hkv, d, device=device, dtype=dtype).requires_grad_(grad),
-                    "v": torch.randn(b, lk, hkv, d, device=device, dtype=dtype).requires_grad_(grad),
-                    "do": torch.randn(b, lq, hq, d, device=device, dtype=dtype) if grad else None,
-                    "saved": {},
-                }
+        def skip(name, mode, b=b, lq=lq, lk=lk, hq=hq):
+            # fp32 scores, probabilities and their gradients; bwd mode keeps one graph per pooled input
+            need = 4.0 * b * hq * lq * lk * (2 if mode == "fwd" else 4) * (4 if mode == "bwd" else 1)
+            return name in _MATERIALIZING and need > memory_budget
 
-            providers = {}
-            for name, fn in candidates.items():
-                if name in _MATERIALIZING:
-                    # fp32 scores, probabilities and their gradients; bwd mode keeps one graph per pooled input
-                    need = 4.0 * b * hq * lq * lk * (2 if mode == "fwd" else 4) * (4 if mode == "bwd" else 1)
-                    if need > memory_budget:
-                        continue
-                if not name.startswith("mmkernels") and not _runs(name, fn, str(device), dtype, d, hq, hkv, causal):
-                    continue
-                providers[name] = _wrap(fn, mode, causal)
-            if not providers:
-                continue
-            elem = torch.finfo(dtype).bits // 8
-            cases.append(Case(
-                name=f"{label} B={b} Lq={lq} Lk={lk} H={hq}/{hkv} D={d}{' causal' if causal else ''}",
-                make_inputs=make_inputs,
-                providers=providers,
-                baseline=baseline if baseline in providers else next(iter(providers)),
-                mode=mode,
-                flops=flops(b, lq, lk, hq, d, causal, mode),
-                bytes=_bytes(b, lq, lk, hq, hkv, d, elem, mode),
-                params={"B": b, "Lq": lq, "Lk": lk, "Hq": hq, "Hkv": hkv, "D": d, "causal": causal},
-            ))
-    return cases
+        fwd_flops = 4.0 * b * hq * lq * lk * d / (2 if causal and lq == lk else 1)
+        shapes.append(Shape(
+            name=f"{label} B={b} Lq={lq} Lk={lk} H={hq}/{hkv} D={d}{' causal' if causal else ''}",
+            make_inputs=functools.partial(_inputs, b, lq, lk, hq, hkv, d, device, dtype),
+            providers={name: functools.partial(fn, causal=causal) for name, fn in candidates.items()},
+            baseline=baseline,
+            flops=fwd_flops,
+            bytes=torch.finfo(dtype).bits // 8 * b * d * (2 * lq * hq + 2 * lk * hkv),
+            params={"B": b, "Lq": lq, "Lk": lk, "Hq": hq, "Hkv": hkv, "D": d, "causal": causal},
+            probe=functools.partial(_inputs, 1, 16, 16, hq, hkv, d, device, dtype),
+            probe_key=(d, hq, hkv, causal),
+            skip=skip,
+        ))
+    return shapes
 
 
 register_suite(Suite(
     name="attention",
     description="fused attention (FlashAttention-2 style Triton) vs SDPA flash/efficient, compiled reference",
-    build=_build,
+    shapes=_shapes,
     presets=("quick", "default", "sweep", "vision", "gpu"),
     default_dtype=torch.bfloat16,
+    ops=("attention",),
+    modes=("fwd", "bwd", "fwd+bwd"),
+    bwd_flop_factor=2.5,
+    backend_limits=_backend_limits,
 ))

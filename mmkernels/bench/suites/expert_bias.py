@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...ops.expert_bias import BACKENDS, expert_bias_update_
-from ..suite import BenchConfig, Case, Suite, register_suite
+from ...ops.expert_bias import OP, expert_bias_update_
+from ..suite import BenchConfig, Inputs, Shape, Suite, mmkernels_providers, register_suite
 
 # (N FFN experts, Z zero experts, top-k K, target K_e): LongCat-Flash-Lite, LongCat-Flash, a DeepSeek-V3 router.
 SHAPES = {
@@ -39,29 +39,27 @@ def host_sync_update(bias, counts, state, n, k, target, kp, ki, kd, mode) -> Non
     state.copy_(torch.from_numpy(s))
 
 
-def _build(config: BenchConfig) -> list[Case]:
+def _shapes(config: BenchConfig, ours: list[str]) -> list[Shape]:
     device = config.device
-    available = BACKENDS.available(device)
-    ours = [b for b in available if config.backends is None or b in config.backends]
-    cases = []
+    shapes = []
     for n, z, k, target in SHAPES[config.preset]:
         for mode in ("pid", "sign"):
-            def make_inputs(n=n, z=z, k=k):
+            def make_inputs(grad, n=n, z=z, k=k):
                 tokens = 4096
                 counts = torch.bincount(torch.randint(0, n + z, (tokens * k,)), minlength=n + z).to(torch.int32)
-                return (torch.zeros(n + z, device=device), counts.to(device), torch.zeros(2, n, device=device))
+                return Inputs((torch.zeros(n + z, device=device), counts.to(device), torch.zeros(2, n, device=device)))
 
-            providers = {}
-            for backend in ours:
-                def run(x, backend=backend, n=n, k=k, target=target, mode=mode):
-                    expert_bias_update_(x[0], x[1], x[2], num_ffn_experts=n, top_k=k, target_ffn_per_token=target,
-                                        mode=mode, backend=backend, **GAINS)
-                providers[f"mmkernels[{backend}]"] = run
+            def ours_fn(backend, n=n, k=k, target=target, mode=mode):
+                return lambda bias, counts, state: expert_bias_update_(
+                    bias, counts, state, num_ffn_experts=n, top_k=k, target_ffn_per_token=target, mode=mode,
+                    backend=backend, **GAINS)
+
+            providers = mmkernels_providers(ours, ours_fn)
             providers["torch-host-sync"] = (
-                lambda x, n=n, k=k, target=target, mode=mode: host_sync_update(*x, n, k, target, mode=mode, **GAINS)
+                lambda *x, n=n, k=k, target=target, mode=mode: host_sync_update(*x, n, k, target, mode=mode, **GAINS)
             )
             n_total = n + z
-            cases.append(Case(
+            shapes.append(Shape(
                 name=f"N={n} Z={z} K={k} {mode}",
                 make_inputs=make_inputs,
                 providers=providers,
@@ -70,11 +68,12 @@ def _build(config: BenchConfig) -> list[Case]:
                 bytes=float(4 * n_total + 8 * n + (16 * n if mode == "pid" else 0)),
                 params={"N": n, "Z": z, "K": k, "K_e": target, "mode": mode},
             ))
-    return cases
+    return shapes
 
 
 register_suite(Suite(
     name="expert_bias_update",
     description="PID/sign expert-bias update, on device, vs a host-syncing PyTorch controller",
-    build=_build,
+    shapes=_shapes,
+    ops=(OP,),
 ))

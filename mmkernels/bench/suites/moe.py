@@ -17,14 +17,12 @@ budget).
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
 from ...kernels.reference.moe import moe_experts_reference
-from ...ops.moe import EXPERTS_BACKENDS, ROUTE_BACKENDS, MoERouting, moe_experts, moe_route
-from ..suite import BenchConfig, Case, Suite, register_suite
+from ...ops.moe import MoERouting, moe_experts, moe_route
+from ..suite import BenchConfig, Inputs, Shape, Suite, has_module, mmkernels_providers, register_suite
 
 # ---- routing -----------------------------------------------------------------------------------------------------
 
@@ -44,38 +42,35 @@ def eager_router(logits, bias, k, n, scale):
     return ids, w, zero_weight, torch.bincount(ids.flatten(), minlength=logits.shape[1])
 
 
-def _route_cases(config: BenchConfig) -> list[Case]:
+def _route_shapes(config: BenchConfig, ours: list[str]) -> list[Shape]:
     device = config.device
-    ours = [b for b in ROUTE_BACKENDS.available(device) if config.backends is None or b in config.backends]
     compiled = torch.compile(eager_router) if device.type == "cuda" else None
-    cases = []
+    shapes = []
     for t, n, z, k in ROUTE_SHAPES[config.preset]:
         e = n + z
 
-        def make_inputs(t=t, e=e):
-            return torch.randn(t, e, device=device), torch.randn(e, device=device) * 1e-3
+        def make_inputs(grad, t=t, e=e):
+            return Inputs((torch.randn(t, e, device=device), torch.randn(e, device=device) * 1e-3))
 
-        providers = {
-            f"mmkernels[{b}]": (lambda x, b=b, n=n, k=k: moe_route(x[0], top_k=k, num_ffn_experts=n, bias=x[1],
-                                                                routed_scaling_factor=6.0, backend=b))
-            for b in ours
-        }
-        providers["torch-eager"] = lambda x, n=n, k=k: eager_router(x[0], x[1], k, n, 6.0)
+        providers = mmkernels_providers(ours, lambda b, n=n, k=k: lambda logits, bias: moe_route(
+            logits, top_k=k, num_ffn_experts=n, bias=bias, routed_scaling_factor=6.0, backend=b))
+        providers["torch-eager"] = lambda logits, bias, n=n, k=k: eager_router(logits, bias, k, n, 6.0)
         if compiled is not None:
-            providers["torch-compile"] = lambda x, n=n, k=k: compiled(x[0], x[1], k, n, 6.0)
-        cases.append(Case(
+            providers["torch-compile"] = lambda logits, bias, n=n, k=k: compiled(logits, bias, k, n, 6.0)
+        shapes.append(Shape(
             name=f"T={t} N+Z={e} K={k}", make_inputs=make_inputs, providers=providers, baseline="torch-eager",
             flops=float(5 * t * e), bytes=float(4 * t * e + 4 * e + t * k * 8 + 4 * t + 4 * e),
             params={"T": t, "N": n, "Z": z, "K": k},
         ))
-    return cases
+    return shapes
 
 
 register_suite(Suite(
     name="moe_route",
     description="top-k routing with zero-computation experts vs eager/compiled PyTorch routers",
-    build=_route_cases,
+    shapes=_route_shapes,
     presets=("quick", "default", "gpu"),
+    ops=("moe_route",),
 ))
 
 # ---- experts -----------------------------------------------------------------------------------------------------
@@ -120,16 +115,8 @@ def grouped_mm_experts(hidden, r, w_gate_up, w_down):
     return out.index_add(0, order // k, y.to(hidden.dtype))
 
 
-def _works(fn, *args) -> bool:
-    try:
-        fn(*args)
-        return True
-    except Exception:  # not supported for this device/dtype in the installed torch
-        return False
-
-
 def _hf_experts(n, z, dm, di, w_gate_up, w_down):
-    if importlib.util.find_spec("transformers") is None:
+    if not has_module("transformers"):
         return None
     try:
         from transformers.models.longcat_flash.configuration_longcat_flash import LongcatFlashConfig
@@ -145,64 +132,54 @@ def _hf_experts(n, z, dm, di, w_gate_up, w_down):
     return experts
 
 
-def _expert_cases(config: BenchConfig) -> list[Case]:
-    device = config.device
-    dtype = config.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    ours = [b for b in EXPERTS_BACKENDS.available(device)
-            if b != "reference" and (config.backends is None or b in config.backends)]
-    cases = []
+def _expert_shapes(config: BenchConfig, ours: list[str]) -> list[Shape]:
+    device, dtype = config.device, config.dtype
+    shapes = []
     for label, t, dm, n, z, k, di in EXPERT_SHAPES[config.preset]:
         w_gate_up = (torch.randn(n, 2 * di, dm, device=device) / dm**0.5).to(dtype)
         w_down = (torch.randn(n, dm, di, device=device) / di**0.5).to(dtype)
-        probe = routing_with_skew(8, n, z, k, 0.0, device)
-        x_probe = torch.randn(8, dm, device=device, dtype=dtype)
-        has_grouped_mm = hasattr(torch, "_grouped_mm") and _works(grouped_mm_experts, x_probe, probe, w_gate_up,
-                                                                   w_down)
+        probe_routing = routing_with_skew(8, n, z, k, 0.0, device)
         hf = _hf_experts(n, z, dm, di, w_gate_up, w_down)
         for skew_name, skew in SKEWS.items():
             r = routing_with_skew(t, n, z, k, skew, device)
             ffn_slots = int((r.topk_ids < n).sum())
-            fwd_flops = 6.0 * dm * di * ffn_slots
-            for mode in ("fwd", "fwd+bwd"):
-                grad_mode = mode == "fwd+bwd"
-                w1 = w_gate_up.detach().requires_grad_(grad_mode)
-                w2 = w_down.detach().requires_grad_(grad_mode)
 
-                def make_inputs(t=t, dm=dm, grad_mode=grad_mode):
-                    x = torch.randn(t, dm, device=device, dtype=dtype, requires_grad=grad_mode)
-                    return x, torch.randn(t, dm, device=device, dtype=dtype)
+            def make_inputs(grad, t=t, dm=dm, r=r, w_gate_up=w_gate_up, w_down=w_down):
+                x = torch.randn(t, dm, device=device, dtype=dtype, requires_grad=grad)
+                w1, w2 = w_gate_up.detach().requires_grad_(grad), w_down.detach().requires_grad_(grad)
+                return Inputs((x, r, w1, w2), wrt=(x, w1, w2), grad_out=torch.randn_like(x) if grad else None)
 
-                def wrap(fn, grad_mode=grad_mode, r=r, w1=w1, w2=w2):
-                    def run(x):
-                        y = fn(x[0], r, w1, w2)
-                        if grad_mode:
-                            x[0].grad = w1.grad = w2.grad = None  # no accumulation kernels in the timing
-                            y.backward(x[1])
-                        return y
-                    return run
+            def probe(grad, make=make_inputs, r=probe_routing):
+                return make(grad, t=8, r=r)
 
-                providers = {f"mmkernels[{b}]": wrap(lambda h, r, w1, w2, b=b: moe_experts(h, r, w1, w2, backend=b))
-                             for b in ours}
-                providers["torch-loop"] = wrap(torch_loop)
-                if has_grouped_mm:
-                    providers["torch-grouped-mm"] = wrap(grouped_mm_experts)
-                if hf is not None and not grad_mode:
-                    providers["hf-loop"] = wrap(lambda h, r, w1, w2, hf=hf: hf(h, r.topk_ids.long(), r.topk_weights))
-                weight_bytes = (3 * n * dm * di) * w_gate_up.element_size()
-                act_bytes = 2 * t * dm * w_gate_up.element_size()
-                cases.append(Case(
-                    name=f"{label} T={t} {skew_name}", make_inputs=make_inputs, providers=providers,
-                    baseline="torch-loop", mode=mode, flops=fwd_flops * (3 if grad_mode else 1),
-                    bytes=float((weight_bytes + act_bytes) * (3 if grad_mode else 1)),
-                    params={"T": t, "Dm": dm, "N": n, "Z": z, "K": k, "Di": di, "skew": skew,
-                            "ffn_slots": ffn_slots},
-                ))
-    return cases
+            providers = mmkernels_providers(ours, lambda b: lambda h, routing, w1, w2: moe_experts(
+                h, routing, w1, w2, backend=b))
+            providers["torch-loop"] = torch_loop
+            if hasattr(torch, "_grouped_mm"):
+                providers["torch-grouped-mm"] = grouped_mm_experts
+            if hf is not None:
+                providers["hf-loop"] = lambda h, routing, w1, w2, hf=hf: hf(
+                    h, routing.topk_ids.long(), routing.topk_weights)
+            weight_bytes = (3 * n * dm * di) * w_gate_up.element_size()
+            act_bytes = 2 * t * dm * w_gate_up.element_size()
+            shapes.append(Shape(
+                name=f"{label} T={t} {skew_name}", make_inputs=make_inputs, providers=providers,
+                baseline="torch-loop", flops=6.0 * dm * di * ffn_slots, bytes=float(weight_bytes + act_bytes),
+                params={"T": t, "Dm": dm, "N": n, "Z": z, "K": k, "Di": di, "skew": skew, "ffn_slots": ffn_slots},
+                probe=probe, probe_key=(label, dm, n, z, k, di),
+                skip=lambda name, mode: name == "hf-loop" and mode != "fwd",  # HF's experts hold frozen weights
+            ))
+    return shapes
 
 
 register_suite(Suite(
     name="moe_experts",
     description="grouped SwiGLU experts with zero experts vs per-expert loop, torch._grouped_mm, HF",
-    build=_expert_cases,
+    shapes=_expert_shapes,
     presets=("quick", "default", "gpu"),
+    default_dtype=torch.bfloat16,
+    cpu_dtype=torch.float32,
+    ops=("moe_experts",),
+    modes=("fwd", "fwd+bwd"),
+    reference_is_baseline=True,
 ))

@@ -14,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from ...kernels.reference.patch_embed import patch_embed_reference
-from ...ops.patch_embed import BACKENDS, KERNEL_DTYPES, patch_embed
-from ..suite import BenchConfig, Case, Suite, register_suite
+from ...ops.patch_embed import KERNEL_DTYPES, patch_embed
+from ..suite import BenchConfig, Inputs, Shape, Suite, mmkernels_providers, register_suite
 
 # (label, batch, channels, image size, patch size, embed dim)
 SHAPES = {
@@ -26,81 +26,65 @@ SHAPES = {
         ("ViT-g/14 224", 256, 3, 224, 14, 1408),
     ],
 }
-MODES = ("fwd", "fwd+bwd")
 
 
-def _flops_bytes(b, c, s, p, d, elem, mode) -> tuple[float, float]:
-    n = (s // p) ** 2
-    seq = n + 1
-    k = c * p * p
-    gemm = 2.0 * b * n * k * d
-    fwd_bytes = elem * (b * c * s * s + d * k + 2 * d + seq * d + b * seq * d)
-    if mode == "fwd":
-        return gemm, fwd_bytes
-    # + weight gradient GEMM; backward reads grad_out and the pixels again, writes the parameter gradients
-    bwd_bytes = elem * (b * seq * d + b * c * s * s + d * k + 2 * d + seq * d)
-    return 2 * gemm, fwd_bytes + bwd_bytes
+def _backend_limits(backend: str, config: BenchConfig) -> str | None:
+    if config.dtype not in KERNEL_DTYPES:
+        return f"the kernels take {', '.join(str(d).replace('torch.', '') for d in KERNEL_DTYPES)}"
+    if backend == "triton" and config.device.type == "cpu" and config.dtype == torch.bfloat16:
+        return "the Triton interpreter mishandles bf16 on CPU (use --dtype fp32 or fp16)"
+    return None
 
 
-def _build(config: BenchConfig) -> list[Case]:
-    device = config.device
-    dtype = config.dtype or torch.bfloat16
-    ours = [b for b in BACKENDS.available(device) if b != "reference" and (config.backends is None
-                                                                         or b in config.backends)]
-    if dtype not in KERNEL_DTYPES:
-        ours = []
+def _shapes(config: BenchConfig, ours: list[str]) -> list[Shape]:
+    device, dtype = config.device, config.dtype
     compiled = torch.compile(patch_embed_reference) if device.type == "cuda" else None
-    cases = []
+    shapes = []
     for label, b, c, s, p, d in SHAPES[config.preset]:
-        for mode in MODES:
-            train = mode == "fwd+bwd"
+        def make_inputs(grad, b=b, c=c, s=s, p=p, d=d):
+            seq = (s // p) ** 2 + 1
+            x = torch.randn(b, c, s, s, device=device, dtype=dtype)
+            params = (torch.randn(d, c, p, p, device=device, dtype=dtype) * (c * p * p) ** -0.5,
+                      torch.randn(d, device=device, dtype=dtype),
+                      torch.randn(1, seq, d, device=device, dtype=dtype) * 0.02,
+                      torch.randn(1, 1, d, device=device, dtype=dtype))
+            params = tuple(t.requires_grad_(grad) for t in params)
+            grad_out = torch.randn(b, seq, d, device=device, dtype=dtype) if grad else None
+            return Inputs((x, *params), wrt=params, grad_out=grad_out)
 
-            def make_inputs(b=b, c=c, s=s, p=p, d=d, train=train):
-                seq = (s // p) ** 2 + 1
-                x = torch.randn(b, c, s, s, device=device, dtype=dtype)
-                params = [torch.randn(d, c, p, p, device=device, dtype=dtype) * (c * p * p) ** -0.5,
-                          torch.randn(d, device=device, dtype=dtype),
-                          torch.randn(1, seq, d, device=device, dtype=dtype) * 0.02,
-                          torch.randn(1, 1, d, device=device, dtype=dtype)]
-                params = [t.requires_grad_(train) for t in params]
-                grad = torch.randn(b, seq, d, device=device, dtype=dtype) if train else None
-                return x, params, grad
-
-            def wrap(fn, train=train):
-                def run(inputs):
-                    x, params, grad = inputs
-                    out = fn(x, *params)
-                    if train:
-                        torch.autograd.grad(out, params, grad)
-                    return out
-
-                return run
-
-            providers = {}
-            for backend in ours:
-                providers[f"mmkernels[{backend}]"] = wrap(
-                    lambda x, w, bias, pos, cls, backend=backend: patch_embed(x, w, bias, pos_embed=pos, cls_token=cls,
-                                                                              backend=backend))
-            providers["eager (timm-style)"] = wrap(patch_embed_reference)
-            if compiled is not None:
-                providers["torch.compile"] = wrap(compiled)
-            flops, nbytes = _flops_bytes(b, c, s, p, d, torch.finfo(dtype).bits // 8, mode)
-            cases.append(Case(
-                name=f"{label} B={b}",
-                make_inputs=make_inputs,
-                providers=providers,
-                baseline="eager (timm-style)",
-                mode=mode,
-                flops=flops,
-                bytes=nbytes,
-                params={"batch": b, "channels": c, "image": s, "patch": p, "dim": d},
-            ))
-    return cases
+        providers = mmkernels_providers(ours, lambda backend: lambda x, w, bias, pos, cls: patch_embed(
+            x, w, bias, pos_embed=pos, cls_token=cls, backend=backend))
+        providers["eager (timm-style)"] = patch_embed_reference
+        if compiled is not None:
+            providers["torch.compile"] = compiled
+        # the pixels need no gradient (as in training a ViT on images): the backward is the weight-gradient GEMM
+        # plus reading grad_out and the pixels again and writing the parameter gradients
+        n = (s // p) ** 2
+        k = c * p * p
+        elem = torch.finfo(dtype).bits // 8
+        gemm = 2.0 * b * n * k * d
+        params_bytes = elem * (d * k + 2 * d + (n + 1) * d)
+        shapes.append(Shape(
+            name=f"{label} B={b}",
+            make_inputs=make_inputs,
+            providers=providers,
+            baseline="eager (timm-style)",
+            flops=gemm,
+            bytes=elem * (b * c * s * s + b * (n + 1) * d) + params_bytes,
+            bwd_flops=gemm,
+            bwd_bytes=elem * (b * (n + 1) * d + b * c * s * s) + params_bytes,
+            params={"batch": b, "channels": c, "image": s, "patch": p, "dim": d},
+        ))
+    return shapes
 
 
 register_suite(Suite(
     name="patch_embed",
     description="fused ViT patch embedding (implicit im2col GEMM + bias/cls/pos epilogue) vs conv2d->cat->add",
-    build=_build,
+    shapes=_shapes,
     default_dtype=torch.bfloat16,
+    ops=("patch_embed",),
+    modes=("fwd", "fwd+bwd"),
+    reference_is_baseline=True,
+    backend_limits=_backend_limits,
 ))

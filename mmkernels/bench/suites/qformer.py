@@ -18,13 +18,12 @@ are skipped and the speed-up column is relative to ours.
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 import torch.nn.functional as F
 
-from ...ops.qformer_attention import BACKENDS, qformer_cross_attention
-from ..suite import BenchConfig, Case, Suite, register_suite
+from ...ops.qformer_attention import qformer_cross_attention
+from ..suite import BenchConfig, Inputs, Shape, Suite, has_module, mmkernels_providers, register_suite
 
 LQ, H, D = 32, 12, 64
 # (B, Lk) grids; the quick preset runs on CPUs in seconds.
@@ -32,7 +31,6 @@ ATTN_SHAPES = {
     "quick": [(2, 65, 2), (1, 257, 12)],  # (B, Lk, H)
     "default": [(b, lk, H) for b in (1, 32, 256) for lk in (257, 577, 677)],
 }
-MODES = ("fwd", "fwd+bwd")
 
 
 def hf_eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -55,17 +53,9 @@ def _sdpa(q, k, v, scale, kernel=None):
 
 @functools.cache
 def _flex():
-    """Compiled FlexAttention, or None when it is missing or does not compile on this machine (probed once)."""
-    try:
-        from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
-        fn = torch.compile(flex_attention)
-        q = torch.randn(1, 2, LQ, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        kv = torch.randn(1, 2, 257, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        fn(q, kv, kv).sum().backward()  # the suite's shape class: 32 queries, a key count not a multiple of 128
-        return fn
-    except Exception:  # noqa: BLE001 - any failure means: no FlexAttention row
-        return None
+    return torch.compile(flex_attention)
 
 
 def _flex_attention(q, k, v, scale):
@@ -73,20 +63,13 @@ def _flex_attention(q, k, v, scale):
     return _flex()(q, k, v, scale=scale).transpose(1, 2)
 
 
-def _attn_flops(B: int, Lk: int, heads: int, mode: str) -> float:
-    fwd = 4.0 * B * heads * LQ * Lk * D
-    return fwd * (3.5 if mode == "fwd+bwd" else 1.0)
+def _attn_inputs(B, Lk, heads, device, dtype, grad) -> Inputs:
+    q, k, v = (torch.randn(B, n, heads, D, device=device, dtype=dtype, requires_grad=grad) for n in (LQ, Lk, Lk))
+    return Inputs((q, k, v), wrt=(q, k, v), grad_out=torch.randn_like(q) if grad else None)
 
 
-def _attn_bytes(B: int, Lk: int, heads: int, mode: str, elt: int) -> float:
-    fwd = elt * B * heads * D * (2 * LQ + 2 * Lk)  # read q, k, v; write out
-    return fwd * (3.0 if mode == "fwd+bwd" else 1.0)  # + read q, k, v, out, dout; write dq, dk, dv
-
-
-def _build_attention(config: BenchConfig) -> list[Case]:
-    device = config.device
-    dtype = config.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    ours = [b for b in BACKENDS.available(device) if config.backends is None or b in config.backends]
+def _attention_shapes(config: BenchConfig, ours: list[str]) -> list[Shape]:
+    device, dtype = config.device, config.dtype
     scale = D**-0.5
     baselines: dict[str, object] = {}
     if device.type == "cuda":
@@ -94,58 +77,43 @@ def _build_attention(config: BenchConfig) -> list[Case]:
 
         baselines["sdpa[flash]"] = functools.partial(_sdpa, kernel=SDPBackend.FLASH_ATTENTION)
         baselines["sdpa[efficient]"] = functools.partial(_sdpa, kernel=SDPBackend.EFFICIENT_ATTENTION)
-        if config.preset != "quick" and _flex() is not None:
+        if config.preset != "quick" and has_module("torch.nn.attention.flex_attention"):
             baselines["flex_attention[compiled]"] = _flex_attention
+        baseline = "sdpa[efficient]" if dtype == torch.float32 else "sdpa[flash]"  # flash has no fp32 kernel
     else:
         baselines["sdpa"] = _sdpa
+        baseline = "sdpa"
     baselines["hf-eager"] = hf_eager_attention
-    cases = []
+    shapes = []
     for B, Lk, heads in ATTN_SHAPES[config.preset]:
-        for mode in MODES:
-            train = mode == "fwd+bwd"
-
-            def make_inputs(B=B, Lk=Lk, heads=heads, train=train):
-                t = [torch.randn(B, n, heads, D, device=device, dtype=dtype, requires_grad=train)
-                     for n in (LQ, Lk, Lk)]
-                return (*t, torch.randn(B, LQ, heads, D, device=device, dtype=dtype))
-
-            def wrap(fn, train=train):
-                def run(x):
-                    q, k, v, dout = x
-                    if not train:
-                        with torch.no_grad():
-                            return fn(q, k, v)
-                    out = fn(q, k, v)
-                    out.backward(dout)
-                    return out
-                return run
-
-            providers = {f"mmkernels[{b}]": wrap(lambda q, k, v, b=b: qformer_cross_attention(q, k, v, backend=b))
-                         for b in ours}
-            for name, fn in baselines.items():
-                providers[name] = wrap(lambda q, k, v, fn=fn: fn(q, k, v, scale))
-            baseline = "sdpa[flash]" if "sdpa[flash]" in providers else "sdpa"
-            if dtype == torch.float32 and device.type == "cuda":  # flash has no fp32 kernel
-                providers.pop("sdpa[flash]", None)
-                baseline = "sdpa[efficient]"
-            cases.append(Case(
-                name=f"B={B} Lq={LQ} Lk={Lk} H={heads} D={D}",
-                make_inputs=make_inputs,
-                providers=providers,
-                baseline=baseline,
-                mode=mode,
-                flops=_attn_flops(B, Lk, heads, mode),
-                bytes=_attn_bytes(B, Lk, heads, mode, torch.empty((), dtype=dtype).element_size()),
-                params={"B": B, "Lq": LQ, "Lk": Lk, "H": heads, "D": D},
-            ))
-    return cases
+        providers = mmkernels_providers(ours, lambda b: lambda q, k, v: qformer_cross_attention(q, k, v, backend=b))
+        for name, fn in baselines.items():
+            providers[name] = lambda q, k, v, fn=fn: fn(q, k, v, scale)
+        shapes.append(Shape(
+            name=f"B={B} Lq={LQ} Lk={Lk} H={heads} D={D}",
+            make_inputs=functools.partial(_attn_inputs, B, Lk, heads, device, dtype),
+            providers=providers,
+            baseline=baseline,
+            flops=4.0 * B * heads * LQ * Lk * D,
+            bytes=float(torch.finfo(dtype).bits // 8 * B * heads * D * (2 * LQ + 2 * Lk)),  # q, k, v read; out written
+            params={"B": B, "Lq": LQ, "Lk": Lk, "H": heads, "D": D},
+            # the suite's shape class (32 queries, a key count not a multiple of 128) on one batch and two heads,
+            # tried once per run: a compiled baseline compiles on each new probe shape
+            probe=functools.partial(_attn_inputs, 1, 257, 2, device, dtype),
+            probe_key="Lq=32 Lk=257",
+        ))
+    return shapes
 
 
 register_suite(Suite(
     name="qformer_cross_attention",
     description="Q-Former cross-attention (32 queries over image tokens) vs SDPA flash/efficient, Flex, HF eager",
-    build=_build_attention,
+    shapes=_attention_shapes,
     default_dtype=torch.bfloat16,
+    cpu_dtype=torch.float32,
+    ops=("qformer_cross_attention",),
+    modes=("fwd", "fwd+bwd"),
+    bwd_flop_factor=2.5,
 ))
 
 
@@ -161,85 +129,73 @@ MODEL_SHAPES = {
 OURS, HF_EAGER, HF_SDPA = "mmkernels QFormer", "HF Blip2QFormerModel (eager)", "HF Blip2QFormerModel (sdpa)"
 
 
-def _has_transformers() -> bool:
-    return importlib.util.find_spec("transformers") is not None
+@functools.cache
+def _hf_models(fields: tuple, device: torch.device, dtype: torch.dtype) -> dict:
+    """HF Q-Formers with eager and SDPA attention, same weights; {} without transformers. Built on first use (the
+    real config takes a while to initialise)."""
+    if not has_module("transformers"):
+        return {}
+    import transformers
+
+    hf = {}
+    for impl, name in (("eager", HF_EAGER), ("sdpa", HF_SDPA)):
+        cfg = transformers.Blip2QFormerConfig(**dict(fields), attn_implementation=impl)
+        torch.manual_seed(0)
+        hf[name] = transformers.Blip2QFormerModel(cfg).to(device=device, dtype=dtype).eval()
+    return hf
 
 
-def _build_model(config: BenchConfig) -> list[Case]:
-    from ...models.qformer import QFormer, QFormerConfig, qformer_flops
+@functools.cache
+def _our_model(fields: tuple, device: torch.device, dtype: torch.dtype, backend: str | None):
+    """Ours, with the HF models' weights when transformers is installed."""
+    from ...models.qformer import QFormer, QFormerConfig
 
-    device = config.device
-    dtype = config.dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    have_hf = _has_transformers()
-    backend = None if config.backends is None else next(
-        (b for b in config.backends if b in BACKENDS.available(device)), None)
-    cases = []
+    hf = _hf_models(fields, device, dtype)
+    if hf:
+        return QFormer.from_hf(hf[HF_SDPA], backend=backend).eval()
+    return QFormer(QFormerConfig(**dict(fields)), backend=backend, device=device, dtype=dtype).eval()
+
+
+def _model_shapes(config: BenchConfig, ours: list) -> list[Shape]:
+    from ...models.qformer import QFormerConfig, qformer_flops
+
+    device, dtype = config.device, config.dtype
+    have_hf = has_module("transformers")
+    shapes = []
     for label, fields, batch, lk in MODEL_SHAPES[config.preset]:
         key = tuple(sorted(fields.items()))
-
-        @functools.cache
-        def models(fields=key):
-            """Built on first use (the real config takes a while to initialise)."""
-            fields = dict(fields)
-            if not have_hf:
-                return QFormer(QFormerConfig(**fields), backend=backend, device=device, dtype=dtype).eval(), {}
-            import transformers
-
-            hf = {}
-            for impl, name in (("eager", HF_EAGER), ("sdpa", HF_SDPA)):
-                cfg = transformers.Blip2QFormerConfig(**fields, attn_implementation=impl)
-                torch.manual_seed(0)
-                hf[name] = transformers.Blip2QFormerModel(cfg).to(device=device, dtype=dtype).eval()
-            return QFormer.from_hf(hf[HF_SDPA], backend=backend).eval(), hf
-
         qcfg = QFormerConfig(**fields)
-        for mode in MODES:
-            train = mode == "fwd+bwd"
 
-            def make_inputs(batch=batch, lk=lk, qcfg=qcfg, train=train):
-                q = torch.randn(batch, LQ, qcfg.hidden_size, device=device, dtype=dtype, requires_grad=train)
-                return q, torch.randn(batch, lk, qcfg.encoder_hidden_size, device=device, dtype=dtype)
+        def make_inputs(grad, batch=batch, lk=lk, qcfg=qcfg):
+            q = torch.randn(batch, LQ, qcfg.hidden_size, device=device, dtype=dtype, requires_grad=grad)
+            img = torch.randn(batch, lk, qcfg.encoder_hidden_size, device=device, dtype=dtype)
+            return Inputs((q, img), grad_out=torch.randn(batch, LQ, qcfg.hidden_size, device=device, dtype=dtype))
 
-            def ours_fn(x, train=train, models=models):
-                model = models()[0]
-                if not train:
-                    with torch.no_grad():
-                        return model(*x)
-                out = model(*x)
-                out.float().square().mean().backward()
-                return out
-
-            def hf_fn(x, name, train=train, models=models):
-                model = models()[1][name]
-                if not train:
-                    with torch.no_grad():
-                        return model(query_embeds=x[0], encoder_hidden_states=x[1]).last_hidden_state
-                out = model(query_embeds=x[0], encoder_hidden_states=x[1]).last_hidden_state
-                out.float().square().mean().backward()
-                return out
-
-            providers = {OURS: ours_fn}
-            if have_hf:
-                providers[HF_EAGER] = functools.partial(hf_fn, name=HF_EAGER)
-                providers[HF_SDPA] = functools.partial(hf_fn, name=HF_SDPA)
-            flops = qformer_flops(qcfg, num_queries=LQ, image_tokens=lk, batch=batch)["total"]
-            cases.append(Case(
-                name=f"{label} B={batch} Lq={LQ} Lk={lk}",
-                make_inputs=make_inputs,
-                providers=providers,
-                baseline=HF_SDPA if have_hf else OURS,
-                mode=mode,
-                flops=flops * (3 if train else 1),
-                params={"batch": batch, "queries": batch * LQ, "Lk": lk, **fields},
-            ))
-    return cases
+        providers = mmkernels_providers(ours, lambda b, key=key: lambda q, img: _our_model(key, device, dtype, b)(
+            q, img), label=OURS)
+        for name in (HF_EAGER, HF_SDPA) if have_hf else ():
+            providers[name] = lambda q, img, key=key, name=name: _hf_models(key, device, dtype)[name](
+                query_embeds=q, encoder_hidden_states=img).last_hidden_state
+        shapes.append(Shape(
+            name=f"{label} B={batch} Lq={LQ} Lk={lk}",
+            make_inputs=make_inputs,
+            providers=providers,
+            baseline=HF_SDPA if have_hf else next(iter(providers)),
+            flops=qformer_flops(qcfg, num_queries=LQ, image_tokens=lk, batch=batch)["total"],
+            params={"batch": batch, "queries": batch * LQ, "Lk": lk, **fields},
+        ))
+    return shapes
 
 
 register_suite(Suite(
     name="qformer",
     description="whole Q-Former queries/s (batch*32 / median): mmkernels QFormer vs HF Blip2QFormerModel eager/SDPA",
-    build=_build_model,
+    shapes=_model_shapes,
     default_dtype=torch.bfloat16,
+    cpu_dtype=torch.float32,
+    ops=("qformer_cross_attention", "attention"),
+    modes=("fwd", "fwd+bwd"),
+    model=True,
 ))
 
 

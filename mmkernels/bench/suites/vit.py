@@ -9,11 +9,10 @@ every parameter).
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 
-from ..suite import BenchConfig, Case, Suite, register_suite
+from ..suite import BenchConfig, Inputs, Shape, Suite, has_module, mmkernels_providers, register_suite
 
 # (label, HF ViTConfig fields, batch)
 SHAPES = {
@@ -26,7 +25,6 @@ SHAPES = {
                               num_attention_heads=16, intermediate_size=4096), 64),
     ],
 }
-MODES = ("fwd", "fwd+bwd")
 OURS, HF = "mmkernels ViT", "HF ViTModel (sdpa)"
 
 
@@ -38,80 +36,66 @@ def _flops(cfg: dict, batch: int) -> float:
     return float(batch * (2 * n * 3 * p * p * d + cfg["num_hidden_layers"] * per_layer))
 
 
-def _has_transformers() -> bool:
-    return importlib.util.find_spec("transformers") is not None
+@functools.cache
+def _hf_model(fields: tuple, device: torch.device, dtype: torch.dtype):
+    """HF ViTModel with SDPA attention, or None without transformers. Built on first use (large models take a while
+    to initialise)."""
+    if not has_module("transformers"):
+        return None
+    import transformers
+
+    cfg = transformers.ViTConfig(**dict(fields), attn_implementation="sdpa")
+    return transformers.ViTModel(cfg, add_pooling_layer=False).to(device=device, dtype=dtype).eval()
 
 
-def _build(config: BenchConfig) -> list[Case]:
+@functools.cache
+def _our_model(fields: tuple, device: torch.device, dtype: torch.dtype, backend: str | None):
+    """Ours, with the HF model's weights when transformers is installed."""
     from ...models.vit import ViT, ViTConfig
 
-    device = config.device
-    dtype = config.dtype or torch.bfloat16
-    have_hf = _has_transformers()
-    cases = []
+    hf = _hf_model(fields, device, dtype)
+    if hf is not None:
+        return ViT.from_hf(hf, backend=backend).eval()
+    f = dict(fields)
+    cfg = ViTConfig(image_size=f["image_size"], patch_size=f["patch_size"], hidden_size=f["hidden_size"],
+                    num_layers=f["num_hidden_layers"], num_heads=f["num_attention_heads"],
+                    mlp_dim=f["intermediate_size"], layer_norm_eps=1e-12)
+    return ViT(cfg, backend=backend, device=device, dtype=dtype).eval()
+
+
+def _shapes(config: BenchConfig, ours: list) -> list[Shape]:
+    device, dtype = config.device, config.dtype
+    shapes = []
     for label, fields, batch in SHAPES[config.preset]:
         key = tuple(sorted(fields.items()))
 
-        @functools.cache
-        def models(fields=key):
-            """Built on first use (large models take a while to initialise)."""
-            fields = dict(fields)
-            if have_hf:
-                import transformers
+        def make_inputs(grad, fields=fields, batch=batch):
+            s, p, d = fields["image_size"], fields["patch_size"], fields["hidden_size"]
+            pixels = torch.randn(batch, 3, s, s, device=device, dtype=dtype)
+            grad_out = torch.randn(batch, (s // p) ** 2 + 1, d, device=device, dtype=dtype) if grad else None
+            return Inputs((pixels,), grad_out=grad_out)
 
-                cfg = transformers.ViTConfig(**fields, attn_implementation="sdpa")
-                hf = transformers.ViTModel(cfg, add_pooling_layer=False).to(device=device, dtype=dtype).eval()
-                ours = ViT.from_hf(hf).eval()
-                return ours, hf
-            cfg = ViTConfig(image_size=fields["image_size"], patch_size=fields["patch_size"],
-                            hidden_size=fields["hidden_size"], num_layers=fields["num_hidden_layers"],
-                            num_heads=fields["num_attention_heads"], mlp_dim=fields["intermediate_size"],
-                            layer_norm_eps=1e-12)
-            return ViT(cfg, device=device, dtype=dtype).eval(), None
-
-        for mode in MODES:
-            train = mode == "fwd+bwd"
-
-            def make_inputs(fields=fields, batch=batch):
-                s = fields["image_size"]
-                return torch.randn(batch, 3, s, s, device=device, dtype=dtype)
-
-            def ours_fn(x, train=train, models=models):
-                model = models()[0]
-                if not train:
-                    with torch.no_grad():
-                        return model(x)
-                out = model(x)
-                out.float().square().mean().backward()
-                return out
-
-            def hf_fn(x, train=train, models=models):
-                model = models()[1]
-                if not train:
-                    with torch.no_grad():
-                        return model(x).last_hidden_state
-                out = model(x).last_hidden_state
-                out.float().square().mean().backward()
-                return out
-
-            providers = {OURS: ours_fn}
-            if have_hf:
-                providers[HF] = hf_fn
-            cases.append(Case(
-                name=f"{label} B={batch}",
-                make_inputs=make_inputs,
-                providers=providers,
-                baseline=HF if have_hf else OURS,
-                mode=mode,
-                flops=_flops(fields, batch) * (3 if train else 1),
-                params={"batch": batch, **fields},
-            ))
-    return cases
+        providers = mmkernels_providers(
+            ours, lambda b, key=key: lambda x: _our_model(key, device, dtype, b)(x), label=OURS)
+        if has_module("transformers"):
+            providers[HF] = lambda x, key=key: _hf_model(key, device, dtype)(x).last_hidden_state
+        shapes.append(Shape(
+            name=f"{label} B={batch}",
+            make_inputs=make_inputs,
+            providers=providers,
+            baseline=HF if HF in providers else next(iter(providers)),
+            flops=_flops(fields, batch),
+            params={"batch": batch, **fields},
+        ))
+    return shapes
 
 
 register_suite(Suite(
     name="vit",
     description="ViT encoder images/s (batch / median): mmkernels ViT vs HF ViTModel with SDPA, same weights",
-    build=_build,
+    shapes=_shapes,
     default_dtype=torch.bfloat16,
+    ops=("patch_embed", "attention"),
+    modes=("fwd", "fwd+bwd"),
+    model=True,
 ))

@@ -3,9 +3,17 @@
 Same semantics as the Triton kernels (see ``mmkernels.ops.attention``): layout ``[B, L, H, D]`` (or varlen
 ``[total, H, D]`` with ``cu_seqlens``), GQA by head grouping (query head ``h`` reads key/value head
 ``h // (Hq // Hkv)``), causal masks aligned to the bottom-right corner when ``Lq != Lk``, and query rows that see
-no key (causal with ``Lq > Lk``) give zeros. Differentiable through PyTorch autograd.
+no key (causal with ``Lq > Lk``, a varlen sequence without keys) give zeros and zero gradients.
 
+Values outside the valid region never reach a result, even NaN or inf: masked scores are replaced (not added to),
+and the q rows that see no key and the k/v rows that no query sees (varlen padding past ``cu_seqlens[-1]``) are
+replaced by zeros with ``torch.where`` before any product, so no ``0 * NaN`` appears forward or backward. Varlen
+rows past ``cu_seqlens_q[-1]`` get output 0 (lse ``+inf``) and zero gradients.
+
+Varlen input is gathered into a padded ``[B, max_seqlen, H, D]`` batch by index arithmetic on ``cu_seqlens`` (no
+host read when ``max_seqlen_*`` are given), so the reference also runs under ``torch.compile(fullgraph=True)``.
 It materialises the ``[B, H, Lq, Lk]`` score matrix: fine for tests and as a baseline, not for long sequences.
+Differentiable (also twice) through PyTorch autograd.
 """
 
 from __future__ import annotations
@@ -15,34 +23,94 @@ import torch
 __all__ = ["attention_reference", "attention_reference_with_lse"]
 
 
-def _dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, upcast: bool
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D] -> (out [B, Lq, Hq, D] in q's dtype, lse [B, Hq, Lq] in the math dtype)."""
+def _math_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32) if upcast else dtype
+
+
+def _masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor | None, scale: float,
+            upcast: bool, dropout_p: float, dropout_mask: torch.Tensor | None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D], ``visible`` bool [B or 1, Lq, Lk] (None: all) -> (out [B, Lq, Hq, D]
+    in q's dtype, lse [B, Hq, Lq] in the math dtype)."""
     out_dtype = q.dtype
     if upcast:
-        math_dtype = torch.promote_types(q.dtype, torch.float32)
+        math_dtype = _math_dtype(q.dtype, True)
         q, k, v = q.to(math_dtype), k.to(math_dtype), v.to(math_dtype)
-    lq, lk = q.shape[1], k.shape[1]
+    if visible is not None:
+        # where, not multiply: a NaN/inf in a q row that sees no key, or in a key that no query sees, must not
+        # reach dK/dQ through 0 * NaN in the products' backward
+        q = torch.where(visible.any(-1)[..., None, None], q, 0.0)
+        seen = visible.any(-2)[..., None, None]
+        k = torch.where(seen, k, 0.0)
+        v = torch.where(seen, v, 0.0)
     group = q.shape[2] // max(k.shape[2], 1)
     if group > 1:
         k = k.repeat_interleave(group, dim=2)
         v = v.repeat_interleave(group, dim=2)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    if causal:
-        rows = torch.arange(lq, device=q.device)[:, None]
-        cols = torch.arange(lk, device=q.device)[None, :]
-        visible = cols <= rows + (lk - lq)  # bottom-right aligned, as flash-attn >= 2.1
-        scores = scores.masked_fill(~visible, float("-inf"))
+    if visible is not None:
+        scores = scores.masked_fill(~visible[:, None], float("-inf"))
     # Softmax that gives zeros (and zero gradients) for rows with no visible key, instead of NaN.
+    lk = scores.shape[-1]
     row_max = scores.amax(dim=-1, keepdim=True) if lk > 0 else scores.sum(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
     e = torch.exp(scores - row_max)
     denom = e.sum(dim=-1, keepdim=True)
     p = e / torch.where(denom == 0, torch.ones_like(denom), denom)
+    if dropout_p > 0.0:
+        keep = dropout_mask if dropout_mask is not None else torch.rand_like(p) >= dropout_p
+        p = torch.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
     out = torch.einsum("bhqk,bkhd->bqhd", p.to(v.dtype), v)
     lse = (row_max + torch.log(denom)).squeeze(-1)
     lse = torch.where(denom.squeeze(-1) == 0, torch.full_like(lse, float("inf")), lse)
     return out.to(out_dtype), lse
+
+
+def _causal(lq, lk, device, diag=None) -> torch.Tensor:
+    """[Lq, Lk] (or [B, Lq, Lk] with a per-sequence ``diag`` [B]): key j visible to query i iff j <= i + diag."""
+    rows = torch.arange(lq, device=device)[:, None]
+    cols = torch.arange(lk, device=device)[None, :]
+    if diag is None:
+        return cols <= rows + (lk - lq)  # bottom-right aligned, as flash-attn >= 2.1
+    return cols[None] <= rows[None] + diag[:, None, None]
+
+
+def _varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, upcast, dropout_p, dropout_mask):
+    total_q = q.shape[0]
+    cu_q, cu_k = cu_q.to(torch.int64), cu_k.to(torch.int64)
+    if cu_q.shape[0] < 2:  # no sequences: one empty sequence keeps every shape below non-empty
+        cu_q, cu_k = cu_q.new_zeros(2), cu_k.new_zeros(2)
+    batch = cu_q.shape[0] - 1
+    max_q, max_k = max(max_q, 1), max(max_k, 1)
+    lens_q, lens_k = cu_q[1:] - cu_q[:-1], cu_k[1:] - cu_k[:-1]
+
+    def gather(t, cu, lens, length):
+        # [total, H, D] -> [B, length, H, D]; positions past a sequence read an appended zero row
+        pos = torch.arange(length, device=t.device)
+        valid = pos[None, :] < lens[:, None]
+        index = torch.where(valid, cu[:-1, None] + pos[None, :], t.shape[0])
+        padded = torch.cat([t, t.new_zeros((1, *t.shape[1:]))])
+        return padded[index], valid
+
+    qp, valid_q = gather(q, cu_q, lens_q, max_q)
+    kp, valid_k = gather(k, cu_k, lens_k, max_k)
+    vp, _ = gather(v, cu_k, lens_k, max_k)
+    visible = valid_q[:, :, None] & valid_k[:, None, :]
+    if causal:
+        visible = visible & _causal(max_q, max_k, q.device, lens_k - lens_q)
+    if dropout_mask is not None:
+        dropout_mask = dropout_mask[:, :, :max_q, :max_k]
+    out_p, lse_p = _masked(qp, kp, vp, visible, scale, upcast, dropout_p, dropout_mask)
+
+    # back to rows: row r belongs to sequence seq[r] (== batch for padding rows past cu_seqlens_q[-1])
+    rows = torch.arange(total_q, device=q.device)
+    seq = torch.searchsorted(cu_q[1:].contiguous(), rows, right=True)
+    live = seq < batch
+    seq = seq.clamp(max=batch - 1)
+    pos = (rows - cu_q[seq]).clamp(0, max_q - 1)
+    out = torch.where(live[:, None, None], out_p[seq, pos], 0.0)
+    lse = torch.where(live[None, :], lse_p.permute(1, 0, 2)[:, seq, pos], float("inf"))
+    return out, lse
 
 
 def attention_reference_with_lse(
@@ -57,37 +125,32 @@ def attention_reference_with_lse(
     max_seqlen_k: int | None = None,
     *,
     upcast: bool = True,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention and its log-sum-exp (natural log, ``+inf`` for rows that see no key).
 
     ``upcast=True`` (the default, and the backend's behaviour) computes in float32 (float64 stays float64) and
     returns the output in the input dtype; ``upcast=False`` computes in the input dtype, which is the "same-dtype
     PyTorch reference" of the flash-attn accuracy rule. The lse has the layout of the Triton op: ``[B, Hq, Lq]``
-    dense, ``[Hq, total_q]`` varlen. ``max_seqlen_*`` are accepted for signature compatibility and ignored.
+    dense, ``[Hq, total_q]`` varlen. Varlen ``max_seqlen_*`` default to the longest sequence (a host read of
+    ``cu_seqlens``); pass them under ``torch.compile``.
+
+    ``dropout_p``: inverted dropout on the probabilities (kept with probability ``1 - p``, scaled by
+    ``1 / (1 - p)``); the lse is that of the probabilities before dropout. ``dropout_mask`` (bool
+    ``[B, Hq, Lq, Lk]``, ``Lq``/``Lk`` the max lengths for varlen) replaces the random draw: the tests pass the
+    Triton kernels' own mask.
     """
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     if cu_seqlens_q is None:
-        return _dense(q, k, v, causal, scale, upcast)
-    # varlen: one dense call per sequence (reads cu_seqlens on the host).
-    bounds_q = cu_seqlens_q.tolist()
-    bounds_k = cu_seqlens_k.tolist()
-    outs, lses = [], []
-    for i in range(len(bounds_q) - 1):
-        qs, qe = bounds_q[i], bounds_q[i + 1]
-        ks, ke = bounds_k[i], bounds_k[i + 1]
-        o, lse = _dense(q[None, qs:qe], k[None, ks:ke], v[None, ks:ke], causal, scale, upcast)
-        outs.append(o[0])
-        lses.append(lse[0])
-    if not outs:
-        math_dtype = torch.promote_types(q.dtype, torch.float32) if upcast else q.dtype
-        return q.new_zeros(q.shape), q.new_zeros((q.shape[1], 0), dtype=math_dtype)
-    out = torch.cat(outs, dim=0)
-    lse = torch.cat(lses, dim=1)
-    if out.shape[0] != q.shape[0]:  # rows past cu_seqlens_q[-1]: zeros, like the kernel
-        pad = q.shape[0] - out.shape[0]
-        out = torch.cat([out, out.new_zeros((pad, *out.shape[1:]))])
-        lse = torch.cat([lse, lse.new_full((lse.shape[0], pad), float("inf"))], dim=1)
-    return out, lse
+        visible = _causal(q.shape[1], k.shape[1], q.device)[None] if causal else None
+        return _masked(q, k, v, visible, scale, upcast, dropout_p, dropout_mask)
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if cu_seqlens_q.numel() > 1 else 0
+    if max_seqlen_k is None:
+        max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if cu_seqlens_k.numel() > 1 else 0
+    return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, upcast,
+                   dropout_p, dropout_mask)
 
 
 def attention_reference(
@@ -102,7 +165,10 @@ def attention_reference(
     max_seqlen_k: int | None = None,
     *,
     upcast: bool = True,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention output only; see :func:`attention_reference_with_lse`."""
     return attention_reference_with_lse(q, k, v, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                        max_seqlen_k, upcast=upcast)[0]
+                                        max_seqlen_k, upcast=upcast, dropout_p=dropout_p,
+                                        dropout_mask=dropout_mask)[0]

@@ -1,4 +1,4 @@
-"""PyTorch reference of the expert-bias update (specs/longcat_moe.md), in the kernels' float32 order.
+"""PyTorch reference of the expert-bias update (docs/design/longcat_moe.md), in the kernels' float32 order.
 
 Written without host synchronisation (no ``.item()``, data-dependent branches become ``torch.where``), so it is
 also a valid backend on CUDA and inside CUDA-graph capture.

@@ -1,6 +1,6 @@
 """Plain-PyTorch references for MoE routing with zero-computation experts and for the SwiGLU expert FFNs.
 
-Semantics: ../shared/specs/longcat_moe.md. These are the tests' oracles (run them on float64 inputs), the
+Semantics: docs/design/longcat_moe.md. These are the tests' oracles (run them on float64 inputs), the
 benchmarks' baselines and the CPU fallback. No host synchronisation in ``moe_route_reference``.
 """
 
@@ -11,28 +11,46 @@ import torch.nn.functional as F
 
 
 def route_scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
-    """Router scores in at least fp32: softmax over all N+Z experts, or independent sigmoids."""
+    """Router scores in at least fp32: softmax over all N+Z experts, or independent sigmoids.
+
+    Exactly ``torch.softmax`` / ``torch.sigmoid`` (the C++ kernel calls the same ATen kernels): a NaN logit, a
+    +inf logit under softmax, or a row of -inf under softmax gives NaN scores, which are never hidden.
+    """
     x = logits if logits.dtype == torch.float64 else logits.float()
     return torch.softmax(x, dim=-1) if scoring == "softmax" else torch.sigmoid(x)
 
 
-def _topk_lowest_id_on_ties(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Top-k indices by value, ties broken towards the lower expert id (torch.topk makes no such promise).
-
-    A stable descending sort keeps equal values in index order, so the first k are the lowest ids among ties.
+def _topk_lowest_id_on_ties(values: torch.Tensor, k: int, excluded: torch.Tensor | None = None) -> torch.Tensor:
+    """Top-k indices in the selection order of every backend: larger values first, NaN below every number
+    (-inf included), ``excluded`` entries (bool, same shape) below NaN; equal keys, NaN with NaN included, go to
+    the lower index. torch.topk makes no tie promise and ranks NaN first, hence two stable sorts.
     """
-    return torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
+    nan = values.isnan()
+    # NaN -> 0 only so that NaNs compare equal among themselves here; the class sort below puts them last.
+    order = torch.sort(values.masked_fill(nan, 0.0), dim=-1, descending=True, stable=True).indices
+    rank_class = nan.to(torch.uint8)  # 0: a number, 1: NaN, 2: excluded
+    if excluded is not None:
+        rank_class = rank_class.masked_fill(excluded, 2)
+    by_class = torch.sort(rank_class.gather(-1, order), dim=-1, stable=True).indices
+    return order.gather(-1, by_class[..., :k])
 
 
 def group_limited_mask(choice: torch.Tensor, n_groups: int, topk_groups: int) -> torch.Tensor:
     """DeepSeek-V3 group-limited choice: keep the ``topk_groups`` groups with the largest sum of their two best
-    biased scores (one best when a group has one expert); experts elsewhere become -inf for the choice."""
+    biased scores (one best when a group has one expert), both "best" and "largest" in the selection order of
+    ``_topk_lowest_id_on_ties`` (NaN last, lower id on ties). Returns the bool mask of experts kept [T, N+Z]."""
     t, e = choice.shape
-    grouped = choice.view(t, n_groups, e // n_groups)
-    best = torch.sort(grouped, dim=-1, descending=True).values[..., : min(2, e // n_groups)].sum(-1)
+    size = e // n_groups
+    grouped = choice.view(t, n_groups, size)
+    top = grouped.gather(-1, _topk_lowest_id_on_ties(grouped, min(2, size)))
+    best = top[..., 0] + top[..., 1] if size >= 2 else top[..., 0]
     keep = _topk_lowest_id_on_ties(best, topk_groups)
     group_ok = torch.zeros(t, n_groups, dtype=torch.bool, device=choice.device).scatter_(1, keep, True)
-    return group_ok.repeat_interleave(e // n_groups, dim=1)
+    return group_ok.repeat_interleave(size, dim=1)
+
+
+# HF DeepSeek-V3's renormalisation epsilon: weights / (sum + 1e-20), so all-zero picks give zeros, never 0/0.
+RENORM_EPS = 1e-20
 
 
 def moe_route_reference(
@@ -49,18 +67,19 @@ def moe_route_reference(
     """Returns (topk_ids int32 [T,K], topk_weights [T,K], zero_weight [T], counts int32 [N+Z]).
 
     Weights are fp32 (fp64 for fp64 logits) and differentiable in ``logits`` through the unbiased scores.
+    Non-finite input follows the rules of ``mmkernels.ops.moe_route`` (NaN ranks last, ``sum + 1e-20``).
     """
     scores = route_scores(logits, scoring)
     with torch.no_grad():
         choice = scores if bias is None else scores + bias.to(scores.dtype)
-        if n_groups > 1:
-            choice = choice.masked_fill(~group_limited_mask(choice, n_groups, topk_groups), float("-inf"))
-        ids = _topk_lowest_id_on_ties(choice, top_k)
+        excluded = ~group_limited_mask(choice, n_groups, topk_groups) if n_groups > 1 else None
+        ids = _topk_lowest_id_on_ties(choice, top_k, excluded)
     weights = scores.gather(1, ids)
     if renormalize:
-        weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights / (weights.sum(-1, keepdim=True) + RENORM_EPS)
     weights = weights * routed_scaling_factor
-    zero_weight = (weights * (ids >= num_ffn_experts)).sum(-1)
+    # where, not a product with the mask: a NaN weight on an FFN slot must not leak into zero_weight.
+    zero_weight = torch.where(ids >= num_ffn_experts, weights, 0.0).sum(-1)
     counts = torch.bincount(ids.flatten(), minlength=logits.shape[-1]).to(torch.int32)
     return ids.to(torch.int32), weights, zero_weight, counts
 
@@ -73,9 +92,10 @@ def moe_experts_reference(
     w_gate_up: torch.Tensor,
     w_down: torch.Tensor,
 ) -> torch.Tensor:
-    """``y_t = sum_{k: id<N} w_tk * down_e(silu(gate_e x_t) * up_e x_t) + zero_weight_t * x_t``, one expert at a
-    time (sort by expert, loop). Math in fp32 for half inputs; output in ``hidden``'s dtype. Data-dependent
-    shapes: a test/CPU reference, not a fast path."""
+    """``y_t = sum_{k: 0<=id<N} w_tk * down_e(silu(gate_e x_t) * up_e x_t) + zero_weight_t * x_t``, one expert at a
+    time (sort by expert, loop). Slots with a negative id or one >= N are not dispatched and their weight is never
+    read. Math in fp32 for half inputs; output in ``hidden``'s dtype. Data-dependent shapes: a test/CPU
+    reference, not a fast path."""
     compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     x = hidden.to(compute)
     n, two_di, _ = w_gate_up.shape
@@ -84,7 +104,8 @@ def moe_experts_reference(
     flat_ids = topk_ids.reshape(-1).long()
     flat_w = topk_weights.reshape(-1).to(compute)
     token = torch.arange(hidden.shape[0], device=hidden.device).repeat_interleave(topk_ids.shape[1])
-    for e in torch.unique(flat_ids[flat_ids < n]).tolist():
+    valid = (flat_ids >= 0) & (flat_ids < n)  # a negative id must not index w_gate_up[-1]
+    for e in torch.unique(flat_ids[valid]).tolist():
         slots = (flat_ids == e).nonzero().squeeze(1)
         rows = x[token[slots]]
         gu = rows @ w_gate_up[e].to(compute).t()
@@ -92,3 +113,62 @@ def moe_experts_reference(
         y = (h @ w_down[e].to(compute).t()) * flat_w[slots, None]
         out = out.index_add(0, token[slots], y)
     return out.to(hidden.dtype)
+
+
+def moe_permute_reference(
+    hidden: torch.Tensor, topk_ids: torch.Tensor, num_local_experts: int, expert_offset: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows [T*K, Dm], slots int32 [T*K], offsets int32 [E+1]): the token rows of the slots whose id is in
+    ``[expert_offset, expert_offset + E)``, grouped by expert, each expert's slots in slot order (slot = t*K + k),
+    then zero rows for the other slots (listed in slot order after ``offsets[E]``). One expert at a time."""
+    t, k = topk_ids.shape
+    local = topk_ids.reshape(-1).long() - expert_offset
+    valid = (local >= 0) & (local < num_local_experts)
+    groups = [(valid & (local == e)).nonzero().squeeze(1) for e in range(num_local_experts)]
+    slots = torch.cat([*groups, (~valid).nonzero().squeeze(1)])
+    counts = torch.tensor([0] + [g.numel() for g in groups], dtype=torch.long)
+    offsets = counts.cumsum(0).to(torch.int32).to(hidden.device)
+    end = int(counts.sum())
+    rows = torch.cat([hidden[slots[:end] // k], hidden.new_zeros((t * k - end, hidden.shape[1]))])
+    return rows, slots.to(torch.int32), offsets
+
+
+def moe_grouped_swiglu_reference(
+    rows: torch.Tensor, offsets: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
+) -> torch.Tensor:
+    """``out[r] = down_e(silu(gate_e rows[r]) * up_e rows[r])`` for the rows ``[offsets[e], offsets[e+1])`` of
+    expert e; other rows are zero. ``offsets`` is first clamped into [0, M] and made non-decreasing (the rule
+    every backend applies). Math in fp32 for half inputs, one expert at a time."""
+    compute = torch.float64 if rows.dtype == torch.float64 else torch.float32
+    m, dm = rows.shape
+    di = w_gate_up.shape[1] // 2
+    offs = offsets.long().clamp(0, m).cummax(0).values.tolist()
+    pieces = [rows[:0].to(compute), rows.new_zeros((offs[0], dm), dtype=compute)]  # [:0]: in the graph if E = 0
+    for e in range(len(offs) - 1):
+        x = rows[offs[e]: offs[e + 1]].to(compute)
+        gu = x @ w_gate_up[e].to(compute).t()
+        pieces.append((F.silu(gu[:, :di]) * gu[:, di:]) @ w_down[e].to(compute).t())
+    pieces.append(rows.new_zeros((m - offs[-1], dm), dtype=compute))
+    return torch.cat(pieces).to(rows.dtype)
+
+
+def moe_unpermute_reference(
+    expert_out: torch.Tensor,
+    slots: torch.Tensor,
+    offsets: torch.Tensor,
+    topk_weights: torch.Tensor,
+    zero_weight: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``y_t = sum over the dispatched rows r of token t (r < min(offsets[-1], M), slots[r] = t*K + k) of
+    w_tk * expert_out[r]`` (+ ``zero_weight_t * hidden_t``). Rows past the dispatched ones and the weights of
+    undispatched slots are never read. Math in fp32 for half inputs; output in ``expert_out``'s dtype."""
+    compute = torch.float64 if expert_out.dtype == torch.float64 else torch.float32
+    t, k = topk_weights.shape
+    end = min(int(offsets[-1]), expert_out.shape[0])
+    slot = slots[:end].long()
+    y = expert_out[:end].to(compute) * topk_weights.reshape(-1)[slot].to(compute)[:, None]
+    out = y.new_zeros((t, expert_out.shape[1])).index_add(0, slot // k, y)
+    if hidden is not None:
+        out = out + hidden.to(compute) * zero_weight.to(compute)[:, None]
+    return out.to(expert_out.dtype)

@@ -1,9 +1,15 @@
 """Plain-PyTorch Q-Former cross-attention: the definition the Triton kernels are tested against, the CPU
 fallback and the benchmarks' "eager" baseline.
 
-``q [B, Lq, H, D]``, ``k/v [B, Lk, H, D]``; ``kv_lens`` int32 ``[B]`` masks keys ``>= kv_lens[b]``.
-Products run in the input dtype (as an eager PyTorch user would write it), the softmax in fp32. Pass float64
-tensors for a float64 truth. Differentiable through ordinary autograd. No host synchronisation.
+``q [B, Lq, H, D]``, ``k/v [B, Lk, H, D]``; ``kv_lens`` int32 ``[B]`` masks keys ``>= kv_lens[b]`` (clamped to
+``[0, Lk]``; a sample with no key gets zeros and zero gradients). Keys past ``kv_lens`` never reach a result, even
+when they hold NaN or inf: they are replaced by zeros with ``torch.where`` before any product (a masked score alone
+would still leave ``0 * NaN`` in ``P V`` and in the backward's ``dS K``).
+
+``upcast=True`` (default, the backend's behaviour) computes in fp32 (float64 stays float64), so fp16 scores past
+65504 do not overflow; ``upcast=False`` runs the products in the input dtype and the softmax in fp32, as an eager
+PyTorch user would write it (the "same-dtype reference" of the flash-attn accuracy rule). Differentiable through
+ordinary autograd. No host synchronisation.
 """
 
 from __future__ import annotations
@@ -24,13 +30,37 @@ def qformer_attention_reference(
     v: torch.Tensor,
     kv_lens: torch.Tensor | None = None,
     softmax_scale: float | None = None,
+    *,
+    upcast: bool = True,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Returns ``[B, Lq, H, D]`` in q's dtype."""
+    """Returns ``[B, Lq, H, D]`` in q's dtype.
+
+    ``dropout_p``: inverted dropout on the probabilities (kept with probability ``1 - p``, scaled by
+    ``1 / (1 - p)``). ``dropout_mask`` (bool ``[B, H, Lq, Lk]``) replaces the random draw (tests pass the Triton
+    kernels' own mask)."""
+    out_dtype = q.dtype
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if upcast:
+        math_dtype = torch.promote_types(q.dtype, torch.float32)
+        q, k, v = q.to(math_dtype), k.to(math_dtype), v.to(math_dtype)
+    keep = None
+    if kv_lens is not None:
+        keep = key_padding_mask(kv_lens, k.shape[1])  # out-of-range lengths act clamped to [0, Lk]
+        k = torch.where(keep[:, :, None, None], k, 0.0)
+        v = torch.where(keep[:, :, None, None], v, 0.0)
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k)
     scores = (scores if scores.dtype == torch.float64 else scores.float()) * scale
-    if kv_lens is not None:
-        keep = key_padding_mask(kv_lens, k.shape[1])[:, None, None, :]
-        scores = scores.masked_fill(~keep, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
+    if keep is not None:
+        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    # softmax with zeros (not NaN) for a sample whose keys are all masked
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
+    e = torch.exp(scores - row_max)
+    denom = e.sum(dim=-1, keepdim=True)
+    probs = e / torch.where(denom == 0, torch.ones_like(denom), denom)
+    if dropout_p > 0.0:
+        drop_keep = dropout_mask if dropout_mask is not None else torch.rand_like(probs) >= dropout_p
+        probs = torch.where(drop_keep, probs * (1.0 / (1.0 - dropout_p)), 0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", probs.to(v.dtype), v).to(out_dtype)

@@ -15,8 +15,20 @@ Layout ``[B, L, H, D]`` with any strides except a unit stride on D (or varlen ``
 
 Head dims that are not powers of two are padded to ``BLOCK_D`` inside the kernels with masked loads and stores;
 caller memory is never padded. Causal masks are bottom-right aligned (query ``i`` sees keys
-``j <= i + Lk - Lq``); a query row that sees no key gets output 0, lse ``+inf`` and zero gradients. Key blocks that
-every row of a query block sees entirely run without masks; only the boundary blocks pay for them.
+``j <= i + Lk - Lq``); a query row that sees no key gets output 0, lse ``+inf`` and zero gradients, and its q (even
+NaN) is zeroed before the dK product. Key blocks that every row of a query block sees entirely run without masks;
+only the boundary blocks pay for them.
+
+Invalid values never leak: rows past a sequence are masked loads (zeros), so NaN/inf there reach nothing; varlen
+rows past ``cu_seqlens[-1]`` belong to no program, so out/dq/dk/dv start from zeros there (lse from ``+inf``).
+
+Grid: one axis, ``(row block, head, sequence)`` folded into ``program_id(0)`` (:func:`_tile`), so more than 65535
+sequences x heads launch (CUDA axes 1 and 2 stop at 65535; axis 0 takes 2**31 - 1).
+
+Dropout (``DROPOUT`` constexpr; off compiles the exact no-dropout kernels): Philox ``tl.rand(seed, offset)`` on
+each probability's index ``((b * Hq + h) * LQ + i) * LK + j``; the forward drops after the row sum (the lse is
+that of the undropped probabilities), the backward regenerates the mask for dV and dP (``delta = rowsum(dO * O)``
+still holds). ``dropout_keep_mask`` (a test hook) writes the mask for a seed.
 
 Only the basic ``tl`` API is used (masked loads/stores, ``tl.dot``, ``tl.trans``, ``tl.atomic_add``), so the
 kernels build on Triton 3.6 and later and run under ``TRITON_INTERPRET=1``.
@@ -24,17 +36,151 @@ kernels build on Triton 3.6 and later and run under ``TRITON_INTERPRET=1``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["attention_bwd_triton", "attention_fwd_triton", "lse_shape"]
+# `_common.interpreted` is called through the module: tests/triton_launches.py replaces it to record GPU configs.
+from . import _common
+from ._common import (
+    LN2_JIT,
+    LOG2E,
+    LOG2E_JIT,
+    MAX_PROGRAMS,
+    check_grid,
+    dropout_args,
+    dropout_keep,
+    dropout_seed,
+    input_precision,
+    wrapped,
+)
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+__all__ = ["MAX_PROGRAMS", "attention_bwd_triton", "attention_fwd_triton", "dropout_keep_mask", "lse_shape"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# shared helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile(NUM_BLOCKS, HEADS):
+    """Decode the one-axis grid: program ``pid = (b * HEADS + h) * NUM_BLOCKS + block`` (blocks fastest, so the
+    programs of one (sequence, head) run together and share its K/V in L2). Axis 0 allows 2**31 - 1 programs,
+    where axes 1 and 2 stop at 65535 (many short varlen sequences times heads)."""
+    pid = tl.program_id(0)
+    blk = pid % NUM_BLOCKS
+    bh = pid // NUM_BLOCKS
+    return blk, (bh % HEADS).to(tl.int64), bh // HEADS
+
+
+@triton.jit
+def _seq_range(CU, b, L, VARLEN: tl.constexpr):
+    """(first row (int64), length) of sequence ``b``: read from ``cu_seqlens`` when VARLEN; dense, ``(0, L)`` (the
+    batch stride addresses the sequence). The forward and both backward kernels set up q and k through this."""
+    start = 0
+    length = L
+    if VARLEN:
+        first = tl.load(CU + b)
+        start = first.to(tl.int64)
+        length = tl.load(CU + b + 1) - first
+    return start, length
+
+
+@triton.jit
+def _row_block(CU_Q, CU_K, LQ, LK, HQ, GROUP, NUM_BLOCKS, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr):
+    """The query rows a forward or dQ program owns: ``(b, h, hk, start_m, q_start, seqlen_q, k_start, seqlen_k)``:
+    rows ``[start_m, start_m + BLOCK_M)`` of sequence ``b`` (int64), query head ``h`` and its key/value head ``hk``
+    (GQA); the sequence's q and k rows start at ``q_start`` / ``k_start``. The caller returns at once when
+    ``start_m >= seqlen_q`` (a block past the end of a short varlen sequence)."""
+    pid_m, h, b = _tile(NUM_BLOCKS, HQ)
+    q_start, seqlen_q = _seq_range(CU_Q, b, LQ, VARLEN)
+    k_start, seqlen_k = _seq_range(CU_K, b, LK, VARLEN)
+    return b.to(tl.int64), h, h // GROUP, pid_m * BLOCK_M, q_start, seqlen_q, k_start, seqlen_k
+
+
+@triton.jit
+def _key_range(start_m, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """The keys the query rows ``[start_m, start_m + BLOCK_M)`` attend to (forward and dQ): ``(diag, full_end, hi)``.
+
+    Causal masks are bottom-right aligned: row ``i`` sees keys ``j <= i + diag``, ``diag = seqlen_k - seqlen_q``, so
+    the block's last row sees keys before ``hi = start_m + BLOCK_M + diag`` (clamped to ``[0, seqlen_k]``). Keys
+    ``[0, full_end)`` (whole ``BLOCK_N`` blocks that the block's first row already sees) need no mask;
+    ``[full_end, hi)`` need the sequence-end and causal masks (:func:`_visible`)."""
+    diag = seqlen_k - seqlen_q
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(seqlen_k, start_m + BLOCK_M + diag), 0)
+        full_end = tl.maximum(tl.minimum(seqlen_k, start_m + diag + 1), 0) // BLOCK_N * BLOCK_N
+    else:
+        hi = seqlen_k
+        full_end = seqlen_k // BLOCK_N * BLOCK_N
+    return diag, full_end, hi
+
+
+@triton.jit
+def _query_range(start_n, seqlen_q, seqlen_k, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
+    """The same range seen from the keys ``[start_n, start_n + BLOCK_N)`` (dK/dV): ``(diag, lo, mid)``. Causal:
+    query blocks ``[lo, mid)`` straddle the diagonal (masked), ``[mid, seqlen_q)`` see the whole key block and rows
+    before ``lo`` see none of it; not causal: ``lo = mid = 0`` (every query block, unmasked)."""
+    diag = seqlen_k - seqlen_q
+    if CAUSAL:
+        lo = tl.maximum(start_n - diag, 0) // BLOCK_M * BLOCK_M
+        mid = (tl.maximum(start_n + BLOCK_N - 1 - diag, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        mid = tl.minimum(mid, seqlen_q)
+    else:
+        lo = 0
+        mid = 0
+    return diag, lo, mid
+
+
+@triton.jit
+def _visible(rows, cols, seqlen_k, diag, CAUSAL: tl.constexpr):
+    """``[BLOCK_M, BLOCK_N]``: query row ``rows[i]`` may see key ``cols[j]`` (inside the sequence and, causal,
+    ``j <= i + diag``)."""
+    visible = cols[None, :] < seqlen_k
+    if CAUSAL:
+        visible = visible & (cols[None, :] <= rows[:, None] + diag)
+    return visible
+
+
+@triton.jit
+def _load_kv(base, cols, stride_l, offs_d, seqlen_k, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+             EVEN_D: tl.constexpr, TRANS: tl.constexpr):
+    """Key or value rows ``cols`` of one (sequence, head) as ``[BLOCK_N, BLOCK_D]``, or ``[BLOCK_D, BLOCK_N]`` with
+    TRANS. MASKED (a boundary block): rows past ``seqlen_k`` and the head-dim padding read 0. Otherwise the block
+    lies inside the sequence: only the head-dim padding is masked, and with EVEN_D (no padding) nothing is, which
+    keeps the hot loop of whole key blocks free of masks."""
+    if TRANS:
+        ptrs = base + cols[None, :] * stride_l + offs_d[:, None]
+        row_ok = cols[None, :] < seqlen_k
+        d_ok = offs_d[:, None] < HEAD_DIM
+    else:
+        ptrs = base + cols[:, None] * stride_l + offs_d[None, :]
+        row_ok = cols[:, None] < seqlen_k
+        d_ok = offs_d[None, :] < HEAD_DIM
+    if MASKED:
+        tile = tl.load(ptrs, mask=row_ok & d_ok, other=0.0)
+    elif EVEN_D:
+        tile = tl.load(ptrs)
+    else:
+        tile = tl.load(ptrs, mask=d_ok, other=0.0)
+    return tile
+
+
+@triton.jit
+def _dropout_mask_kernel(SEED, OUT, LQ, LK, dropout_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # test hook: the keep mask [B * Hq, LQ, LK] (int8) the kernels use for this seed
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    seed = tl.load(SEED)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    for n0 in range(0, LK, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        keep = dropout_keep(seed, bh * LQ, rows[:, None], cols[None, :], LK, dropout_p)
+        tl.store(OUT + (bh * LQ + rows[:, None]) * LK + cols[None, :], keep.to(tl.int8),
+                 mask=(rows[:, None] < LQ) & (cols[None, :] < LK))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -42,38 +188,32 @@ LN2 = 0.6931471805599453
 # --------------------------------------------------------------------------------------------------------------
 
 
+# The inner loops take MASKED as a constexpr and are called twice per program (unmasked whole blocks, then the
+# masked boundary blocks): one source, two specialisations, so the hot loop carries no mask arithmetic.
+
+
 @triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, offs_m, offs_d, lo, hi, seqlen_k, diag, qk_scale,
+    seed, drop_base, LK, dropout_p,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
 ):
-    mask_d = offs_d < HEAD_DIM
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if MASKED:
-            kt = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None],
-                         mask=(cols[None, :] < seqlen_k) & mask_d[:, None], other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :],
-                        mask=(cols[:, None] < seqlen_k) & mask_d[None, :], other=0.0)
-        elif EVEN_D:  # a whole block inside the sequence and no head-dim padding: no masks at all
-            kt = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None])
-            v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :])
-        else:
-            kt = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None], mask=mask_d[:, None], other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vl + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+        kt = _load_kv(k_base, cols, stride_kl, offs_d, seqlen_k, HEAD_DIM, MASKED, EVEN_D, True)
+        v = _load_kv(v_base, cols, stride_vl, offs_d, seqlen_k, HEAD_DIM, MASKED, EVEN_D, False)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
         if MASKED:
-            visible = cols[None, :] < seqlen_k
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + diag)
-            s = tl.where(visible, s, float("-inf"))
+            s = tl.where(_visible(offs_m, cols, seqlen_k, diag, CAUSAL), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser sums the probabilities before dropout
+        if DROPOUT:
+            p = tl.where(dropout_keep(seed, drop_base, offs_m[:, None], cols[None, :], LK, dropout_p), p, 0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -81,34 +221,21 @@ def _fwd_inner(
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, OUT, LSE, CU_Q, CU_K,
+    Q, K, V, OUT, LSE, CU_Q, CU_K, SEED,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
     stride_ob, stride_ol, stride_oh,
     stride_lb, stride_lh,
-    LQ, LK, GROUP, qk_scale,
+    LQ, LK, HQ, GROUP, NUM_BLOCKS, qk_scale, dropout_p, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2)
-    hk = h // GROUP
-    if VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        seqlen_q = tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)
-        k_start = tl.load(CU_K + b).to(tl.int64)
-        seqlen_k = tl.load(CU_K + b + 1) - tl.load(CU_K + b)
-    else:
-        q_start = 0
-        seqlen_q = LQ
-        k_start = 0
-        seqlen_k = LK
-    start_m = pid_m * BLOCK_M
+    b64, h, hk, start_m, q_start, seqlen_q, k_start, seqlen_k = _row_block(CU_Q, CU_K, LQ, LK, HQ, GROUP, NUM_BLOCKS,
+                                                                            BLOCK_M, VARLEN)
     if start_m >= seqlen_q:
         return
-    b64 = b.to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
@@ -123,26 +250,25 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    diag = seqlen_k - seqlen_q
-    if CAUSAL:
-        # keys [0, full_end) are visible to every row of the block; [full_end, hi) need the mask.
-        hi = tl.maximum(tl.minimum(seqlen_k, start_m + BLOCK_M + diag), 0)
-        full_end = tl.maximum(tl.minimum(seqlen_k, start_m + diag + 1), 0) // BLOCK_N * BLOCK_N
-    else:
-        hi = seqlen_k
-        full_end = seqlen_k // BLOCK_N * BLOCK_N
+    diag, full_end, hi = _key_range(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
+    seed = dropout_seed(SEED, DROPOUT)
+    drop_base = (b64 * HQ + h) * LQ
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, offs_m, offs_d, 0, full_end,
-                               seqlen_k, diag, qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, EVEN_D, PRECISION)
+                               seqlen_k, diag, qk_scale, seed, drop_base, LK, dropout_p,
+                               False, CAUSAL, HEAD_DIM, BLOCK_N, EVEN_D, PRECISION, DROPOUT)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, offs_m, offs_d, full_end, hi,
-                               seqlen_k, diag, qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_N, EVEN_D, PRECISION)
+                               seqlen_k, diag, qk_scale, seed, drop_base, LK, dropout_p,
+                               True, CAUSAL, HEAD_DIM, BLOCK_N, EVEN_D, PRECISION, DROPOUT)
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
     out = acc / l_safe[:, None]
+    if DROPOUT:
+        out = out * drop_scale  # inverted dropout: kept probabilities scaled by 1 / (1 - p)
     o_base = OUT + b64 * stride_ob + q_start * stride_ol + h * stride_oh
     tl.store(o_base + offs_m[:, None] * stride_ol + offs_d[None, :], out.to(OUT.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
-    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * LN2_JIT)
     tl.store(LSE + b64 * stride_lb + h * stride_lh + q_start + offs_m, lse, mask=mask_m)
 
 
@@ -157,18 +283,11 @@ def _attn_bwd_preprocess_kernel(
     stride_ob, stride_ol, stride_oh,
     stride_db, stride_dl, stride_dh,
     stride_lb, stride_lh,
-    LQ,
+    LQ, HQ, NUM_BLOCKS,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2)
-    if VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        seqlen_q = tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)
-    else:
-        q_start = 0
-        seqlen_q = LQ
+    pid_m, h, b = _tile(NUM_BLOCKS, HQ)
+    q_start, seqlen_q = _seq_range(CU_Q, b, LQ, VARLEN)
     start_m = pid_m * BLOCK_M
     if start_m >= seqlen_q:
         return
@@ -187,9 +306,9 @@ def _attn_bwd_preprocess_kernel(
 @triton.jit
 def _bwd_kv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_ql, stride_dol, stride_dql,
-    offs_n, offs_d, lo, hi, seqlen_q, diag, qk_scale, sm_scale,
+    offs_n, offs_d, lo, hi, seqlen_q, diag, qk_scale, sm_scale, seed, drop_base, LK, dropout_p, drop_scale,
     MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     mask_d = offs_d < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
@@ -200,14 +319,23 @@ def _bwd_kv_inner(
         do = tl.load(do_base + rows[:, None] * stride_dol + offs_d[None, :],
                      mask=mask_m[:, None] & mask_d[None, :], other=0.0)
         # Rows past the sequence read lse = +inf, so their probabilities are exactly 0: no row mask needed below.
-        lse2 = tl.load(lse_base + rows, mask=mask_m, other=float("inf")) * 1.4426950408889634
+        lse2 = tl.load(lse_base + rows, mask=mask_m, other=float("inf")) * LOG2E_JIT
         delta = tl.load(delta_base + rows, mask=mask_m, other=0.0)
+        if MASKED:
+            # A causal row that sees no key (Lq > Lk) has p = 0 everywhere; zero its q too, or a NaN/inf there
+            # would reach dK through 0 * NaN in dS^T Q.
+            q = tl.where((rows + diag >= 0)[:, None], q, 0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
         p_t = tl.exp2(s_t - lse2[None, :])
         if MASKED:
             p_t = tl.where(offs_n[:, None] <= rows[None, :] + diag, p_t, 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        if DROPOUT:
+            keep_t = dropout_keep(seed, drop_base, rows[None, :], offs_n[:, None], LK, dropout_p)
+            dv = tl.dot(tl.where(keep_t, p_t * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=PRECISION)
+            dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
+        else:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
         if ATOMIC_DQ:
@@ -219,7 +347,7 @@ def _bwd_kv_inner(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K, SEED,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
@@ -228,23 +356,14 @@ def _attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvl, stride_dvh,
     stride_dqb, stride_dql, stride_dqh,
     stride_lb, stride_lh,
-    LQ, LK, GROUP, qk_scale, sm_scale,
+    LQ, LK, HKV, GROUP, NUM_BLOCKS, qk_scale, sm_scale, dropout_p, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    hk = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2)
-    if VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        seqlen_q = tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)
-        k_start = tl.load(CU_K + b).to(tl.int64)
-        seqlen_k = tl.load(CU_K + b + 1) - tl.load(CU_K + b)
-    else:
-        q_start = 0
-        seqlen_q = LQ
-        k_start = 0
-        seqlen_k = LK
+    pid_n, hk, b = _tile(NUM_BLOCKS, HKV)
+    q_start, seqlen_q = _seq_range(CU_Q, b, LQ, VARLEN)
+    k_start, seqlen_k = _seq_range(CU_K, b, LK, VARLEN)
     start_n = pid_n * BLOCK_N
     if start_n >= seqlen_k:
         return
@@ -259,15 +378,8 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # Key rows past the sequence are zeros: their dK/dV rows are not stored and they add nothing to dQ.
-    diag = seqlen_k - seqlen_q
-    if CAUSAL:
-        # query blocks [lo, mid) straddle the diagonal (masked); [mid, seqlen_q) see the whole key block.
-        lo = tl.maximum(start_n - diag, 0) // BLOCK_M * BLOCK_M
-        mid = (tl.maximum(start_n + BLOCK_N - 1 - diag, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-        mid = tl.minimum(mid, seqlen_q)
-    else:
-        lo = 0
-        mid = 0
+    diag, lo, mid = _query_range(start_n, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
+    seed = dropout_seed(SEED, DROPOUT)
     for g in range(0, GROUP):
         h = hk * GROUP + g
         q_base = Q + b64 * stride_qb + q_start * stride_ql + h * stride_qh
@@ -275,13 +387,16 @@ def _attn_bwd_dkdv_kernel(
         dq_base = DQ + b64 * stride_dqb + q_start * stride_dql + h * stride_dqh
         lse_base = LSE + b64 * stride_lb + h * stride_lh + q_start
         delta_base = DELTA + b64 * stride_lb + h * stride_lh + q_start
+        drop_base = (b64 * HKV * GROUP + h) * LQ
         if CAUSAL:
             dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_ql,
                                    stride_dol, stride_dql, offs_n, offs_d, lo, mid, seqlen_q, diag, qk_scale,
-                                   sm_scale, True, HEAD_DIM, BLOCK_M, ATOMIC_DQ, PRECISION)
+                                   sm_scale, seed, drop_base, LK, dropout_p, drop_scale,
+                                   True, HEAD_DIM, BLOCK_M, ATOMIC_DQ, PRECISION, DROPOUT)
         dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_ql,
                                stride_dol, stride_dql, offs_n, offs_d, mid, seqlen_q, seqlen_q, diag, qk_scale,
-                               sm_scale, False, HEAD_DIM, BLOCK_M, ATOMIC_DQ, PRECISION)
+                               sm_scale, seed, drop_base, LK, dropout_p, drop_scale,
+                               False, HEAD_DIM, BLOCK_M, ATOMIC_DQ, PRECISION, DROPOUT)
     dk = dk * sm_scale
     tl.store(DK + b64 * stride_dkb + (k_start + offs_n[:, None]) * stride_dkl + hk * stride_dkh + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=mask_kv)
@@ -292,31 +407,23 @@ def _attn_bwd_dkdv_kernel(
 @triton.jit
 def _bwd_q_inner(
     dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, offs_m, offs_d, lo, hi, seqlen_k, diag, qk_scale,
+    seed, drop_base, LK, dropout_p, drop_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
 ):
-    mask_d = offs_d < HEAD_DIM
     offs_n = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        if MASKED:
-            mask_t = (cols[None, :] < seqlen_k) & mask_d[:, None]
-            kt = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None], mask=mask_t, other=0.0)
-            vt = tl.load(v_base + cols[None, :] * stride_vl + offs_d[:, None], mask=mask_t, other=0.0)
-        elif EVEN_D:
-            kt = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None])
-            vt = tl.load(v_base + cols[None, :] * stride_vl + offs_d[:, None])
-        else:
-            kt = tl.load(k_base + cols[None, :] * stride_kl + offs_d[:, None], mask=mask_d[:, None], other=0.0)
-            vt = tl.load(v_base + cols[None, :] * stride_vl + offs_d[:, None], mask=mask_d[:, None], other=0.0)
+        kt = _load_kv(k_base, cols, stride_kl, offs_d, seqlen_k, HEAD_DIM, MASKED, EVEN_D, True)
+        vt = _load_kv(v_base, cols, stride_vl, offs_d, seqlen_k, HEAD_DIM, MASKED, EVEN_D, True)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         if MASKED:
-            visible = cols[None, :] < seqlen_k
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + diag)
-            p = tl.where(visible, p, 0.0)
+            p = tl.where(_visible(offs_m, cols, seqlen_k, diag, CAUSAL), p, 0.0)
         dp = tl.dot(do, vt, input_precision=PRECISION)
+        if DROPOUT:
+            keep = dropout_keep(seed, drop_base, offs_m[:, None], cols[None, :], LK, dropout_p)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=PRECISION)
     return dq
@@ -324,35 +431,22 @@ def _bwd_q_inner(
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, SEED,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
     stride_dob, stride_dol, stride_doh,
     stride_dqb, stride_dql, stride_dqh,
     stride_lb, stride_lh,
-    LQ, LK, GROUP, qk_scale, sm_scale,
+    LQ, LK, HQ, GROUP, NUM_BLOCKS, qk_scale, sm_scale, dropout_p, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1).to(tl.int64)
-    b = tl.program_id(2)
-    hk = h // GROUP
-    if VARLEN:
-        q_start = tl.load(CU_Q + b).to(tl.int64)
-        seqlen_q = tl.load(CU_Q + b + 1) - tl.load(CU_Q + b)
-        k_start = tl.load(CU_K + b).to(tl.int64)
-        seqlen_k = tl.load(CU_K + b + 1) - tl.load(CU_K + b)
-    else:
-        q_start = 0
-        seqlen_q = LQ
-        k_start = 0
-        seqlen_k = LK
-    start_m = pid_m * BLOCK_M
+    b64, h, hk, start_m, q_start, seqlen_q, k_start, seqlen_k = _row_block(CU_Q, CU_K, LQ, LK, HQ, GROUP, NUM_BLOCKS,
+                                                                            BLOCK_M, VARLEN)
     if start_m >= seqlen_q:
         return
-    b64 = b.to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < seqlen_q
@@ -362,22 +456,20 @@ def _attn_bwd_dq_kernel(
     do = tl.load(DO + b64 * stride_dob + (q_start + offs_m[:, None]) * stride_dol + h * stride_doh
                  + offs_d[None, :], mask=mask_q, other=0.0)
     lse2 = tl.load(LSE + b64 * stride_lb + h * stride_lh + q_start + offs_m, mask=mask_m,
-                   other=float("inf")) * 1.4426950408889634
+                   other=float("inf")) * LOG2E_JIT
     delta = tl.load(DELTA + b64 * stride_lb + h * stride_lh + q_start + offs_m, mask=mask_m, other=0.0)
     k_base = K + b64 * stride_kb + k_start * stride_kl + hk * stride_kh
     v_base = V + b64 * stride_vb + k_start * stride_vl + hk * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    diag = seqlen_k - seqlen_q
-    if CAUSAL:
-        hi = tl.maximum(tl.minimum(seqlen_k, start_m + BLOCK_M + diag), 0)
-        full_end = tl.maximum(tl.minimum(seqlen_k, start_m + diag + 1), 0) // BLOCK_N * BLOCK_N
-    else:
-        hi = seqlen_k
-        full_end = seqlen_k // BLOCK_N * BLOCK_N
+    diag, full_end, hi = _key_range(start_m, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
+    seed = dropout_seed(SEED, DROPOUT)
+    drop_base = (b64 * HQ + h) * LQ
     dq = _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, offs_m, offs_d, 0, full_end,
-                      seqlen_k, diag, qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_N, EVEN_D, PRECISION)
+                      seqlen_k, diag, qk_scale, seed, drop_base, LK, dropout_p, drop_scale,
+                      False, CAUSAL, HEAD_DIM, BLOCK_N, EVEN_D, PRECISION, DROPOUT)
     dq = _bwd_q_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, offs_m, offs_d, full_end, hi,
-                      seqlen_k, diag, qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_N, EVEN_D, PRECISION)
+                      seqlen_k, diag, qk_scale, seed, drop_base, LK, dropout_p, drop_scale,
+                      True, CAUSAL, HEAD_DIM, BLOCK_N, EVEN_D, PRECISION, DROPOUT)
     dq = dq * sm_scale
     tl.store(DQ + b64 * stride_dqb + (q_start + offs_m[:, None]) * stride_dql + h * stride_dqh + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=mask_q)
@@ -394,10 +486,6 @@ class _Config:
     block_n: int
     num_warps: int
     num_stages: int
-
-
-def _interpreting(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" or os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
 def _block_d(head_dim: int) -> int:
@@ -448,10 +536,12 @@ def _bwd_configs(block_d: int, dtype: torch.dtype, max_q: int, max_k: int, inter
     return kv, q
 
 
-def _check_grid(batch: int, heads: int) -> None:
-    # grids are (row blocks, heads, batch): CUDA caps grid axes 1 and 2 at 65535
-    if batch > 65535 or heads > 65535:
-        raise ValueError(f"attention (triton): at most 65535 sequences and heads per call, got {batch} and {heads}")
+def _grid(blocks, heads, batch) -> tuple[int]:
+    """One grid axis for (block, head, sequence) (decoded by :func:`_tile`): axis 0 takes 2**31 - 1 programs, where
+    axes 1 and 2 would stop at 65535 sequences or heads (flash-attn users hit that with many short sequences)."""
+    programs = blocks * heads * batch
+    return check_grid((programs,), f"attention (triton): {batch} sequences x {heads} heads x {blocks} row blocks = "
+                                   f"{programs} programs")
 
 
 def _strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
@@ -473,11 +563,6 @@ def _lse_strides(lse: torch.Tensor, varlen: bool) -> tuple[int, int]:
     if varlen:
         return 0, lse.stride(0)
     return lse.stride(0), lse.stride(1)
-
-
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get exact fp32 products (not TF32): the fp32 path is the accuracy path.
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
@@ -502,33 +587,42 @@ def attention_fwd_triton(
     max_seqlen_k: int,
     causal: bool,
     softmax_scale: float,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
     *,
     launch=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward: returns (out like q, lse fp32 of :func:`lse_shape`). Inputs are validated by the caller.
 
-    ``launch`` wraps each kernel (``torch.library.wrap_triton`` inside the registered op).
+    Varlen rows past ``cu_seqlens_q[-1]`` (padding; ``total_q`` may exceed it) get output 0 and lse ``+inf``.
+    ``dropout_p > 0`` drops probabilities with the Philox stream of ``seed`` (int64 ``[1]`` on q's device); the lse
+    is that of the probabilities before dropout. ``launch`` wraps each kernel (``torch.library.wrap_triton`` inside
+    the registered op).
     """
-    wrap = launch if launch is not None else (lambda kern: kern)
     varlen, batch, hq, hkv, lq, lk = _problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     head_dim = q.shape[-1]
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    lse = torch.empty(lse_shape(q, varlen), dtype=torch.float32, device=q.device)
+    if varlen:  # no program owns the padding rows past cu_seqlens_q[-1]: they must start at 0 / +inf
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.full(lse_shape(q, varlen), float("inf"), dtype=torch.float32, device=q.device)
+    else:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        lse = torch.empty(lse_shape(q, varlen), dtype=torch.float32, device=q.device)
     if out.numel() == 0 or batch == 0 or lq == 0:
         return out, lse
     block_d = _block_d(head_dim)
-    cfg = _fwd_config(block_d, q.dtype, lq, lk, _interpreting(q))
+    cfg = _fwd_config(block_d, q.dtype, lq, lk, _common.interpreted(q))
     cu_q = cu_seqlens_q if varlen else lse  # unused pointer when dense
     cu_k = cu_seqlens_k if varlen else lse
-    _check_grid(batch, hq)
-    grid = (triton.cdiv(lq, cfg.block_m), hq, batch)
-    wrap(_attn_fwd_kernel)[grid](
-        q, k, v, out, lse, cu_q, cu_k,
+    seed_ptr, dropout_p, drop_scale, dropout = dropout_args(dropout_p, seed, lse)
+    blocks = triton.cdiv(lq, cfg.block_m)
+    wrapped(_attn_fwd_kernel, launch)[_grid(blocks, hq, batch)](
+        q, k, v, out, lse, cu_q, cu_k, seed_ptr,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(out, varlen),
         *_lse_strides(lse, varlen),
-        lq, lk, hq // hkv, softmax_scale * LOG2E,
+        lq, lk, hq, hq // hkv, blocks, softmax_scale * LOG2E, dropout_p, drop_scale,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        CAUSAL=causal, VARLEN=varlen, EVEN_D=head_dim == block_d, PRECISION=_precision(q.dtype),
+        CAUSAL=causal, VARLEN=varlen, EVEN_D=head_dim == block_d, PRECISION=input_precision(q.dtype),
+        DROPOUT=dropout,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
@@ -548,35 +642,41 @@ def attention_bwd_triton(
     causal: bool,
     softmax_scale: float,
     deterministic: bool,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
     *,
     launch=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: returns (dq, dk, dv) in the inputs' dtypes. ``deterministic`` computes dQ in its own kernel
-    (no atomics, bitwise reproducible); otherwise the dK/dV kernel adds dQ with fp32 atomics."""
-    wrap = launch if launch is not None else (lambda kern: kern)
+    (no atomics, bitwise reproducible); otherwise the dK/dV kernel adds dQ with fp32 atomics. Varlen padding rows
+    (past ``cu_seqlens_*[-1]``) get zero gradients. ``dropout_p``/``seed`` must be the forward's."""
     varlen, batch, hq, hkv, lq, lk = _problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     head_dim = q.shape[-1]
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    # varlen: key rows past cu_seqlens_k[-1] belong to no program
+    alloc = torch.zeros if varlen else torch.empty
+    dk = alloc(k.shape, dtype=k.dtype, device=k.device)
+    dv = alloc(v.shape, dtype=v.dtype, device=v.device)
     if batch == 0 or q.numel() == 0 or k.numel() == 0 or lq == 0 or lk == 0:
         dk.zero_()
         dv.zero_()
         return torch.zeros(q.shape, dtype=q.dtype, device=q.device), dk, dv
-    interpret = _interpreting(q)
+    interpret = _common.interpreted(q)
     block_d = _block_d(head_dim)
     kv_cfg, q_cfg = _bwd_configs(block_d, q.dtype, lq, lk, interpret)
-    precision = _precision(q.dtype)
+    precision = input_precision(q.dtype)
     group = hq // hkv
     cu_q = cu_seqlens_q if varlen else lse
     cu_k = cu_seqlens_k if varlen else lse
     lse_strides = _lse_strides(lse, varlen)
+    seed_ptr, dropout_p, drop_scale, dropout = dropout_args(dropout_p, seed, lse)
 
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
     pre_m = 64 if interpret else 128
-    wrap(_attn_bwd_preprocess_kernel)[(triton.cdiv(lq, pre_m), hq, batch)](
+    pre_blocks = triton.cdiv(lq, pre_m)
+    wrapped(_attn_bwd_preprocess_kernel, launch)[_grid(pre_blocks, hq, batch)](
         out, dout, delta, cu_q,
         *_strides(out, varlen), *_strides(dout, varlen), *lse_strides,
-        lq,
+        lq, hq, pre_blocks,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_m, VARLEN=varlen,
         num_warps=4 if block_d <= 128 else 8,
     )
@@ -585,25 +685,39 @@ def attention_bwd_triton(
     if atomic_dq:
         dq_buf = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     else:
-        dq_buf = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    wrap(_attn_bwd_dkdv_kernel)[(triton.cdiv(lk, kv_cfg.block_n), hkv, batch)](
-        q, k, v, dout, lse, delta, dk, dv, dq_buf, cu_q, cu_k,
+        dq_buf = alloc(q.shape, dtype=q.dtype, device=q.device)
+    kv_blocks = triton.cdiv(lk, kv_cfg.block_n)
+    wrapped(_attn_bwd_dkdv_kernel, launch)[_grid(kv_blocks, hkv, batch)](
+        q, k, v, dout, lse, delta, dk, dv, dq_buf, cu_q, cu_k, seed_ptr,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen),
         *_strides(dk, varlen), *_strides(dv, varlen), *_strides(dq_buf, varlen), *lse_strides,
-        lq, lk, group, softmax_scale * LOG2E, softmax_scale,
+        lq, lk, hkv, group, kv_blocks, softmax_scale * LOG2E, softmax_scale, dropout_p, drop_scale,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=kv_cfg.block_m, BLOCK_N=kv_cfg.block_n,
-        CAUSAL=causal, VARLEN=varlen, ATOMIC_DQ=atomic_dq, PRECISION=precision,
+        CAUSAL=causal, VARLEN=varlen, ATOMIC_DQ=atomic_dq, PRECISION=precision, DROPOUT=dropout,
         num_warps=kv_cfg.num_warps, num_stages=kv_cfg.num_stages,
     )
     if atomic_dq:
         return dq_buf.to(q.dtype), dk, dv
-    wrap(_attn_bwd_dq_kernel)[(triton.cdiv(lq, q_cfg.block_m), hq, batch)](
-        q, k, v, dout, lse, delta, dq_buf, cu_q, cu_k,
+    q_blocks = triton.cdiv(lq, q_cfg.block_m)
+    wrapped(_attn_bwd_dq_kernel, launch)[_grid(q_blocks, hq, batch)](
+        q, k, v, dout, lse, delta, dq_buf, cu_q, cu_k, seed_ptr,
         *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen), *_strides(dout, varlen),
         *_strides(dq_buf, varlen), *lse_strides,
-        lq, lk, group, softmax_scale * LOG2E, softmax_scale,
+        lq, lk, hq, group, q_blocks, softmax_scale * LOG2E, softmax_scale, dropout_p, drop_scale,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=q_cfg.block_m, BLOCK_N=q_cfg.block_n,
-        CAUSAL=causal, VARLEN=varlen, EVEN_D=head_dim == block_d, PRECISION=precision,
+        CAUSAL=causal, VARLEN=varlen, EVEN_D=head_dim == block_d, PRECISION=precision, DROPOUT=dropout,
         num_warps=q_cfg.num_warps, num_stages=q_cfg.num_stages,
     )
     return dq_buf, dk, dv
+
+
+def dropout_keep_mask(seed: torch.Tensor, batch: int, heads: int, lq: int, lk: int, dropout_p: float
+                      ) -> torch.Tensor:
+    """Test hook: the bool keep mask ``[batch, heads, lq, lk]`` the kernels apply for ``seed`` (element ``(b, h, i,
+    j)`` is query ``i``, key ``j`` of sequence ``b``; for varlen, positions within the sequence and ``lq``/``lk``
+    the max lengths). The attention and Q-Former kernels share this stream."""
+    out = torch.empty((batch * heads, lq, lk), dtype=torch.int8, device=seed.device)
+    if out.numel():
+        _dropout_mask_kernel[(triton.cdiv(lq, 32), batch * heads)](seed, out, lq, lk, float(dropout_p),
+                                                                   BLOCK_M=32, BLOCK_N=32)
+    return out.view(batch, heads, lq, lk).bool()

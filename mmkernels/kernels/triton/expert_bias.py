@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import wrapped
+
 
 @triton.jit
 def _expert_bias_update_kernel(
@@ -70,13 +72,15 @@ def expert_bias_update_triton(
     kp: float,
     ki: float,
     kd: float,
-    mode: str,
+    rule: str,
     max_abs: float | None,
     *,
     launch=None,
 ) -> None:
-    """Launch the kernel. ``launch`` wraps the kernel (``torch.library.wrap_triton`` inside the op)."""
-    kernel = launch(_expert_bias_update_kernel) if launch is not None else _expert_bias_update_kernel
+    """Update ``bias`` (fp32 ``[N+Z]``) and ``state`` (fp32 ``[2, N]``) in place from ``counts`` (int ``[N+Z]``);
+    ``rule`` is ``"pid"`` or ``"sign"`` (the public ``mode``; the op schema may not name an argument ``mode``).
+    Inputs are validated by the caller. ``launch`` wraps the kernel (``torch.library.wrap_triton`` inside the op)."""
+    kernel = wrapped(_expert_bias_update_kernel, launch)
     n_total = bias.numel()
     block = min(1024, max(32, triton.next_power_of_2(n_total)))
     kernel[(1,)](
@@ -90,7 +94,7 @@ def expert_bias_update_triton(
         float(ki),
         float(kd),
         float(max_abs) if max_abs is not None else 0.0,
-        SIGN=mode == "sign",
+        SIGN=rule == "sign",
         CLAMP=max_abs is not None,
         BLOCK=block,
         num_warps=4,

@@ -1,8 +1,10 @@
 """Triton kernels for grouped SwiGLU experts: alignment on the device, gather-GEMMs and grouped weight gradients.
 
-Rows are *slots* (token, k) sorted by expert; zero-expert slots sort last and are covered by no tile, so they
-never reach a GEMM. A tile is (expert, BLOCK_M consecutive sorted rows of that expert); the tile map is built
-with torch ops on the device (no host sync), sized for the worst case, and unused tiles exit at once.
+Rows are *slots* (token, k) sorted by expert; slots not dispatched here (zero experts, ids outside the local
+expert range, negative or out-of-range ids) sort last and are covered by no tile, so they never reach a GEMM.
+Rows are gathered from ``hidden`` by index, or read in place from a permuted copy (``moe_permute``). A tile is
+(expert, BLOCK_M consecutive sorted rows of that expert); the tile map is built with torch ops on the device (no
+host sync), sized for the worst case, and unused tiles exit at once.
 
 FLOPs per FFN slot: 2*Dm*2Di (gate/up) + 2*Di*Dm (down) forward; twice that backward.
 """
@@ -15,43 +17,63 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import input_precision, wrapped
 
-class Alignment(NamedTuple):
-    order: torch.Tensor  # int32 [T*K]: slot ids sorted by expert (zero-expert slots last)
-    token: torch.Tensor  # int32 [T*K]: token of each sorted row
-    starts: torch.Tensor  # int32 [N]: first sorted row of each FFN expert
-    ends: torch.Tensor  # int32 [N]: one past its last row
-    tile_expert: torch.Tensor  # int32 [max_tiles]: expert of each tile, -1 for unused tiles
-    tile_row: torch.Tensor  # int32 [max_tiles]: first sorted row of each tile
+
+class Groups(NamedTuple):
+    """Rows grouped by expert, and the tile map the grouped kernels run over (all int32, on the device)."""
+
+    offsets: torch.Tensor  # [E+1]: expert e owns sorted rows [offsets[e], offsets[e+1]); rows past offsets[E] idle
+    tile_expert: torch.Tensor  # [max_tiles]: expert of each tile, -1 for unused tiles
+    tile_row: torch.Tensor  # [max_tiles]: first sorted row of each tile
     block_m: int
 
+    @property
+    def starts(self) -> torch.Tensor:  # [E] first row of each expert (a view)
+        return self.offsets[:-1]
 
-def align(topk_ids: torch.Tensor, num_ffn_experts: int, block_m: int) -> Alignment:
-    t, k = topk_ids.shape
-    n = num_ffn_experts
-    flat = topk_ids.reshape(-1).long()
-    key = torch.where(flat < n, flat, n)  # zero-expert slots share one key past every FFN expert
-    order = torch.sort(key, stable=True).indices
-    counts = torch.bincount(key, minlength=n + 1)[:n]
-    ends = counts.cumsum(0)
-    starts = ends - counts
+    @property
+    def ends(self) -> torch.Tensor:  # [E] one past its last row (a view)
+        return self.offsets[1:]
+
+
+def tiles(offsets: torch.Tensor, rows: int, block_m: int) -> Groups:
+    """The tile map of ``offsets`` (int [E+1], non-decreasing, within [0, rows]): tile = (expert, BLOCK_M
+    consecutive rows of it). Sized for the worst case (every expert's last tile partial), so no device value is
+    read on the host; unused tiles get expert -1 and exit at once."""
+    e = offsets.numel() - 1
+    offs = offsets.long()
+    counts = offs[1:] - offs[:-1]
     blocks = (counts + block_m - 1) // block_m
     block_ends = blocks.cumsum(0)
-    max_tiles = triton.cdiv(t * k, block_m) + n  # worst case; no device value is read on the host
-    tile = torch.arange(max_tiles, device=topk_ids.device)
+    max_tiles = triton.cdiv(rows, block_m) + e
+    tile = torch.arange(max_tiles, device=offs.device)
     expert = torch.searchsorted(block_ends, tile, right=True)
-    safe = expert.clamp(max=n - 1)
-    tile_row = starts[safe] + (tile - (block_ends - blocks)[safe]) * block_m
-    tile_expert = torch.where(expert < n, expert, -1)
-    return Alignment(
-        order.to(torch.int32),
-        (order // k).to(torch.int32),
-        starts.to(torch.int32),
-        ends.to(torch.int32),
-        tile_expert.to(torch.int32),
-        tile_row.to(torch.int32),
-        block_m,
-    )
+    if e > 0:
+        safe = expert.clamp(max=e - 1)
+        tile_row = offs[:-1][safe] + (tile - (block_ends - blocks)[safe]) * block_m
+    else:
+        tile_row = torch.zeros_like(tile)
+    tile_expert = torch.where(expert < e, expert, -1)
+    # .to() returns int32 offsets as they are (no copy): the tensor the caller passes on is the one it saved.
+    return Groups(offsets.to(torch.int32), tile_expert.to(torch.int32), tile_row.to(torch.int32), block_m)
+
+
+def align(topk_ids: torch.Tensor, num_experts: int, expert_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Device-side alignment, no host sync: sort the T*K slots (slot = t*K + k) by local expert ``id - expert_offset``.
+
+    Slots whose local id is outside ``[0, num_experts)`` (zero experts, other ranks' experts, negative or
+    out-of-range ids) share one key past every expert: they sort last, in slot order, and no tile covers them.
+    Returns ``order`` (int32 [T*K]: the slot of each sorted row) and ``offsets`` (int32 [E+1]: expert e owns sorted
+    rows [offsets[e], offsets[e+1]); offsets[E] = rows dispatched). ``tiles(offsets, ...)`` gives the tile map."""
+    n = num_experts
+    flat = topk_ids.reshape(-1).long() - expert_offset
+    key = torch.where((flat >= 0) & (flat < n), flat, n)
+    sorted_key, order = torch.sort(key, stable=True)
+    # offsets[e] = number of keys < e: a searchsorted (static output shape) rather than a bincount, whose output
+    # size depends on the largest key and which rejects negative keys.
+    offsets = torch.searchsorted(sorted_key, torch.arange(n + 1, device=key.device), right=False)
+    return order.to(torch.int32), offsets.to(torch.int32)
 
 
 @triton.jit
@@ -71,7 +93,7 @@ def _grouped_gemm_kernel(
     tile_expert_ptr, tile_row_ptr, expert_end_ptr,
     N, K, up_offset,
     A_GATHER: tl.constexpr, C_SCATTER: tl.constexpr, SCALE: tl.constexpr, GATED: tl.constexpr,
-    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """C[rows] (=|+=) A[rows] @ B_e over one tile of one expert.
 
@@ -102,17 +124,11 @@ def _grouped_gemm_kernel(
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         b = tl.load(b_base + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
                     mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-        if IEEE:
-            acc += tl.dot(a, b, input_precision="ieee")
-        else:
-            acc += tl.dot(a, b)
+        acc += tl.dot(a, b, input_precision=PRECISION)
         if GATED:
             b_up = tl.load(b_base + ks[:, None] * stride_bk + (cols[None, :] + up_offset) * stride_bn,
                            mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-            if IEEE:
-                acc_up += tl.dot(a, b_up, input_precision="ieee")
-            else:
-                acc_up += tl.dot(a, b_up)
+            acc_up += tl.dot(a, b_up, input_precision=PRECISION)
     if GATED:
         out = acc * tl.sigmoid(acc) * acc_up
     else:
@@ -135,7 +151,7 @@ def _grouped_wgrad_kernel(
     c_ptr, stride_ce, stride_cm, stride_cn,
     scale_ptr, expert_start_ptr, expert_end_ptr,
     M, N,
-    A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, SCALE: tl.constexpr, IEEE: tl.constexpr,
+    A_GATHER: tl.constexpr, B_GATHER: tl.constexpr, SCALE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """C_e[m, n] = sum over expert e's sorted rows r of (scale[r] *) A[r, m] * B[r, n]. Experts with no rows
@@ -161,12 +177,14 @@ def _grouped_wgrad_kernel(
                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
         if SCALE:
             a = (a * tl.load(scale_ptr + rs, mask=r_mask, other=0.0)[:, None]).to(b.dtype)
-        if IEEE:
-            acc += tl.dot(tl.trans(a), b, input_precision="ieee")
-        else:
-            acc += tl.dot(tl.trans(a), b)
+        acc += tl.dot(tl.trans(a), b, input_precision=PRECISION)
     tl.store(c_ptr + e.to(tl.int64) * stride_ce + ms[:, None] * stride_cm + ns[None, :] * stride_cn,
              acc.to(c_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def block_m(dtype: torch.dtype) -> int:
+    """Rows per tile of the grouped GEMM for ``dtype`` operands (the tile map of ``tiles`` depends on it)."""
+    return _blocks(dtype)[0]
 
 
 def _blocks(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
@@ -181,7 +199,7 @@ def grouped_gemm(
     b: torch.Tensor,
     b_strides: tuple[int, int, int],
     out: torch.Tensor,
-    al: Alignment,
+    al: Groups,
     *,
     n: int,
     k: int,
@@ -192,11 +210,13 @@ def grouped_gemm(
     launch=None,
 ) -> torch.Tensor:
     """Launch ``_grouped_gemm_kernel`` over every tile of ``al``; see the kernel for the arguments."""
-    kernel = launch(_grouped_gemm_kernel) if launch is not None else _grouped_gemm_kernel
+    kernel = wrapped(_grouped_gemm_kernel, launch)
     block_m, block_n, block_k, warps, stages = _blocks(a.dtype)
     assert block_m == al.block_m, "alignment built for another BLOCK_M"
     dummy = al.tile_expert  # any int32 tensor: stands in for unused pointer arguments
     grid = (al.tile_expert.numel(), triton.cdiv(n, block_n))
+    if grid[0] == 0 or grid[1] == 0:  # no rows and no experts, or no output columns: nothing to launch
+        return out
     kernel[grid](
         a, a_index if a_index is not None else dummy, a.stride(0), a.stride(1),
         b, *b_strides,
@@ -205,7 +225,7 @@ def grouped_gemm(
         al.tile_expert, al.tile_row, al.ends,
         n, k, up_offset or 0,
         A_GATHER=a_index is not None, C_SCATTER=c_index is not None, SCALE=scale is not None,
-        GATED=up_offset is not None, IEEE=a.dtype == torch.float32,
+        GATED=up_offset is not None, PRECISION=input_precision(a.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages,
     )
     return out
@@ -215,7 +235,7 @@ def grouped_wgrad(
     a: torch.Tensor,
     b: torch.Tensor,
     out: torch.Tensor,
-    al: Alignment,
+    al: Groups,
     *,
     a_index: torch.Tensor | None = None,
     b_index: torch.Tensor | None = None,
@@ -223,11 +243,13 @@ def grouped_wgrad(
     launch=None,
 ) -> torch.Tensor:
     """out[e] = A_e^T @ B_e (rows of expert e, optionally gathered and scaled); out is [N, M, Ncols]."""
-    kernel = launch(_grouped_wgrad_kernel) if launch is not None else _grouped_wgrad_kernel
+    kernel = wrapped(_grouped_wgrad_kernel, launch)
     m, n = out.shape[1], out.shape[2]
     block_m, block_n, block_r, warps, stages = _blocks(a.dtype)
     dummy = al.tile_expert
     grid = (out.shape[0], triton.cdiv(m, block_m) * triton.cdiv(n, block_n))
+    if grid[0] == 0 or grid[1] == 0:
+        return out
     kernel[grid](
         a, a_index if a_index is not None else dummy, a.stride(0), a.stride(1),
         b, b_index if b_index is not None else dummy, b.stride(0), b.stride(1),
@@ -235,7 +257,7 @@ def grouped_wgrad(
         scale if scale is not None else a, al.starts, al.ends,
         m, n,
         A_GATHER=a_index is not None, B_GATHER=b_index is not None, SCALE=scale is not None,
-        IEEE=a.dtype == torch.float32,
+        PRECISION=input_precision(a.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps, num_stages=stages,
     )
     return out

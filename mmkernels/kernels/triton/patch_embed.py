@@ -19,7 +19,8 @@ Notation: pixels ``x`` ``[B, C, H, W]`` (any strides; contiguous and channels-la
 The order of the reduction index ``k`` is a compile-time choice: ``(c, py, px)`` (the weight's own order; for
 NCHW pixels ``px`` runs are contiguous) or, for channels-last pixels, ``(py, px, c)`` so that each patch row of
 ``P*C`` values is one contiguous run in memory. The weight is gathered in the same order (it is small and stays in
-L2). Only the basic ``tl`` API is used (Triton >= 3.6). Accumulation is fp32; fp32 inputs use IEEE products.
+L2). Only the basic ``tl`` API is used (Triton >= 3.6). Accumulation is fp32; fp32 inputs use IEEE products
+(``PRECISION``, :func:`._common.input_precision`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+# `_common.interpreted` / `_common.sm_count` are called through the module: tests/triton_launches.py replaces them.
+from . import _common
+from ._common import input_precision, wrapped
 
 __all__ = [
     "is_channels_last_like",
@@ -57,6 +62,24 @@ def _k_offsets(k, sxc, sxh, sxw, swc, swh, sww, C: tl.constexpr, P: tl.constexpr
 
 
 @triton.jit
+def _patch_origin(b, n, Wp, sxb, sxh, sxw, P: tl.constexpr):
+    """Pixel offset of the top-left corner of patch ``n`` (row-major over the ``Hp x Wp`` patch grid) of image ``b``;
+    :func:`_k_offsets` gives the offsets inside the patch."""
+    ph = n // Wp
+    pw = n % Wp
+    return b.to(tl.int64) * sxb + (ph * P) * sxh + (pw * P) * sxw
+
+
+@triton.jit
+def _patch_rows(rows, N, Wp, sdyb, sdyl, sxb, sxh, sxw, P: tl.constexpr, HAS_CLS: tl.constexpr):
+    """For patch rows ``rows = b*N + n`` (the backward kernels' rows): (offset of the row's output token in dY,
+    offset of its patch in the pixels)."""
+    b = rows // N
+    n = rows % N
+    return b.to(tl.int64) * sdyb + (n + HAS_CLS) * sdyl, _patch_origin(b, n, Wp, sxb, sxh, sxw, P)
+
+
+@triton.jit
 def _patch_embed_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, pos_ptr, cls_ptr, y_ptr,
     M, D, L, Wp,
@@ -64,7 +87,7 @@ def _patch_embed_fwd_kernel(
     swd, swc, swh, sww,
     spl, spd,
     C: tl.constexpr, P: tl.constexpr, CL: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_CLS: tl.constexpr, IEEE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_POS: tl.constexpr, HAS_CLS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     KK: tl.constexpr = C * P * P
@@ -83,10 +106,7 @@ def _patch_embed_fwd_kernel(
     t = rows % L
     n = t - HAS_CLS  # patch index, -1 on the cls row
     is_patch = row_ok & (n >= 0)
-    n = tl.maximum(n, 0)
-    ph = n // Wp
-    pw = n % Wp
-    x_row = b.to(tl.int64) * sxb + (ph * P) * sxh + (pw * P) * sxw
+    x_row = _patch_origin(b, tl.maximum(n, 0), Wp, sxb, sxh, sxw, P)
 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < D
@@ -99,10 +119,7 @@ def _patch_embed_fwd_kernel(
         x_off, w_off = _k_offsets(k, sxc, sxh, sxw, swc, swh, sww, C, P, CL)
         a = tl.load(x_ptr + x_row[:, None] + x_off[None, :], mask=is_patch[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + w_off[:, None] + w_col[None, :], mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(a, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
 
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -125,7 +142,7 @@ def _patch_embed_bwd_input_kernel(
     sdyb, sdyl, sdyd,
     swd, swc, swh, sww,
     sxb, sxc, sxh, sxw,
-    C: tl.constexpr, P: tl.constexpr, CL: tl.constexpr, HAS_CLS: tl.constexpr, IEEE: tl.constexpr,
+    C: tl.constexpr, P: tl.constexpr, CL: tl.constexpr, HAS_CLS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     KK: tl.constexpr = C * P * P
@@ -133,12 +150,7 @@ def _patch_embed_bwd_input_kernel(
     pid_k = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # patch rows, b*N + n
     row_ok = rows < MP
-    b = rows // N
-    n = rows % N
-    ph = n // Wp
-    pw = n % Wp
-    dy_row = b.to(tl.int64) * sdyb + (n + HAS_CLS) * sdyl
-    x_row = b.to(tl.int64) * sxb + (ph * P) * sxh + (pw * P) * sxw
+    dy_row, x_row = _patch_rows(rows, N, Wp, sdyb, sdyl, sxb, sxh, sxw, P, HAS_CLS)
 
     k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     k_ok = k < KK
@@ -150,10 +162,7 @@ def _patch_embed_bwd_input_kernel(
         d_ok = d < D
         g = tl.load(dy_ptr + dy_row[:, None] + d[None, :] * sdyd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         w = tl.load(w_ptr + d[:, None] * swd + w_off[None, :], mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(g, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(g, w, acc)
+        acc = tl.dot(g, w, acc, input_precision=PRECISION)
     dx_ptrs = dx_ptr + x_row[:, None] + x_off[None, :]
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=row_ok[:, None] & k_ok[None, :])
 
@@ -164,7 +173,7 @@ def _patch_embed_bwd_weight_kernel(
     MP, D, L, N, Wp, rows_per_split,
     sdyb, sdyl, sdyd,
     sxb, sxc, sxh, sxw,
-    C: tl.constexpr, P: tl.constexpr, CL: tl.constexpr, HAS_CLS: tl.constexpr, IEEE: tl.constexpr,
+    C: tl.constexpr, P: tl.constexpr, CL: tl.constexpr, HAS_CLS: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """dw[split, d, k'] = sum over this split's patch rows m of dY[m, d] * patch[m, k]; k' is the weight's own
@@ -186,18 +195,10 @@ def _patch_embed_bwd_weight_kernel(
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < end
-        b = rows // N
-        n = rows % N
-        ph = n // Wp
-        pw = n % Wp
-        dy_row = b.to(tl.int64) * sdyb + (n + HAS_CLS) * sdyl
-        x_row = b.to(tl.int64) * sxb + (ph * P) * sxh + (pw * P) * sxw
+        dy_row, x_row = _patch_rows(rows, N, Wp, sdyb, sdyl, sxb, sxh, sxw, P, HAS_CLS)
         g_t = tl.load(dy_ptr + dy_row[None, :] + d[:, None] * sdyd, mask=d_ok[:, None] & row_ok[None, :], other=0.0)
         a = tl.load(x_ptr + x_row[:, None] + x_off[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(g_t, a, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(g_t, a, acc)
+        acc = tl.dot(g_t, a, acc, input_precision=PRECISION)
     dw_ptrs = dw_ptr + split.to(tl.int64) * D * KK + d[:, None] * KK + w_off[None, :]
     tl.store(dw_ptrs, acc.to(dw_ptr.dtype.element_ty), mask=d_ok[:, None] & k_ok[None, :])
 
@@ -247,17 +248,13 @@ def is_channels_last_like(x: torch.Tensor) -> bool:
     return c > 1 and x.stride(1) == 1 and x.stride(3) == c
 
 
-def _launcher(kernel, launch):
-    return launch(kernel) if launch is not None else kernel
-
-
 def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
 
 
-def _gemm_config(device: torch.device, dtype: torch.dtype, m: int, n: int, k: int) -> dict:
-    """Tile sizes for an [m, k] x [k, n] product. On CPU (interpreter) big tiles mean few slow Python programs."""
-    if device.type != "cuda":
+def _gemm_config(interpret: bool, dtype: torch.dtype, m: int, n: int, k: int) -> dict:
+    """Tile sizes for an [m, k] x [k, n] product. In the interpreter big tiles mean few slow Python programs."""
+    if interpret:
         return {"BM": _pow2(m, 16, 64), "BN": _pow2(n, 16, 64), "BK": _pow2(k, 16, 128), "num_warps": 4,
                 "num_stages": 1}
     bk = 32 if dtype == torch.float32 else 64
@@ -267,23 +264,18 @@ def _gemm_config(device: torch.device, dtype: torch.dtype, m: int, n: int, k: in
     return {"BM": bm, "BN": bn, "BK": bk, "num_warps": warps, "num_stages": 3}
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def patch_embed_fwd(
     pixels: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    pos: torch.Tensor | None,
-    cls: torch.Tensor | None,
+    pos_embed: torch.Tensor | None,
+    cls_token: torch.Tensor | None,
     *,
     launch=None,
 ) -> torch.Tensor:
-    """``y [B, L, D]`` from pixels ``[B, C, H, W]``, weight ``[D, C, P, P]``, bias ``[D]``, pos ``[L, D]``,
-    cls ``[D]`` (shapes already validated)."""
+    """``y [B, L, D]`` from pixels ``[B, C, H, W]``, weight ``[D, C, P, P]``, bias ``[D]``, pos_embed ``[L, D]``,
+    cls_token ``[D]`` (shapes already validated)."""
+    pos, cls = pos_embed, cls_token
     bsz, c, h, w = pixels.shape
     d, _, p, _ = weight.shape
     hp, wp = h // p, w // p
@@ -294,10 +286,10 @@ def patch_embed_fwd(
     if m == 0 or d == 0:
         return y
     kk = c * p * p
-    cfg = _gemm_config(pixels.device, pixels.dtype, m, d, kk)
+    cfg = _gemm_config(_common.interpreted(pixels), pixels.dtype, m, d, kk)
     grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(d, cfg["BN"]),)
     dummy = weight  # never read: the HAS_* flags are off
-    _launcher(_patch_embed_fwd_kernel, launch)[grid](
+    wrapped(_patch_embed_fwd_kernel, launch)[grid](
         pixels, weight,
         bias if bias is not None else dummy,
         pos if pos is not None else dummy,
@@ -309,7 +301,7 @@ def patch_embed_fwd(
         pos.stride(0) if pos is not None else 0, pos.stride(1) if pos is not None else 0,
         C=c, P=p, CL=is_channels_last_like(pixels),
         HAS_BIAS=bias is not None, HAS_POS=pos is not None, HAS_CLS=int(cls is not None),
-        IEEE=pixels.dtype == torch.float32,
+        PRECISION=input_precision(pixels.dtype),
         BLOCK_M=cfg["BM"], BLOCK_N=cfg["BN"], BLOCK_K=cfg["BK"], GROUP_M=8,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
@@ -331,36 +323,37 @@ def patch_embed_bwd_input(
     if d == 0:
         return dx.zero_()
     kk = c * p * p
-    cfg = _gemm_config(pixels.device, pixels.dtype, mp, kk, d)
+    cfg = _gemm_config(_common.interpreted(pixels), pixels.dtype, mp, kk, d)
     bm, bk, bd = cfg["BM"], cfg["BN"], cfg["BK"]
     grid = (triton.cdiv(mp, bm), triton.cdiv(kk, bk))
-    _launcher(_patch_embed_bwd_input_kernel, launch)[grid](
+    wrapped(_patch_embed_bwd_input_kernel, launch)[grid](
         grad_out, weight, dx,
         mp, d, grad_out.shape[1], n, wp,
         *grad_out.stride(),
         *weight.stride(),
         *dx.stride(),
-        C=c, P=p, CL=is_channels_last_like(dx), HAS_CLS=int(has_cls), IEEE=pixels.dtype == torch.float32,
+        C=c, P=p, CL=is_channels_last_like(dx), HAS_CLS=int(has_cls), PRECISION=input_precision(pixels.dtype),
         BLOCK_M=bm, BLOCK_K=bk, BLOCK_D=bd,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return dx
 
 
-def _weight_grad_splits(device: torch.device, tiles: int, row_blocks: int, deterministic_rows: int) -> int:
-    """How many chunks the reduction over patch rows is cut into: enough programs to fill the GPU twice."""
-    if device.type != "cuda":
+def _weight_grad_splits(t: torch.Tensor, tiles: int, row_blocks: int, deterministic_rows: int) -> int:
+    """How many chunks the reduction over patch rows (of ``t``'s device) is cut into: enough programs to fill the GPU
+    twice."""
+    if _common.interpreted(t):
         return 1
-    want = triton.cdiv(2 * _sm_count(device), max(1, tiles))
+    want = triton.cdiv(2 * _common.sm_count(t.device), max(1, tiles))
     # keep at least ~8 row blocks per chunk so the fp32 partial buffer stays small next to the work
     return max(1, min(want, row_blocks // 8 if row_blocks >= 8 else 1, deterministic_rows))
 
 
-def _token_grad_splits(device: torch.device, tiles: int, batch: int) -> int:
-    """How many batch chunks the token-gradient pass is cut into (each keeps >= 8 images)."""
-    if device.type != "cuda":
+def _token_grad_splits(t: torch.Tensor, tiles: int, batch: int) -> int:
+    """How many batch chunks the token-gradient pass (of ``t``'s device) is cut into (each keeps >= 8 images)."""
+    if _common.interpreted(t):
         return 1
-    return max(1, min(triton.cdiv(4 * _sm_count(device), tiles), batch // 8))
+    return max(1, min(triton.cdiv(4 * _common.sm_count(t.device), tiles), batch // 8))
 
 
 def patch_embed_bwd_weight(
@@ -376,24 +369,24 @@ def patch_embed_bwd_weight(
     kk = c * p * p
     if mp == 0 or d == 0 or kk == 0:
         return torch.zeros((d, c, p, p), device=grad_out.device, dtype=grad_out.dtype)
-    cfg = _gemm_config(pixels.device, pixels.dtype, d, kk, mp)
+    cfg = _gemm_config(_common.interpreted(pixels), pixels.dtype, d, kk, mp)
     bd, bk, bm = cfg["BM"], cfg["BN"], cfg["BK"]
     tiles = triton.cdiv(d, bd) * triton.cdiv(kk, bk)
     row_blocks = triton.cdiv(mp, bm)
-    splits = _weight_grad_splits(pixels.device, tiles, row_blocks, 64)
+    splits = _weight_grad_splits(pixels, tiles, row_blocks, 64)
     rows_per_split = triton.cdiv(row_blocks, splits) * bm
     splits = triton.cdiv(mp, rows_per_split)
     if splits == 1:
         dw = torch.empty((1, d, c, p, p), device=grad_out.device, dtype=grad_out.dtype)
     else:
         dw = torch.empty((splits, d, c, p, p), device=grad_out.device, dtype=torch.float32)
-    _launcher(_patch_embed_bwd_weight_kernel, launch)[(triton.cdiv(d, bd), triton.cdiv(kk, bk), splits)](
+    wrapped(_patch_embed_bwd_weight_kernel, launch)[(triton.cdiv(d, bd), triton.cdiv(kk, bk), splits)](
         grad_out, pixels, dw,
         mp, d, grad_out.shape[1], n, wp, rows_per_split,
         *grad_out.stride(),
         *pixels.stride(),
-        C=c, P=p, CL=is_channels_last_like(pixels), HAS_CLS=int(has_cls), IEEE=pixels.dtype == torch.float32,
-        BLOCK_D=bd, BLOCK_K=bk, BLOCK_M=bm,
+        C=c, P=p, CL=is_channels_last_like(pixels), HAS_CLS=int(has_cls),
+        PRECISION=input_precision(pixels.dtype), BLOCK_D=bd, BLOCK_K=bk, BLOCK_M=bm,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if splits == 1:
@@ -413,18 +406,18 @@ def patch_embed_bwd_tokens(
     if d == 0 or rows == 0 or bsz == 0:
         return (torch.zeros((sum_rows, d), device=dev, dtype=torch.float32),
                 torch.zeros((d if bias_grad else 0,), device=dev, dtype=torch.float32))
-    if dev.type == "cuda":
-        bt, bdim = 16, _pow2(d, 16, 128)
-    else:
+    if _common.interpreted(grad_out):
         bt, bdim = _pow2(rows, 1, 64), _pow2(d, 16, 128)
+    else:
+        bt, bdim = 16, _pow2(d, 16, 128)
     t_blocks, d_blocks = triton.cdiv(rows, bt), triton.cdiv(d, bdim)
     # split the batch so that enough programs stream dY (each keeps >= 8 images); partial sums are added after
-    splits = _token_grad_splits(dev, t_blocks * d_blocks, bsz)
+    splits = _token_grad_splits(grad_out, t_blocks * d_blocks, bsz)
     b_per_split = triton.cdiv(bsz, splits)
     splits = triton.cdiv(bsz, b_per_split)
     sums = torch.empty((splits, sum_rows, d), device=dev, dtype=torch.float32)
     parts = torch.empty((splits, t_blocks if bias_grad else 0, d), device=dev, dtype=torch.float32)
-    _launcher(_patch_embed_bwd_tokens_kernel, launch)[(t_blocks, d_blocks, splits)](
+    wrapped(_patch_embed_bwd_tokens_kernel, launch)[(t_blocks, d_blocks, splits)](
         grad_out, sums, parts if bias_grad else sums,
         bsz, rows, d, sum_rows, b_per_split,
         *grad_out.stride(),

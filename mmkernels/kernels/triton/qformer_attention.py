@@ -15,52 +15,74 @@ k/v ``[B, Lk, H, D]``, out ``[B, Lq, H, D]``, log-sum-exp ``[B, H, Lq]`` (fp32, 
   registers (no atomics); dQ is complete too when there is one chunk, else each chunk writes an fp32 partial and
   the host sums them (deterministic). ``delta = rowsum(dO * Out)`` is recomputed in the program (Lq x D: cheap).
 
+- ``kv_lens`` is clamped to ``[0, Lk]`` in the kernels (values unchecked under ``torch.compile``); masked keys are
+  never loaded, so NaN/inf there reach nothing; a sample with no key gets zeros (lse ``-inf``).
+- dropout: the Philox stream of the attention kernels (``_common.dropout_keep``, index
+  ``((b * H + h) * Lq + i) * Lk + j``), after the row sum; the split-K partials are scaled by ``1 / (1 - p)``
+  before the (linear) combine.
+- grid: batch x heads on axis 0 (up to 2**31 - 1 programs), key chunks on axis 1 (:func:`_grid`).
+
 Only the basic ``tl`` API is used (Triton >= 3.6).
 """
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+# `_common.interpreted` / `_common.sm_count` are called through the module: tests/triton_launches.py replaces them.
+from . import _common
+from ._common import (
+    LN2_JIT,
+    LOG2E,
+    LOG2E_JIT,
+    check_grid,
+    dropout_args,
+    dropout_keep,
+    dropout_seed,
+    input_precision,
+    wrapped,
+)
 
 __all__ = ["MAX_HEAD_DIM", "MAX_QUERIES", "qformer_attention_bwd_triton", "qformer_attention_fwd_triton"]
 
 MAX_QUERIES = 128
 MAX_HEAD_DIM = 128
 
-_LOG2E = 1.4426950408889634
-
 
 @triton.jit
-def _qf_fwd_kernel(
-    Q, K, V, Out, LSE, KV_LENS,
-    stride_qb, stride_qm, stride_qh,
-    stride_kb, stride_kn, stride_kh,
-    stride_vb, stride_vn, stride_vh,
-    stride_os, stride_ob, stride_om, stride_oh,
-    stride_ls, stride_lb, stride_lh,
-    H, Lq, Lk, chunk, qk_scale,
-    HAS_KV_LENS: tl.constexpr,
-    HEAD_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+def _qf_program(KV_LENS, SEED, H, Lq, Lk, chunk, HAS_KV_LENS: tl.constexpr, DROPOUT: tl.constexpr):
+    """What the forward and backward programs share: ``(b, h, split, start, end, seed, drop_base)``. Program
+    ``(b * H + h, split)`` owns the keys ``[start, end)`` of (batch ``b``, head ``h``): key chunk ``split`` cut at
+    ``kv_lens[b]``, which is clamped to ``[0, Lk]`` (values are unchecked under torch.compile; 0 keys give zeros).
+    ``seed``/``drop_base`` feed :func:`dropout_keep` (``drop_base = (b * H + h) * Lq``)."""
     pid_bh = tl.program_id(0)
     pid_s = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     kv_len = Lk
     if HAS_KV_LENS:
-        kv_len = tl.minimum(tl.load(KV_LENS + b).to(tl.int32), Lk)
+        kv_len = tl.maximum(tl.minimum(tl.load(KV_LENS + b).to(tl.int32), Lk), 0)
+    seed = dropout_seed(SEED, DROPOUT)
     start = pid_s * chunk
     end = tl.minimum(start + chunk, kv_len)
+    return b, h, pid_s, start, end, seed, pid_bh.to(tl.int64) * Lq
 
+
+@triton.jit
+def _qf_fwd_kernel(
+    Q, K, V, Out, LSE, KV_LENS, SEED,
+    stride_qb, stride_qm, stride_qh,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    stride_os, stride_ob, stride_om, stride_oh,
+    stride_ls, stride_lb, stride_lh,
+    H, Lq, Lk, chunk, qk_scale, dropout_p, drop_scale,
+    HAS_KV_LENS: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    b, h, pid_s, start, end, seed, drop_base = _qf_program(KV_LENS, SEED, H, Lq, Lk, chunk, HAS_KV_LENS, DROPOUT)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -85,7 +107,9 @@ def _qf_fwd_kernel(
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every tile holds at least one live key
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser sums the probabilities before dropout
+        if DROPOUT:
+            p = tl.where(dropout_keep(seed, drop_base, offs_m[:, None], offs[None, :], Lk, dropout_p), p, 0.0)
         v = tl.load(v_base + offs[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
@@ -93,7 +117,9 @@ def _qf_fwd_kernel(
     live = l_i > 0.0  # false only for an empty key range (an empty split, or kv_len == 0)
     l_safe = tl.where(live, l_i, 1.0)
     out = acc / l_safe[:, None]
-    lse = tl.where(live, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    if DROPOUT:
+        out = out * drop_scale  # inverted dropout (linear: the split-K combine stays exact)
+    lse = tl.where(live, (m_i + tl.log2(l_safe)) * LN2_JIT, float("-inf"))
     o_ptrs = Out + pid_s * stride_os + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
     tl.store(LSE + pid_s * stride_ls + b * stride_lb + h * stride_lh + offs_m, lse, mask=mask_m)
@@ -107,9 +133,7 @@ def _qf_combine_kernel(
     stride_ob, stride_om, stride_oh,
     stride_lb, stride_lh,
     H, Lq, num_splits,
-    HEAD_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     b = (pid_bh // H).to(tl.int64)
@@ -146,7 +170,7 @@ def _qf_combine_kernel(
 
 @triton.jit
 def _qf_bwd_kernel(
-    Q, K, V, Out, DO, LSE, KV_LENS, DQ, DK, DV,
+    Q, K, V, Out, DO, LSE, KV_LENS, DQ, DK, DV, SEED,
     stride_qb, stride_qm, stride_qh,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
@@ -156,24 +180,11 @@ def _qf_bwd_kernel(
     stride_dqs, stride_dqb, stride_dqm, stride_dqh,
     stride_dkb, stride_dkn, stride_dkh,
     stride_dvb, stride_dvn, stride_dvh,
-    H, Lq, Lk, chunk, sm_scale, qk_scale,
-    HAS_KV_LENS: tl.constexpr,
-    HEAD_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    H, Lq, Lk, chunk, sm_scale, qk_scale, dropout_p, drop_scale,
+    HAS_KV_LENS: tl.constexpr, HEAD_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
 ):
-    pid_bh = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    kv_len = Lk
-    if HAS_KV_LENS:
-        kv_len = tl.minimum(tl.load(KV_LENS + b).to(tl.int32), Lk)
-    start = pid_s * chunk
-    end = tl.minimum(start + chunk, kv_len)
-
+    b, h, pid_s, start, end, seed, drop_base = _qf_program(KV_LENS, SEED, H, Lq, Lk, chunk, HAS_KV_LENS, DROPOUT)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -189,7 +200,7 @@ def _qf_bwd_kernel(
                 mask=mask_md, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     lse = tl.load(LSE + b * stride_lb + h * stride_lh + offs_m, mask=mask_m, other=float("inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)  # dead rows: p = 0
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E_JIT)  # dead rows: p = 0
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     k_base = K + b * stride_kb + h * stride_kh
@@ -203,8 +214,13 @@ def _qf_bwd_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.exp2(s - lse2[:, None])
         p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)  # [BLOCK_M, BLOCK_N]
-        dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)  # [BLOCK_N, BLOCK_D]
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+        if DROPOUT:
+            keep = dropout_keep(seed, drop_base, offs_m[:, None], offs[None, :], Lk, dropout_p)
+            dv = tl.dot(tl.trans(tl.where(keep, p * drop_scale, 0.0).to(do.dtype)), do, input_precision=PRECISION)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        else:
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)  # [BLOCK_N, BLOCK_D]
         ds = p * (dp - delta[:, None])
         dk = tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION) * sm_scale
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -223,45 +239,29 @@ def _qf_bwd_kernel(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _interpreting(t: torch.Tensor) -> bool:
-    return t.device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "") == "1"
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _grid(B: int, H: int, splits: int = 1) -> tuple[int, int]:
+    """(batch x heads on axis 0, which takes 2**31 - 1 programs; key chunks on axis 1, at most 65535)."""
+    return check_grid((B * H, splits), f"qformer_cross_attention (triton): B * H = {B * H} programs with {splits} "
+                                       "key chunks")
 
 
 def _blocks(lq: int, d: int) -> tuple[int, int]:
     return max(16, triton.next_power_of_2(lq)), max(16, triton.next_power_of_2(d))
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get exact fp32 products (not TF32): the fp32 path is the accuracy path.
-    return "ieee" if dtype == torch.float32 else "tf32"
+# (BLOCK_N, num_warps, num_stages) for a small (<= 32 x 64), medium (<= 64 x 128) and large query tile; the
+# backward holds more per key (dK, dV, dQ), so it takes fewer keys per step.
+_FWD_CONFIGS = ((64, 4, 3), (64, 4, 2), (32, 8, 2))
+_BWD_CONFIGS = ((64, 4, 2), (32, 4, 2), (16, 8, 1))
 
 
-def _fwd_config(block_m: int, block_d: int, dtype: torch.dtype, interpret: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages)."""
+def _config(block_m: int, block_d: int, dtype: torch.dtype, interpret: bool, backward: bool) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) by the size of the query tile (fp32 elements count twice)."""
     if interpret:
         return 64, 4, 1
     tile = block_m * block_d * (2 if dtype == torch.float32 else 1)
-    if tile <= 32 * 64:
-        return 64, 4, 3
-    if tile <= 64 * 128:
-        return 64, 4, 2
-    return 32, 8, 2
-
-
-def _bwd_config(block_m: int, block_d: int, dtype: torch.dtype, interpret: bool) -> tuple[int, int, int]:
-    if interpret:
-        return 64, 4, 1
-    tile = block_m * block_d * (2 if dtype == torch.float32 else 1)
-    if tile <= 32 * 64:
-        return 64, 4, 2
-    if tile <= 64 * 128:
-        return 32, 4, 2
-    return 16, 8, 1
+    small, medium, large = _BWD_CONFIGS if backward else _FWD_CONFIGS
+    return small if tile <= 32 * 64 else medium if tile <= 64 * 128 else large
 
 
 def num_key_splits(q: torch.Tensor, lk: int, block_n: int, requested: int = 0) -> int:
@@ -270,10 +270,10 @@ def num_key_splits(q: torch.Tensor, lk: int, block_n: int, requested: int = 0) -
     tiles = triton.cdiv(max(lk, 1), block_n)
     if requested > 0:
         return max(1, min(requested, tiles))
-    if _interpreting(q):
+    if _common.interpreted(q):
         return 1
     programs = q.shape[0] * q.shape[2]
-    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    sms = _common.sm_count(q.device)
     if programs >= sms:
         return 1
     return max(1, min(tiles, triton.cdiv(2 * sms, programs)))
@@ -285,10 +285,6 @@ def _chunking(lk: int, splits: int, block_n: int) -> tuple[int, int]:
     return chunk, triton.cdiv(max(lk, 1), chunk)
 
 
-def _launcher(kernel, launch):
-    return launch(kernel) if launch is not None else kernel
-
-
 def qformer_attention_fwd_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -296,12 +292,17 @@ def qformer_attention_fwd_triton(
     kv_lens: torch.Tensor | None,
     softmax_scale: float,
     num_splits: int = 0,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
     *,
     launch=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward. Returns ``(out [B, Lq, H, D] contiguous in q's dtype, lse [B, H, Lq] fp32)``.
 
-    ``launch`` wraps each kernel (``torch.library.wrap_triton`` inside the registered op)."""
+    ``kv_lens`` values are clamped to ``[0, Lk]``; a sample with no key gets zeros (lse ``-inf``). ``dropout_p > 0``
+    drops probabilities with the Philox stream of ``seed`` (int64 ``[1]`` on q's device; the same stream as the
+    attention kernels, see ``attention.dropout_keep_mask``). ``launch`` wraps each kernel
+    (``torch.library.wrap_triton`` inside the registered op)."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     out = torch.empty((B, Lq, H, D), dtype=q.dtype, device=q.device)
@@ -309,40 +310,41 @@ def qformer_attention_fwd_triton(
     if B == 0:
         return out, lse
     block_m, block_d = _blocks(Lq, D)
-    interpret = _interpreting(q)
-    block_n, warps, stages = _fwd_config(block_m, block_d, q.dtype, interpret)
+    interpret = _common.interpreted(q)
+    block_n, warps, stages = _config(block_m, block_d, q.dtype, interpret, backward=False)
     chunk, splits = _chunking(Lk, num_key_splits(q, Lk, block_n, num_splits), block_n)
     has_lens = kv_lens is not None
     lens = kv_lens if has_lens else lse  # any pointer; never read
-    qk_scale = float(softmax_scale) * _LOG2E
+    qk_scale = float(softmax_scale) * LOG2E
+    seed_ptr, dropout_p, drop_scale, dropout = dropout_args(dropout_p, seed, lse)
     common = dict(HAS_KV_LENS=has_lens, HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-                  PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
-    fwd = _launcher(_qf_fwd_kernel, launch)
+                  PRECISION=input_precision(q.dtype), DROPOUT=dropout, num_warps=warps, num_stages=stages)
+    fwd = wrapped(_qf_fwd_kernel, launch)
     if splits == 1:
-        fwd[(B * H, 1)](
-            q, k, v, out, lse, lens,
+        fwd[_grid(B, H)](
+            q, k, v, out, lse, lens, seed_ptr,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             0, out.stride(0), out.stride(1), out.stride(2),
             0, lse.stride(0), lse.stride(1),
-            H, Lq, Lk, chunk, qk_scale,
+            H, Lq, Lk, chunk, qk_scale, dropout_p, drop_scale,
             **common,
         )
         return out, lse
     o_part = torch.empty((splits, B, Lq, H, D), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((splits, B, H, Lq), dtype=torch.float32, device=q.device)
-    fwd[(B * H, splits)](
-        q, k, v, o_part, lse_part, lens,
+    fwd[_grid(B, H, splits)](
+        q, k, v, o_part, lse_part, lens, seed_ptr,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
-        H, Lq, Lk, chunk, qk_scale,
+        H, Lq, Lk, chunk, qk_scale, dropout_p, drop_scale,
         **common,
     )
-    _launcher(_qf_combine_kernel, launch)[(B * H,)](
+    wrapped(_qf_combine_kernel, launch)[_grid(B, H)[:1]](
         o_part, lse_part, out, lse,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
@@ -364,11 +366,13 @@ def qformer_attention_bwd_triton(
     kv_lens: torch.Tensor | None,
     softmax_scale: float,
     num_splits: int = 0,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
     *,
     launch=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward. Returns contiguous ``(dq, dk, dv)`` shaped like ``q, k, v``; keys at or past ``kv_lens[b]`` get
-    zero gradients."""
+    zero gradients. ``dropout_p``/``seed`` must be the forward's."""
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     has_lens = kv_lens is not None
@@ -381,16 +385,17 @@ def qformer_attention_bwd_triton(
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     block_m, block_d = _blocks(Lq, D)
-    interpret = _interpreting(q)
-    block_n, warps, stages = _bwd_config(block_m, block_d, q.dtype, interpret)
+    interpret = _common.interpreted(q)
+    block_n, warps, stages = _config(block_m, block_d, q.dtype, interpret, backward=True)
     chunk, splits = _chunking(Lk, num_key_splits(q, Lk, block_n, num_splits), block_n)
     if splits == 1:
         dq = torch.empty((1, B, Lq, H, D), dtype=q.dtype, device=q.device)
     else:
         dq = torch.empty((splits, B, Lq, H, D), dtype=torch.float32, device=q.device)
     lens = kv_lens if has_lens else lse
-    _launcher(_qf_bwd_kernel, launch)[(B * H, splits)](
-        q, k, v, out, dout, lse, lens, dq, dk, dv,
+    seed_ptr, dropout_p, drop_scale, dropout = dropout_args(dropout_p, seed, lse)
+    wrapped(_qf_bwd_kernel, launch)[_grid(B, H, splits)](
+        q, k, v, out, dout, lse, lens, dq, dk, dv, seed_ptr,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -400,9 +405,9 @@ def qformer_attention_bwd_triton(
         dq.stride(0), dq.stride(1), dq.stride(2), dq.stride(3),
         dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        H, Lq, Lk, chunk, float(softmax_scale), float(softmax_scale) * _LOG2E,
+        H, Lq, Lk, chunk, float(softmax_scale), float(softmax_scale) * LOG2E, dropout_p, drop_scale,
         HAS_KV_LENS=has_lens, HEAD_D=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages,
+        PRECISION=input_precision(q.dtype), DROPOUT=dropout, num_warps=warps, num_stages=stages,
     )
     dq = dq[0] if splits == 1 else dq.sum(0).to(q.dtype)
     return dq, dk, dv

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
-__all__ = ["ConversionError", "check_keys"]
+__all__ = ["ConversionError", "check_keys", "strip_prefix"]
 
 
 class ConversionError(ValueError):
@@ -28,3 +28,17 @@ def check_keys(source: str, unknown: Iterable[str], missing: Iterable[str]) -> N
     if missing:
         parts.append(f"{len(missing)} missing key(s): {_listing(missing)}")
     raise ConversionError(f"{source}: the state dict does not match; " + "; ".join(parts))
+
+
+def strip_prefix(state_dict: Mapping[str, object], prefix: str | None, *, candidates: Sequence[str] = (),
+                 is_root: Callable[[Mapping[str, object], str], bool] | None = None) -> tuple[dict, str]:
+    """The entries under ``prefix`` with it removed (keys without it are dropped), and the prefix used.
+
+    ``prefix=None`` detects it: the first of ``candidates`` for which ``is_root(state_dict, candidate)`` holds (the
+    state dict of a wrapper, e.g. ``vision_model.`` of a BLIP-2 model), else ``""`` (the dict is the model's own).
+    """
+    if prefix is None:
+        prefix = next((p for p in candidates if is_root is not None and is_root(state_dict, p)), "")
+    if not prefix:
+        return dict(state_dict), ""
+    return {k[len(prefix):]: t for k, t in state_dict.items() if k.startswith(prefix)}, prefix

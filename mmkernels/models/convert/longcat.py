@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._common import ConversionError, check_keys
+from ...nn.moe import ZeroComputeMoE
+from ._common import ConversionError, check_keys, strip_prefix
 
 __all__ = ["hf_to_mmkernels", "mmkernels_to_hf", "moe_from_hf"]
 
@@ -22,7 +23,7 @@ _HF_OPTIONAL = ("router.classifier.bias",)
 
 def hf_to_mmkernels(state_dict: dict[str, torch.Tensor], *, num_ffn_experts: int, prefix: str = "") -> dict:
     """A ``LongcatFlashMoE`` state dict (keys under ``prefix``) -> a ``ZeroComputeMoE`` state dict."""
-    sd = {k[len(prefix):]: t for k, t in state_dict.items() if k.startswith(prefix)}
+    sd, _ = strip_prefix(state_dict, prefix)
     check_keys("LongcatFlashMoE", set(sd) - set(_HF_KEYS) - set(_HF_OPTIONAL), set(_HF_KEYS) - set(sd))
     gate_up = sd["experts.gate_up_proj"]
     if gate_up.shape[0] < num_ffn_experts or sd["experts.down_proj"].shape[0] != num_ffn_experts:
@@ -56,8 +57,6 @@ def moe_from_hf(hf_moe: nn.Module, **kwargs):
 
     The HF bias is loaded and kept fixed unless ``target_ffn_per_token`` is passed to enable the balancer.
     """
-    from ...nn.moe import ZeroComputeMoE
-
     config = hf_moe.config
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ConversionError(f"LongcatFlashMoE: only SiLU experts are supported, got {config.hidden_act!r}")

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 import torch
 
 from ..qformer import QFormerConfig
-from ._common import ConversionError, check_keys
+from ._common import ConversionError, check_keys, strip_prefix
 
 __all__ = ["ConversionError", "hf_to_mmkernels"]
 
@@ -41,14 +41,10 @@ _TEXT_ONLY = re.compile(
 )
 
 
-def _strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str | None) -> dict[str, torch.Tensor]:
-    if prefix is None:
-        own = ("layernorm.", "embeddings.", "encoder.")
-        has_own = any(k.startswith(own) for k in state_dict)
-        prefix = "qformer." if not has_own and any(k.startswith("qformer.") for k in state_dict) else ""
-    if not prefix:
-        return dict(state_dict)
-    return {k[len(prefix):]: t for k, t in state_dict.items() if k.startswith(prefix)}
+def _is_wrapped(state_dict: Mapping[str, torch.Tensor], prefix: str) -> bool:
+    """A whole BLIP-2 / InstructBLIP state dict: keys under ``qformer.`` and none of the Q-Former's own."""
+    own = ("layernorm.", "embeddings.", "encoder.")
+    return not any(k.startswith(own) for k in state_dict) and any(k.startswith(prefix) for k in state_dict)
 
 
 def hf_to_mmkernels(state_dict: Mapping[str, torch.Tensor], config: QFormerConfig, *,
@@ -58,7 +54,7 @@ def hf_to_mmkernels(state_dict: Mapping[str, torch.Tensor], config: QFormerConfi
     ``prefix``: strip it and ignore keys without it (``None``: detect ``"qformer."`` when the dict is a whole
     BLIP-2 model's).
     """
-    sd = _strip_prefix(state_dict, prefix)
+    sd, _ = strip_prefix(state_dict, prefix, candidates=("qformer.",), is_root=_is_wrapped)
     d = config.hidden_size
     if "embeddings.layernorm.weight" in sd and "layernorm.weight" in sd:
         raise ConversionError(f"{_SOURCE}: both layernorm.* (BLIP-2) and embeddings.layernorm.* (InstructBLIP) "

@@ -24,12 +24,13 @@ is found and stripped; keys outside it are left alone.
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 from torch import nn
 
 from ..vit import ViTConfig
-from ._common import ConversionError, check_keys
+from ._common import ConversionError, check_keys, strip_prefix
 
 __all__ = [
     "ConversionError",
@@ -73,11 +74,8 @@ def _num_layers(keys, pattern: str) -> int:
 
 
 def _split_prefix(state_dict: dict[str, torch.Tensor], prefix: str | None) -> tuple[dict[str, torch.Tensor], str]:
-    if prefix is None:
-        prefix = next((p for p in _HF_PREFIXES if any(p + s in state_dict for s in _HF_STEMS)), "")
-    if not prefix:
-        return dict(state_dict), ""
-    return {k[len(prefix):]: t for k, t in state_dict.items() if k.startswith(prefix)}, prefix
+    return strip_prefix(state_dict, prefix, candidates=_HF_PREFIXES,
+                        is_root=lambda sd, p: any(p + stem in sd for stem in _HF_STEMS))
 
 
 def _qkv(taker: _Taker, names: tuple[str, str, str], out: dict, dst: str) -> None:
@@ -242,6 +240,10 @@ def vit_config_from_hf(config) -> ViTConfig:
     head_dim = getattr(config, "head_dim", None)
     if head_dim is not None and head_dim * config.num_attention_heads != config.hidden_size:
         raise ConversionError(f"{source}: head_dim * num_attention_heads must equal hidden_size")
+    # ViTConfig names it attention_probs_dropout_prob, Blip2VisionConfig attention_dropout.
+    attention_dropout = float(getattr(config, "attention_probs_dropout_prob", getattr(config, "attention_dropout", 0.0))
+                              or 0.0)
+    _warn_unmodelled_dropout(source, hidden_dropout=float(getattr(config, "hidden_dropout_prob", 0.0) or 0.0))
     return ViTConfig(
         image_size=_image_size(config.image_size),
         patch_size=_square(config.patch_size, "patch_size", source),
@@ -256,7 +258,17 @@ def vit_config_from_hf(config) -> ViTConfig:
         class_token=True,
         pre_norm=False,
         pos_interpolation="hf",
+        attention_dropout=attention_dropout,
     )
+
+
+def _warn_unmodelled_dropout(source: str, **rates: float) -> None:
+    """Hidden dropout and drop-path are not part of mmkernels' ViT: say so instead of dropping them silently (eval
+    outputs are unaffected; training differs)."""
+    on = {name: rate for name, rate in rates.items() if rate > 0}
+    if on:
+        warnings.warn(f"{source}: {on} are not modelled by mmkernels.models.ViT (eval outputs match; training runs "
+                      "without them)", stacklevel=3)
 
 
 def _unwrap_hf(model):
@@ -314,7 +326,14 @@ def vit_config_from_timm(model) -> ViTConfig:
         act = "quick_gelu"
     else:
         raise ConversionError(f"{source}: MLP activation {type(act_mod).__name__} is not supported")
+    attn_drop = getattr(blocks[0].attn, "attn_drop", None)
+    proj_drop = getattr(blocks[0].attn, "proj_drop", None)
+    drop_path = getattr(blocks[0], "drop_path1", None)
+    _warn_unmodelled_dropout(source, proj_drop=float(getattr(proj_drop, "p", 0.0)),
+                             pos_drop=float(getattr(getattr(model, "pos_drop", None), "p", 0.0)),
+                             drop_path=float(getattr(drop_path, "drop_prob", 0.0) or 0.0))
     return ViTConfig(
+        attention_dropout=float(getattr(attn_drop, "p", 0.0)),
         image_size=_image_size(pe.img_size),
         patch_size=_square(pe.patch_size, "patch_size", source),
         in_channels=pe.proj.in_channels,

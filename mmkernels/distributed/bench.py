@@ -1,0 +1,337 @@
+"""Expert-parallel benchmark: per-phase times of the ScMoE layer's MoE branch, logical all-to-all bandwidth, and how
+much of the communication the overlapped schedule hides.
+
+``python -m mmkernels.distributed.bench --nproc 2 --out results/ep`` (``mmkernels-bench ep --nproc 2``) starts
+``--nproc`` local processes (gloo on CPU; NCCL with one GPU per process when ``--device cuda`` and enough GPUs), each
+with torchrun's environment, runs a :class:`mmkernels.models.ScMoEDecoderLayer` forward under ``torch.no_grad()``
+with ``overlap=False`` and ``overlap=True`` (interleaved, ``--iters`` each after ``--warmup``), and writes
+``ep.json`` (and ``ep_timeline.png`` when matplotlib is installed) to ``--out``.
+
+Measured per rank and iteration from the layer's phase marks (host clock; on CUDA each mark synchronises the device,
+so the CUDA per-phase numbers describe the sequential schedule only):
+
+- ``route``: router + ``moe_route``; ``permute``: ``moe_permute``; ``counts``: the count all-to-all and the one host
+  copy of the split sizes; ``dispatch``: the row all-to-all (issue to done); ``experts``: local grouped SwiGLU;
+  ``combine``: the inverse all-to-all; ``unpermute``: weights and zero-expert term; ``dense``: Attn_0, FFN_0, Attn_1,
+  FFN_1 and the norms;
+- ``t_comm`` = counts + dispatch + combine in the sequential schedule; ``t_compute`` = sequential total - ``t_comm``;
+  ``hidden_fraction = (t_comm + t_compute - t_overlapped) / t_comm``, computed as the median over iterations of the
+  paired difference ``t_sequential - t_overlapped`` (the schedules alternate) over ``t_comm``;
+  ``hidden_fraction_from_waits = 1 - exposed / t_comm`` with ``exposed`` the communication the overlapped schedule
+  still waits for (the count exchange, which cannot be hidden, plus the time blocked in the two waits), and
+  ``row_a2a_hidden_fraction_from_waits`` the same for the two row all-to-alls alone;
+- ``dispatch_gbps`` / ``combine_gbps``: bytes this rank sends to *other* ranks (rows x hidden x element size) per
+  second of the phase ("logical": what the algorithm must move, not what the transport moves).
+
+Totals of an iteration are the slowest rank's (every rank waits for it); phases are medians over iterations of the
+mean over ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+PHASES = ("route", "permute", "counts", "dispatch", "experts", "combine", "unpermute", "dense")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmkernels-bench ep", description=__doc__.split("\n\n")[0])
+    p.add_argument("--nproc", type=int, default=2, help="processes (ranks); default 2")
+    p.add_argument("--out", default="bench-results/ep", help="folder for ep.json and ep_timeline.png")
+    p.add_argument("--preset", default="small", help="ScMoEConfig preset (default small)")
+    p.add_argument("--batch", type=int, default=2, help="sequences per rank")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--iters", type=int, default=10, help="timed iterations per schedule")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations per schedule")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores / nproc)")
+    p.add_argument("--timeout", type=float, default=600.0, help="kill the workers after this many seconds")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark (or, with the hidden ``--worker`` flag, one rank of it). Returns the exit status."""
+    args = _parser().parse_args(argv)
+    if args.worker:
+        return _worker(args)
+    if args.nproc < 1:
+        print("mmkernels-bench ep: --nproc must be >= 1", file=sys.stderr)
+        return 2
+    if args.device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < args.nproc:
+            print(f"mmkernels-bench ep: --device cuda needs {args.nproc} GPUs, found {torch.cuda.device_count()}",
+                  file=sys.stderr)
+            return 2
+    from .launch import run_local_world
+
+    os.makedirs(args.out, exist_ok=True)
+    cmd = [sys.executable, "-m", "mmkernels.distributed.bench", "--worker", *(argv if argv is not None else
+                                                                              sys.argv[1:])]
+    results = run_local_world(cmd, args.nproc, timeout=args.timeout)
+    failed = [r for r in results if r.returncode != 0]
+    if failed:
+        for r in failed:
+            print(f"--- rank {r.rank} exited with {r.returncode} ---\n{r.output[-4000:]}", file=sys.stderr)
+        return 1
+    path = os.path.join(args.out, "ep.json")
+    with open(path) as f:
+        report = json.load(f)
+    _print_summary(report)
+    png = _plot_timeline(report, os.path.join(args.out, "ep_timeline.png"))
+    print(f"wrote {path}" + (f" and {png}" if png else ""))
+    return 0
+
+
+# ---- one rank -----------------------------------------------------------------------------------------------------
+
+
+class _Recorder:
+    def __init__(self, sync) -> None:
+        self.marks: list[tuple[str, float]] = []
+        self.sync = sync
+
+    def __call__(self, name: str) -> None:
+        self.sync()
+        self.marks.append((name, time.perf_counter()))
+
+
+def _phases(marks: list[tuple[str, float]], overlap: bool) -> dict[str, float]:
+    at = {name: t for name, t in marks}  # each mark occurs once per forward
+    total = at["end"] - at["attn0"]
+    p = {
+        "total": total,
+        "route": at["permute"] - at["route"],
+        "permute": at["counts"] - at["permute"],
+        "counts": at["dispatch_issue"] - at["counts"],
+        "experts": at["combine_issue"] - at["experts"],
+        "unpermute": at["unpermute_done"] - at["combine_done"],
+    }
+    if not overlap:
+        # Mark order: attn0 moe_dispatch route permute counts dispatch_issue wait_dispatch dispatch_done ffn0
+        # attn1_proj experts combine_issue wait_combine combine_done unpermute_done attn1 ffn1 end.
+        p["dispatch"] = at["dispatch_done"] - at["dispatch_issue"]
+        p["combine"] = at["combine_done"] - at["combine_issue"]
+        p["dense"] = (at["moe_dispatch"] - at["attn0"]) + (at["experts"] - at["ffn0"]) + (at["end"] - at["attn1"])
+        p["t_comm"] = p["counts"] + p["dispatch"] + p["combine"]
+    else:
+        p["exposed_dispatch_wait"] = at["dispatch_done"] - at["wait_dispatch"]
+        p["exposed_combine_wait"] = at["combine_done"] - at["wait_combine"]
+        p["exposed_comm"] = p["counts"] + p["exposed_dispatch_wait"] + p["exposed_combine_wait"]
+    return p
+
+
+def _worker(args) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from ..models import ScMoEConfig, ScMoEDecoderLayer
+
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(args.threads or max(1, cores // world))
+    if args.device == "cuda":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+        backend = "nccl"
+
+        def sync():
+            torch.cuda.synchronize()
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+
+        def sync():
+            return None
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=max(60.0, args.timeout / 2)),
+                            device_id=device if args.device == "cuda" else None)
+    try:
+        cfg = ScMoEConfig.preset(args.preset)
+        torch.manual_seed(0)
+        layer = ScMoEDecoderLayer(cfg, device=device).eval()
+        with torch.no_grad():  # a router that spreads tokens over the experts like a trained one
+            layer.mlp.router.weight.normal_(0.0, 0.02 * cfg.hidden_size ** 0.5)
+        g = torch.Generator(device="cpu").manual_seed(1000 + rank)
+        x = torch.randn(args.batch, args.seq_len, cfg.hidden_size, generator=g).to(device)
+        rec = _Recorder(sync)
+        layer.phase_hook = rec
+        layer.mlp.phase_hook = rec
+        runs: dict[bool, list[dict]] = {False: [], True: []}
+        timelines: dict[bool, list] = {False: [], True: []}
+        bytes_out = None
+        for i in range(args.warmup + args.iters):
+            for overlap in (False, True):
+                layer.overlap = overlap
+                rec.marks = []
+                dist.barrier()
+                with torch.no_grad():
+                    layer(x)
+                sync()
+                if i >= args.warmup:
+                    runs[overlap].append(_phases(rec.marks, overlap))
+                    timelines[overlap].append(list(rec.marks))
+        # Bytes sent to other ranks by dispatch (the combine sends the same rows back).
+        with torch.no_grad():
+            u = layer.post_attention_layernorm[0](x)
+            d = layer.mlp.dispatch(u).wait()
+        off_rank_rows = sum(n for j, n in enumerate(d.send_splits) if j != rank)
+        recv_off_rank = sum(n for j, n in enumerate(d.recv_splits) if j != rank)
+        elem = torch.empty((), dtype=layer.mlp.experts.w_gate_up.dtype).element_size()
+        bytes_out = [off_rank_rows * cfg.hidden_size * elem, recv_off_rank * cfg.hidden_size * elem]
+        mine = {"runs": {str(k): v for k, v in runs.items()}, "bytes": bytes_out,
+                "timeline": {str(k): v for k, v in timelines.items()}, "rows_sent": d.send_splits}
+        everyone: list = [None] * world
+        dist.all_gather_object(everyone, mine)
+        if rank == 0:
+            report = _report(args, cfg, everyone, device)
+            with open(os.path.join(args.out, "ep.json"), "w") as f:
+                json.dump(report, f, indent=1)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def _report(args, cfg, per_rank: list[dict], device) -> dict:
+    import torch
+
+    world = len(per_rank)
+    iters = len(per_rank[0]["runs"]["False"])
+
+    def median_over_iters(schedule: str, key: str, reduce) -> float:
+        return statistics.median(reduce([r["runs"][schedule][i][key] for r in per_rank]) for i in range(iters))
+
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    seq = {k: median_over_iters("False", k, mean) for k in (*PHASES, "t_comm")}
+    ovl = {k: median_over_iters("True", k, mean) for k in ("route", "permute", "counts", "experts", "unpermute",
+                                                             "exposed_dispatch_wait", "exposed_combine_wait",
+                                                             "exposed_comm")}
+    t_seq = median_over_iters("False", "total", max)
+    t_ovl = median_over_iters("True", "total", max)
+    # The two schedules run alternately: the median of the paired differences is steadier on a busy machine than
+    # the difference of the medians.
+    saved = statistics.median(max(r["runs"]["False"][i]["total"] for r in per_rank)
+                              - max(r["runs"]["True"][i]["total"] for r in per_rank) for i in range(iters))
+    t_comm = seq["t_comm"]
+    t_compute = t_seq - t_comm
+    a2a = seq["dispatch"] + seq["combine"]
+    a2a_exposed = ovl["exposed_dispatch_wait"] + ovl["exposed_combine_wait"]
+    sent = mean([r["bytes"][0] for r in per_rank])
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+    return {
+        "benchmark": "ep",
+        "device": name,
+        "backend": "nccl" if device.type == "cuda" else "gloo",
+        "world_size": world,
+        "threads_per_rank": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "preset": args.preset,
+        "config": {k: getattr(cfg, k) for k in ("hidden_size", "num_heads", "num_kv_heads", "dense_intermediate_size",
+                                                "num_ffn_experts", "num_zero_experts", "top_k",
+                                                "expert_intermediate_size")},
+        "tokens_per_rank": args.batch * args.seq_len,
+        "iters": iters,
+        "unit": "ms",
+        "phases_sequential_ms": {k: 1e3 * v for k, v in seq.items()},
+        "phases_overlapped_ms": {k: 1e3 * v for k, v in ovl.items()},
+        "t_sequential_ms": 1e3 * t_seq,
+        "t_overlapped_ms": 1e3 * t_ovl,
+        "t_comm_ms": 1e3 * t_comm,
+        "t_compute_ms": 1e3 * t_compute,
+        "t_saved_paired_ms": 1e3 * saved,
+        "hidden_fraction": saved / t_comm if t_comm > 0 else None,
+        "hidden_fraction_of_medians": (t_comm + t_compute - t_ovl) / t_comm if t_comm > 0 else None,
+        "hidden_fraction_from_waits": 1 - ovl["exposed_comm"] / t_comm if t_comm > 0 else None,
+        "row_a2a_hidden_fraction_from_waits": 1 - a2a_exposed / a2a if a2a > 0 else None,
+        "saved_over_half_comm": saved / (0.5 * t_comm) if t_comm > 0 else None,
+        "bytes_sent_off_rank_per_rank": sent,
+        "dispatch_gbps": sent / seq["dispatch"] / 1e9 if seq["dispatch"] > 0 else None,
+        "combine_gbps": sent / seq["combine"] / 1e9 if seq["combine"] > 0 else None,
+        "rows_sent_per_rank": [r["rows_sent"] for r in per_rank],
+        "timeline_rank0": {k: _median_timeline(v) for k, v in per_rank[0]["timeline"].items()},
+    }
+
+
+def _median_timeline(iterations: list[list]) -> list[tuple[str, float]]:
+    """One forward's marks rebuilt from the median over iterations of each gap between consecutive marks (the
+    mark order is the same in every iteration of a schedule), in seconds from the first mark."""
+    names = [n for n, _ in iterations[0]]
+    gaps = [statistics.median(it[i + 1][1] - it[i][1] for it in iterations) for i in range(len(names) - 1)]
+    out, t = [(names[0], 0.0)], 0.0
+    for name, gap in zip(names[1:], gaps):
+        t += gap
+        out.append((name, t))
+    return out
+
+
+def _print_summary(r: dict) -> None:
+    seq = r["phases_sequential_ms"]
+    print(f"ep: {r['world_size']} x {r['backend']} on {r['device']}, preset {r['preset']}, "
+          f"{r['tokens_per_rank']} tokens/rank, {r['iters']} iters")
+    print("  sequential phases (ms): " + ", ".join(f"{k} {seq[k]:.2f}" for k in PHASES))
+    print(f"  t_sequential {r['t_sequential_ms']:.2f} ms, t_overlapped {r['t_overlapped_ms']:.2f} ms, "
+          f"t_comm {r['t_comm_ms']:.2f} ms -> hidden fraction {r['hidden_fraction']:.1%} "
+          f"(from waits {r['hidden_fraction_from_waits']:.1%}; row all-to-alls alone "
+          f"{r['row_a2a_hidden_fraction_from_waits']:.1%})")
+    if r["dispatch_gbps"] is not None:
+        print(f"  dispatch {r['dispatch_gbps']:.2f} GB/s, combine {r['combine_gbps']:.2f} GB/s (logical, off-rank)")
+
+
+def _plot_timeline(report: dict, path: str) -> str | None:
+    """Rank 0's median forward of each schedule (``timeline_rank0``) as horizontal bars: what the host thread runs,
+    and the row all-to-alls in flight."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(2, 1, figsize=(10, 3.6), sharex=True)
+    colors = {"attn0": "#4c72b0", "attn1_proj": "#4c72b0", "attn1": "#4c72b0", "ffn0": "#55a868", "ffn1": "#55a868",
+              "moe_dispatch": "#c44e52", "route": "#c44e52", "permute": "#c44e52", "counts": "#8172b2",
+              "experts": "#dd8452", "combine_done": "#c44e52", "wait_dispatch": "#bbbbbb", "wait_combine": "#bbbbbb"}
+    labels = {"counts": "counts+sync", "wait_dispatch": "wait", "wait_combine": "wait", "combine_done": "unpermute"}
+    for ax, key, title in ((axes[0], "False", "sequential (overlap=False)"), (axes[1], "True", "overlapped")):
+        marks = report["timeline_rank0"][key]
+        t0 = marks[0][1]
+        ms = [(n, (t - t0) * 1e3) for n, t in marks]
+        end = ms[-1][1]
+        for (name, a), (_, b) in zip(ms, ms[1:]):
+            if name in colors and b > a:
+                ax.barh(1, b - a, left=a, color=colors[name], edgecolor="white", linewidth=0.5)
+                if b - a > 0.05 * end:
+                    ax.text((a + b) / 2, 1, labels.get(name, name), ha="center", va="center", fontsize=7)
+        at = dict(ms)
+        for label, a, b in (("dispatch a2a", "dispatch_issue", "dispatch_done"),
+                            ("combine a2a", "combine_issue", "combine_done")):
+            ax.barh(0, at[b] - at[a], left=at[a], color="#937860", edgecolor="white")
+            ax.text((at[a] + at[b]) / 2, 0, label, ha="center", va="center", fontsize=7, color="white")
+        ax.set_yticks([0, 1], ["in flight", "host"])
+        ax.set_title(f"{title}: {end:.1f} ms", fontsize=9, loc="left")
+    axes[1].set_xlabel("ms since the layer started (rank 0, median gaps between phase marks, host clock)")
+    fig.suptitle(f"ScMoE layer, {report['world_size']} x {report['backend']}, {report['device']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,603 @@
+"""The shortcut-connected MoE (ScMoE) decoder layer of LongCat-Flash, with GQA attention standing in for MLA.
+
+```
+h1  = x  + Attn_0(Norm_in0(x))
+u   = Norm_post0(h1)                 shared by the dense FFN_0 and the MoE
+m   = MoE(u)                         router + FFN experts + zero experts (x s)
+h2  = h1 + FFN_0(u)
+h3  = h2 + Attn_1(Norm_in1(h2))
+out = h3 + FFN_1(Norm_post1(h3)) + m
+```
+
+Nothing on the dense path reads ``m``, so under expert parallelism the MoE's dispatch all-to-all runs while FFN_0 and
+Attn_1's projections compute, and its combine all-to-all while the rest of Attn_1 and FFN_1 compute
+(docs/models/scmoe.md, docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .._backends import BackendChoice, resolve_backends
+from ..nn.moe import ZeroComputeMoE
+from ..nn.moe_losses import device_balance_loss
+from ..ops import _validate as v
+from ..ops.attention import MAX_HEAD_DIM, attention
+from ..ops.moe import moe_route
+
+__all__ = ["SCMOE_PRESETS", "KVCache", "RotaryAttention", "ScMoEConfig", "ScMoEDecoder", "ScMoEDecoderLayer",
+           "SwiGLUMLP", "apply_rotary"]
+
+_LAYER_OPS = ("attention", "moe_route", "moe_experts", "moe_permute", "moe_grouped_swiglu", "moe_unpermute",
+              "expert_bias_update_")
+_MOE_OPS = ("moe_route", "moe_experts", "expert_bias_update_")
+_EP_OPS = ("moe_route", "moe_permute", "moe_grouped_swiglu", "moe_unpermute", "expert_bias_update_")
+
+
+@dataclass(frozen=True)
+class ScMoEConfig:
+    """Shape of a ScMoE decoder (``ScMoEConfig.preset(name)``, ``config.replace(...)``).
+
+    ``head_dim`` defaults to ``hidden_size // num_heads``; it must be even (rotary embedding). ``target_ffn_per_token``
+    (K_e) turns the expert-bias balancer on; ``None`` keeps the bias fixed.
+
+    Raises (at construction): TypeError / ValueError naming the field that is out of range.
+    """
+
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    dense_intermediate_size: int
+    num_ffn_experts: int
+    num_zero_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    routed_scaling_factor: float = 1.0
+    target_ffn_per_token: float | None = None
+    vocab_size: int = 32000
+    num_layers: int = 1
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    head_dim: int | None = None
+    tie_word_embeddings: bool = False
+    initializer_range: float = 0.02
+    # The balancer recipe for a router trained jointly (docs/balancer_training.md): the expert bias's PID integral
+    # gain and LongCat-Flash's device-level balance loss coefficient (0: off; the layer then computes nothing).
+    bias_ki: float = 0.3
+    balance_loss_coef: float = 0.1
+
+    def __post_init__(self) -> None:
+        name = "ScMoEConfig"
+        for f, low in (("hidden_size", 1), ("num_heads", 1), ("num_kv_heads", 1), ("dense_intermediate_size", 1),
+                       ("num_ffn_experts", 1), ("num_zero_experts", 0), ("expert_intermediate_size", 1),
+                       ("vocab_size", 1), ("num_layers", 1)):
+            v.integer(f, getattr(self, f), op=name, low=low)
+        v.integer("top_k", self.top_k, op=name, low=1, high=self.num_ffn_experts + self.num_zero_experts)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"{name}: num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                             f"({self.num_kv_heads})")
+        v.real("routed_scaling_factor", self.routed_scaling_factor, op=name)
+        if self.target_ffn_per_token is not None:
+            v.real("target_ffn_per_token", self.target_ffn_per_token, op=name, low=0.0, high=float(self.top_k))
+        v.real("rms_norm_eps", self.rms_norm_eps, op=name, low=0.0)
+        v.real("rope_theta", self.rope_theta, op=name, low=1.0)
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise TypeError(f"{name}: tie_word_embeddings must be a bool, got "
+                            f"{type(self.tie_word_embeddings).__name__}")
+        v.real("initializer_range", self.initializer_range, op=name, low=0.0)
+        v.real("bias_ki", self.bias_ki, op=name, low=0.0)
+        v.real("balance_loss_coef", self.balance_loss_coef, op=name, low=0.0)
+        if self.head_dim is None:
+            if self.hidden_size % self.num_heads:
+                raise ValueError(f"{name}: hidden_size ({self.hidden_size}) is not divisible by num_heads "
+                                 f"({self.num_heads}); give head_dim")
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
+        v.integer("head_dim", self.head_dim, op=name, low=2, high=MAX_HEAD_DIM)
+        if self.head_dim % 2:
+            raise ValueError(f"{name}: head_dim must be even for the rotary embedding, got {self.head_dim}")
+
+    @classmethod
+    def preset(cls, name: str) -> ScMoEConfig:
+        """``"tiny"`` (tests: N = 8, divisible by 1, 2, 4, 8), ``"small"`` (CPU benchmarks) or ``"longcat-flash-lite"``
+        (the MoE shape of docs/design/longcat_moe.md#presets; attention and dense FFN sizes are our stand-ins)."""
+        if name not in SCMOE_PRESETS:
+            raise ValueError(f"ScMoEConfig: unknown preset {name!r}; presets: {sorted(SCMOE_PRESETS)}")
+        return SCMOE_PRESETS[name]
+
+    def replace(self, **changes) -> ScMoEConfig:
+        """A copy with ``changes`` applied (validated again). ``head_dim`` is re-derived unless given."""
+        if "head_dim" not in changes and ({"hidden_size", "num_heads"} & set(changes)):
+            changes["head_dim"] = None
+        return dataclasses.replace(self, **changes)
+
+
+SCMOE_PRESETS: dict[str, ScMoEConfig] = {
+    "tiny": ScMoEConfig(hidden_size=32, num_heads=4, num_kv_heads=2, dense_intermediate_size=48, num_ffn_experts=8,
+                        num_zero_experts=4, top_k=3, expert_intermediate_size=24, routed_scaling_factor=2.0,
+                        target_ffn_per_token=2.0, vocab_size=128, num_layers=2),
+    "small": ScMoEConfig(hidden_size=256, num_heads=8, num_kv_heads=2, dense_intermediate_size=768,
+                         num_ffn_experts=16, num_zero_experts=8, top_k=6, expert_intermediate_size=256,
+                         routed_scaling_factor=6.0, target_ffn_per_token=4.0, vocab_size=4096, num_layers=4),
+    # MoE block as LongCat-Flash-Lite (MOE_PRESETS); GQA 32/8 x 128 and a 2x dense FFN stand in for MLA and the
+    # unpublished dense width; LongCat-Flash's rope_theta and vocabulary.
+    "longcat-flash-lite": ScMoEConfig(hidden_size=3072, num_heads=32, num_kv_heads=8, dense_intermediate_size=6144,
+                                      num_ffn_experts=256, num_zero_experts=128, top_k=12,
+                                      expert_intermediate_size=1024, routed_scaling_factor=6.0,
+                                      target_ffn_per_token=8.0, vocab_size=131072, num_layers=14,
+                                      rope_theta=10_000_000.0, head_dim=128),
+}
+
+
+# ---- building blocks ----------------------------------------------------------------------------------------------
+
+
+def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary position embedding (RoFormer; the "rotate half" layout of HF Llama) of ``x`` [B, L, H, D] at integer
+    ``positions`` [B, L] or [1, L]. Angles and products in fp32, result in ``x``'s dtype."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+    angles = positions.to(torch.float32)[..., None] * inv_freq  # [B, L, D/2]
+    emb = torch.cat([angles, angles], dim=-1)[:, :, None, :]  # [B, L, 1, D]
+    xf = x.float()
+    x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (xf * emb.cos() + rotated * emb.sin()).to(x.dtype)
+
+
+class RotaryAttention(nn.Module):
+    """Causal GQA self-attention with rotary embeddings on q and k (the stand-in for LongCat's MLA).
+
+    ``qkv``: ``Linear(D, (Hq + 2 Hkv) * hd, bias=False)`` (rows ``[q | k | v]``, as :class:`mmkernels.nn.Attention`),
+    ``o_proj``: ``Linear(Hq * hd, D, bias=False)``. Split in two steps so the layer can schedule work around them:
+    :meth:`project` (projections + RoPE) and :meth:`attend` (:func:`mmkernels.ops.attention`, causal, + ``o_proj``).
+    """
+
+    def __init__(self, config: ScMoEConfig, *, backend: str | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.rope_theta = config.rope_theta
+        self.backend = backend
+        width = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.qkv = nn.Linear(config.hidden_size, width, bias=False, device=device, dtype=dtype)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False, device=device,
+                                dtype=dtype)
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, L, Hq, hd], k and v [B, L, Hkv, hd], RoPE applied to q and k."""
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        q, k, val = self.qkv(x).split([hq * d, hkv * d, hkv * d], dim=-1)
+        q = apply_rotary(q.unflatten(-1, (hq, d)), positions, self.rope_theta)
+        k = apply_rotary(k.unflatten(-1, (hkv, d)), positions, self.rope_theta)
+        return q, k, val.unflatten(-1, (hkv, d))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
+        out = attention(q, k, val, causal=True, backend=self.backend)
+        return self.o_proj(out.flatten(-2))
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return self.attend(*self.project(x, positions))
+
+
+class SwiGLUMLP(nn.Module):
+    """Dense SwiGLU FFN without biases, HF names: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, *, device=None, dtype=None) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False, device=device, dtype=dtype)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False, device=device, dtype=dtype)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _Fork(torch.autograd.Function):
+    """``u`` feeds two branches whose autograd nodes are created in a different order by the two schedules: the two
+    gradients are added here in one fixed order (dense + MoE), so the bitwise equality of the overlapped and the
+    sequential schedules' gradients does not hang on the order in which autograd's engine finishes the branches."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x), x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g_dense, g_moe):
+        return g_dense + g_moe
+
+
+def _ep_group(ep_group):
+    """The expert-parallel ProcessGroup, or None for a world of one."""
+    if ep_group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        ep_group = dist.group.WORLD
+    from ..distributed.expert_parallel import resolve_group
+
+    pg = resolve_group(ep_group, owner="ScMoEDecoderLayer")
+    return pg if dist.get_world_size(pg) > 1 else None
+
+
+class ScMoEDecoderLayer(nn.Module):
+    """One LongCat-Flash shortcut-connected MoE layer (two attention blocks, two dense SwiGLU FFNs, one MoE).
+
+    Module names follow HF's ``LongcatFlashDecoderLayer``: ``input_layernorm[0|1]``, ``self_attn[0|1]``,
+    ``post_attention_layernorm[0|1]`` (``torch.nn.RMSNorm``), ``mlps[0|1]`` (:class:`SwiGLUMLP`), ``mlp`` (the MoE).
+    Attention is causal GQA with RoPE (:class:`RotaryAttention`), not LongCat's multi-head latent attention.
+
+    Args:
+        config: a :class:`ScMoEConfig`.
+        overlap: under expert parallelism, issue the MoE's dispatch before FFN_0 and wait for it after Attn_1's
+            projections, issue the combine before the rest of Attn_1 and wait for it at the final add. ``False``
+            waits for each right after issuing it. Both give bitwise-identical outputs and gradients. Ignored in a
+            world of one. A plain attribute: may be changed later.
+        ep_group: the expert-parallel group (ProcessGroup or 1-D DeviceMesh). ``None``: the default group when
+            torch.distributed is initialised with more than one rank, else a world of one (``mlp`` is a plain
+            :class:`mmkernels.nn.ZeroComputeMoE`). A group of one rank also gives the plain path. The full MoE is
+            built on every rank and then sharded (:meth:`ExpertParallelMoE.from_moe`), so a seed gives the same
+            weights whatever the world size.
+        backend: a backend name or ``{op: name}`` over ``attention``, ``moe_route``, ``moe_experts``, ``moe_permute``,
+            ``moe_grouped_swiglu``, ``moe_unpermute``, ``expert_bias_update_``; reaches every op of the layer.
+
+    ``forward(hidden [B, L, D], *, padding_mask=None, position_ids=None, kv_cache=None) -> [B, L, D]``:
+    ``padding_mask`` bool [B, L] (True = padding) keeps padding out of the MoE and its balancer counts; attention is
+    causal, so right padding never reaches a real token. ``position_ids`` int [B, L] or [L] (default
+    ``C..C+L-1`` with C the tokens already in ``kv_cache``, 0 without one) for the rotary embedding. ``kv_cache``
+    (a :class:`KVCache`): this layer's slot ``layer_index`` receives the new keys and values of both attention
+    blocks, and the L new queries attend to every cached key plus the new ones, bottom-right causal (the same
+    ``ops.attention`` call with ``Lq != Lk``; no separate decode path).
+    Under expert parallelism every rank of the group calls forward (and backward) together.
+
+    Raises:
+        TypeError / ValueError: bad config, backend or input shapes.
+    """
+
+    def __init__(self, config: ScMoEConfig, *, overlap: bool = True, ep_group=None, backend: BackendChoice = None,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if not isinstance(config, ScMoEConfig):
+            raise TypeError(f"ScMoEDecoderLayer: config must be a ScMoEConfig, got {type(config).__name__}")
+        self.config = config
+        self.overlap = bool(overlap)
+        backends = resolve_backends("ScMoEDecoderLayer", backend, _LAYER_OPS)
+        c, factory = config, {"device": device, "dtype": dtype}
+        self.input_layernorm = nn.ModuleList(nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **factory)
+                                             for _ in range(2))
+        self.self_attn = nn.ModuleList(RotaryAttention(c, backend=backends["attention"], **factory) for _ in range(2))
+        self.post_attention_layernorm = nn.ModuleList(nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **factory)
+                                                      for _ in range(2))
+        self.mlps = nn.ModuleList(SwiGLUMLP(c.hidden_size, c.dense_intermediate_size, **factory) for _ in range(2))
+        moe = ZeroComputeMoE(c.hidden_size, c.num_ffn_experts, c.num_zero_experts, c.top_k,
+                             c.expert_intermediate_size, routed_scaling_factor=c.routed_scaling_factor,
+                             target_ffn_per_token=c.target_ffn_per_token, backend={op: backends[op] for op in _MOE_OPS},
+                             balancer_kwargs={"ki": c.bias_ki}, **factory)
+        group = _ep_group(ep_group)
+        if group is None:
+            self.mlp = moe
+        else:
+            from ..distributed.expert_parallel import ExpertParallelMoE
+
+            self.mlp = ExpertParallelMoE.from_moe(moe, group, backend={op: backends[op] for op in _EP_OPS})
+        self.expert_parallel = group is not None
+        self.ep_world_size = 1 if group is None else dist.get_world_size(group)
+        # The device-level balance loss of the last training forward (None when off); see balance_loss().
+        self._balance_loss: torch.Tensor | None = None
+        self._backend_choice = backend
+        # Optional callable(name) called at phase boundaries (the benchmark's timeline); see docs/models/scmoe.md.
+        self.phase_hook = None
+        # This layer's slot in a KVCache; ScMoEDecoder numbers its layers 0..num_layers-1.
+        self.layer_index = 0
+
+    @property
+    def backend(self) -> BackendChoice:
+        """The backend choice; assigning one checks it and passes it on to every op of the layer."""
+        return self._backend_choice
+
+    @backend.setter
+    def backend(self, value: BackendChoice) -> None:
+        backends = resolve_backends("ScMoEDecoderLayer", value, _LAYER_OPS)
+        self._backend_choice = value
+        for attn in self.self_attn:
+            attn.backend = backends["attention"]
+        self.mlp.backend = {op: backends[op] for op in (_EP_OPS if self.expert_parallel else _MOE_OPS)}
+
+    def extra_repr(self) -> str:
+        return f"overlap={self.overlap}, expert_parallel={self.expert_parallel}"
+
+    def update_bias(self) -> None:
+        """The MoE's :meth:`update_bias` (once per optimizer step; on every rank under expert parallelism)."""
+        self.mlp.update_bias()
+
+    def forward(self, hidden: torch.Tensor, *, padding_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, kv_cache: KVCache | None = None) -> torch.Tensor:
+        name = "ScMoEDecoderLayer"
+        v.tensor("hidden", hidden, dim=3, op=name)
+        b, length, d = hidden.shape
+        if d != self.config.hidden_size:
+            raise ValueError(f"{name}: hidden must be [B, L, {self.config.hidden_size}], got {tuple(hidden.shape)}")
+        if kv_cache is not None and not isinstance(kv_cache, KVCache):
+            raise TypeError(f"{name}: kv_cache must be a KVCache, got {type(kv_cache).__name__}")
+        offset = 0 if kv_cache is None else kv_cache.cached_length(self.layer_index)
+        if position_ids is None:
+            positions = torch.arange(offset, offset + length, device=hidden.device)[None]
+        else:
+            v.tensor("position_ids", position_ids, dtypes=(torch.int32, torch.int64), op=name)
+            positions = position_ids if position_ids.dim() == 2 else position_ids[None]
+            if positions.dim() != 2 or positions.shape[-1] != length or positions.shape[0] not in (1, b):
+                raise ValueError(f"{name}: position_ids must be [B, L] or [L] with L = {length}, got "
+                                 f"{tuple(position_ids.shape)}")
+
+        mark = self._mark
+        mark("attn0")
+        q0, k0, val0 = self.self_attn[0].project(self.input_layernorm[0](hidden), positions)
+        if kv_cache is not None:
+            # the new keys join the cached ones; attention is bottom-right causal (query i of the L new ones sees
+            # every cached key and the new keys up to itself)
+            k0, val0 = kv_cache.update(self.layer_index, 0, k0, val0)
+        h1 = hidden + self.self_attn[0].attend(q0, k0, val0)
+        u = self.post_attention_layernorm[0](h1)
+        u_dense, u_moe = _Fork.apply(u)
+        ep = self.expert_parallel
+        mark("moe_dispatch")
+        if ep:
+            dispatch = self.mlp.dispatch(u_moe, padding_mask=padding_mask)  # route, counts, rows in flight
+            if not self.overlap:
+                mark("wait_dispatch")
+                dispatch.wait()
+        else:
+            m = self.mlp(u_moe, padding_mask=padding_mask)
+        if self.training and self.config.balance_loss_coef > 0 and self.config.target_ffn_per_token is not None:
+            self._balance_loss = self._device_balance_loss(u_moe, padding_mask)
+        mark("ffn0")
+        h2 = h1 + self.mlps[0](u_dense)  # FFN_0 || dispatch
+        mark("attn1_proj")
+        q, k, val = self.self_attn[1].project(self.input_layernorm[1](h2), positions)
+        if kv_cache is not None:
+            k, val = kv_cache.update(self.layer_index, 1, k, val)
+        if ep:
+            if self.overlap:
+                mark("wait_dispatch")
+            dispatched = dispatch.wait()
+            combine = self.mlp.combine(self.mlp.run_experts(dispatched), dispatched)  # expert GEMMs: exposed
+            if not self.overlap:
+                mark("wait_combine")
+                combine.wait()
+        mark("attn1")
+        h3 = h2 + self.self_attn[1].attend(q, k, val)  # rest of Attn_1 || combine
+        mark("ffn1")
+        f1 = self.mlps[1](self.post_attention_layernorm[1](h3))  # FFN_1 || combine
+        if ep:
+            if self.overlap:
+                mark("wait_combine")
+            m = combine.wait()
+        out = h3 + f1 + m
+        mark("end")
+        return out
+
+    def __getstate__(self):
+        # The pending loss holds autograd history, which deepcopy and pickle cannot copy; it is per-forward state.
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state["_balance_loss"] = None
+        return state
+
+    def _device_balance_loss(self, u: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """LongCat-Flash's device-level balance loss of this forward's routing (one FFN group per expert-parallel
+        rank, plus the zero experts): the fp32 router logits again (one small GEMM, on the graph so the loss
+        reaches the router; the MoE's own copy is not exposed on the overlapped path) and the picks made with
+        the current bias, exactly as the MoE made them."""
+        moe, c = self.mlp, self.config
+        x = u.reshape(-1, c.hidden_size)
+        pad = None if padding_mask is None else padding_mask.reshape(-1)
+        if pad is not None:
+            x = torch.where(pad[:, None], 0.0, x)
+        logits = moe.router(x)
+        ids = moe_route(logits.detach(), top_k=c.top_k, num_ffn_experts=c.num_ffn_experts, bias=moe.balancer.bias,
+                        routed_scaling_factor=c.routed_scaling_factor, backend=self._moe_route_backend()).topk_ids
+        return device_balance_loss(logits, ids, num_ffn_experts=c.num_ffn_experts, num_groups=self.ep_world_size,
+                                   top_k=c.top_k, target_ffn_per_token=c.target_ffn_per_token, padding_mask=pad)
+
+    def _moe_route_backend(self):
+        return resolve_backends("ScMoEDecoderLayer", self._backend_choice, _LAYER_OPS)["moe_route"]
+
+    def balance_loss(self) -> torch.Tensor | None:
+        """``balance_loss_coef`` x the device-level balance loss of the last training forward, then forgotten
+        (``None`` if there was none): add it to the training loss once per forward."""
+        loss, self._balance_loss = self._balance_loss, None
+        return None if loss is None else self.config.balance_loss_coef * loss
+
+    def _mark(self, name: str) -> None:
+        if self.phase_hook is not None:
+            self.phase_hook(name)
+
+
+# ---- the decoder --------------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Keys and values of every attention block of a :class:`ScMoEDecoder`, for incremental decoding.
+
+    A growing cache: each forward appends its new keys and values (``[B, L_new, Hkv, head_dim]``, after RoPE) to a
+    layer's cached ones with ``torch.cat`` along the sequence axis. Nothing is preallocated and no length mask is
+    needed (the attention op sees exactly the cached keys); the cost is one copy of the cache per step, which is
+    small next to the model at the lengths this is meant for. Positions continue from the cached length, so a
+    prompt can be fed whole (prefill) and then one token at a time.
+
+    ``KVCache(num_layers)`` or ``decoder.new_cache()``. ``seq_len``: tokens cached (layer 0). ``reset()`` empties it.
+    Padding is not supported with a cache (the decoder raises): feed prompts of one length.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.num_layers = v.integer("num_layers", num_layers, op="KVCache", low=1)
+        self.reset()
+
+    def reset(self) -> None:
+        self.keys: list[list[torch.Tensor | None]] = [[None, None] for _ in range(self.num_layers)]
+        self.values: list[list[torch.Tensor | None]] = [[None, None] for _ in range(self.num_layers)]
+
+    def cached_length(self, layer: int = 0) -> int:
+        """Tokens cached in ``layer`` (0 when empty)."""
+        k = self.keys[layer][0]
+        return 0 if k is None else k.shape[1]
+
+    @property
+    def seq_len(self) -> int:
+        return self.cached_length(0)
+
+    def update(self, layer: int, block: int, k: torch.Tensor, val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append ``k``/``val`` [B, L_new, Hkv, hd] to attention block ``block`` (0 or 1) of ``layer``; returns the
+        whole cached keys and values [B, C + L_new, Hkv, hd]."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"KVCache: layer {layer} out of range for a cache of {self.num_layers} layers")
+        old_k, old_v = self.keys[layer][block], self.values[layer][block]
+        if old_k is not None:
+            if old_k.shape[0] != k.shape[0] or old_k.shape[2:] != k.shape[2:]:
+                raise ValueError(f"KVCache: new keys {tuple(k.shape)} do not fit the cached {tuple(old_k.shape)} "
+                                 "(batch, heads and head dim must match)")
+            k, val = torch.cat([old_k, k], dim=1), torch.cat([old_v, val], dim=1)
+        self.keys[layer][block], self.values[layer][block] = k, val
+        return k, val
+
+
+class ScMoEDecoder(nn.Module):
+    """A LongCat-Flash-style language model: token embedding, ``num_layers`` :class:`ScMoEDecoderLayer`, a final
+    RMSNorm and an LM head (tied to the embedding when ``config.tie_word_embeddings``).
+
+    Args:
+        config: a :class:`ScMoEConfig` (``vocab_size``, ``num_layers``, ...).
+        overlap, ep_group: passed to every layer (expert parallelism; see :class:`ScMoEDecoderLayer`).
+        backend: ``None``, a name or ``{op: name}`` over the layer's ops; reaches every op of every layer.
+
+    ``forward(input_ids [B, L] | None = None, *, inputs_embeds [B, L, D] | None = None, padding_mask=None,
+    position_ids=None, kv_cache=None) -> logits [B, L, V]`` (the dtype of the model), causal: position i sees
+    positions ``<= i``. Give exactly one of ``input_ids`` (int64/int32 in ``[0, V)``) and ``inputs_embeds``.
+
+    - ``padding_mask``: bool [B, L], True = padding, which must be **right** padding (each row: its tokens, then
+      padding). Padding reaches no real token: attention is causal, so real queries never see the keys after
+      them, and the MoE routes padding nowhere and leaves it out of the balancer's counts. Padding rows of
+      ``inputs_embeds`` may hold anything (NaN included): they are zeroed on entry, so they reach no gradient.
+      Their logits are meaningless: leave them out of the loss. Left padding raises ``ValueError`` (checked on the
+      host in eager mode; under ``torch.compile`` the check is skipped).
+    - ``kv_cache``: a :class:`KVCache` (``new_cache()``); the new tokens' keys and values are appended and the new
+      queries attend to everything cached (``ops.attention`` with ``Lq != Lk``, bottom-right causal); positions
+      continue from the cached length. Not combinable with ``padding_mask``.
+
+    ``hidden_states(...)`` (same arguments) returns the final normalised hidden states [B, L, D] without the LM head.
+    ``update_bias()`` runs every layer's balancer step (once per optimizer step).
+
+    Raises:
+        TypeError / ValueError: bad config, backend, ids or shapes.
+    """
+
+    def __init__(self, config: ScMoEConfig, *, overlap: bool = True, ep_group=None, backend: BackendChoice = None,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        if not isinstance(config, ScMoEConfig):
+            raise TypeError(f"ScMoEDecoder: config must be a ScMoEConfig, got {type(config).__name__}")
+        self.config = config
+        c, factory = config, {"device": device, "dtype": dtype}
+        resolve_backends("ScMoEDecoder", backend, _LAYER_OPS)
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, **factory)
+        self.layers = nn.ModuleList(ScMoEDecoderLayer(c, overlap=overlap, ep_group=ep_group, backend=backend, **factory)
+                                    for _ in range(c.num_layers))
+        for i, layer in enumerate(self.layers):
+            layer.layer_index = i
+        self.norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **factory)
+        self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False, **factory)
+        self._backend_choice = backend
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Embedding and (untied) LM head ~ N(0, initializer_range) as HF decoders; the layers keep their own init."""
+        if self.embed_tokens.weight.is_meta:
+            self._tie()
+            return
+        nn.init.normal_(self.embed_tokens.weight, std=self.config.initializer_range)
+        if not self.config.tie_word_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=self.config.initializer_range)
+        self._tie()
+
+    def _tie(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to_empty() / some dtype moves create new Parameters per module: tie them again afterwards.
+        out = super()._apply(fn, recurse)
+        self._tie()
+        return out
+
+    @property
+    def backend(self) -> BackendChoice:
+        return self._backend_choice
+
+    @backend.setter
+    def backend(self, value: BackendChoice) -> None:
+        resolve_backends("ScMoEDecoder", value, _LAYER_OPS)
+        for layer in self.layers:
+            layer.backend = value
+        self._backend_choice = value
+
+    def new_cache(self) -> KVCache:
+        """An empty :class:`KVCache` for this decoder."""
+        return KVCache(self.config.num_layers)
+
+    def update_bias(self) -> None:
+        """Every layer's expert-bias balancer step (once per optimizer step)."""
+        for layer in self.layers:
+            layer.update_bias()
+
+    def balance_loss(self) -> torch.Tensor | None:
+        """The mean over layers of each layer's :meth:`ScMoEDecoderLayer.balance_loss` (coefficient included) from
+        the last training forward, or ``None`` (eval mode, or ``balance_loss_coef == 0``). Add it to the loss."""
+        losses = [loss for layer in self.layers if (loss := layer.balance_loss()) is not None]
+        return torch.stack(losses).mean() if losses else None
+
+    def hidden_states(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                      padding_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                      kv_cache: KVCache | None = None) -> torch.Tensor:
+        """The final RMSNorm's output [B, L, D]; see the class docstring for the arguments."""
+        name = "ScMoEDecoder"
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError(f"{name}: give exactly one of input_ids and inputs_embeds")
+        if input_ids is not None:
+            v.tensor("input_ids", input_ids, dtypes=(torch.int64, torch.int32), dim=2, op=name)
+            if input_ids.numel() and not torch.compiler.is_compiling():
+                lo, hi = torch.aminmax(input_ids)
+                if int(lo) < 0 or int(hi) >= self.config.vocab_size:  # one host read, eager only
+                    raise ValueError(f"{name}: input_ids must lie in [0, {self.config.vocab_size}), got values in "
+                                     f"[{int(lo)}, {int(hi)}]")
+            x = self.embed_tokens(input_ids)
+        else:
+            v.tensor("inputs_embeds", inputs_embeds, dim=3, op=name)
+            if inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(f"{name}: inputs_embeds must be [B, L, {self.config.hidden_size}], got "
+                                 f"{tuple(inputs_embeds.shape)}")
+            x = inputs_embeds
+        b, length = x.shape[:2]
+        if padding_mask is not None:
+            v.tensor("padding_mask", padding_mask, dtypes=(torch.bool,), op=name)
+            if tuple(padding_mask.shape) != (b, length):
+                raise ValueError(f"{name}: padding_mask must be [B, L] = [{b}, {length}], got "
+                                 f"{tuple(padding_mask.shape)}")
+            if kv_cache is not None:
+                raise ValueError(f"{name}: padding_mask cannot be combined with kv_cache (cached padding keys would "
+                                 "be attended by later tokens); decode prompts of one length")
+            if length > 1 and not torch.compiler.is_compiling() and bool((padding_mask[:, 1:] < padding_mask[:, :-1])
+                                                                         .any()):
+                raise ValueError(f"{name}: padding_mask must be right padding (each row: tokens, then padding)")
+            x = torch.where(padding_mask[..., None], 0.0, x)  # padding may hold NaN: keep it out of every product
+        for layer in self.layers:
+            x = layer(x, padding_mask=padding_mask, position_ids=position_ids, kv_cache=kv_cache)
+        return self.norm(x)
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
+                padding_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, inputs_embeds=inputs_embeds, padding_mask=padding_mask,
+                                               position_ids=position_ids, kv_cache=kv_cache))

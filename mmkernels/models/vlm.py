@@ -1,0 +1,262 @@
+"""``VisionLanguageModel``: BLIP-2 style vision front end, LongCat-Flash style MoE language model.
+
+```
+pixel_values [B, 3, H, W] -> ViT -> image tokens [B, Li, Dv]
+learned queries [Nq, Dq]  -> QFormer (cross-attends to the image tokens) -> [B, Nq, Dq]
+                          -> projector Linear(Dq, D) -> visual prefix [B, Nq, D]
+input_ids [B, L]          -> decoder.embed_tokens -> [B, L, D]
+[prefix | text]           -> ScMoEDecoder (causal) -> logits of the text positions [B, L, V]
+```
+
+Position i of the text predicts token i+1 (the usual next-token shift is the caller's, as in HF). The visual prefix
+is attended by every text token; the prefix tokens themselves attend only to earlier prefix tokens (one causal
+decoder, as LLaVA / BLIP-2 OPT). Every op (patch embedding, attention, Q-Former attention, routing, experts, bias
+update) takes the model's ``backend``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .._backends import BackendChoice, resolve_backends
+from ..ops import _validate as v
+from .qformer import QFormer, QFormerConfig
+from .scmoe import _LAYER_OPS, ScMoEConfig, ScMoEDecoder
+from .vit import ViT, ViTConfig
+
+__all__ = ["VLM_PRESETS", "VLMConfig", "VisionLanguageModel"]
+
+_NAME = "VisionLanguageModel"
+_VLM_OPS = (*_LAYER_OPS, "patch_embed", "qformer_cross_attention")
+
+
+@dataclass(frozen=True)
+class VLMConfig:
+    """Shapes of a :class:`VisionLanguageModel`: ``vision`` (ViT), ``qformer`` (its ``encoder_hidden_size`` must be
+    the ViT's ``hidden_size``), ``decoder`` (ScMoE language model) and ``num_query_tokens`` (1..128).
+
+    ``VLMConfig.preset("tiny" | "small")``, ``config.replace(...)``. Raises TypeError / ValueError naming the field.
+    """
+
+    vision: ViTConfig
+    qformer: QFormerConfig
+    decoder: ScMoEConfig
+    num_query_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        name = "VLMConfig"
+        for field, cls in (("vision", ViTConfig), ("qformer", QFormerConfig), ("decoder", ScMoEConfig)):
+            if not isinstance(getattr(self, field), cls):
+                raise TypeError(f"{name}: {field} must be a {cls.__name__}, got {type(getattr(self, field)).__name__}")
+        v.integer("num_query_tokens", self.num_query_tokens, op=name, low=1, high=128)
+        if self.qformer.encoder_hidden_size != self.vision.hidden_size:
+            raise ValueError(f"{name}: qformer.encoder_hidden_size ({self.qformer.encoder_hidden_size}) must equal "
+                             f"vision.hidden_size ({self.vision.hidden_size})")
+
+    @classmethod
+    def preset(cls, name: str) -> VLMConfig:
+        """``"tiny"`` (trains on a CPU in a couple of minutes) or ``"small"`` (a GPU); docs/models/vlm.md."""
+        if name not in VLM_PRESETS:
+            raise ValueError(f"VLMConfig: unknown preset {name!r}; presets: {sorted(VLM_PRESETS)}")
+        return VLM_PRESETS[name]
+
+    def replace(self, **changes) -> VLMConfig:
+        return dataclasses.replace(self, **changes)
+
+
+VLM_PRESETS: dict[str, VLMConfig] = {
+    # 16x16 images in 4x4 patches (16 image tokens + cls), 4 queries, the tiny ScMoE decoder (vocab 128).
+    "tiny": VLMConfig(
+        vision=ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64),
+        qformer=QFormerConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                              encoder_hidden_size=32, cross_attention_frequency=1, hidden_dropout_prob=0.0,
+                              attention_probs_dropout_prob=0.0),
+        decoder=ScMoEConfig.preset("tiny"),
+        num_query_tokens=4,
+    ),
+    # 64x64 images in 8x8 patches (64 image tokens + cls), 16 queries, the small ScMoE decoder (vocab 4096).
+    "small": VLMConfig(
+        vision=ViTConfig(image_size=64, patch_size=8, hidden_size=256, num_layers=4, num_heads=4, mlp_dim=1024),
+        qformer=QFormerConfig(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024,
+                              encoder_hidden_size=256, cross_attention_frequency=1, hidden_dropout_prob=0.0,
+                              attention_probs_dropout_prob=0.0),
+        decoder=ScMoEConfig.preset("small"),
+        num_query_tokens=16,
+    ),
+}
+
+
+class VisionLanguageModel(nn.Module):
+    """ViT -> learned queries through the Q-Former -> linear projector -> prefix of an :class:`ScMoEDecoder`.
+
+    Modules (and state-dict prefixes): ``vision`` (:class:`ViT`), ``query_tokens`` ``[1, Nq, Dq]``, ``qformer``
+    (:class:`QFormer`), ``projector`` (``Linear(Dq, D)``), ``decoder`` (:class:`ScMoEDecoder`).
+
+    Args:
+        config: a :class:`VLMConfig` or a preset name.
+        overlap, ep_group: passed to the decoder's layers (expert parallelism).
+        backend: ``None``, a name or ``{op: name}`` over every op of the model (``patch_embed``, ``attention``,
+            ``qformer_cross_attention``, ``moe_route``, ``moe_experts``, ``moe_permute``, ``moe_grouped_swiglu``,
+            ``moe_unpermute``, ``expert_bias_update_``); a name reaches every op (an op without it raises
+            :class:`mmkernels.BackendError` here).
+
+    ``forward(pixel_values [B, C, H, W], input_ids [B, L], *, padding_mask=None) -> logits [B, L, V]`` for the text
+    positions (position i predicts token i+1). ``padding_mask`` bool [B, L], right padding (see
+    :class:`ScMoEDecoder`). ``generate(pixel_values, input_ids, max_new_tokens) -> [B, L + max_new_tokens]``:
+    greedy decoding with a :class:`KVCache`.
+    """
+
+    def __init__(self, config: VLMConfig | str, *, overlap: bool = True, ep_group=None,
+                 backend: BackendChoice = None, device=None, dtype=None) -> None:
+        super().__init__()
+        if isinstance(config, str):
+            config = VLMConfig.preset(config)
+        if not isinstance(config, VLMConfig):
+            raise TypeError(f"{_NAME}: config must be a VLMConfig or a preset name, got {type(config).__name__}")
+        self.config = config
+        backends = resolve_backends(_NAME, backend, _VLM_OPS)
+        factory = {"device": device, "dtype": dtype}
+        self.vision = ViT(config.vision, backend={op: backends[op] for op in ("patch_embed", "attention")}, **factory)
+        self.query_tokens = nn.Parameter(torch.empty(1, config.num_query_tokens, config.qformer.hidden_size,
+                                                     **factory))
+        self.qformer = QFormer(config.qformer, backend={"qformer_cross_attention": backends["qformer_cross_attention"]},
+                               **factory)
+        self.projector = nn.Linear(config.qformer.hidden_size, config.decoder.hidden_size, **factory)
+        self.decoder = ScMoEDecoder(config.decoder, overlap=overlap, ep_group=ep_group,
+                                    backend={op: backends[op] for op in _LAYER_OPS}, **factory)
+        self._backend_choice = backend
+        if not self.query_tokens.is_meta:
+            nn.init.normal_(self.query_tokens, std=0.02)  # BLIP-2's init of the learned queries
+
+    @property
+    def backend(self) -> BackendChoice:
+        """The backend choice given at construction (build a new model, or load a state dict, to change it)."""
+        return self._backend_choice
+
+    @property
+    def num_query_tokens(self) -> int:
+        return self.config.num_query_tokens
+
+    def balance_loss(self) -> torch.Tensor | None:
+        """The decoder's device-level balance loss of the last training forward (coefficient included), or None."""
+        return self.decoder.balance_loss()
+
+    def update_bias(self) -> None:
+        """The decoder's balancer step (once per optimizer step)."""
+        self.decoder.update_bias()
+
+    # -- the pieces ---------------------------------------------------------------------------------------------
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The Q-Former's query outputs [B, Nq, Dq] for ``pixel_values`` [B, C, H, W] (HF BLIP-2's
+        ``qformer(query_embeds=query_tokens, encoder_hidden_states=vision(pixels))`` ``last_hidden_state``)."""
+        v.tensor("pixel_values", pixel_values, dim=4, op=_NAME)
+        image = self.vision(pixel_values)
+        queries = self.query_tokens.expand(image.shape[0], -1, -1)
+        return self.qformer(queries, image)
+
+    def image_prefix(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The projected query outputs [B, Nq, D] that the decoder sees before the text."""
+        return self.projector(self.encode_image(pixel_values))
+
+    def _inputs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        v.tensor("input_ids", input_ids, dtypes=(torch.int64, torch.int32), dim=2, op=_NAME)
+        prefix = self.image_prefix(pixel_values)
+        if prefix.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"{_NAME}: pixel_values and input_ids must share the batch size, got "
+                             f"{prefix.shape[0]} and {input_ids.shape[0]}")
+        text = self.decoder.embed_tokens(self._checked_ids(input_ids))
+        return torch.cat([prefix.to(text.dtype), text], dim=1)
+
+    def _checked_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        vocab = self.config.decoder.vocab_size
+        if input_ids.numel() and not torch.compiler.is_compiling():
+            lo, hi = torch.aminmax(input_ids)
+            if int(lo) < 0 or int(hi) >= vocab:  # one host read, eager only
+                raise ValueError(f"{_NAME}: input_ids must lie in [0, {vocab}), got values in [{int(lo)}, {int(hi)}]")
+        return input_ids
+
+    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, *,
+                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        nq = self.config.num_query_tokens
+        embeds = self._inputs(pixel_values, input_ids)
+        mask = None
+        if padding_mask is not None:
+            v.tensor("padding_mask", padding_mask, dtypes=(torch.bool,), op=_NAME)
+            if tuple(padding_mask.shape) != tuple(input_ids.shape):
+                raise ValueError(f"{_NAME}: padding_mask must be [B, L] = {tuple(input_ids.shape)}, got "
+                                 f"{tuple(padding_mask.shape)}")
+            mask = torch.cat([padding_mask.new_zeros(padding_mask.shape[0], nq), padding_mask], dim=1)
+        hidden = self.decoder.hidden_states(inputs_embeds=embeds, padding_mask=mask)
+        return self.decoder.lm_head(hidden[:, nq:])  # the LM head only where a text token is predicted
+
+    @torch.no_grad()
+    def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding: ``[B, L + max_new_tokens]`` (``input_ids`` followed by the argmax tokens).
+
+        The prompt (image prefix + ``input_ids``, all rows of one length L >= 1) is run once into a
+        :class:`KVCache`, then one token per step. Call in eval mode (in training mode the MoE would count the
+        generated tokens for its balancer). Raises ``ValueError`` for ``max_new_tokens < 0`` or an empty prompt.
+        """
+        v.integer("max_new_tokens", max_new_tokens, op=f"{_NAME}.generate", low=0)
+        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
+            raise ValueError(f"{_NAME}.generate: input_ids must be [B, L] with L >= 1, got {tuple(input_ids.shape)}")
+        out = [input_ids]
+        if max_new_tokens == 0:
+            return input_ids
+        cache = self.decoder.new_cache()
+        hidden = self.decoder.hidden_states(inputs_embeds=self._inputs(pixel_values, input_ids), kv_cache=cache)
+        for step in range(max_new_tokens):
+            token = self.decoder.lm_head(hidden[:, -1]).argmax(-1, keepdim=True).to(input_ids.dtype)
+            out.append(token)
+            if step + 1 < max_new_tokens:
+                hidden = self.decoder.hidden_states(token, kv_cache=cache)
+        return torch.cat(out, dim=1)
+
+    # -- converters -----------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_hf_blip2(cls, model, *, decoder: ScMoEConfig | None = None, hf_config=None,
+                      backend: BackendChoice = None) -> VisionLanguageModel:
+        """The vision tower, learned queries and Q-Former of a HF ``Blip2Model`` / ``Blip2ForConditionalGeneration``
+        (the model object, or its state dict with ``hf_config`` its ``Blip2Config``), through the converters
+        :func:`mmkernels.models.convert.vit.hf_to_mmkernels` and
+        :func:`mmkernels.models.convert.qformer.hf_to_mmkernels`.
+        The projector and the decoder are ours and freshly initialised (``decoder`` defaults to the tiny ScMoE
+        preset); the HF language model and its projection are not used. Nothing is downloaded. Same dtype as the
+        source weights; train/eval mode of the source object (eval for a state dict).
+
+        Raises ``TypeError`` for a state dict without ``hf_config``; :class:`ConversionError` for keys that do not
+        match.
+        """
+        from .convert import qformer as qconv
+        from .convert import vit as vconv
+
+        if isinstance(model, nn.Module):
+            hf_config, state_dict, training = model.config, model.state_dict(), model.training
+        else:
+            if hf_config is None:
+                raise TypeError(f"{_NAME}.from_hf_blip2: a state dict needs hf_config= (its Blip2Config)")
+            state_dict, training = dict(model), False
+        vision_cfg = vconv.vit_config_from_hf(hf_config.vision_config)
+        q_cfg = QFormerConfig.from_hf(hf_config.qformer_config)
+        if "query_tokens" not in state_dict:
+            raise vconv.ConversionError(f"{_NAME}.from_hf_blip2: no query_tokens in the state dict (not a BLIP-2 "
+                                        "model?)")
+        queries = state_dict["query_tokens"]
+        config = VLMConfig(vision=vision_cfg, qformer=q_cfg, decoder=decoder or ScMoEConfig.preset("tiny"),
+                           num_query_tokens=queries.shape[1])
+        vision_sd = vconv.hf_to_mmkernels({k: t for k, t in state_dict.items() if k.startswith("vision_model.")},
+                                          num_layers=vision_cfg.num_layers, prefix="vision_model.")
+        q_sd = qconv.hf_to_mmkernels({k: t for k, t in state_dict.items() if k.startswith("qformer.")}, q_cfg,
+                                     prefix="qformer.")
+        out = cls(config, backend=backend, device=queries.device, dtype=queries.dtype)
+        out.vision.load_state_dict(vision_sd, strict=True)
+        out.qformer.load_state_dict(q_sd, strict=True)
+        with torch.no_grad():
+            out.query_tokens.copy_(queries)
+        return out.train(training)

@@ -1,0 +1,309 @@
+"""Sweeps of the kinds of failure users hit, over every op, backend, module and model.
+
+- autocast: every op, on every backend that runs here, gives with fp32 inputs inside a bf16 autocast region exactly
+  what it gives outside (the ops document their precision; autocast must not silently recast their math);
+- a backend given to a module or model reaches every op inside it (a spy on the backend registry records which
+  backend each op resolved to);
+- constructors and configs validate every integer argument up front, naming it.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import mmkernels
+from mmkernels import ops
+from mmkernels._backends import OpBackends, registered_ops
+from mmkernels.models.qformer import QFormer, QFormerConfig
+from mmkernels.models.scmoe import ScMoEConfig, ScMoEDecoderLayer
+from mmkernels.models.vit import ViT, ViTConfig
+from mmkernels.nn import (
+    Attention,
+    ExpertBiasController,
+    PatchEmbed,
+    QFormerCrossAttention,
+    SwiGLUExperts,
+    ZeroComputeMoE,
+)
+from mmkernels.nn.moe import MoEConfig
+
+CPU = torch.device("cpu")
+
+
+def _g(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _op_inputs(op: str):
+    """(function, args, kwargs) with fp32 inputs, awkward sizes."""
+    r = lambda *s, seed=0: torch.randn(*s, generator=_g(seed))  # noqa: E731
+    if op == "attention":
+        return ops.attention, (r(2, 9, 4, 12), r(2, 7, 2, 12, seed=1), r(2, 7, 2, 12, seed=2)), {"causal": True}
+    if op == "qformer_cross_attention":
+        return (ops.qformer_cross_attention, (r(2, 5, 3, 8), r(2, 11, 3, 8, seed=1), r(2, 11, 3, 8, seed=2)),
+                {"kv_lens": torch.tensor([11, 4], dtype=torch.int32)})
+    if op == "patch_embed":
+        return ops.patch_embed, (r(2, 3, 8, 12), r(10, 3, 4, 4, seed=1), r(10, seed=2)), {"pos_embed": r(6, 10, seed=3)}
+    if op == "moe_route":
+        return (ops.moe_route, (r(33, 12) * 3,), {"top_k": 3, "num_ffn_experts": 8, "bias": r(12, seed=1) * 0.1,
+                                                   "routed_scaling_factor": 2.5})
+    if op == "moe_experts":
+        routing = ops.moe_route(r(17, 7, seed=4), top_k=2, num_ffn_experts=5, backend="reference")
+        return ops.moe_experts, (r(17, 12), routing, r(5, 2 * 20, 12, seed=1) * 0.2, r(5, 12, 20, seed=2) * 0.2), {}
+    if op in ("moe_permute", "moe_grouped_swiglu", "moe_unpermute"):
+        routing = ops.moe_route(r(17, 7, seed=4), top_k=2, num_ffn_experts=5, backend="reference")
+        hidden = r(17, 12)
+        if op == "moe_permute":
+            return ops.moe_permute, (hidden, routing.topk_ids), {"num_local_experts": 3, "expert_offset": 1}
+        rows, perm = ops.moe_permute(hidden, routing.topk_ids, num_local_experts=5, backend="reference")
+        if op == "moe_grouped_swiglu":
+            return (ops.moe_grouped_swiglu, (rows, perm.offsets, r(5, 2 * 20, 12, seed=1) * 0.2,
+                                             r(5, 12, 20, seed=2) * 0.2), {})
+        return (ops.moe_unpermute, (r(*rows.shape, seed=5), perm, routing.topk_weights),
+                {"zero_weight": routing.zero_weight, "hidden": hidden})
+    if op == "expert_bias_update_":
+        def update(**kwargs):
+            bias, state = torch.zeros(12), torch.zeros(2, 8)
+            counts = torch.tensor([9, 1, 0, 4, 7, 2, 2, 5, 3, 0, 1, 2], dtype=torch.int32)
+            ops.expert_bias_update_(bias, counts, state, num_ffn_experts=8, top_k=3, target_ffn_per_token=2.0,
+                                    kp=0.1, ki=0.3, **kwargs)
+            return bias, state
+        return update, (), {}
+    raise AssertionError(f"no inputs for op {op!r}: add them")
+
+
+OP_BACKENDS = [(op, b) for op, reg in sorted(registered_ops().items()) for b in reg.available(CPU)]
+
+
+def test_every_op_has_inputs():
+    for op in registered_ops():
+        _op_inputs(op)
+
+
+@pytest.mark.parametrize("op,backend", OP_BACKENDS)
+def test_autocast_does_not_change_an_op(op, backend):
+    fn, args, kwargs = _op_inputs(op)
+    want = fn(*args, **kwargs, backend=backend)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = fn(*args, **kwargs, backend=backend)
+    for w, g in zip(torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(got), strict=True):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
+# ---- a backend reaches every op ------------------------------------------------------------------------------------
+
+TINY_VIT = ViTConfig(image_size=8, patch_size=4, hidden_size=12, num_layers=1, num_heads=2, mlp_dim=16)
+TINY_QF = QFormerConfig(hidden_size=12, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16,
+                        encoder_hidden_size=10, hidden_dropout_prob=0.0)
+
+MODELS = {
+    # name: (build(backend), inputs, the ops it runs)
+    "ViT": (lambda b: ViT(TINY_VIT, backend=b), lambda: (torch.randn(1, 3, 8, 8),), {"patch_embed", "attention"}),
+    "QFormer": (lambda b: QFormer(TINY_QF, backend=b).eval(), lambda: (torch.randn(2, 3, 12), torch.randn(2, 5, 10)),
+                {"qformer_cross_attention"}),
+    "Attention": (lambda b: Attention(12, 2, backend=b), lambda: (torch.randn(2, 3, 12),), {"attention"}),
+    "QFormerCrossAttention": (lambda b: QFormerCrossAttention(12, 2, 10, backend=b),
+                              lambda: (torch.randn(2, 3, 12), torch.randn(2, 5, 10)), {"qformer_cross_attention"}),
+    "PatchEmbed": (lambda b: PatchEmbed(8, 4, 3, 12, backend=b), lambda: (torch.randn(1, 3, 8, 8),), {"patch_embed"}),
+    "ScMoEDecoderLayer": (lambda b: ScMoEDecoderLayer(ScMoEConfig.preset("tiny"), backend=b).eval(),
+                          lambda: (torch.randn(1, 5, 32),), {"attention", "moe_route", "moe_experts"}),
+    "ZeroComputeMoE": (lambda b: ZeroComputeMoE(12, 4, 2, 2, 8, target_ffn_per_token=1.5, backend=b).train(),
+                       lambda: (torch.randn(5, 12),), {"moe_route", "moe_experts", "expert_bias_update_"}),
+}
+
+
+@pytest.fixture
+def resolved(monkeypatch):
+    """Records (op, backend) for every backend resolution."""
+    seen: list[tuple[str, str]] = []
+    original = OpBackends.select
+
+    def spy(self, device, backend=None):
+        name, impl = original(self, device, backend)
+        seen.append((self.op, name))
+        return name, impl
+
+    monkeypatch.setattr(OpBackends, "select", spy)
+    return seen
+
+
+def _run_model(name, model, inputs):
+    out = model(*inputs)
+    if isinstance(model, ZeroComputeMoE):
+        model.update_bias()
+    return out
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_backend_reaches_every_op(name, backend, resolved, no_backend_env):
+    build, inputs, model_ops = MODELS[name]
+    missing = sorted(op for op in model_ops if backend not in registered_ops()[op].impls)
+    if missing:
+        with pytest.raises(mmkernels.BackendError, match="|".join(missing)):
+            build(backend)
+        return
+    if any(backend not in registered_ops()[op].available(CPU) for op in model_ops):
+        pytest.skip(f"{backend} cannot run here")
+    _run_model(name, build(backend), inputs())
+    assert {op for op, _ in resolved} == model_ops
+    assert {b for _, b in resolved} == {backend}, resolved
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_mapping_picks_per_op(name, resolved, no_backend_env):
+    build, inputs, model_ops = MODELS[name]
+    choice = {op: "reference" for op in sorted(model_ops)[:1]}
+    _run_model(name, build(choice), inputs())
+    assert all(b == "reference" for op, b in resolved if op in choice)
+
+
+# ---- every integer argument is validated up front ------------------------------------------------------------------
+
+VALID_KWARGS = {
+    Attention: dict(dim=16, num_heads=4, num_kv_heads=2, head_dim=4),
+    QFormerCrossAttention: dict(hidden_size=16, num_heads=2, kv_dim=12),
+    PatchEmbed: dict(image_size=16, patch_size=4, in_channels=3, embed_dim=8),
+    SwiGLUExperts: dict(num_experts=3, hidden_size=16, intermediate_size=20),
+    ZeroComputeMoE: dict(hidden_size=16, num_ffn_experts=8, num_zero_experts=4, top_k=4, expert_intermediate_size=32),
+    ExpertBiasController: dict(num_ffn_experts=8, num_zero_experts=4, top_k=4, target_ffn_per_token=3.0),
+    ViTConfig: dict(image_size=16, patch_size=4, in_channels=3, hidden_size=12, num_layers=1, num_heads=2, mlp_dim=8),
+    QFormerConfig: dict(hidden_size=12, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
+                        encoder_hidden_size=10, cross_attention_frequency=1),
+    MoEConfig: dict(hidden_size=16, num_ffn_experts=8, num_zero_experts=4, top_k=4, expert_intermediate_size=32),
+    ScMoEConfig: dict(hidden_size=16, num_heads=4, num_kv_heads=2, dense_intermediate_size=24, num_ffn_experts=8,
+                      num_zero_experts=4, top_k=3, expert_intermediate_size=12, vocab_size=50, num_layers=2),
+}
+ZERO_ALLOWED = {"num_zero_experts", "num_layers", "num_hidden_layers", "num_experts"}
+
+INT_CASES = [(cls, arg) for cls, kw in VALID_KWARGS.items() for arg, val in kw.items()
+             if isinstance(val, int) and not isinstance(val, bool)]
+
+
+@pytest.mark.parametrize("cls", list(VALID_KWARGS), ids=lambda c: c.__name__)
+def test_valid_kwargs_build(cls):
+    cls(**VALID_KWARGS[cls])
+
+
+@pytest.mark.parametrize("cls,arg", INT_CASES, ids=lambda x: getattr(x, "__name__", x))
+def test_integer_arguments_are_checked(cls, arg):
+    kwargs = VALID_KWARGS[cls]
+    bad_values = [-1] if arg in ZERO_ALLOWED else [0, -1]
+    for bad in bad_values:
+        with pytest.raises(ValueError, match=arg):
+            cls(**(kwargs | {arg: bad}))
+    for bad in (2.5, "4", True):
+        with pytest.raises(TypeError, match=arg):
+            cls(**(kwargs | {arg: bad}))
+
+
+def test_all_module_and_config_classes_are_swept():
+    swept = {c.__name__ for c in VALID_KWARGS}
+    for pkg in (mmkernels.nn, mmkernels.models):
+        for name in pkg.__all__:
+            obj = getattr(pkg, name)
+            if inspect.isclass(obj) and issubclass(obj, torch.nn.Module) and name not in ("ViT", "QFormer",
+                                                                                          "ScMoEDecoderLayer"):
+                assert name in swept, f"add {name} to VALID_KWARGS"
+
+
+@pytest.mark.parametrize("value", ["no", 1, None, "true"])
+def test_set_deterministic_takes_a_bool(value):
+    with pytest.raises(TypeError, match="enabled"):
+        mmkernels.set_deterministic(value)
+    assert not mmkernels.is_deterministic()
+
+
+@pytest.mark.parametrize("backend", registered_ops()["expert_bias_update_"].available(CPU))
+def test_negative_counts_are_an_error(backend):
+    counts = torch.tensor([3, -1, 2, 0, 1, 1], dtype=torch.int32)
+    bias, state = torch.zeros(6), torch.zeros(2, 4)
+    with pytest.raises(RuntimeError, match="counts must be >= 0"):
+        ops.expert_bias_update_(bias, counts, state, num_ffn_experts=4, top_k=2, target_ffn_per_token=1.0,
+                                backend=backend)
+    assert not bias.any() and not state.any()
+    controller = ExpertBiasController(4, 2, 2, 1.0, backend=backend)
+    with pytest.raises(RuntimeError, match="counts must be >= 0"):
+        controller.update(counts)
+    assert controller.steps == 0
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("op,backend", OP_BACKENDS)
+def test_every_op_compiles_fullgraph(op, backend, dynamic):
+    """Dynamo traces every op on every backend without a graph break, static and dynamic shapes; the compiled call
+    returns what the eager call returns."""
+    torch._dynamo.reset()
+    fn, args, kwargs = _op_inputs(op)
+    want = fn(*args, **kwargs, backend=backend)
+    got = torch.compile(lambda *a: fn(*a, **kwargs, backend=backend), fullgraph=True, dynamic=dynamic,
+                        backend="aot_eager")(*args)
+    for w, g in zip(torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(got), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+DOUBLE_BACKWARD = {  # op -> position of the input differentiated twice in _op_inputs(op)
+    "attention": 0, "qformer_cross_attention": 0, "patch_embed": 0, "moe_experts": 0, "moe_grouped_swiglu": 0,
+}
+
+
+@pytest.mark.parametrize("op", sorted(DOUBLE_BACKWARD))
+def test_double_backward_fails_up_front_on_fused_kernels(op):
+    """create_graph=True through a Triton kernel's backward raises a clear error at the first backward; the reference
+    backend gives the second derivative."""
+    if "triton" not in registered_ops()[op].available(CPU):
+        pytest.skip("triton cannot run here")
+    fn, args, kwargs = _op_inputs(op)
+    x = args[DOUBLE_BACKWARD[op]].clone().requires_grad_()
+    args = (x, *args[1:])
+    out = fn(*args, **kwargs, backend="triton")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(fn(*args, **kwargs, backend="reference").square().sum(), x, create_graph=True)
+    assert g.requires_grad
+
+
+# ---- the same sweeps on a GPU (skipped without CUDA) ---------------------------------------------------------------
+
+def _to_cuda(tree):
+    return torch.utils._pytree.tree_map(lambda t: t.cuda() if isinstance(t, torch.Tensor) else t, tree)
+
+
+GPU_OP_BACKENDS = [(op, b) for op, reg in sorted(registered_ops().items()) for b in reg.impls if b != "cpp"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("op,backend", GPU_OP_BACKENDS)
+def test_cuda_autocast_does_not_change_an_op(op, backend, dtype):
+    if backend not in registered_ops()[op].available(torch.device("cuda")):
+        pytest.skip(f"{backend} cannot run on this GPU")
+    fn, args, kwargs = _op_inputs(op)
+    args, kwargs = _to_cuda(args), _to_cuda(kwargs)
+    want = fn(*args, **kwargs, backend=backend)
+    with torch.autocast("cuda", dtype):
+        got = fn(*args, **kwargs, backend=backend)
+    for w, g in zip(torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(got), strict=True):
+        assert g.dtype == w.dtype
+        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_cuda_modules_compile_with_inductor(name, dynamic):
+    """On a card, every module compiles with Inductor (Triton backends, fullgraph) and matches eager."""
+    torch._dynamo.reset()
+    build, inputs, _ = MODELS[name]
+    torch.manual_seed(0)
+    model = build(None).cuda()
+    if isinstance(model, ZeroComputeMoE):
+        model.eval()
+    x = _to_cuda(inputs())
+    want = model(*x)
+    got = torch.compile(model, fullgraph=True, dynamic=dynamic)(*x)
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
