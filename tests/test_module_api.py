@@ -49,6 +49,10 @@ def _controller_call(m, args):
     return torch.cat([m.bias, m.state.flatten()])
 
 
+def _moe_fp32(*prefixes: str) -> tuple[str, ...]:
+    return tuple(p + n for p in prefixes for n in ("router.weight", "balancer.bias", "balancer.state"))
+
+
 TINY_VIT = ViTConfig(image_size=(12, 8), patch_size=4, hidden_size=24, num_layers=2, num_heads=3, mlp_dim=40)
 TINY_QFORMER = QFormerConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=3, intermediate_size=40,
                              encoder_hidden_size=20, hidden_dropout_prob=0.0)
@@ -73,6 +77,13 @@ CASES: dict[str, Case] = {
     "ExpertBiasController": Case(lambda: mmkernels.nn.ExpertBiasController(8, 4, 4, 3.0, kp=0.01, ki=0.1),
                                  _counts, call=_controller_call, fp32_state=("bias", "state")),
     "ViT": Case(lambda: mmkernels.models.ViT(TINY_VIT), lambda dt: (_randn(2, 3, 12, 8, dtype=dt),)),
+    "ScMoEDecoder": Case(lambda: mmkernels.models.ScMoEDecoder(mmkernels.models.ScMoEConfig.preset("tiny")).eval(),
+                         lambda dt: (torch.tensor([[1, 5, 9, 2, 7], [3, 3, 0, 127, 64]]),),
+                         fp32_state=_moe_fp32("layers.0.mlp.", "layers.1.mlp.")),
+    "VisionLanguageModel": Case(
+        lambda: mmkernels.models.VisionLanguageModel(mmkernels.models.VLMConfig.preset("tiny")).eval(),
+        lambda dt: (_randn(2, 3, 16, 16, dtype=dt), torch.tensor([[1, 5, 9, 2], [3, 3, 0, 127]])),
+        fp32_state=_moe_fp32("decoder.layers.0.mlp.", "decoder.layers.1.mlp.")),
     "ScMoEDecoderLayer": Case(lambda: mmkernels.models.ScMoEDecoderLayer(mmkernels.models.ScMoEConfig.preset("tiny")),
                               lambda dt: (_randn(2, 5, 32, dtype=dt),),
                               fp32_state=("mlp.router.weight", "mlp.balancer.bias", "mlp.balancer.state")),

@@ -122,8 +122,8 @@ def resolved(monkeypatch):
     seen: list[tuple[str, str]] = []
     original = OpBackends.select
 
-    def spy(self, device, backend=None):
-        name, impl = original(self, device, backend)
+    def spy(self, device, backend=None, args=None):
+        name, impl = original(self, device, backend, args)
         seen.append((self.op, name))
         return name, impl
 
@@ -206,9 +206,12 @@ def test_all_module_and_config_classes_are_swept():
     for pkg in (mmkernels.nn, mmkernels.models):
         for name in pkg.__all__:
             obj = getattr(pkg, name)
-            if inspect.isclass(obj) and issubclass(obj, torch.nn.Module) and name not in ("ViT", "QFormer",
-                                                                                          "ScMoEDecoderLayer"):
-                assert name in swept, f"add {name} to VALID_KWARGS"
+            if not (inspect.isclass(obj) and issubclass(obj, torch.nn.Module)):
+                continue
+            params = list(inspect.signature(obj.__init__).parameters)
+            if params[1:2] == ["config"]:  # built from a config class: the config's fields are what is swept
+                continue
+            assert name in swept, f"add {name} to VALID_KWARGS"
 
 
 @pytest.mark.parametrize("value", ["no", 1, None, "true"])
@@ -307,3 +310,75 @@ def test_cuda_modules_compile_with_inductor(name, dynamic):
     want = model(*x)
     got = torch.compile(model, fullgraph=True, dynamic=dynamic)(*x)
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("ids", ["valid", "invalid"])
+def test_reference_experts_registered_backward_matches_autograd(ids):
+    """Inside torch.compile the reference experts run as a registered op with a written-out backward: it equals
+    autograd through the eager reference (float64), every gradient, with undispatched and zero-expert slots."""
+    from mmkernels.kernels.reference.moe import moe_experts_reference, moe_experts_reference_backward
+
+    g = _g(7)
+    t, k, n, dm, di = 9, 3, 4, 6, 5
+    topk = torch.randint(0, n + 2, (t, k), generator=g)
+    if ids == "invalid":
+        topk[0, 0], topk[3, 2], topk[5] = -1, 99, -1
+    args = [torch.randn(t, dm, generator=g, dtype=torch.float64), topk,
+            torch.rand(t, k, generator=g, dtype=torch.float64), torch.rand(t, generator=g, dtype=torch.float64),
+            torch.randn(n, 2 * di, dm, generator=g, dtype=torch.float64),
+            torch.randn(n, dm, di, generator=g, dtype=torch.float64)]
+    leaves = [a.requires_grad_() for i, a in enumerate(args) if i != 1]
+    out = moe_experts_reference(*args)
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    want = torch.autograd.grad(out, leaves, grad)
+    got = moe_experts_reference_backward(grad, *[a.detach() for a in args])
+    for w, h in zip(want, got, strict=True):
+        torch.testing.assert_close(h, w, rtol=1e-10, atol=1e-12)
+
+
+def test_compiled_zero_compute_moe_backward_on_the_reference():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = ZeroComputeMoE(16, 8, 4, 3, 24, backend={"moe_experts": "reference"})
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    m(x).square().sum().backward()
+    want = [x.grad.clone()] + [p.grad.clone() for p in m.parameters()]
+    x.grad = None
+    m.zero_grad()
+    torch.compile(m, fullgraph=True, backend="aot_eager")(x).square().sum().backward()
+    got = [x.grad] + [p.grad for p in m.parameters()]
+    for w, h in zip(want, got, strict=True):
+        torch.testing.assert_close(h, w, rtol=1e-5, atol=1e-6)
+
+
+def test_accumulate_counts_op_passes_opcheck():
+    from mmkernels.testing import run_opcheck
+
+    run_opcheck(torch.ops.mmkernels.accumulate_counts_.default,
+                (torch.zeros(6, dtype=torch.int64), torch.tensor([1, 0, 2, 3, 0, 1], dtype=torch.int32)))
+
+
+@pytest.mark.parametrize("op", sorted(registered_ops()))
+def test_float64_runs_on_the_reference_and_kernels_say_why_not(op):
+    """Every op takes float64 on its reference backend (auto picks it); a kernel backend asked for float64 raises
+    BackendError naming the dtype."""
+    fn, args, kwargs = _op_inputs(op)
+    to64 = lambda t: t.double() if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t  # noqa: E731
+    keep32 = {"topk_weights", "zero_weight", "bias"}  # routing outputs and the selection bias stay fp32
+    args64 = torch.utils._pytree.tree_map(to64, args)
+    if op in ("moe_experts",):
+        args64 = (args64[0], args[1], args64[2], args64[3])
+    if op == "moe_unpermute":
+        args64 = (args64[0], args[1], args[2])
+    kwargs64 = {k: (val if k in keep32 else torch.utils._pytree.tree_map(to64, val)) for k, val in kwargs.items()}
+    if op == "expert_bias_update_":
+        pytest.skip("its state is float32 by definition")
+    out = fn(*args64, **kwargs64)
+    want = fn(*args, **kwargs)
+    for w, g in zip(torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(out), strict=True):
+        if w.is_floating_point():
+            torch.testing.assert_close(g.float(), w, rtol=1e-4, atol=1e-5)
+    for backend in registered_ops()[op].impls:
+        if backend != "reference" and backend in registered_ops()[op].available(CPU):
+            with pytest.raises(mmkernels.BackendError, match="float64"):
+                fn(*args64, **kwargs64, backend=backend)

@@ -221,7 +221,7 @@ def _cpu_note(plan_cases, device: torch.device) -> str:
         if any(p.endswith("[triton]") for p in names):
             interpreted.append(s.name)
         if s.model:  # the model's Triton kernels are those of its ops
-            triton += [op for op in s.ops if "triton" in registered_ops()[op].impls]
+            triton += [op.rstrip("_") for op in s.ops if "triton" in registered_ops()[op].impls]
         elif "triton" in s.implemented():
             triton.append(s.name)
     head = "no GPU here" if not torch.cuda.is_available() else "CPU run (--device cpu)"

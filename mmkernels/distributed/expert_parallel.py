@@ -27,12 +27,11 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from .._backends import BackendChoice, resolve_backends
-from ..nn.moe import SwiGLUExperts, ZeroComputeMoE, _in_checkpoint_recompute, mask_padding
+from ..nn.moe import RoutedMoE, SwiGLUExperts, ZeroComputeMoE, mask_padding
 from ..ops import _validate as v
-from ..ops.moe import MoEPermutation, MoERouting, moe_grouped_swiglu, moe_permute, moe_route, moe_unpermute
+from ..ops.moe import MoEPermutation, MoERouting, moe_grouped_swiglu, moe_permute, moe_unpermute
 
 __all__ = ["CombineHandle", "DispatchHandle", "Dispatched", "ExpertParallelMoE", "all_to_all"]
 
@@ -187,7 +186,7 @@ def _translate_backend(choice: BackendChoice) -> BackendChoice:
     return m
 
 
-class ExpertParallelMoE(nn.Module):
+class ExpertParallelMoE(RoutedMoE):
     """A :class:`ZeroComputeMoE` with its N FFN experts sharded over the W ranks of a process group.
 
     Build it with :meth:`from_moe` (every rank, with the same configuration). Rank r (its rank in the group) keeps
@@ -335,21 +334,7 @@ class ExpertParallelMoE(nn.Module):
                 f"num_zero_experts={self.num_zero_experts}, top_k={self.top_k}, rank={self.rank}/{self.world_size}, "
                 f"local_experts=[{lo}, {lo + e})")
 
-    @property
-    def expert_bias(self) -> torch.Tensor:
-        """The fp32 [N+Z] selection bias (replicated)."""
-        return self.balancer.bias
-
-    # -- the step -----------------------------------------------------------------------------------------------------
-
-    def route(self, hidden: torch.Tensor) -> MoERouting:
-        """``moe_route`` of this rank's tokens ``hidden`` [T, Dm] (fp32 router, replicated selection bias)."""
-        return self._route(self.router(hidden))
-
-    def _route(self, logits: torch.Tensor) -> MoERouting:
-        return moe_route(logits, top_k=self.top_k, num_ffn_experts=self.num_ffn_experts, bias=self.balancer.bias,
-                         scoring=self.scoring, routed_scaling_factor=self.routed_scaling_factor,
-                         renormalize=self.renormalize, backend=self._backends["moe_route"])
+    # -- the step (route / expert_bias come from RoutedMoE: this rank's tokens, the replicated bias) --------------
 
     def dispatch(self, x: torch.Tensor, *, padding_mask: torch.Tensor | None = None) -> DispatchHandle:
         """Route this rank's tokens and send each dispatched slot's row to the rank owning its expert.
@@ -397,9 +382,8 @@ class ExpertParallelMoE(nn.Module):
         routing = self._route(logits)
         if pad is not None:
             routing = mask_padding(routing, pad)
-        if self.training and self.balance and not _in_checkpoint_recompute():
-            with torch.no_grad():
-                self.pending_counts.add_(routing.counts)
+        if self.training and self.balance:  # counted once per forward, not again in a checkpoint recompute
+            torch.ops.mmkernels.accumulate_counts_(self.pending_counts, routing.counts)
         return hidden, routing, logits
 
     def _send(self, hidden: torch.Tensor | None, routing: MoERouting | None, logits: torch.Tensor | None,

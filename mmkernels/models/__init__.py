@@ -1,9 +1,9 @@
 """Reference model stacks built from mmkernels modules, with converters from Hugging Face / timm weights."""
 
-from .qformer import QFormer
+from .qformer import QFormer, QFormerConfig
 from .scmoe import KVCache, ScMoEConfig, ScMoEDecoder, ScMoEDecoderLayer
-from .vit import ViT
+from .vit import ViT, ViTConfig
 from .vlm import VisionLanguageModel, VLMConfig
 
-__all__ = ["KVCache", "QFormer", "ScMoEConfig", "ScMoEDecoder", "ScMoEDecoderLayer", "ViT", "VLMConfig",
-           "VisionLanguageModel"]
+__all__ = ["KVCache", "QFormer", "QFormerConfig", "ScMoEConfig", "ScMoEDecoder", "ScMoEDecoderLayer", "ViT",
+           "ViTConfig", "VLMConfig", "VisionLanguageModel"]

@@ -45,7 +45,10 @@ class ScMoEConfig:
     """Shape of a ScMoE decoder (``ScMoEConfig.preset(name)``, ``config.replace(...)``).
 
     ``head_dim`` defaults to ``hidden_size // num_heads``; it must be even (rotary embedding). ``target_ffn_per_token``
-    (K_e) turns the expert-bias balancer on; ``None`` keeps the bias fixed.
+    (K_e) turns the expert-bias balancer on; ``None`` keeps the bias fixed. ``tie_word_embeddings`` ties the
+    decoder's LM head to its embedding; ``initializer_range`` is their init std. ``bias_ki`` (the balancer's PID
+    integral gain) and ``balance_loss_coef`` (LongCat-Flash's device-level balance loss; 0 = off) are the recipe for a
+    router trained jointly (docs/balancer_training.md): defaults 0.3 and 0.1.
 
     Raises (at construction): TypeError / ValueError naming the field that is out of range.
     """
@@ -252,6 +255,9 @@ class ScMoEDecoderLayer(nn.Module):
     blocks, and the L new queries attend to every cached key plus the new ones, bottom-right causal (the same
     ``ops.attention`` call with ``Lq != Lk``; no separate decode path).
     Under expert parallelism every rank of the group calls forward (and backward) together.
+
+    With ``config.balance_loss_coef > 0`` (and a ``target_ffn_per_token``) every training forward also computes the
+    device-level balance loss of its routing; :meth:`balance_loss` returns it (times the coefficient) once.
 
     Raises:
         TypeError / ValueError: bad config, backend or input shapes.

@@ -48,7 +48,13 @@ class SwiGLUExperts(nn.Module):
         return f"num_experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}"
 
     def forward(self, hidden: torch.Tensor, routing: MoERouting) -> torch.Tensor:
-        return moe_experts(hidden, routing, self.w_gate_up, self.w_down, backend=self._backends["moe_experts"])
+        w_gate_up, w_down = self.w_gate_up, self.w_down
+        device = hidden.device.type
+        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
+            # As nn.Linear under autocast: the expert GEMMs run in the autocast dtype (weights cast per call).
+            dtype = torch.get_autocast_dtype(device)
+            hidden, w_gate_up, w_down = hidden.to(dtype), w_gate_up.to(dtype), w_down.to(dtype)
+        return moe_experts(hidden, routing, w_gate_up, w_down, backend=self._backends["moe_experts"])
 
 
 @dataclass(frozen=True)
@@ -95,12 +101,44 @@ _MOE_OPS = ("moe_route", "moe_experts", "expert_bias_update_")
 def _in_checkpoint_recompute() -> bool:
     """True while autograd's engine runs a backward pass, i.e. when a forward runs again as the recompute of
     ``torch.utils.checkpoint`` (reentrant or not). Statistics gathered in forward must not be counted twice."""
-    if torch.compiler.is_compiling():
-        return False  # compiled graphs replay recomputation inside the backward graph, not through this forward
     return torch._C._current_graph_task_id() != -1
 
 
-class ZeroComputeMoE(nn.Module):
+@torch.library.custom_op("mmkernels::accumulate_counts_", mutates_args=("pending",))
+def _accumulate_counts(pending: torch.Tensor, counts: torch.Tensor) -> None:
+    """``pending += counts`` unless this forward is a checkpoint recompute. A registered op, so the check runs when the
+    graph runs: a compiled forward replayed by ``torch.utils.checkpoint`` during backward counts nothing either."""
+    if not _in_checkpoint_recompute():
+        pending.add_(counts)
+
+
+@_accumulate_counts.register_fake
+def _(pending, counts) -> None:
+    return None
+
+
+class RoutedMoE(nn.Module):
+    """What every MoE block with zero experts shares (:class:`ZeroComputeMoE`,
+    ``mmkernels.distributed.ExpertParallelMoE``): the fp32 ``router``, the ``balancer`` that owns the selection bias,
+    and the biased top-k choice. Subclasses set ``router``, ``balancer``, ``top_k``, ``num_ffn_experts``,
+    ``scoring``, ``routed_scaling_factor``, ``renormalize`` and ``_backends``."""
+
+    @property
+    def expert_bias(self) -> torch.Tensor:
+        """The fp32 [N+Z] selection bias (HF's ``e_score_correction_bias``)."""
+        return self.balancer.bias
+
+    def route(self, hidden: torch.Tensor) -> MoERouting:
+        """Router logits in fp32 (input upcast, weight kept fp32, autocast off), then ``moe_route``."""
+        return self._route(self.router(hidden))
+
+    def _route(self, logits: torch.Tensor) -> MoERouting:
+        return moe_route(logits, top_k=self.top_k, num_ffn_experts=self.num_ffn_experts, bias=self.balancer.bias,
+                         scoring=self.scoring, routed_scaling_factor=self.routed_scaling_factor,
+                         renormalize=self.renormalize, backend=self._backends["moe_route"])
+
+
+class ZeroComputeMoE(RoutedMoE):
     """LongCat-Flash MoE block: ``y = sum_k w_k E_{id_k}(x)`` with zero-computation (identity) experts.
 
     Router: ``Linear(hidden, N+Z, bias=False)`` kept and computed in fp32; softmax over all N+Z experts; the
@@ -210,20 +248,6 @@ class ZeroComputeMoE(nn.Module):
         self.experts.backend = {"moe_experts": self._backends["moe_experts"]}
         self.balancer.backend = self._backends["expert_bias_update_"]
 
-    @property
-    def expert_bias(self) -> torch.Tensor:
-        """The fp32 [N+Z] selection bias (HF's ``e_score_correction_bias``)."""
-        return self.balancer.bias
-
-    def route(self, hidden: torch.Tensor) -> MoERouting:
-        """Router logits in fp32 (input upcast, weight kept fp32, autocast off), then ``moe_route``."""
-        return self._route(self.router(hidden))
-
-    def _route(self, logits: torch.Tensor) -> MoERouting:
-        return moe_route(logits, top_k=self.top_k, num_ffn_experts=self.num_ffn_experts, bias=self.balancer.bias,
-                         scoring=self.scoring, routed_scaling_factor=self.routed_scaling_factor,
-                         renormalize=self.renormalize, backend=self._backends["moe_route"])
-
     def forward(self, x: torch.Tensor, *, padding_mask: torch.Tensor | None = None,
                 return_router_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         name = "ZeroComputeMoE"
@@ -246,9 +270,8 @@ class ZeroComputeMoE(nn.Module):
         routing = self._route(logits)
         if pad is not None:
             routing = mask_padding(routing, pad)
-        if self.training and self.balance and not _in_checkpoint_recompute():
-            with torch.no_grad():
-                self.pending_counts.add_(routing.counts)
+        if self.training and self.balance:
+            torch.ops.mmkernels.accumulate_counts_(self.pending_counts, routing.counts)
         y = self.experts(hidden, routing).view(x.shape)
         return (y, logits) if return_router_logits else y
 
@@ -276,9 +299,12 @@ def mask_padding(routing: MoERouting, padding: torch.Tensor) -> MoERouting:
 
 
 def update_expert_biases(model: nn.Module) -> None:
-    """Call ``update_bias()`` on every MoE block of ``model`` — :class:`ZeroComputeMoE` and any block with the same
-    method, e.g. ``mmkernels.distributed.ExpertParallelMoE`` — once per optimizer step."""
+    """Call ``update_bias()`` once on every MoE block of ``model`` — every module that owns a ``balancer`` (an
+    :class:`ExpertBiasController`): :class:`ZeroComputeMoE`, ``mmkernels.distributed.ExpertParallelMoE`` — once per
+    optimizer step."""
     for module in model.modules():
-        update = getattr(module, "update_bias", None)
-        if callable(update):
-            update()
+        # A MoE block is what owns a balancer; stacks that forward update_bias() to their blocks are skipped, so each
+        # balancer steps exactly once.
+        if isinstance(getattr(module, "balancer", None), ExpertBiasController) and callable(
+                getattr(module, "update_bias", None)):
+            module.update_bias()

@@ -95,3 +95,17 @@ def no_double_backward(op: str) -> None:
             f"{op}: double backward (torch.autograd.grad(..., create_graph=True) through this op) is not supported by "
             "its fused kernels; use backend='reference' for higher-order gradients"
         )
+
+
+def first_arg_dtype_in(dtypes: Iterable[torch.dtype], *, note: str = "float64 runs on backend='reference'"):
+    """A backend's ``supports`` declaration (``OpBackends.register(..., supports=...)``): the op's first tensor
+    argument must have one of ``dtypes``."""
+    dtypes = tuple(dtypes)
+    names = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+    def supports(first, *_) -> str | None:
+        if first.dtype in dtypes:
+            return None
+        return f"the kernels take {names}, got {str(first.dtype).replace('torch.', '')} ({note})"
+
+    return supports

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backends import BackendError, OpBackends, triton_available
+from .._backends import OpBackends, triton_available
 from .._config import is_deterministic
 from ..kernels.reference.attention import attention_reference
 from . import _validate as check
@@ -32,10 +32,10 @@ MAX_HEAD_DIM = 256
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DTYPES = (*KERNEL_DTYPES, torch.float64)  # float64 runs on the reference only
 
-BACKENDS = OpBackends(OP, auto_order={"cuda": ("triton", "reference"), "cpu": ("reference",)})
+ATTENTION_BACKENDS = OpBackends(OP, auto_order={"cuda": ("triton", "reference"), "cpu": ("reference",)})
 
 
-@BACKENDS.register("reference")
+@ATTENTION_BACKENDS.register("reference")
 def _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
                dropout_p=0.0):
     return attention_reference(q, k, v, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -87,7 +87,7 @@ if triton_available():
 
     _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
-    @BACKENDS.register("triton")
+    @ATTENTION_BACKENDS.register("triton", supports=check.first_arg_dtype_in(KERNEL_DTYPES))
     def _triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
                 dropout_p=0.0):
         seed = draw_seed(q.device) if dropout_p > 0.0 else None
@@ -224,16 +224,11 @@ def attention(
 
     scale = head_dim**-0.5 if softmax_scale is None else check.real("softmax_scale", softmax_scale, op=OP)
     dropout_p = check_dropout(dropout_p, op=OP)
-    if q.dtype in KERNEL_DTYPES:
-        _, impl = BACKENDS.select(device, backend)
-    elif backend in (None, "reference"):
-        impl = BACKENDS.impls["reference"]
-    else:
-        raise BackendError(f"{OP}: backend={backend!r} supports float16, bfloat16 and float32; float64 inputs run on "
-                           "backend='reference' (or backend=None)")
     # The kernels take any strides but a unit stride on the head dim.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p)
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p)
+    _, impl = ATTENTION_BACKENDS.select(device, backend, args)
+    return impl(*args)
 
 
 def check_dropout(dropout_p, *, op: str) -> float:

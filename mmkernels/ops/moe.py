@@ -25,6 +25,7 @@ from .._config import is_deterministic
 from ..kernels.reference.moe import (
     RENORM_EPS,
     moe_experts_reference,
+    moe_experts_reference_backward,
     moe_grouped_swiglu_reference,
     moe_permute_reference,
     moe_route_reference,
@@ -38,7 +39,9 @@ __all__ = ["MoEPermutation", "MoERouting", "moe_experts", "moe_grouped_swiglu", 
            "moe_unpermute"]
 
 SCORINGS = ("softmax", "sigmoid")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = (*KERNEL_DTYPES, torch.float64)  # float64 runs on the reference backend (tests' truth, CPU users)
+_KERNEL_ONLY = v.first_arg_dtype_in(KERNEL_DTYPES)
 
 
 class MoERouting(NamedTuple):
@@ -117,8 +120,8 @@ def _route_cuda_supports(logits, bias, top_k, num_ffn, scoring, scale, renormali
     return None
 
 
-@ROUTE_BACKENDS.register("cuda", supports=_route_cuda_supports)
-@ROUTE_BACKENDS.register("cpp")
+@ROUTE_BACKENDS.register("cuda", supports=lambda *a: _KERNEL_ONLY(*a) or _route_cuda_supports(*a))
+@ROUTE_BACKENDS.register("cpp", supports=_KERNEL_ONLY)
 def _route_native(*args):
     weights, zero_weight, ids, counts = torch.ops.mmkernels.moe_route(*args)
     return ids, weights, zero_weight, counts
@@ -247,11 +250,7 @@ def _experts_reference_backward_op(
     grad_out: torch.Tensor, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     zero_weight: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    leaves = [t.detach().requires_grad_() for t in (hidden, topk_weights, zero_weight, w_gate_up, w_down)]
-    with torch.enable_grad():
-        out = moe_experts_reference(leaves[0], topk_ids, *leaves[1:])
-        grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
-    return tuple(torch.zeros_like(x) if g is None else g for g, x in zip(grads, leaves, strict=True))
+    return moe_experts_reference_backward(grad_out, hidden, topk_ids, topk_weights, zero_weight, w_gate_up, w_down)
 
 
 @_experts_reference_backward_op.register_fake
@@ -451,7 +450,7 @@ if triton_available():
 
     _experts_triton.register_autograd(_experts_autograd_backward, setup_context=_experts_setup)
 
-    @EXPERTS_BACKENDS.register("triton")
+    @EXPERTS_BACKENDS.register("triton", supports=_KERNEL_ONLY)
     def _experts_triton_backend(hidden, topk_ids, topk_weights, zero_weight, w_gate_up, w_down):
         order, g = _plan(topk_ids, w_gate_up.shape[0], 0, hidden.dtype)
         return torch.ops.mmkernels.moe_experts_fwd_triton(hidden, topk_weights, zero_weight, w_gate_up, w_down,
@@ -490,7 +489,7 @@ if triton_available():
 
     _permute.register_autograd(_permute_backward, setup_context=_permute_setup)
 
-    @PERMUTE_BACKENDS.register("triton")
+    @PERMUTE_BACKENDS.register("triton", supports=_KERNEL_ONLY)
     def _permute_backend(hidden, topk_ids, num_local_experts, expert_offset):
         return torch.ops.mmkernels.moe_permute(hidden, topk_ids, num_local_experts, expert_offset, is_deterministic())
 
@@ -564,7 +563,7 @@ if triton_available():
 
     _swiglu_triton.register_autograd(_swiglu_autograd_backward, setup_context=_swiglu_setup)
 
-    @SWIGLU_BACKENDS.register("triton")
+    @SWIGLU_BACKENDS.register("triton", supports=_KERNEL_ONLY)
     def _swiglu_backend(rows, offsets, w_gate_up, w_down):
         # Same rule as the reference: offsets clamped into [0, M] and made non-decreasing (no out-of-range tile).
         offsets = offsets.long().clamp(0, rows.shape[0]).cummax(0).values.to(torch.int32)
@@ -614,7 +613,7 @@ if triton_available():
 
     _unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
 
-    @UNPERMUTE_BACKENDS.register("triton")
+    @UNPERMUTE_BACKENDS.register("triton", supports=_KERNEL_ONLY)
     def _unpermute_backend(expert_out, slots, offsets, topk_weights, zero_weight, hidden):
         return torch.ops.mmkernels.moe_unpermute(expert_out, slots, offsets, topk_weights, zero_weight, hidden,
                                                  is_deterministic())
@@ -694,7 +693,7 @@ def moe_experts(
                   w_gate_up=w_gate_up, w_down=w_down)
     if t == 0 or n == 0:  # nothing to dispatch: only the identity term (keeps autograd to hidden/zero_weight)
         return (hidden.float() * zero_weight[:, None]).to(hidden.dtype)
-    name, impl = EXPERTS_BACKENDS.select(hidden.device, backend)
+    name, impl = EXPERTS_BACKENDS.select(hidden.device, backend, (hidden,))
     if name == "triton":
         hidden, w_gate_up, w_down = hidden.contiguous(), w_gate_up.contiguous(), w_down.contiguous()
     return impl(hidden, topk_ids, topk_weights.contiguous(), zero_weight.contiguous(), w_gate_up, w_down)
@@ -740,7 +739,7 @@ def moe_permute(
     e = v.integer("num_local_experts", num_local_experts, op=op, low=0)
     offset = v.integer("expert_offset", expert_offset, op=op, low=0)
     v.same_device(op, hidden=hidden, topk_ids=topk_ids)
-    _, impl = PERMUTE_BACKENDS.select(hidden.device, backend)
+    _, impl = PERMUTE_BACKENDS.select(hidden.device, backend, (hidden,))
     rows, slots, offsets = impl(hidden, topk_ids, e, offset)
     return rows, MoEPermutation(slots, offsets)
 
@@ -781,7 +780,7 @@ def moe_grouped_swiglu(
         raise ValueError(f"{op}: offsets must have E+1 = {e + 1} entries (E = w_gate_up.shape[0]), "
                          f"got {offsets.shape[0]}")
     v.same_device(op, rows=rows, offsets=offsets, w_gate_up=w_gate_up, w_down=w_down)
-    name, impl = SWIGLU_BACKENDS.select(rows.device, backend)
+    name, impl = SWIGLU_BACKENDS.select(rows.device, backend, (rows,))
     if name == "triton":
         rows, w_gate_up, w_down = rows.contiguous(), w_gate_up.contiguous(), w_down.contiguous()
     return impl(rows, offsets, w_gate_up, w_down)
@@ -846,7 +845,7 @@ def moe_unpermute(
                              f"{list(zero_weight.shape)} and {list(hidden.shape)}")
         tensors.update(zero_weight=zero_weight, hidden=hidden)
     v.same_device(op, **tensors)
-    name, impl = UNPERMUTE_BACKENDS.select(expert_out.device, backend)
+    name, impl = UNPERMUTE_BACKENDS.select(expert_out.device, backend, (expert_out,))
     if name == "triton":
         slots, offsets = slots.to(torch.int32).contiguous(), offsets.contiguous()
         topk_weights = topk_weights.contiguous()

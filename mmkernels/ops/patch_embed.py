@@ -96,12 +96,7 @@ if triton_available():
 
     _fwd.register_autograd(_backward, setup_context=_setup_context)
 
-    def _triton_supports(pixels, *_) -> str | None:
-        return None if pixels.dtype in KERNEL_DTYPES else (
-            f"the kernels take float32, float16 and bfloat16, got {str(pixels.dtype).replace('torch.', '')} "
-            "(float64 runs on backend='reference')")
-
-    @PATCH_EMBED_BACKENDS.register("triton", supports=_triton_supports)
+    @PATCH_EMBED_BACKENDS.register("triton", supports=v.first_arg_dtype_in(KERNEL_DTYPES))
     def _triton(pixels, weight, bias=None, pos_embed=None, cls_token=None):
         return torch.ops.mmkernels.patch_embed_fwd_triton(pixels, weight, bias, pos_embed, cls_token)
 

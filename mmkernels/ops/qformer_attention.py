@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backends import BackendError, OpBackends, triton_available
+from .._backends import OpBackends, triton_available
 from ..kernels.reference.qformer_attention import qformer_attention_reference
 from . import _validate as check
 from .attention import check_dropout, draw_seed
@@ -32,10 +32,10 @@ MAX_HEAD_DIM = 128
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 DTYPES = (*KERNEL_DTYPES, torch.float64)  # float64 runs on the reference only
 
-BACKENDS = OpBackends(OP, auto_order={"cuda": ("triton", "reference"), "cpu": ("reference",)})
+QFORMER_BACKENDS = OpBackends(OP, auto_order={"cuda": ("triton", "reference"), "cpu": ("reference",)})
 
 
-@BACKENDS.register("reference")
+@QFORMER_BACKENDS.register("reference")
 def _reference(q, k, v, kv_lens, softmax_scale, dropout_p=0.0):
     return qformer_attention_reference(q, k, v, kv_lens, softmax_scale, dropout_p=dropout_p)
 
@@ -78,7 +78,7 @@ if triton_available():
 
     _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
-    @BACKENDS.register("triton")
+    @QFORMER_BACKENDS.register("triton", supports=check.first_arg_dtype_in(KERNEL_DTYPES))
     def _triton(q, k, v, kv_lens, softmax_scale, dropout_p=0.0, num_splits: int = 0):
         seed = draw_seed(q.device) if dropout_p > 0.0 else None
         out, _ = torch.ops.mmkernels.qformer_attention_fwd_triton(q, k, v, kv_lens, softmax_scale, num_splits,
@@ -172,13 +172,7 @@ def qformer_cross_attention(
         kv_lens = _check_kv_lens(kv_lens, B, Lk, device, check_range=validate_kv_lens)
     scale = D**-0.5 if softmax_scale is None else check.real("softmax_scale", softmax_scale, op=OP)
     dropout_p = check_dropout(dropout_p, op=OP)
-    if q.dtype in KERNEL_DTYPES:
-        name, impl = BACKENDS.select(device, backend)
-    elif backend in (None, "reference"):
-        name, impl = "reference", _reference
-    else:
-        raise BackendError(f"{OP}: backend={backend!r} supports float16, bfloat16 and float32; float64 inputs run on "
-                           "backend='reference' (or backend=None)")
+    name, impl = QFORMER_BACKENDS.select(device, backend, (q, k, v, kv_lens, scale, dropout_p))
     if B == 0:  # nothing to launch; the reference keeps the autograd graph for an empty batch
         return _reference(q, k, v, kv_lens, scale)
     if name != "reference":

@@ -10,13 +10,13 @@ import torch
 from mmkernels.models import QFormer
 from mmkernels.models.convert.qformer import ConversionError, hf_to_mmkernels
 from mmkernels.models.qformer import PRESETS, QFormerConfig, qformer_flops
-from mmkernels.ops.qformer_attention import BACKENDS
+from mmkernels.ops.qformer_attention import QFORMER_BACKENDS
 from mmkernels.testing import assert_within_ref_error
 
 transformers = pytest.importorskip("transformers")
 
 CPU = torch.device("cpu")
-BACKENDS_HERE = [b for b in ("reference", "triton") if b in BACKENDS.available(CPU)]
+BACKENDS_HERE = [b for b in ("reference", "triton") if b in QFORMER_BACKENDS.available(CPU)]
 RTOL, ATOL = 1e-5, 2e-5  # fp32 parity on LayerNorm-normalised outputs (O(1))
 SMALL = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=96,
              encoder_hidden_size=40, cross_attention_frequency=2)

@@ -232,39 +232,57 @@ KERNELS = {"attention": "triton", "patch_embed": "triton", "qformer_cross_attent
            "moe_experts": "triton", "moe_route": "cpp", "expert_bias_update_": "cpp"}
 
 
-def _loss_curves(ex, steps, kernels):
-    base = ex.TrainConfig(steps=steps, batch=16, progress=False, log=None)
+def _loss_curves(ex, steps, batch, kernels):
+    base = ex.TrainConfig(steps=steps, batch=batch, progress=False, log=None)
     ref = [r["loss"] for r in ex.train(base.replace(backend="reference"))]
     ours = [r["loss"] for r in ex.train(base.replace(backend=kernels))]
     return ref, ours
 
 
-def _check_convergence(ref, ours, drop):
-    # Tolerance: float32 kernels that sum in another order than the reference; the differences compound through
-    # training, so the bound grows with the step (2e-3 relative per step, as measured with margin).
-    for step, (a, b) in enumerate(zip(ref, ours, strict=True)):
-        assert abs(a - b) <= 1e-4 + 2e-3 * (step + 1) * abs(a), (step, a, b)
-    assert ref[0] / ref[-1] >= drop and ours[0] / ours[-1] >= drop
+# Tolerance of the loss curves: 1e-4 relative at every step. Measured on this CPU: at most 1.3e-7 over 40 steps with
+# the C++ router and bias update, 1.1e-7 over 10 steps with every Triton kernel (fp32 kernels summing in another
+# order than the reference; the gap compounds through training, hence the margin).
+CURVE_RTOL = 1e-4
 
 
 def test_convergence_fast():
-    """Router and balancer on the C++ kernels vs everything on the reference: 40 steps, loss down >= 3x."""
+    """Router and bias update on the C++ kernels vs every op on the reference: 60 steps, matching loss curves, and
+    the loss falls at least 3x."""
     from mmkernels._extension import extension_status
 
     if not extension_status().loaded:
         pytest.skip("the C++ extension is not built")
     ex = _example()
-    ref, ours = _loss_curves(ex, 40, {"moe_route": "cpp", "expert_bias_update_": "cpp"})
-    _check_convergence(ref, ours, 3.0)
+    ref, ours = _loss_curves(ex, 60, 16, {"moe_route": "cpp", "expert_bias_update_": "cpp"})
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(ref), rtol=CURVE_RTOL, atol=0)
+    assert ref[0] / min(ref[-5:]) >= 3.0 and ours[0] / min(ours[-5:]) >= 3.0, (ref[0], ref[-5:], ours[-5:])
 
 
 @pytest.mark.slow
 def test_convergence_triton_kernels():
-    """Every op on its kernel (Triton under the interpreter on CPU, C++ router and balancer) vs the reference."""
+    """Every op on its kernel (Triton under the interpreter on CPU: slow, so few steps; C++ router and bias update)
+    against the reference: matching loss curves, the loss falling."""
     from mmkernels._backends import triton_available
 
     if not triton_available():
         pytest.skip("triton is not available")
     ex = _example()
-    ref, ours = _loss_curves(ex, 40, KERNELS)
-    _check_convergence(ref, ours, 3.0)
+    ref, ours = _loss_curves(ex, 6, 4, KERNELS)
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(ref), rtol=CURVE_RTOL, atol=0)
+    assert ours[-1] < ours[0]
+
+
+def test_balancer_recipe_holds_the_target_with_the_router_trained():
+    """The default recipe (ScMoEConfig.bias_ki = 0.3, balance_loss_coef = 0.1; router trained at the model's lr):
+    after the example's 300 steps, every layer's FFN experts per token, averaged over the last 10 steps, is within
+    0.1 of K_e and max/mean FFN load is below 1.5 (docs/balancer_training.md)."""
+    ex = _example()
+    cfg = ex.TrainConfig(progress=False, log=None)
+    assert cfg.router_lr is None and cfg.ki is None and cfg.balance_loss is None  # the defaults are the recipe
+    records = ex.train(cfg)
+    target = TINY.decoder.target_ffn_per_token
+    s = ex.summary(records, target)
+    assert s["ffn_error"] < 0.1, s
+    assert s["worst_load"] < 1.5, s
+    assert s["loss_drop"] > 3.0, s
+    assert all(r["balance_loss"] is not None for r in records)

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from mmkernels.nn import QFormerCrossAttention
-from mmkernels.ops.qformer_attention import BACKENDS
+from mmkernels.ops.qformer_attention import QFORMER_BACKENDS
 
 transformers = pytest.importorskip("transformers")
 
 CPU = torch.device("cpu")
-BACKENDS_HERE = [b for b in ("reference", "triton") if b in BACKENDS.available(CPU)]
+BACKENDS_HERE = [b for b in ("reference", "triton") if b in QFORMER_BACKENDS.available(CPU)]
 
 
 def hf_cross_attention(hidden=48, heads=4, enc=40):

@@ -125,3 +125,45 @@ def test_backend_per_op_and_clear_errors():
 def test_bad_padding_mask(bad):
     with pytest.raises((TypeError, ValueError), match="padding_mask"):
         make()(torch.randn(3, 6, 16), padding_mask=bad)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_checkpoint_around_a_compiled_block_counts_once(use_reentrant):
+    torch._dynamo.reset()
+    m = make()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    x = torch.randn(6, 16, requires_grad=True)
+    checkpoint(compiled, x, use_reentrant=use_reentrant).sum().backward()
+    assert int(m.pending_counts.sum()) == 6 * 3
+
+
+def test_autocast_runs_the_experts_in_the_autocast_dtype():
+    """A bf16 activation under autocast (e.g. from an autocast Linear) runs; the router stays fp32 and the experts
+    compute in bf16, close to the fp32 block."""
+    m = make()
+    x = torch.randn(12, 16)
+    want = m(x)
+    lin = torch.nn.Linear(16, 16)
+    torch.nn.init.eye_(lin.weight)
+    torch.nn.init.zeros_(lin.bias)
+    with torch.autocast("cpu", torch.bfloat16):
+        h = lin(x)
+        assert h.dtype == torch.bfloat16
+        y, logits = m(h, return_router_logits=True)
+    assert y.dtype == torch.bfloat16 and logits.dtype == torch.float32
+    torch.testing.assert_close(y.float(), want, rtol=5e-2, atol=5e-2)
+
+
+def test_update_expert_biases_steps_each_balancer_once():
+    from mmkernels.models import ScMoEConfig, ScMoEDecoder
+    from mmkernels.nn import update_expert_biases
+
+    model = ScMoEDecoder(ScMoEConfig.preset("tiny")).train()
+    model(torch.randint(0, 100, (2, 5)))
+    update_expert_biases(model)
+    steps = [m.balancer.steps for m in model.modules() if isinstance(m, ZeroComputeMoE)]
+    assert steps and all(s == 1 for s in steps), steps
+    single = make()
+    single(torch.randn(4, 16))
+    update_expert_biases(single)
+    assert single.balancer.steps == 1

@@ -17,7 +17,7 @@ import mmkernels
 from mmkernels import BackendError
 from mmkernels.kernels.reference.attention import attention_reference
 from mmkernels.ops import attention
-from mmkernels.ops.attention import BACKENDS
+from mmkernels.ops.attention import ATTENTION_BACKENDS
 from mmkernels.testing import assert_within_ref_error, run_opcheck
 
 HAS_CUDA = torch.cuda.is_available()
@@ -207,10 +207,10 @@ def _grads(f, q, k, v):
 
 
 def test_auto_backend(device, no_backend_env):
-    name, _ = BACKENDS.select(torch.device("cpu"))
+    name, _ = ATTENTION_BACKENDS.select(torch.device("cpu"))
     assert name == "reference"
     if HAS_CUDA:
-        assert BACKENDS.select(torch.device("cuda"))[0] == "triton"
+        assert ATTENTION_BACKENDS.select(torch.device("cuda"))[0] == "triton"
     q, k, v = _make((1, 9, 2, 16), (1, 9, 2, 16), torch.float32, torch.device("cpu"))
     torch.testing.assert_close(attention(q, k, v), attention_reference(q, k, v))
 
@@ -229,7 +229,7 @@ BAD_INPUTS = [
     ("int q", lambda: ((_t(1, 4, 2, 8, dtype=torch.int32), _t(1, 4, 2, 8), _t(1, 4, 2, 8)), {}), TypeError,
      "q must be"),
     ("fp64 on triton", lambda: ((_t(1, 4, 2, 8, dtype=torch.float64),) * 3, {"backend": "triton"}), BackendError,
-     "float64 inputs run on backend='reference'"),
+     "float64 runs on backend='reference'"),
     ("dtype mismatch", lambda: ((_t(1, 4, 2, 8, dtype=torch.float16), _t(1, 4, 2, 8), _t(1, 4, 2, 8)), {}),
      TypeError, "same dtype"),
     ("not a tensor", lambda: (([1.0], _t(1, 4, 2, 8), _t(1, 4, 2, 8)), {}), TypeError, "torch.Tensor"),

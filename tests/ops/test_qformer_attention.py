@@ -11,12 +11,12 @@ import torch
 from mmkernels import BackendError
 from mmkernels.kernels.reference.qformer_attention import qformer_attention_reference
 from mmkernels.ops import qformer_cross_attention
-from mmkernels.ops.qformer_attention import BACKENDS
+from mmkernels.ops.qformer_attention import QFORMER_BACKENDS
 from mmkernels.testing import assert_within_ref_error, run_opcheck
 
 CPU = torch.device("cpu")
 HAS_CUDA = torch.cuda.is_available()
-TRITON_CPU = "triton" in BACKENDS.available(CPU)
+TRITON_CPU = "triton" in QFORMER_BACKENDS.available(CPU)
 
 # (B, Lq, H, D, Lk, kv_lens): BLIP-2 shape at 224 px and 364 px (B = 1), one key, mixed lengths with a length-1
 # sample, 128 queries x head dim 128, non-power-of-two head dims.
@@ -158,7 +158,7 @@ def test_reference_backend(dtype):
 
 
 def test_auto_backend_cpu_is_reference(no_backend_env):
-    assert BACKENDS.select(CPU)[0] == "reference"
+    assert QFORMER_BACKENDS.select(CPU)[0] == "reference"
 
 
 def test_softmax_scale_and_empty_batch(device):
@@ -379,7 +379,7 @@ def test_float64_numpy_scale_and_grid(device, no_backend_env):
     assert out.dtype == torch.float64
     torch.testing.assert_close(out, qformer_attention_reference(q, k, v, kv_lens, 0.5), rtol=0, atol=0)
     assert torch.autograd.gradcheck(lambda a: qformer_cross_attention(a, k, v, kv_lens=kv_lens), (q,))
-    if "triton" in BACKENDS.impls:
+    if "triton" in QFORMER_BACKENDS.impls:
         from mmkernels.kernels.triton.qformer_attention import _grid
 
         assert _grid(70_000, 12) == (840_000, 1)  # batch x heads on axis 0: past 65535

@@ -115,6 +115,56 @@ def moe_experts_reference(
     return out.to(hidden.dtype)
 
 
+def moe_experts_reference_backward(
+    grad_out: torch.Tensor,
+    hidden: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor,
+    zero_weight: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`moe_experts_reference` (d hidden, d topk_weights, d zero_weight, d w_gate_up, d w_down),
+    written out (no autograd: it runs inside a registered op, where autograd may be off), same loop and precision.
+
+    Per expert e and slot s on it (token t, weight w): ``gu = x W_gu^T``, ``h = silu(g) * u``, ``y = h W_d^T``;
+    ``dw_s = <dY_t, y>``, ``dh = w dY_t W_d``, ``dW_d += (w dY_t)^T h``, ``dg = dh * u * silu'(g)``, ``du = dh *
+    silu(g)``, ``dW_gu += [dg | du]^T x``, ``dx_t += [dg | du] W_gu``; the identity term adds ``zero_weight * dY`` to
+    ``dx`` and ``<dY_t, x_t>`` to ``d zero_weight``."""
+    compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    x = hidden.to(compute)
+    g_out = grad_out.to(compute)
+    n, two_di, _ = w_gate_up.shape
+    di = two_di // 2
+    d_x = g_out * zero_weight.to(compute)[:, None]
+    d_zero = (g_out * x).sum(-1)
+    flat_ids = topk_ids.reshape(-1).long()
+    flat_w = topk_weights.reshape(-1).to(compute)
+    d_w = torch.zeros_like(flat_w)
+    d_gu_w = torch.zeros(w_gate_up.shape, dtype=compute, device=hidden.device)
+    d_down_w = torch.zeros(w_down.shape, dtype=compute, device=hidden.device)
+    token = torch.arange(hidden.shape[0], device=hidden.device).repeat_interleave(topk_ids.shape[1])
+    valid = (flat_ids >= 0) & (flat_ids < n)
+    for e in torch.unique(flat_ids[valid]).tolist():
+        slots = (flat_ids == e).nonzero().squeeze(1)
+        rows, dy = x[token[slots]], g_out[token[slots]]
+        w_gu, w_d = w_gate_up[e].to(compute), w_down[e].to(compute)
+        gu = rows @ w_gu.t()
+        gate, up = gu[:, :di], gu[:, di:]
+        act = F.silu(gate)
+        h = act * up
+        d_w[slots] = (dy * (h @ w_d.t())).sum(-1)
+        wdy = dy * flat_w[slots, None]
+        d_down_w[e] = wdy.t() @ h
+        dh = wdy @ w_d
+        sig = torch.sigmoid(gate)
+        d_gu = torch.cat([dh * up * sig * (1 + gate * (1 - sig)), dh * act], dim=1)
+        d_gu_w[e] = d_gu.t() @ rows
+        d_x = d_x.index_add(0, token[slots], d_gu @ w_gu)
+    return (d_x.to(hidden.dtype), d_w.view(topk_weights.shape).to(topk_weights.dtype), d_zero.to(zero_weight.dtype),
+            d_gu_w.to(w_gate_up.dtype), d_down_w.to(w_down.dtype))
+
+
 def moe_permute_reference(
     hidden: torch.Tensor, topk_ids: torch.Tensor, num_local_experts: int, expert_offset: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

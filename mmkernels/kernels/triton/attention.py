@@ -92,13 +92,14 @@ def _seq_range(CU, b, L, VARLEN: tl.constexpr):
 @triton.jit
 def _row_block(CU_Q, CU_K, LQ, LK, HQ, GROUP, NUM_BLOCKS, BLOCK_M: tl.constexpr, VARLEN: tl.constexpr):
     """The query rows a forward or dQ program owns: ``(b, h, hk, start_m, q_start, seqlen_q, k_start, seqlen_k)``:
-    rows ``[start_m, start_m + BLOCK_M)`` of sequence ``b`` (int64), query head ``h`` and its key/value head ``hk``
-    (GQA); the sequence's q and k rows start at ``q_start`` / ``k_start``. The caller returns at once when
-    ``start_m >= seqlen_q`` (a block past the end of a short varlen sequence)."""
+    rows ``[start_m, start_m + BLOCK_M)`` of sequence ``b``, query head ``h`` and its key/value head ``hk`` (GQA);
+    the sequence's q and k rows start at ``q_start`` / ``k_start``. The caller returns at once when
+    ``start_m >= seqlen_q`` (a block past the end of a short varlen sequence), and only then widens ``b`` to int64:
+    next to its uses, so the address products stay 32x32->64-bit multiplies (``mul.wide``)."""
     pid_m, h, b = _tile(NUM_BLOCKS, HQ)
     q_start, seqlen_q = _seq_range(CU_Q, b, LQ, VARLEN)
     k_start, seqlen_k = _seq_range(CU_K, b, LK, VARLEN)
-    return b.to(tl.int64), h, h // GROUP, pid_m * BLOCK_M, q_start, seqlen_q, k_start, seqlen_k
+    return b, h, h // GROUP, pid_m * BLOCK_M, q_start, seqlen_q, k_start, seqlen_k
 
 
 @triton.jit
@@ -232,10 +233,11 @@ def _attn_fwd_kernel(
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     DROPOUT: tl.constexpr,
 ):
-    b64, h, hk, start_m, q_start, seqlen_q, k_start, seqlen_k = _row_block(CU_Q, CU_K, LQ, LK, HQ, GROUP, NUM_BLOCKS,
-                                                                            BLOCK_M, VARLEN)
+    b, h, hk, start_m, q_start, seqlen_q, k_start, seqlen_k = _row_block(CU_Q, CU_K, LQ, LK, HQ, GROUP, NUM_BLOCKS,
+                                                                          BLOCK_M, VARLEN)
     if start_m >= seqlen_q:
         return
+    b64 = b.to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < HEAD_DIM
@@ -443,10 +445,11 @@ def _attn_bwd_dq_kernel(
     CAUSAL: tl.constexpr, VARLEN: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
     DROPOUT: tl.constexpr,
 ):
-    b64, h, hk, start_m, q_start, seqlen_q, k_start, seqlen_k = _row_block(CU_Q, CU_K, LQ, LK, HQ, GROUP, NUM_BLOCKS,
-                                                                            BLOCK_M, VARLEN)
+    b, h, hk, start_m, q_start, seqlen_q, k_start, seqlen_k = _row_block(CU_Q, CU_K, LQ, LK, HQ, GROUP, NUM_BLOCKS,
+                                                                          BLOCK_M, VARLEN)
     if start_m >= seqlen_q:
         return
+    b64 = b.to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < seqlen_q
