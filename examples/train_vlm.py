@@ -205,7 +205,10 @@ def train(cfg: TrainConfig) -> list[dict]:
     start, records = 0, []
     if cfg.resume:
         start, records = load_checkpoint(cfg.resume, model, opt)
-    log = open(cfg.log, "a" if cfg.resume else "w") if cfg.log and rank == 0 else None  # noqa: SIM115
+    log = open(cfg.log, "w") if cfg.log and rank == 0 else None  # noqa: SIM115
+    if log is not None:  # a resumed run rewrites the log up to its checkpoint: steps after it are not logged twice
+        for record in records:
+            log.write(json.dumps(record) + "\n")
     bar = _progress(cfg.steps, start, cfg.progress and rank == 0)
     image_size = model.config.vision.image_size
     per_rank = cfg.batch // max(cfg.ep, 1)

@@ -584,7 +584,18 @@ class ScMoEDecoder(nn.Module):
             if inputs_embeds.shape[-1] != self.config.hidden_size:
                 raise ValueError(f"{name}: inputs_embeds must be [B, L, {self.config.hidden_size}], got "
                                  f"{tuple(inputs_embeds.shape)}")
+            if inputs_embeds.dtype != self.embed_tokens.weight.dtype:
+                raise TypeError(f"{name}: inputs_embeds must have the model's dtype "
+                                f"({str(self.embed_tokens.weight.dtype).replace('torch.', '')}), got "
+                                f"{str(inputs_embeds.dtype).replace('torch.', '')}")
             x = inputs_embeds
+        if kv_cache is not None:
+            if not isinstance(kv_cache, KVCache):
+                raise TypeError(f"{name}: kv_cache must be a KVCache (decoder.new_cache()), got "
+                                f"{type(kv_cache).__name__}")
+            if kv_cache.num_layers != len(self.layers):
+                raise ValueError(f"{name}: kv_cache has {kv_cache.num_layers} layers, the decoder has "
+                                 f"{len(self.layers)}; use decoder.new_cache()")
         b, length = x.shape[:2]
         if padding_mask is not None:
             v.tensor("padding_mask", padding_mask, dtypes=(torch.bool,), op=name)

@@ -242,3 +242,16 @@ def test_balance_loss_is_the_device_level_loss_and_reaches_the_router():
     off(ids)
     assert off.balance_loss() is None
     assert TINY.bias_ki == model.layers[0].mlp.balancer.ki == 0.3  # the recipe is the default
+
+
+def test_inputs_embeds_dtype_and_cache_layers_are_checked():
+    from mmkernels.models import KVCache, ScMoEConfig, ScMoEDecoder
+
+    m = ScMoEDecoder(ScMoEConfig.preset("tiny")).eval()
+    with pytest.raises(TypeError, match="inputs_embeds"):
+        m(inputs_embeds=torch.randn(2, 5, m.config.hidden_size, dtype=torch.float64))
+    for layers in (1, len(m.layers) + 3):
+        with pytest.raises(ValueError, match="kv_cache"):
+            m(torch.randint(0, 10, (2, 3)), kv_cache=KVCache(layers))
+    with pytest.raises(TypeError, match="kv_cache"):
+        m(torch.randint(0, 10, (2, 3)), kv_cache={})

@@ -5,6 +5,7 @@ forward, BLIP-2 weights from a tiny offline HF model, backends, padding, torch.c
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import sys
 
@@ -286,3 +287,16 @@ def test_balancer_recipe_holds_the_target_with_the_router_trained():
     assert s["worst_load"] < 1.5, s
     assert s["loss_drop"] > 3.0, s
     assert all(r["balance_loss"] is not None for r in records)
+
+
+def test_resume_after_a_crash_does_not_log_steps_twice(tmp_path):
+    """Steps logged after the last checkpoint, before a crash, are run again on resume: the log keeps them once."""
+    ex = _example()
+    log, ckpt = tmp_path / "c.jsonl", str(tmp_path / "ckpt.pt")
+    cfg = ex.TrainConfig(steps=3, batch=8, progress=False, log=str(log), ckpt=ckpt)
+    ex.train(cfg)
+    with open(log, "a") as f:  # what the crashed run had logged past its checkpoint
+        f.write('{"step": 3, "loss": 0.0}\n{"step": 4, "loss": 0.0}\n')
+    ex.train(cfg.replace(steps=6, resume=ckpt, ckpt=None))
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == sorted(set(steps)) and len(steps) == 6
