@@ -2,9 +2,10 @@
 
 Each takes the float32 router logits (``ZeroComputeMoE(x, return_router_logits=True)``) and the chosen expert ids
 (``MoERouting.topk_ids``), honours a ``padding_mask`` (True = padding: left out of every mean and count), computes in
-float32 with autocast off, and returns a 0-d float32 tensor differentiable in the logits (through the router
-probabilities; the selection counts carry no gradient, as in every reference implementation). Multiply by your
-coefficient (alpha) yourself. Ids outside ``[0, E)`` (e.g. the ``-1`` of dropped padding slots) are not counted.
+float32 (float64 for float64 logits) with autocast off, and returns a 0-d tensor of that dtype, differentiable in the
+logits (through the router probabilities; the selection counts carry no gradient, as in every reference
+implementation). Multiply by your coefficient (alpha) yourself. Ids outside ``[0, E)`` (e.g. the ``-1`` of dropped
+padding slots) are not counted.
 
 - :func:`load_balancing_loss`: Switch Transformers (arXiv 2101.03961) as Hugging Face's Mixtral
   ``load_balancing_loss_func`` computes it: ``E * sum_i f_i P_i`` with ``f_i`` = selections of expert i per token
@@ -53,7 +54,8 @@ def _inputs(op: str, logits: torch.Tensor, topk_ids: torch.Tensor, padding_mask:
         # padding rows may hold NaN/inf: replace them before any arithmetic (0 * NaN is NaN)
         logits = torch.where(padding_mask[..., None], 0.0, logits)
     v.same_device(op, router_logits=logits, topk_ids=topk_ids, valid=valid)
-    return logits.float(), topk_ids.long(), valid
+    math = logits if logits.dtype == torch.float64 else logits.float()  # float64 stays float64 (the tests' truth)
+    return math, topk_ids.long(), valid.to(math.dtype)
 
 
 def _scores(logits: torch.Tensor, scoring: str) -> torch.Tensor:
@@ -66,7 +68,7 @@ def _selections(ids: torch.Tensor, valid: torch.Tensor, num_experts: int) -> tor
     ok = (ids >= 0) & (ids < num_experts)
     weight = (valid[..., None] * ok).flatten(-2)
     index = ids.clamp(0, num_experts - 1).flatten(-2)
-    out = torch.zeros((*ids.shape[:-2], num_experts), dtype=torch.float32, device=ids.device)
+    out = torch.zeros((*ids.shape[:-2], num_experts), dtype=valid.dtype, device=ids.device)
     return out.scatter_add_(-1, index, weight)
 
 
@@ -75,7 +77,7 @@ def load_balancing_loss(router_logits: torch.Tensor, topk_ids: torch.Tensor, *,
     """Switch-style load-balancing loss over all E experts, as HF Mixtral's ``load_balancing_loss_func``.
 
     Args:
-        router_logits: ``[T, E]`` (any float dtype; math in float32).
+        router_logits: ``[T, E]`` (any float dtype; math in float32, float64 for float64).
         topk_ids: ``[T, K]`` chosen experts.
         padding_mask: optional bool ``[T]``, True = padding.
 
@@ -111,13 +113,13 @@ def sequence_balance_loss(router_logits: torch.Tensor, topk_ids: torch.Tensor, *
         logits, ids, valid = _inputs(op, router_logits, topk_ids, padding_mask, 3)
         e, k = logits.shape[-1], ids.shape[-1]
         s = _scores(logits, scoring)
-        s = s / s.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        s = s / s.sum(-1, keepdim=True).clamp_min(torch.finfo(s.dtype).tiny)
         t = valid.sum(-1)  # [B]
         denom = t.clamp_min(1.0)
         f = _selections(ids, valid, e) * (e / k) / denom[:, None]
         p = (s * valid[..., None]).sum(1) / denom[:, None]
         per_seq = (f * p).sum(-1)
-        has_tokens = (t > 0).to(torch.float32)
+        has_tokens = (t > 0).to(per_seq.dtype)
         return (per_seq * has_tokens).sum() / has_tokens.sum().clamp_min(1.0)
 
 
@@ -162,10 +164,11 @@ def device_balance_loss(router_logits: torch.Tensor, topk_ids: torch.Tensor, *, 
         group_of = torch.where(group_of < n, group_of // (n // d), d)
         groups = d + (1 if z else 0)
         sel = _selections(ids[None], valid[None], e)[0]
-        sel_g = torch.zeros(groups, device=logits.device).index_add_(0, group_of, sel)
+        sel_g = torch.zeros(groups, dtype=logits.dtype, device=logits.device).index_add_(0, group_of, sel)
         mass = (_scores(logits, scoring) * valid[:, None]).sum(0) / tokens
-        p_g = torch.zeros(groups, device=logits.device).index_add_(0, group_of, mass)
-        norm = torch.cat([torch.full((d,), d / k_e, device=logits.device),
-                          torch.full((groups - d,), 1.0 / max(k - k_e, 1e-30), device=logits.device)])
+        p_g = torch.zeros(groups, dtype=logits.dtype, device=logits.device).index_add_(0, group_of, mass)
+        norm = torch.cat([torch.full((d,), d / k_e, dtype=logits.dtype, device=logits.device),
+                          torch.full((groups - d,), 1.0 / max(k - k_e, 1e-30), dtype=logits.dtype,
+                                     device=logits.device)])
         f = sel_g * norm / tokens
         return (f * p_g).sum()
