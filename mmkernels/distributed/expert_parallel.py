@@ -368,16 +368,7 @@ class ExpertParallelMoE(RoutedMoE):
             raise TypeError(f"{_NAME}: x must have the experts' dtype {w_gu.dtype}, got {x.dtype}")
         v.same_device(_NAME, x=x, experts=w_gu)
         self._mark("route")
-        hidden = x.reshape(-1, self.hidden_size)
-        pad = None
-        if padding_mask is not None:
-            v.tensor("padding_mask", padding_mask, dtypes=(torch.bool,), op=_NAME)
-            if tuple(padding_mask.shape) != tuple(x.shape[:-1]):
-                raise ValueError(f"{_NAME}: padding_mask must have x.shape[:-1] = {tuple(x.shape[:-1])}, got "
-                                 f"{tuple(padding_mask.shape)}")
-            v.same_device(_NAME, x=x, padding_mask=padding_mask)
-            pad = padding_mask.reshape(-1)
-            hidden = torch.where(pad[:, None], 0.0, hidden)  # padding may hold NaN: keep it out of every product
+        hidden, pad = self._tokens(_NAME, x, padding_mask)
         logits = self.router(hidden)
         routing = self._route(logits)
         if pad is not None:

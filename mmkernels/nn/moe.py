@@ -120,8 +120,8 @@ def _(pending, counts) -> None:
 class RoutedMoE(nn.Module):
     """What every MoE block with zero experts shares (:class:`ZeroComputeMoE`,
     ``mmkernels.distributed.ExpertParallelMoE``): the fp32 ``router``, the ``balancer`` that owns the selection bias,
-    and the biased top-k choice. Subclasses set ``router``, ``balancer``, ``top_k``, ``num_ffn_experts``,
-    ``scoring``, ``routed_scaling_factor``, ``renormalize`` and ``_backends``."""
+    the biased top-k choice and the token/padding set-up. Subclasses set ``router``, ``balancer``, ``hidden_size``,
+    ``top_k``, ``num_ffn_experts``, ``scoring``, ``routed_scaling_factor``, ``renormalize`` and ``_backends``."""
 
     @property
     def expert_bias(self) -> torch.Tensor:
@@ -131,6 +131,22 @@ class RoutedMoE(nn.Module):
     def route(self, hidden: torch.Tensor) -> MoERouting:
         """Router logits in fp32 (input upcast, weight kept fp32, autocast off), then ``moe_route``."""
         return self._route(self.router(hidden))
+
+    def _tokens(self, name: str, x: torch.Tensor, padding_mask: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x [..., Dm]`` as token rows ``[T, Dm]`` and the checked ``padding_mask`` flattened to ``[T]`` (or None).
+        Padding rows may hold anything (NaN included): they are zeroed before any product, so nothing reaches the
+        router's or the experts' weight gradients (0 * NaN would)."""
+        hidden = x.reshape(-1, self.hidden_size)
+        if padding_mask is None:
+            return hidden, None
+        v.tensor("padding_mask", padding_mask, dtypes=(torch.bool,), op=name)
+        if tuple(padding_mask.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"{name}: padding_mask must have x.shape[:-1] = {tuple(x.shape[:-1])}, got "
+                             f"{tuple(padding_mask.shape)}")
+        v.same_device(name, x=x, padding_mask=padding_mask)
+        pad = padding_mask.reshape(-1)
+        return torch.where(pad[:, None], 0.0, hidden), pad
 
     def _route(self, logits: torch.Tensor) -> MoERouting:
         return moe_route(logits, top_k=self.top_k, num_ffn_experts=self.num_ffn_experts, bias=self.balancer.bias,
@@ -254,18 +270,7 @@ class ZeroComputeMoE(RoutedMoE):
         v.tensor("x", x, op=name)
         if x.dim() < 1 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"{name}: x must be [..., {self.hidden_size}], got {tuple(x.shape)}")
-        hidden = x.reshape(-1, self.hidden_size)
-        pad = None
-        if padding_mask is not None:
-            v.tensor("padding_mask", padding_mask, dtypes=(torch.bool,), op=name)
-            if tuple(padding_mask.shape) != tuple(x.shape[:-1]):
-                raise ValueError(f"{name}: padding_mask must have x.shape[:-1] = {tuple(x.shape[:-1])}, got "
-                                 f"{tuple(padding_mask.shape)}")
-            v.same_device(name, x=x, padding_mask=padding_mask)
-            pad = padding_mask.reshape(-1)
-            # Padding rows may hold anything (NaN included): zero them before any product so nothing reaches the
-            # router's or the experts' weight gradients (0 * NaN would).
-            hidden = torch.where(pad[:, None], 0.0, hidden)
+        hidden, pad = self._tokens(name, x, padding_mask)
         logits = self.router(hidden)
         routing = self._route(logits)
         if pad is not None:
