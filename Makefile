@@ -32,12 +32,17 @@ test-gpu: install
 	$(PY) -m pytest tests benchmarks -m gpu $(PYTEST_ARGS)
 
 # Compile every Triton kernel, at the block sizes its launcher picks on a GPU, for real targets with Triton's own
-# compiler (catches what the CPU interpreter cannot: tl.dot shape rules, types, shared memory over the limit).
+# compiler (catches what the CPU interpreter cannot: tl.dot shape rules, types, shared memory over the limit), and
+# report registers / spills / shared memory per (kernel, dtype, config, arch) in build/triton-spills.{md,jsonl}.
+# Fails when a default config spills. `make check-triton SPILL_DOCS=docs/performance.md` also regenerates the table
+# in the docs.
 TRITON_ARCHS ?= 80,90
+SPILL_DOCS ?=
 check-triton: install
 	@mkdir -p build
 	TRITON_INTERPRET=1 $(PY) tests/triton_launches.py build/triton-gpu-launches.jsonl
-	env -u TRITON_INTERPRET $(PY) tests/triton_gpu_compile.py build/triton-gpu-launches.jsonl --archs $(TRITON_ARCHS)
+	env -u TRITON_INTERPRET $(PY) tests/triton_gpu_compile.py build/triton-gpu-launches.jsonl --archs $(TRITON_ARCHS) \
+		--report build/triton-spills.md --json build/triton-spills.jsonl $(if $(SPILL_DOCS),--write-docs $(SPILL_DOCS))
 
 lint: install
 	$(VENV)/bin/ruff check .

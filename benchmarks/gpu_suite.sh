@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# The one script to run on a GPU machine: build mmkernels offline, run the GPU tests, time every op.
+# The one script to run on a GPU machine: build mmkernels offline, tune the Triton kernels for this card if the package
+# ships no config file for it, run the GPU tests, time every op.
 #
 #   benchmarks/gpu_suite.sh OUTDIR [OP ...]     (ops as `mmkernels-bench list` names them; default: all)
 #
-# Writes to OUTDIR: build.log, info.txt, tests.log, bench.log, results.json, results.csv, summary.txt.
-# Budget: 8 minutes on an H100 including the build. Env: PYTHON (default python3), SHAPES (bench preset,
+# Writes to OUTDIR (8 files at most: the device tool brings back no more): build.log (build and tuning logs),
+# tests.log, bench.log, results.json, results.csv, summary.txt (with the device info), hf.json (HF models patched vs
+# unpatched), and <device>.json when it tuned (the card's config file: commit it to mmkernels/kernels/triton/configs/).
+# Budget: 8 minutes on an H100 including the build (SUITE_BUDGET seconds, default 480: tuning, the tests and the
+# benchmarks each get at most what is left). Env: PYTHON (default python3), SHAPES (bench preset,
 # default "gpu": each op's budgeted subset), MMKERNELS_CUDA_ARCHS (default: this GPU's arch, e.g. 90a on Hopper),
 # BENCH_ARGS (mmkernels-bench flags, default "--warmup-ms 10 --rep-ms 40"), TEST_TIMEOUT / BENCH_TIMEOUT
-# (seconds, default 150 / 240). Results are written after every case, so a run cut short keeps what it timed.
+# (seconds, default 150 / 240), TUNE_BUDGET (seconds for `mmkernels-bench tune all`: default 90 when the package has no
+# config file for this card, else 0 = skip; set it to extend a shipped file with buckets it lacks).
+# Results are written after every case, so a run cut short keeps what it timed.
 set -uo pipefail
 
 OUT=${1:?usage: benchmarks/gpu_suite.sh OUTDIR [OP ...]}
@@ -18,6 +24,8 @@ mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
 t0=$(date +%s)
 stamp() { echo "[gpu_suite +$(( $(date +%s) - t0 ))s] $*"; }
+left() { echo $(( ${SUITE_BUDGET:-480} - ($(date +%s) - t0) )); }  # seconds left of the suite's budget
+atmost() { local a=$1 b=$2; [ "$b" -lt "$a" ] && a=$b; [ "$a" -lt 1 ] && a=1; echo "$a"; }
 status=0
 
 if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
@@ -39,6 +47,31 @@ fi
 grep -F "[mmkernels build]" "$OUT/build.log" | sed 's/^ *//'
 "$PY" -m mmkernels.info | tee -a "$OUT/info.txt"
 
+# Tune first (tests and benchmarks then run the tuned configs): only when the package ships no file for this card,
+# unless TUNE_BUDGET says otherwise; at least 300 s stay for the tests and the benchmarks.
+slug=$("$PY" -c "from mmkernels.kernels.triton import tuning as t; print(t.device_slug(t.device_name()))" 2>/dev/null)
+shipped="mmkernels/kernels/triton/configs/$slug.json"
+if [ -n "$slug" ]; then
+  default_budget=0
+  [ -f "$shipped" ] || default_budget=90
+  tune_budget=$(atmost "${TUNE_BUDGET:-$default_budget}" $(( $(left) - 300 )))
+  [ "${TUNE_BUDGET:-$default_budget}" -gt 0 ] || tune_budget=0
+  if [ "$tune_budget" -ge 20 ]; then
+    [ -f "$shipped" ] && cp "$shipped" "$OUT/$slug.json"  # extend the shipped file, keep its buckets
+    stamp "tuning for $slug: mmkernels-bench tune all --budget $tune_budget (log: $OUT/build.log)"
+    timeout $(( tune_budget + 60 )) "$PY" -m mmkernels.bench tune all --budget "$tune_budget" --out "$OUT/$slug.json" \
+      >>"$OUT/build.log" 2>&1
+    rc=$?
+    grep -E "^(tuning|tuned|budget|attention|qformer|patch|moe)" "$OUT/build.log" | tail -n 40
+    if [ -s "$OUT/$slug.json" ]; then
+      cp "$OUT/$slug.json" "$shipped"  # the editable install reads it from here: the tests and benchmarks use it
+    fi
+    [ $rc -eq 0 ] || { stamp "TUNING FAILED (rc=$rc): the defaults stay where nothing was tuned"; status=1; }
+  else
+    stamp "tuning skipped: ${shipped} $( [ -f "$shipped" ] && echo exists || echo 'missing, too little time left')"
+  fi
+fi
+
 filter=()
 if [ ${#OPS[@]} -gt 0 ]; then
   expr=$(printf ' or %s' "${OPS[@]}")
@@ -48,7 +81,7 @@ fi
 parallel=()
 "$PY" -c "import xdist" 2>/dev/null && parallel=(-n "${TEST_WORKERS:-8}")
 stamp "GPU tests: pytest -m gpu ${parallel[*]} ${filter[*]}"
-timeout "${TEST_TIMEOUT:-150}" "$PY" -m pytest tests -m gpu -q -p no:cacheprovider "${parallel[@]}" "${filter[@]}" \
+timeout "$(atmost "${TEST_TIMEOUT:-150}" $(( $(left) - 120 )))" "$PY" -m pytest tests -m gpu -q -p no:cacheprovider "${parallel[@]}" "${filter[@]}" \
   >"$OUT/tests.log" 2>&1
 rc=$?
 tail -n 15 "$OUT/tests.log"
@@ -58,13 +91,36 @@ targets=("${OPS[@]}")
 [ ${#targets[@]} -gt 0 ] || targets=(all)
 stamp "benchmarks: ${targets[*]} (preset ${SHAPES:-gpu})"
 # shellcheck disable=SC2086
-timeout "${BENCH_TIMEOUT:-240}" "$PY" -m mmkernels.bench "${targets[@]}" --shapes "${SHAPES:-gpu}" \
+timeout "$(atmost "${BENCH_TIMEOUT:-240}" $(( $(left) - ${HF_TIMEOUT:-90} - 15 )))" "$PY" -m mmkernels.bench "${targets[@]}" --shapes "${SHAPES:-gpu}" \
   --out "$OUT" ${BENCH_ARGS:---warmup-ms 10 --rep-ms 40} >"$OUT/bench.log" 2>&1
 rc=$?
 tail -n 80 "$OUT/bench.log"
 [ $rc -eq 0 ] || { stamp "BENCHMARKS FAILED (rc=$rc)"; status=1; }
 
+# Hugging Face models patched vs unpatched (realistic sizes on a GPU): CLIP ViT-L/14-336 tower, BLIP-2's Q-Former at
+# B=64, a Mixtral-shaped MoE block. One merged hf.json (the device tool brings back at most 8 files).
+hf_budget=$(atmost "${HF_TIMEOUT:-90}" $(( $(left) - 15 )))
+if [ "$hf_budget" -ge 20 ]; then
+  stamp "HF patch benchmarks (budget ${hf_budget}s)"
+  mkdir -p "$OUT/hf"
+  hf_t0=$(date +%s)
+  for model in clip blip2-qformer mixtral-moe; do
+    remaining=$(( hf_budget - ($(date +%s) - hf_t0) ))
+    [ "$remaining" -ge 10 ] || { stamp "hf: no time left for $model"; break; }
+    timeout "$remaining" "$PY" -m mmkernels.bench hf --model "$model" --out "$OUT/hf" \
+      ${HF_ARGS:---warmup-ms 10 --rep-ms 40} >>"$OUT/bench.log" 2>&1 || { stamp "hf $model FAILED"; status=1; }
+  done
+  "$PY" - "$OUT/hf" "$OUT/hf.json" <<'PYEOF'
+import json, pathlib, sys
+rows = {p.stem[3:]: json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("hf_*.json"))}
+pathlib.Path(sys.argv[2]).write_text(json.dumps(rows, indent=1))
+PYEOF
+  rm -rf "$OUT/hf"
+  grep -A12 -E "^mmkernels-bench hf|patched" "$OUT/bench.log" | tail -n 40
+fi
+
 {
+  cat "$OUT/info.txt" 2>/dev/null && rm -f "$OUT/info.txt"  # folded in: the device tool brings back 8 files at most
   echo "gpu_suite on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1), $(date -u +%FT%TZ)"
   echo "ops: ${targets[*]}; status: $status; wall: $(( $(date +%s) - t0 ))s"
   grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 1

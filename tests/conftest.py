@@ -53,3 +53,21 @@ if os.environ.get("MMKERNELS_RECORD_TRITON") and os.environ.get("TRITON_INTERPRE
     from triton_launches import record_launches  # tests/triton_launches.py
 
     record_launches(os.environ["MMKERNELS_RECORD_TRITON"])
+
+
+@pytest.fixture
+def ops_run(monkeypatch):
+    """Records ``(op, backend)`` for every mmkernels op call (each public op resolves its backend once per call), so a
+    test can say which ops ran and on what."""
+    from mmkernels._backends import OpBackends
+
+    seen: list[tuple[str, str]] = []
+    original = OpBackends.select
+
+    def spy(self, device, backend=None, args=None):
+        name, impl = original(self, device, backend, args)
+        seen.append((self.op, name))
+        return name, impl
+
+    monkeypatch.setattr(OpBackends, "select", spy)
+    return seen

@@ -16,7 +16,7 @@ import torch
 
 import mmkernels
 from mmkernels import ops
-from mmkernels._backends import OpBackends, registered_ops
+from mmkernels._backends import registered_ops
 from mmkernels.models.qformer import QFormer, QFormerConfig
 from mmkernels.models.scmoe import ScMoEConfig, ScMoEDecoderLayer
 from mmkernels.models.vit import ViT, ViTConfig
@@ -116,21 +116,6 @@ MODELS = {
 }
 
 
-@pytest.fixture
-def resolved(monkeypatch):
-    """Records (op, backend) for every backend resolution."""
-    seen: list[tuple[str, str]] = []
-    original = OpBackends.select
-
-    def spy(self, device, backend=None, args=None):
-        name, impl = original(self, device, backend, args)
-        seen.append((self.op, name))
-        return name, impl
-
-    monkeypatch.setattr(OpBackends, "select", spy)
-    return seen
-
-
 def _run_model(name, model, inputs):
     out = model(*inputs)
     if isinstance(model, ZeroComputeMoE):
@@ -140,7 +125,7 @@ def _run_model(name, model, inputs):
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cpp"])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_backend_reaches_every_op(name, backend, resolved, no_backend_env):
+def test_backend_reaches_every_op(name, backend, ops_run, no_backend_env):
     build, inputs, model_ops = MODELS[name]
     missing = sorted(op for op in model_ops if backend not in registered_ops()[op].impls)
     if missing:
@@ -150,16 +135,16 @@ def test_backend_reaches_every_op(name, backend, resolved, no_backend_env):
     if any(backend not in registered_ops()[op].available(CPU) for op in model_ops):
         pytest.skip(f"{backend} cannot run here")
     _run_model(name, build(backend), inputs())
-    assert {op for op, _ in resolved} == model_ops
-    assert {b for _, b in resolved} == {backend}, resolved
+    assert {op for op, _ in ops_run} == model_ops
+    assert {b for _, b in ops_run} == {backend}, ops_run
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_mapping_picks_per_op(name, resolved, no_backend_env):
+def test_mapping_picks_per_op(name, ops_run, no_backend_env):
     build, inputs, model_ops = MODELS[name]
     choice = {op: "reference" for op in sorted(model_ops)[:1]}
     _run_model(name, build(choice), inputs())
-    assert all(b == "reference" for op, b in resolved if op in choice)
+    assert all(b == "reference" for op, b in ops_run if op in choice)
 
 
 # ---- every integer argument is validated up front ------------------------------------------------------------------

@@ -113,6 +113,28 @@ def record_gpu_configs(path: str) -> None:
             for deterministic in (False, True):
                 attention_bwd_triton(torch.randn_like(out), q, q, q, out, lse, None, None, lq, lq, False, d**-0.5,
                                      deterministic, 0.1, seed)
+        # packed varlen attention (attention_packed.py, forced on): a batch of 4 images per ViT width, GQA causal, and
+        # the dropout specialisation
+        os.environ["MMKERNELS_ATTENTION_PACKED"] = "1"
+        try:
+            for n, hq, hkv, d, causal in [(197, 12, 12, 64, False), (257, 16, 16, 88, False),
+                                          (577, 16, 16, 72, False), (197, 12, 4, 80, True)]:
+                cu = torch.arange(0, 5 * n, n, dtype=torch.int32)
+                q = torch.randn(4 * n, hq, d, dtype=dtype)
+                k = torch.randn(4 * n, hkv, d, dtype=dtype)
+                v = torch.randn_like(k)
+                out, lse = attention_fwd_triton(q, k, v, cu, cu, n, n, causal, d**-0.5)
+                for deterministic in (False, True):
+                    attention_bwd_triton(torch.randn_like(out), q, k, v, out, lse, cu, cu, n, n, causal, d**-0.5,
+                                         deterministic)
+            cu = torch.tensor([0, 197, 394], dtype=torch.int32)
+            q = torch.randn(394, 12, 72, dtype=dtype)
+            out, lse = attention_fwd_triton(q, q, q, cu, cu, 197, 197, False, 72**-0.5, 0.1, seed)
+            for deterministic in (False, True):
+                attention_bwd_triton(torch.randn_like(out), q, q, q, out, lse, cu, cu, 197, 197, False, 72**-0.5,
+                                     deterministic, 0.1, seed)
+        finally:
+            del os.environ["MMKERNELS_ATTENTION_PACKED"]
         # Q-Former cross-attention: BLIP-2 (32 queries, 257 / 677 keys), small batch (split-K) and large
         for b, lk, d in [(1, 257, 64), (64, 257, 64), (2, 677, 88), (8, 677, 128)]:
             q = torch.randn(b, 32, 12, d, dtype=dtype)

@@ -6,9 +6,14 @@ Examples:
   mmkernels-bench expert_bias_update --shapes default --out results/ --plot
   mmkernels-bench all --backends cuda triton --dtype bf16
   mmkernels-bench attention patch_embed --out results/
+  mmkernels-bench tune all --budget 90      tune the Triton kernels' configs for this card (tune --help)
+  mmkernels-bench hf --model clip           a Hugging Face model patched vs unpatched (hf --help)
 
 Each row names the device; "speedup" is the baseline's median time over the row's, measured in the same run;
-"%peak" divides by ceilings measured here (a value above 100 is marked * and explained under the table).
+"%peak" divides by ceilings measured here (a value above 100 is marked * and explained under the table);
+"bound ms" is the least time those ceilings allow (max of FLOPs / matmul rate and bytes / copy rate) and "x bound"
+the median over it; "graph ms" (--cuda-graph; default for microsecond ops on CUDA) is the per-call time replayed
+from a CUDA graph. An L2 flush precedes each timed call of memory-bound rows on CUDA (--l2-flush / --no-l2-flush).
 Exit status: 0 done, 1 a case failed, 2 a usage error (one line; checked before anything is timed: an unknown op,
 device or preset, a --backends entry that cannot run here, an --out that cannot be written).
 See docs/benchmarks.md.
@@ -61,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", action="store_true", help="also save speed-up plots (needs matplotlib; with --out)")
     p.add_argument("--warmup-ms", type=float, default=None, help="warm-up time per provider (default 25, quick 5)")
     p.add_argument("--rep-ms", type=float, default=None, help="timed time per provider (default 100, quick 20)")
+    p.add_argument("--l2-flush", action=argparse.BooleanOptionalAction, default=None,
+                   help="write a buffer twice the GPU's L2 size before every timed call, outside the timed region "
+                        "(default: memory-bound rows only; a no-op on CPUs)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time calls replayed from a CUDA graph (the 'graph ms' column; default: the "
+                        "microsecond ops, moe_route and expert_bias_update; CUDA only)")
     return p
 
 
@@ -68,8 +79,8 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
-COLUMNS = ("op", "case", "mode", "provider", "median ms", "p20-p80 ms", "TFLOP/s", "GB/s", "%peak", "mem MB",
-           "speedup")
+COLUMNS = ("op", "case", "mode", "provider", "median ms", "p20-p80 ms", "graph ms", "TFLOP/s", "GB/s", "%peak",
+           "bound ms", "limit", "x bound", "mem MB", "speedup")
 OVER_CEILING = "*"  # marks a %peak above 100: explained by the footnote under the table
 
 
@@ -82,21 +93,47 @@ def _pct_cell(r: Row) -> str:
     return f"{pct:.0f}" if pct >= 10 else f"{pct:.2g}"
 
 
-def _cells(r: Row) -> list[str]:
+def _bound_cell(r: Row) -> str:
+    """Median over the lower bound; below 1 (faster than the estimated ceilings allow) marked like a %peak over 100."""
+    if r.ratio_to_bound is None:
+        return "-"
+    if r.ratio_to_bound < 1:
+        return f"{r.ratio_to_bound:.2f}{OVER_CEILING}"
+    return f"{r.ratio_to_bound:.0f}x" if r.ratio_to_bound >= 100 else f"{r.ratio_to_bound:.3g}x"
+
+
+def _graph_notes(rows: Sequence[Row]) -> dict[str, int]:
+    """Footnote numbers for the reasons rows have no graph time (one per distinct reason)."""
+    notes: dict[str, int] = {}
+    for r in rows:
+        if r.graph_ms is None and r.graph_note and r.graph_note not in notes:
+            notes[r.graph_note] = len(notes) + 1
+    return notes
+
+
+def _graph_cell(r: Row, notes: dict[str, int]) -> str:
+    if r.graph_ms is not None:
+        return f"{r.graph_ms:.4f}"
+    return f"n/a[{notes[r.graph_note]}]" if r.graph_note in notes else "-"
+
+
+def _cells(r: Row, notes: dict[str, int] | None = None) -> list[str]:
     return [
         r.op, r.case, r.mode, r.provider, _fmt(r.median_ms, ".4f"), f"{r.p20_ms:.4f}-{r.p80_ms:.4f}",
-        _fmt(r.tflops, ".3g"), _fmt(r.gbps, ".3g"), _pct_cell(r), _fmt(r.peak_mem_mb, ".1f"),
-        _fmt(r.speedup, ".2f") + ("x" if r.speedup is not None else ""),
+        _graph_cell(r, notes or {}), _fmt(r.tflops, ".3g"), _fmt(r.gbps, ".3g"), _pct_cell(r),
+        _fmt(r.lower_bound_ms, ".3g"), {"memory": "mem", "compute": "flops"}.get(r.limit, "-"), _bound_cell(r),
+        _fmt(r.peak_mem_mb, ".1f"), _fmt(r.speedup, ".2f") + ("x" if r.speedup is not None else ""),
     ]
 
 
 def _print_table(rows: Sequence[Row], title: str, ceilings: dict) -> None:
+    notes = _graph_notes(rows)
     try:
         from rich.console import Console
         from rich.table import Table
         from rich.text import Text
     except ImportError:
-        cells = [list(COLUMNS)] + [_cells(r) for r in rows]
+        cells = [list(COLUMNS)] + [_cells(r, notes) for r in rows]
         widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
         print(title)
         for c in cells:
@@ -106,12 +143,18 @@ def _print_table(rows: Sequence[Row], title: str, ceilings: dict) -> None:
         for col in COLUMNS:
             table.add_column(col, justify="right" if col not in ("op", "case", "mode", "provider") else "left")
         for r in rows:
-            table.add_row(*(Text(c) for c in _cells(r)))  # Text: no markup parsing of 'mmkernels[cpp]'
-        Console(width=200).print(table)
+            table.add_row(*(Text(c) for c in _cells(r, notes)))  # Text: no markup parsing of 'mmkernels[cpp]'
+        Console(width=240).print(table)
     if any(_pct_cell(r).endswith(OVER_CEILING) for r in rows):
         print(f"{OVER_CEILING} above 100% of the measured ceiling: the ceilings are estimates ({ceilings['method']}); "
               "data that stays in cache, or work the analytic count leaves out, can beat them. Read such a row as "
               "at the ceiling, not past it.")
+    if any(_bound_cell(r).endswith(OVER_CEILING) for r in rows):
+        print(f"{OVER_CEILING} in 'x bound': faster than the lower bound from the measured ceilings, which are "
+              "estimates (cache-resident data, or work the analytic count leaves out); read it as at the limit.")
+    for note, k in notes.items():
+        providers = ", ".join(dict.fromkeys(f"{r.op} {r.provider}" for r in rows if r.graph_note == note))
+        print(f"graph ms n/a[{k}]: {note} ({providers}); their median is launch-inclusive only")
 
 
 class _Progress:
@@ -241,6 +284,29 @@ def _cpu_note(plan_cases, device: torch.device) -> str:
     return f"{head}: " + "; ".join(parts) + "."
 
 
+def _timing_note(device: torch.device, config: BenchConfig, ceilings: dict, suites) -> str:
+    """What 'bound ms', the L2 flush and 'graph ms' mean in this run (printed under the ceilings)."""
+    from .runner import wants_graph
+
+    where = "this CPU's" if device.type == "cpu" else "these"
+    lines = [f"bound ms = max(FLOPs / matmul ceiling in the row's dtype, bytes / copy ceiling), from {where} measured "
+             "ceilings; limit = the larger term (mem: intensity at or below the ridge point); x bound = median / bound"]
+    if device.type != "cuda":
+        lines.append("L2 flush: a no-op on CPU (nothing is flushed; inputs rotate through 4 fresh sets)")
+    else:
+        which = {None: "memory-bound rows", True: "every row", False: "off"}[config.l2_flush]
+        l2 = ceilings.get("l2_bytes")
+        size = f"{2 * l2 / 2**20:.0f} MiB, twice the {l2 / 2**20:.0f} MiB L2" if l2 else "256 MiB (L2 size unknown)"
+        lines.append(f"L2 flush before each timed call, outside the events: {which} ({size})")
+    graphed = [s.name for s in suites if wants_graph(config, s)]
+    if device.type != "cuda":
+        lines.append("graph ms: CUDA graphs are CUDA only (--cuda-graph on a CPU says so per row)")
+    elif graphed:
+        lines.append(f"graph ms = per call, from a CUDA graph of many calls replayed (no launch gaps): "
+                     f"{', '.join(graphed)}; median ms stays launch-inclusive")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI. Returns the exit status: 0 done, 1 some case failed, 2 a usage error (one line on stderr, nothing
     timed)."""
@@ -255,10 +321,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["tune"]:  # per-device kernel configurations: a CLI of its own (bench/tune.py)
+        from .tune import main as tune_main
+
+        return tune_main(argv[1:])
     if argv[:1] == ["ep"]:  # expert parallelism spawns its own worker processes: a CLI of its own
         from ..distributed.bench import main as ep_main
 
         return ep_main(argv[1:]) or 0
+    if argv[:1] == ["hf"]:  # a Hugging Face model patched vs unpatched: a CLI of its own
+        from .hf import main as hf_main
+
+        return hf_main(argv[1:]) or 0
     parser = _parser()
     args = parser.parse_args(argv)
     all_suites = registered_suites()
@@ -282,7 +356,8 @@ def _main(argv: Sequence[str] | None) -> int:
             _usage_error(f"{flag} must be a number of milliseconds >= 0, got {value}")
     warmup_ms = args.warmup_ms if args.warmup_ms is not None else (5.0 if args.quick else 25.0)
     rep_ms = args.rep_ms if args.rep_ms is not None else (20.0 if args.quick else 100.0)
-    config = BenchConfig(device=device, dtype=DTYPES.get(args.dtype), preset=preset, backends=args.backends)
+    config = BenchConfig(device=device, dtype=DTYPES.get(args.dtype), preset=preset, backends=args.backends,
+                         l2_flush=args.l2_flush, cuda_graph=args.cuda_graph)
 
     plan = []
     for s in chosen:
@@ -312,6 +387,7 @@ def _main(argv: Sequence[str] | None) -> int:
     matmuls = ", ".join(f"{dt} matmul {v:.3g} TFLOP/s" for dt, v in ceilings["tflops_by_dtype"].items())
     print(f"measured ceilings (%peak divides by these; {ceilings['method']}): copy {ceilings['gbps']:.1f} GB/s, "
           f"{matmuls}", flush=True)
+    print(_timing_note(device, config, ceilings, chosen), flush=True)
     metadata = run_metadata(device, ceilings)
     rows: list[Row] = []
     failures: list[str] = []

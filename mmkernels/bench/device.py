@@ -1,4 +1,5 @@
-"""The device under test: its name and its measured ceilings (copy bandwidth, matmul rate per dtype)."""
+"""The device under test: its name, its measured ceilings (copy bandwidth, matmul rate per dtype) and the lower bound
+they give each row, and its L2 size (for the flush between timed calls)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from .timing import time_fn
 
-__all__ = ["Ceilings", "device_name", "measure_ceilings"]
+__all__ = ["Ceilings", "device_name", "l2_cache_bytes", "measure_ceilings"]
 
 
 def device_name(device: torch.device | str) -> str:
@@ -25,18 +26,42 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 class Ceilings(dict):
-    """What this device was measured to do, the divisors of the ``%peak`` columns.
+    """What this device was measured to do: the divisors of the ``%peak`` columns and the two rates each row's
+    lower bound is computed from.
 
     Keys: ``gbps`` (the best copy rate, bytes read + written, GB/s), ``tflops`` (matmul TFLOP/s in ``dtype``),
     ``dtype``, ``tflops_by_dtype`` (``{dtype name: TFLOP/s}`` for every dtype measured; a dtype whose matmul does
     not run here is absent), ``threads`` (CPU threads used, the timed code's ``torch.get_num_threads()``; None on
-    GPUs) and ``method`` (one line on how they were measured).
+    GPUs), ``l2_bytes`` (the GPU's L2 cache size from its device properties; None on CPUs), ``source``
+    (``"measured"``: timed on this device in this process; anything else names where the numbers came from, e.g.
+    ``"nominal"`` for datasheet values) and ``method`` (one line on how they were measured).
     """
 
     def tflops_for(self, dtype: torch.dtype | str) -> float | None:
         """The matmul ceiling in ``dtype`` (TFLOP/s), or None when it was not measured."""
         name = dtype if isinstance(dtype, str) else _dtype_name(dtype)
         return self.get("tflops_by_dtype", {}).get(name)
+
+    def ridge(self, dtype: torch.dtype | str) -> float | None:
+        """The ridge point in ``dtype``: matmul FLOP/s over copy bytes/s (FLOP per byte). A kernel whose arithmetic
+        intensity (its FLOPs over its bytes) is below it cannot be limited by arithmetic: it is memory-bound. None
+        when either ceiling is missing."""
+        tflops, gbps = self.tflops_for(dtype), self.get("gbps")
+        return tflops * 1e12 / (gbps * 1e9) if tflops and gbps else None
+
+    def lower_bound(self, flops: float, nbytes: float, dtype: torch.dtype | str) -> tuple[float | None, str | None]:
+        """``(ms, limit)``: the least time ``flops`` and ``nbytes`` can take here, ``max(flops / matmul peak in
+        dtype, bytes / copy bandwidth)`` in milliseconds, and which term is the larger (``"memory"`` or
+        ``"compute"``: the row's bound). A term whose count is 0 or whose ceiling was not measured is left out (the
+        bound stays a lower bound, only a looser one); ``(None, None)`` when neither term is known."""
+        tflops, gbps = self.tflops_for(dtype), self.get("gbps")
+        compute_ms = flops / (tflops * 1e12) * 1e3 if flops > 0 and tflops else None
+        memory_ms = nbytes / (gbps * 1e9) * 1e3 if nbytes > 0 and gbps else None
+        if compute_ms is None and memory_ms is None:
+            return None, None
+        if compute_ms is None or (memory_ms is not None and memory_ms >= compute_ms):
+            return memory_ms, "memory"  # ties go to memory: intensity exactly at the ridge flushes L2 too
+        return compute_ms, "compute"
 
 
 def _best_ms(fn, device: torch.device, rep_ms: float) -> float:
@@ -104,5 +129,15 @@ def measure_ceilings(device: torch.device | str, quick: bool = False,
         dtype=_dtype_name(primary),
         tflops_by_dtype=by_dtype,
         threads=threads,
+        l2_bytes=l2_cache_bytes(dev),
+        source="measured",
         method=f"fastest copy and matmul calls over a few sizes, {where}",
     )
+
+
+def l2_cache_bytes(device: torch.device | str) -> int | None:
+    """The GPU's L2 cache size in bytes, from its device properties; None on CPUs or when the property is 0."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    return int(getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0)) or None

@@ -1,4 +1,5 @@
-"""Benchmark rows and their files: JSON (with run metadata), CSV (one row per op/case/provider/device)."""
+"""Benchmark rows and their files: JSON (with run metadata), CSV (one row per op/case/provider/device, every field of
+:class:`Row` a column)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,16 @@ class Row:
     peak_mem_mb: float | None
     speedup: float | None  # baseline median / this median, same case, same run
     baseline: str
+    # max(FLOPs / matmul ceiling in this dtype, bytes / copy ceiling), ms: no version can run much faster
+    lower_bound_ms: float | None = None
+    ratio_to_bound: float | None = None  # median / lower bound (1.0: at the physical limit)
+    limit: str | None = None  # "memory" or "compute": the larger term of the bound (intensity below the ridge: memory)
+    l2_flush: bool = False  # an L2 flush ran before every timed call (CUDA only: on CPUs the flush is a no-op)
+    graph_ms: float | None = None  # per-call median from CUDA-graph replays (no launch gaps); None: not measured
+    graph_p20_ms: float | None = None
+    graph_p80_ms: float | None = None
+    graph_ratio_to_bound: float | None = None  # graph_ms / lower bound: the device time's distance to the limit
+    graph_note: str | None = None  # graph mode: calls per replay, or why there is no graph time
 
 
 def run_metadata(device: torch.device, ceilings: dict) -> dict:

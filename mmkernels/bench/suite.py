@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 __all__ = [
+    "MICROSECOND",
     "MODES",
     "BenchConfig",
     "Case",
@@ -43,6 +44,9 @@ __all__ = [
 ]
 
 MODES = ("fwd", "bwd", "fwd+bwd")
+# Suite tag: calls take microseconds, so launch gaps can dominate a launch-inclusive time; such suites also get
+# CUDA-graph replay times by default.
+MICROSECOND = "microsecond"
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,10 @@ class BenchConfig:
     dtype: torch.dtype | None  # None: the suite's default
     preset: str  # "quick" (small shapes, seconds) or "default" (the shapes the docs quote), or suite-specific
     backends: Sequence[str] | None  # restrict our providers to these backends; None = the default set (Suite.ours)
+    # L2 flush before every timed call (CUDA; a no-op on CPUs): None = memory-bound rows only, True = all, False = none
+    l2_flush: bool | None = None
+    # CUDA-graph replay times next to the launch-inclusive ones: None = suites tagged MICROSECOND, True/False = all/none
+    cuda_graph: bool | None = None
 
 
 @dataclass
@@ -163,7 +171,8 @@ class Suite:
     ``ops``: the registered ops (``mmkernels._backends``) that our rows run; a ``model`` suite (our rows run a whole
     model, the backend reaching every op inside) names every op inside.
     ``reference_is_baseline``: a baseline already is our reference, so ``mmkernels[reference]`` is timed only
-    when asked for. ``backend_limits(backend, config)`` (``config.dtype`` resolved): why the suite cannot time one
+    when asked for. ``tags``: :data:`MICROSECOND` for ops whose calls take microseconds (CUDA-graph timing on by
+    default). ``backend_limits(backend, config)`` (``config.dtype`` resolved): why the suite cannot time one
     of our backends for this config although the device runs it (e.g. a dtype), or None.
     """
 
@@ -179,6 +188,7 @@ class Suite:
     reference_is_baseline: bool = False
     backend_limits: Callable[[str, BenchConfig], str | None] | None = None
     model: bool = False
+    tags: tuple[str, ...] = ()  # e.g. MICROSECOND
 
     def dtype(self, config: BenchConfig) -> torch.dtype:
         """The dtype the suite's inputs have for ``config`` (``--dtype``, else the suite's default there)."""

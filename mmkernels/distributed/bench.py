@@ -4,7 +4,8 @@ much of the communication the overlapped schedule hides.
 ``python -m mmkernels.distributed.bench --nproc 2 --out results/ep`` (``mmkernels-bench ep --nproc 2``) starts
 ``--nproc`` local processes (gloo on CPU; NCCL with one GPU per process when ``--device cuda`` and enough GPUs), each
 with torchrun's environment, runs a :class:`mmkernels.models.ScMoEDecoderLayer` forward under ``torch.no_grad()``
-with ``overlap=False`` and ``overlap=True`` (interleaved, ``--iters`` each after ``--warmup``), and writes
+with ``overlap=False``, ``overlap=True`` and a calibration run (below), interleaved, ``--iters`` each after
+``--warmup``, and writes
 ``ep.json`` (and ``ep_timeline.png`` when matplotlib is installed) to ``--out``.
 
 Measured per rank and iteration from the layer's phase marks (host clock; on CUDA each mark synchronises the device,
@@ -14,14 +15,21 @@ so the CUDA per-phase numbers describe the sequential schedule only):
   copy of the split sizes; ``dispatch``: the row all-to-all (issue to done); ``experts``: local grouped SwiGLU;
   ``combine``: the inverse all-to-all; ``unpermute``: weights and zero-expert term; ``dense``: Attn_0, FFN_0, Attn_1,
   FFN_1 and the norms;
-- ``t_comm`` = counts + dispatch + combine in the sequential schedule; ``t_compute`` = sequential total - ``t_comm``;
+- ``t_comm`` = counts + dispatch + combine of the **calibration run**: the sequential schedule with the ranks lined up
+  by a barrier right before the count exchange and before the combine, so it is the transport's own time. In the
+  plain sequential schedule those phases also hold a fast rank waiting for a slow one (load imbalance: no schedule
+  can hide it, the slowest rank sets the layer's time either way); that larger number is ``t_comm_with_waits_ms``.
+  ``t_compute`` = sequential total - ``t_comm``;
   ``hidden_fraction = (t_comm + t_compute - t_overlapped) / t_comm``, computed as the median over iterations of the
   paired difference ``t_sequential - t_overlapped`` (the schedules alternate) over ``t_comm``;
   ``hidden_fraction_from_waits = 1 - exposed / t_comm`` with ``exposed`` the communication the overlapped schedule
   still waits for (the count exchange, which cannot be hidden, plus the time blocked in the two waits), and
   ``row_a2a_hidden_fraction_from_waits`` the same for the two row all-to-alls alone;
 - ``dispatch_gbps`` / ``combine_gbps``: bytes this rank sends to *other* ranks (rows x hidden x element size) per
-  second of the phase ("logical": what the algorithm must move, not what the transport moves).
+  second of the calibrated phase ("logical": what the algorithm must move, not what the transport moves);
+- gloo on one host only: ``transport_cores_busy`` (process CPU seconds of all ranks, every thread, during the
+  calibrated communication, per second of it) and ``hidden_fraction_cpu_bound``, the most any schedule could hide
+  when all ranks share the host's cores (work conservation: ``max(t_compute, CPU seconds of all ranks / cores)``).
 
 Totals of an iteration are the slowest rank's (every rank waits for it); phases are medians over iterations of the
 mean over ranks.
@@ -99,13 +107,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 class _Recorder:
-    def __init__(self, sync) -> None:
+    def __init__(self, sync, barrier) -> None:
         self.marks: list[tuple[str, float]] = []
+        self.cpu: dict[str, float] = {}  # mark -> process CPU seconds (every thread: gloo's transport threads too)
         self.sync = sync
+        self.barrier = barrier
+        self.barrier_before: frozenset[str] = frozenset()  # marks that first line the ranks up (calibration run)
 
     def __call__(self, name: str) -> None:
         self.sync()
+        if name in self.barrier_before:
+            self.barrier()
         self.marks.append((name, time.perf_counter()))
+        self.cpu[name] = time.process_time()
+
+
+def _cpu_phases(cpu: dict[str, float], overlap: bool) -> dict[str, float]:
+    """CPU seconds this process (all its threads) spent in the whole forward and, sequential only, in its
+    communication phases (count exchange + both row all-to-alls). gloo blocks, it does not spin, so CPU burnt inside
+    a communication phase is the transport's own work (copies, sockets), which competes with compute for the cores."""
+    out = {"cpu_total": cpu["end"] - cpu["attn0"]}
+    if not overlap:
+        out["cpu_comm"] = (cpu["dispatch_done"] - cpu["counts"]) + (cpu["combine_done"] - cpu["combine_issue"])
+    return out
 
 
 def _phases(marks: list[tuple[str, float]], overlap: bool) -> dict[str, float]:
@@ -165,23 +189,33 @@ def _worker(args) -> int:
             layer.mlp.router.weight.normal_(0.0, 0.02 * cfg.hidden_size ** 0.5)
         g = torch.Generator(device="cpu").manual_seed(1000 + rank)
         x = torch.randn(args.batch, args.seq_len, cfg.hidden_size, generator=g).to(device)
-        rec = _Recorder(sync)
+        rec = _Recorder(sync, dist.barrier)
         layer.phase_hook = rec
         layer.mlp.phase_hook = rec
         runs: dict[bool, list[dict]] = {False: [], True: []}
         timelines: dict[bool, list] = {False: [], True: []}
+        synced: list[dict] = []
         bytes_out = None
         for i in range(args.warmup + args.iters):
-            for overlap in (False, True):
+            # sequential, overlapped, then the calibration run: sequential with the ranks lined up (a barrier) right
+            # before the count exchange and before the combine, so its communication phases are the transport's
+            # own time, not a rank waiting for a slower one (load imbalance, which no schedule can hide).
+            for overlap, calibrate in ((False, False), (True, False), (False, True)):
                 layer.overlap = overlap
-                rec.marks = []
+                rec.marks, rec.cpu = [], {}
+                rec.barrier_before = frozenset({"counts", "combine_issue"}) if calibrate else frozenset()
                 dist.barrier()
                 with torch.no_grad():
                     layer(x)
                 sync()
-                if i >= args.warmup:
-                    runs[overlap].append(_phases(rec.marks, overlap))
+                if i < args.warmup:
+                    continue
+                if calibrate:
+                    synced.append(_phases(rec.marks, False) | _cpu_phases(rec.cpu, False))
+                else:
+                    runs[overlap].append(_phases(rec.marks, overlap) | _cpu_phases(rec.cpu, overlap))
                     timelines[overlap].append(list(rec.marks))
+            rec.barrier_before = frozenset()
         # Bytes sent to other ranks by dispatch (the combine sends the same rows back).
         with torch.no_grad():
             u = layer.post_attention_layernorm[0](x)
@@ -190,7 +224,7 @@ def _worker(args) -> int:
         recv_off_rank = sum(n for j, n in enumerate(d.recv_splits) if j != rank)
         elem = torch.empty((), dtype=layer.mlp.experts.w_gate_up.dtype).element_size()
         bytes_out = [off_rank_rows * cfg.hidden_size * elem, recv_off_rank * cfg.hidden_size * elem]
-        mine = {"runs": {str(k): v for k, v in runs.items()}, "bytes": bytes_out,
+        mine = {"runs": {str(k): v for k, v in runs.items()} | {"synced": synced}, "bytes": bytes_out,
                 "timeline": {str(k): v for k, v in timelines.items()}, "rows_sent": d.send_splits}
         everyone: list = [None] * world
         dist.all_gather_object(everyone, mine)
@@ -225,15 +259,21 @@ def _report(args, cfg, per_rank: list[dict], device) -> dict:
     # the difference of the medians.
     saved = statistics.median(max(r["runs"]["False"][i]["total"] for r in per_rank)
                               - max(r["runs"]["True"][i]["total"] for r in per_rank) for i in range(iters))
-    t_comm = seq["t_comm"]
+    transport = {k: median_over_iters("synced", k, mean) for k in ("counts", "dispatch", "combine", "t_comm")}
+    # The communication time is the transport's, measured with the ranks lined up (the calibration run): the
+    # sequential schedule's communication phases also hold a fast rank's wait for a slow one (load imbalance), which
+    # no schedule can hide and which would make any overlap look worse than it is.
+    t_comm = transport["t_comm"]
     t_compute = t_seq - t_comm
-    a2a = seq["dispatch"] + seq["combine"]
+    a2a = transport["dispatch"] + transport["combine"]
     a2a_exposed = ovl["exposed_dispatch_wait"] + ovl["exposed_combine_wait"]
     sent = mean([r["bytes"][0] for r in per_rank])
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
+        cpu = {}
     else:
         name = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+        cpu = _cpu_bound(per_rank, iters, t_seq, t_comm, t_compute)
     return {
         "benchmark": "ep",
         "device": name,
@@ -253,6 +293,8 @@ def _report(args, cfg, per_rank: list[dict], device) -> dict:
         "t_sequential_ms": 1e3 * t_seq,
         "t_overlapped_ms": 1e3 * t_ovl,
         "t_comm_ms": 1e3 * t_comm,
+        "transport_phases_ms": {k: 1e3 * v for k, v in transport.items()},
+        "t_comm_with_waits_ms": 1e3 * seq["t_comm"],
         "t_compute_ms": 1e3 * t_compute,
         "t_saved_paired_ms": 1e3 * saved,
         "hidden_fraction": saved / t_comm if t_comm > 0 else None,
@@ -261,10 +303,30 @@ def _report(args, cfg, per_rank: list[dict], device) -> dict:
         "row_a2a_hidden_fraction_from_waits": 1 - a2a_exposed / a2a if a2a > 0 else None,
         "saved_over_half_comm": saved / (0.5 * t_comm) if t_comm > 0 else None,
         "bytes_sent_off_rank_per_rank": sent,
-        "dispatch_gbps": sent / seq["dispatch"] / 1e9 if seq["dispatch"] > 0 else None,
-        "combine_gbps": sent / seq["combine"] / 1e9 if seq["combine"] > 0 else None,
+        "dispatch_gbps": sent / transport["dispatch"] / 1e9 if transport["dispatch"] > 0 else None,
+        "combine_gbps": sent / transport["combine"] / 1e9 if transport["combine"] > 0 else None,
         "rows_sent_per_rank": [r["rows_sent"] for r in per_rank],
         "timeline_rank0": {k: _median_timeline(v) for k, v in per_rank[0]["timeline"].items()},
+        **cpu,
+    }
+
+
+def _cpu_bound(per_rank: list[dict], iters: int, t_seq: float, t_comm: float, t_compute: float) -> dict:
+    """The best hidden fraction any schedule could reach when every rank shares this machine's cores (gloo on one
+    CPU host): a schedule cannot finish before its critical path (``t_compute``) nor before the CPU work of all ranks
+    (compute + transport, measured in the sequential schedule) fits on the cores:
+    ``t_min = max(t_compute, cpu_all_ranks / cores)``, ``bound = (t_sequential - t_min) / t_comm``. When the ranks'
+    compute threads already fill the cores, the transport's copies can only hide in time some core leaves idle."""
+    cores = os.cpu_count() or 1
+    cpu_all = statistics.median(sum(r["runs"]["False"][i]["cpu_total"] for r in per_rank) for i in range(iters))
+    comm_cpu = statistics.median(sum(r["runs"]["synced"][i]["cpu_comm"] for r in per_rank) for i in range(iters))
+    t_min = max(t_compute, cpu_all / cores)
+    return {
+        "cores": cores,
+        "cpu_seconds_all_ranks_sequential": cpu_all,
+        "transport_cpu_seconds_all_ranks": comm_cpu,
+        "transport_cores_busy": comm_cpu / t_comm if t_comm > 0 else None,
+        "hidden_fraction_cpu_bound": max(0.0, (t_seq - t_min) / t_comm) if t_comm > 0 else None,
     }
 
 
@@ -286,9 +348,14 @@ def _print_summary(r: dict) -> None:
           f"{r['tokens_per_rank']} tokens/rank, {r['iters']} iters")
     print("  sequential phases (ms): " + ", ".join(f"{k} {seq[k]:.2f}" for k in PHASES))
     print(f"  t_sequential {r['t_sequential_ms']:.2f} ms, t_overlapped {r['t_overlapped_ms']:.2f} ms, "
-          f"t_comm {r['t_comm_ms']:.2f} ms -> hidden fraction {r['hidden_fraction']:.1%} "
+          f"t_comm {r['t_comm_ms']:.2f} ms (ranks lined up; {r['t_comm_with_waits_ms']:.2f} ms with waits for "
+          f"slower ranks) -> hidden fraction {r['hidden_fraction']:.1%} "
           f"(from waits {r['hidden_fraction_from_waits']:.1%}; row all-to-alls alone "
           f"{r['row_a2a_hidden_fraction_from_waits']:.1%})")
+    if r.get("hidden_fraction_cpu_bound") is not None:
+        print(f"  the transport keeps {r['transport_cores_busy']:.2f} of {r['cores']} cores busy while it runs: no "
+              f"schedule can hide more than {r['hidden_fraction_cpu_bound']:.0%} of it on this machine "
+              "(max(t_compute, CPU seconds of all ranks / cores) vs the sequential layer)")
     if r["dispatch_gbps"] is not None:
         print(f"  dispatch {r['dispatch_gbps']:.2f} GB/s, combine {r['combine_gbps']:.2f} GB/s (logical, off-rank)")
 

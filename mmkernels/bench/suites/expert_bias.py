@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ...ops.expert_bias import OP, expert_bias_update_
-from ..suite import BenchConfig, Inputs, Shape, Suite, mmkernels_providers, register_suite
+from ..suite import MICROSECOND, BenchConfig, Inputs, Shape, Suite, mmkernels_providers, register_suite
 
 # (N FFN experts, Z zero experts, top-k K, target K_e): LongCat-Flash-Lite, LongCat-Flash, a DeepSeek-V3 router.
 SHAPES = {
@@ -59,6 +59,9 @@ def _shapes(config: BenchConfig, ours: list[str]) -> list[Shape]:
                 lambda *x, n=n, k=k, target=target, mode=mode: host_sync_update(*x, n, k, target, mode=mode, **GAINS)
             )
             n_total = n + z
+            # FLOPs: the counts' sum (N+Z adds) and about 12 per FFN expert (share, error, the P/I/D terms, the
+            # step). Bytes: int32 counts [N+Z] read; fp32 bias[:N] read and written (bias[N:] is never touched);
+            # pid: fp32 state [2, N] read and written.
             shapes.append(Shape(
                 name=f"N={n} Z={z} K={k} {mode}",
                 make_inputs=make_inputs,
@@ -76,4 +79,5 @@ register_suite(Suite(
     description="PID/sign expert-bias update, on device, vs a host-syncing PyTorch controller",
     shapes=_shapes,
     ops=(OP,),
+    tags=(MICROSECOND,),
 ))

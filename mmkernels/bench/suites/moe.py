@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ...kernels.reference.moe import moe_experts_reference
 from ...ops.moe import MoERouting, moe_experts, moe_route
-from ..suite import BenchConfig, Inputs, Shape, Suite, has_module, mmkernels_providers, register_suite
+from ..suite import MICROSECOND, BenchConfig, Inputs, Shape, Suite, has_module, mmkernels_providers, register_suite
 
 # ---- routing -----------------------------------------------------------------------------------------------------
 
@@ -57,6 +57,9 @@ def _route_shapes(config: BenchConfig, ours: list[str]) -> list[Shape]:
         providers["torch-eager"] = lambda logits, bias, n=n, k=k: eager_router(logits, bias, k, n, 6.0)
         if compiled is not None:
             providers["torch-compile"] = lambda logits, bias, n=n, k=k: compiled(logits, bias, k, n, 6.0)
+        # FLOPs, about 5 per logit: the softmax's max, exp, sum and divide, and the bias add. Bytes: fp32 logits
+        # [T, N+Z] and bias [N+Z] read; int32 ids and fp32 weights [T, K], fp32 zero_weight [T] and int32 counts
+        # [N+Z] written.
         shapes.append(Shape(
             name=f"T={t} N+Z={e} K={k}", make_inputs=make_inputs, providers=providers, baseline="torch-eager",
             flops=float(5 * t * e), bytes=float(4 * t * e + 4 * e + t * k * 8 + 4 * t + 4 * e),
@@ -71,6 +74,7 @@ register_suite(Suite(
     shapes=_route_shapes,
     presets=("quick", "default", "gpu"),
     ops=("moe_route",),
+    tags=(MICROSECOND,),
 ))
 
 # ---- experts -----------------------------------------------------------------------------------------------------

@@ -156,6 +156,14 @@ def _our_model(fields: tuple, device: torch.device, dtype: torch.dtype, backend:
     return QFormer(QFormerConfig(**dict(fields)), backend=backend, device=device, dtype=dtype).eval()
 
 
+@functools.cache
+def _param_count(fields: tuple) -> int:
+    """Our Q-Former's parameter count (BLIP-2: 105,137,664), counted on the meta device (no memory, no init)."""
+    from ...models.qformer import QFormer, QFormerConfig
+
+    return sum(p.numel() for p in QFormer(QFormerConfig(**dict(fields)), device="meta").parameters())
+
+
 def _model_shapes(config: BenchConfig, ours: list) -> list[Shape]:
     from ...models.qformer import QFormerConfig, qformer_flops
 
@@ -176,12 +184,20 @@ def _model_shapes(config: BenchConfig, ours: list) -> list[Shape]:
         for name in (HF_EAGER, HF_SDPA) if have_hf else ():
             providers[name] = lambda q, img, key=key, name=name: _hf_models(key, device, dtype)[name](
                 query_embeds=q, encoder_hidden_states=img).last_hidden_state
+        # Bytes, each tensor once: forward reads every parameter, the queries [B, 32, D] and the image features
+        # [B, Lk, E] and writes [B, 32, D]; the backward reads the output gradient, the parameters and the image
+        # features (the K/V projections' weight gradient) and writes the parameters' and the queries' gradients.
+        elem = torch.finfo(dtype).bits // 8
+        queries, image = batch * LQ * qcfg.hidden_size, batch * lk * qcfg.encoder_hidden_size
+        weights = _param_count(key)
         shapes.append(Shape(
             name=f"{label} B={batch} Lq={LQ} Lk={lk}",
             make_inputs=make_inputs,
             providers=providers,
             baseline=HF_SDPA if have_hf else next(iter(providers)),
             flops=qformer_flops(qcfg, num_queries=LQ, image_tokens=lk, batch=batch)["total"],
+            bytes=float(elem * (weights + 2 * queries + image)),
+            bwd_bytes=float(elem * (2 * weights + 2 * queries + image)),
             params={"batch": batch, "queries": batch * LQ, "Lk": lk, **fields},
         ))
     return shapes

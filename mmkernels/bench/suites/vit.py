@@ -48,19 +48,32 @@ def _hf_model(fields: tuple, device: torch.device, dtype: torch.dtype):
     return transformers.ViTModel(cfg, add_pooling_layer=False).to(device=device, dtype=dtype).eval()
 
 
+def _config(fields: tuple):
+    from ...models.vit import ViTConfig
+
+    f = dict(fields)
+    return ViTConfig(image_size=f["image_size"], patch_size=f["patch_size"], hidden_size=f["hidden_size"],
+                     num_layers=f["num_hidden_layers"], num_heads=f["num_attention_heads"],
+                     mlp_dim=f["intermediate_size"], layer_norm_eps=1e-12)
+
+
 @functools.cache
 def _our_model(fields: tuple, device: torch.device, dtype: torch.dtype, backend: str | None):
     """Ours, with the HF model's weights when transformers is installed."""
-    from ...models.vit import ViT, ViTConfig
+    from ...models.vit import ViT
 
     hf = _hf_model(fields, device, dtype)
     if hf is not None:
         return ViT.from_hf(hf, backend=backend).eval()
-    f = dict(fields)
-    cfg = ViTConfig(image_size=f["image_size"], patch_size=f["patch_size"], hidden_size=f["hidden_size"],
-                    num_layers=f["num_hidden_layers"], num_heads=f["num_attention_heads"],
-                    mlp_dim=f["intermediate_size"], layer_norm_eps=1e-12)
-    return ViT(cfg, backend=backend, device=device, dtype=dtype).eval()
+    return ViT(_config(fields), backend=backend, device=device, dtype=dtype).eval()
+
+
+@functools.cache
+def _param_count(fields: tuple) -> int:
+    """The model's parameter count (ViT-B/16: 85,798,656), counted on the meta device (no memory, no init)."""
+    from ...models.vit import ViT
+
+    return sum(p.numel() for p in ViT(_config(fields), device="meta").parameters())
 
 
 def _shapes(config: BenchConfig, ours: list) -> list[Shape]:
@@ -79,12 +92,20 @@ def _shapes(config: BenchConfig, ours: list) -> list[Shape]:
             ours, lambda b, key=key: lambda x: _our_model(key, device, dtype, b)(x), label=OURS)
         if has_module("transformers"):
             providers[HF] = lambda x, key=key: _hf_model(key, device, dtype)(x).last_hidden_state
+        # Bytes, each tensor once: forward reads every parameter and the pixels [B, 3, S, S] and writes the hidden
+        # states [B, (S/P)^2 + 1, D]; the backward (parameters' gradients; the pixels need none) reads the output
+        # gradient, the parameters and the pixels (the patch-embedding weight gradient) and writes every gradient.
+        elem = torch.finfo(dtype).bits // 8
+        s, p, d = fields["image_size"], fields["patch_size"], fields["hidden_size"]
+        pixels, hidden, weights = batch * 3 * s * s, batch * ((s // p) ** 2 + 1) * d, _param_count(key)
         shapes.append(Shape(
             name=f"{label} B={batch}",
             make_inputs=make_inputs,
             providers=providers,
             baseline=HF if HF in providers else next(iter(providers)),
             flops=_flops(fields, batch),
+            bytes=float(elem * (weights + pixels + hidden)),
+            bwd_bytes=float(elem * (2 * weights + hidden + pixels)),
             params={"batch": batch, **fields},
         ))
     return shapes

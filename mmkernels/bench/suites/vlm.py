@@ -63,6 +63,16 @@ def _flops(preset: str, batch: int, length: int) -> float:
     return float(batch * (vit + qf + dec))
 
 
+@functools.cache
+def _param_bytes(preset: str, dtype: torch.dtype) -> int:
+    """Bytes of every parameter of the preset in ``dtype`` (the router stays fp32), counted on the meta device (no
+    memory, no init). Every expert is counted: at these batch sizes each one receives tokens."""
+    from ...models.vlm import VisionLanguageModel, VLMConfig
+
+    model = VisionLanguageModel(VLMConfig.preset(preset), device="meta", dtype=dtype)
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def _step(model, pixels, ids, pad):
     logits = model(pixels, ids, padding_mask=pad)
     target = ids[:, 1:].masked_fill(pad[:, 1:], -100)
@@ -89,12 +99,19 @@ def _shapes(config: BenchConfig, ours: list) -> list[Shape]:
             ours, lambda b, p=preset: lambda *x: _step(_model(p, device, dtype, b), *x), label=OURS)
         providers[REFERENCE] = lambda *x, p=preset: _step(_model(p, device, dtype, "reference"), *x)
         tokens = batch * (c.num_query_tokens + 3 * length // 4)  # expected valid tokens (lengths uniform in [L/2, L])
+        # Bytes, each tensor once: the forward reads every parameter, the pixels, the int64 ids and the bool padding
+        # mask and writes the fp32 loss; the backward reads the parameters again and the pixels (the patch-embedding
+        # weight gradient) and writes every parameter's gradient.
+        pixel_bytes = batch * 3 * s * s * (torch.finfo(dtype).bits // 8)
+        weight_bytes = _param_bytes(preset, dtype)
         shapes.append(Shape(
             name=f"{preset} B={batch} L={length}",
             make_inputs=make_inputs,
             providers=providers,
             baseline=REFERENCE,
             flops=_flops(preset, batch, length),
+            bytes=float(weight_bytes + pixel_bytes + 9 * batch * length + 4),
+            bwd_bytes=float(2 * weight_bytes + pixel_bytes + 4),
             params={"preset": preset, "batch": batch, "caption_len": length, "tokens": tokens},
         ))
     return shapes

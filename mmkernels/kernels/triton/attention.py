@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 # `_common.interpreted` is called through the module: tests/triton_launches.py replaces it to record GPU configs.
-from . import _common
+from . import _common, tuning
 from ._common import (
     LN2_JIT,
     LOG2E,
@@ -507,14 +507,17 @@ def _fit(block: int, length) -> int:
 def _fwd_config(block_d: int, dtype: torch.dtype, max_q: int, max_k: int, interpret: bool) -> _Config:
     if interpret:  # fewer, larger numpy steps: the interpreter pays per op, not per element
         return _Config(_fit(64, max_q), _fit(64, max_k), 4, 1)
-    if block_d <= 64:
-        cfg = _Config(128, 64, 4, 3)
+    # The largest tiles found spill-free on sm_80 and sm_90a in every specialisation the launchers make (causal,
+    # varlen, dropout, odd head dims); the compile sweep and the per-config table are in docs/performance.md. The
+    # dropout specialisation (Philox per score) sets the limit: 128 x 64 tiles spilled 80-160 bytes per thread.
+    if dtype == torch.float32:  # "ieee" dots run as FMA loops: far more live registers per element
+        cfg = _Config(32, 32, 4, 2) if block_d <= 64 else _Config(32, 16, 8, 2)
+    elif block_d <= 64:
+        cfg = _Config(128, 32, 8, 3)
     elif block_d <= 128:
-        cfg = _Config(128, 64, 8, 3)
+        cfg = _Config(64, 32, 8, 3)
     else:
-        cfg = _Config(64, 32, 8, 2)
-    if dtype == torch.float32:  # twice the shared memory per element
-        cfg = _Config(min(cfg.block_m, 64), min(cfg.block_n, 32 if block_d <= 128 else 16), 4, 2)
+        cfg = _Config(32, 64, 8, 2)
     return _Config(_fit(cfg.block_m, max_q), _fit(cfg.block_n, max_k), cfg.num_warps, cfg.num_stages)
 
 
@@ -524,16 +527,24 @@ def _bwd_configs(block_d: int, dtype: torch.dtype, max_q: int, max_k: int, inter
     if interpret:
         cfg = _Config(_fit(64, max_q), _fit(64, max_k), 4, 1)
         return cfg, cfg
-    # Untuned starting points (the shapes of Triton's fused-attention tutorial); retune on the target GPU.
-    if block_d <= 64:
-        kv, q = _Config(32, 128, 4, 3), _Config(128, 32, 4, 3)
-    elif block_d <= 128:
-        kv, q = _Config(32, 128, 8, 2), _Config(128, 32, 8, 2)
-    else:
-        kv, q = _Config(32, 64, 8, 1), _Config(64, 32, 8, 1)
+    # Spill-free on sm_80 and sm_90a in every launched specialisation (docs/performance.md has the sweep). The
+    # tutorial's shapes (dK/dV 32 x 128, dQ 128 x 32) spilled in every dK/dV config, up to 1,740 bytes per thread:
+    # the dK/dV program holds K, V, dK, dV for its BLOCK_N keys plus 64-bit dQ atomic addresses, so BLOCK_N shrinks
+    # with the head dim. One exception, allowed by name in tests/triton_gpu_compile.py: fp32 dK/dV at D <= 128
+    # (no config of 12 tried is clean in all of its specialisations; this one spills <= 60 bytes, causal only).
     if dtype == torch.float32:
-        kv = _Config(min(kv.block_m, 32), min(kv.block_n, 64 if block_d <= 128 else 32), kv.num_warps, 1)
-        q = _Config(min(q.block_m, 64 if block_d <= 128 else 32), min(q.block_n, 32), q.num_warps, 1)
+        if block_d <= 64:
+            kv, q = _Config(16, 32, 4, 1), _Config(32, 32, 4, 1)
+        elif block_d <= 128:
+            kv, q = _Config(32, 16, 8, 1), _Config(32, 16, 8, 1)
+        else:
+            kv, q = _Config(16, 16, 8, 1), _Config(32, 16, 8, 1)
+    elif block_d <= 64:
+        kv, q = _Config(16, 64, 4, 2), _Config(128, 32, 8, 2)
+    elif block_d <= 128:
+        kv, q = _Config(16, 32, 8, 1), _Config(16, 32, 4, 2)
+    else:
+        kv, q = _Config(16, 16, 8, 1), _Config(32, 16, 8, 1)
     kv = _Config(_fit(kv.block_m, max_q), _fit(kv.block_n, max_k), kv.num_warps, kv.num_stages)
     q = _Config(_fit(q.block_m, max_q), _fit(q.block_n, max_k), q.num_warps, q.num_stages)
     return kv, q
@@ -602,6 +613,12 @@ def attention_fwd_triton(
     is that of the probabilities before dropout. ``launch`` wraps each kernel (``torch.library.wrap_triton`` inside
     the registered op).
     """
+    if cu_seqlens_q is not None:  # packed tiles across sequences when they compute less (attention_packed.py)
+        from .attention_packed import attention_packed_fwd, packed_pays  # imported here: it imports this module
+
+        if packed_pays(q, max_seqlen_q, max_seqlen_k):
+            return attention_packed_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                        softmax_scale, dropout_p, seed, launch=launch)
     varlen, batch, hq, hkv, lq, lk = _problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     head_dim = q.shape[-1]
     if varlen:  # no program owns the padding rows past cu_seqlens_q[-1]: they must start at 0 / +inf
@@ -613,7 +630,8 @@ def attention_fwd_triton(
     if out.numel() == 0 or batch == 0 or lq == 0:
         return out, lse
     block_d = _block_d(head_dim)
-    cfg = _fwd_config(block_d, q.dtype, lq, lk, _common.interpreted(q))
+    cfg = tuning.pick("attention_fwd", dict(dtype=q.dtype, block_d=block_d, causal=causal, lq=lq, lk=lk),
+                      _fwd_config(block_d, q.dtype, lq, lk, _common.interpreted(q)), like=q)
     cu_q = cu_seqlens_q if varlen else lse  # unused pointer when dense
     cu_k = cu_seqlens_k if varlen else lse
     seed_ptr, dropout_p, drop_scale, dropout = dropout_args(dropout_p, seed, lse)
@@ -653,6 +671,13 @@ def attention_bwd_triton(
     """Backward: returns (dq, dk, dv) in the inputs' dtypes. ``deterministic`` computes dQ in its own kernel
     (no atomics, bitwise reproducible); otherwise the dK/dV kernel adds dQ with fp32 atomics. Varlen padding rows
     (past ``cu_seqlens_*[-1]``) get zero gradients. ``dropout_p``/``seed`` must be the forward's."""
+    if cu_seqlens_q is not None:  # packed or not, either backward takes either forward's lse
+        from .attention_packed import attention_packed_bwd, packed_pays
+
+        if packed_pays(q, max_seqlen_q, max_seqlen_k):
+            return attention_packed_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                        max_seqlen_k, causal, softmax_scale, deterministic, dropout_p, seed,
+                                        launch=launch)
     varlen, batch, hq, hkv, lq, lk = _problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     head_dim = q.shape[-1]
     # varlen: key rows past cu_seqlens_k[-1] belong to no program
@@ -666,6 +691,9 @@ def attention_bwd_triton(
     interpret = _common.interpreted(q)
     block_d = _block_d(head_dim)
     kv_cfg, q_cfg = _bwd_configs(block_d, q.dtype, lq, lk, interpret)
+    shape = dict(dtype=q.dtype, block_d=block_d, causal=causal, lq=lq, lk=lk, atomic=not deterministic)
+    kv_cfg = tuning.pick("attention_bwd_dkdv", shape, kv_cfg, like=q)
+    q_cfg = tuning.pick("attention_bwd_dq", shape, q_cfg, like=q)
     precision = input_precision(q.dtype)
     group = hq // hkv
     cu_q = cu_seqlens_q if varlen else lse
@@ -674,14 +702,16 @@ def attention_bwd_triton(
     seed_ptr, dropout_p, drop_scale, dropout = dropout_args(dropout_p, seed, lse)
 
     delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
-    pre_m = 64 if interpret else 128
+    # 8 warps over 8192 elements per (O, dO) tile: 128 x D rows held whole in registers spilled (up to 1,184 bytes
+    # per thread at D=256, docs/performance.md); this size is spill-free on sm_80 and sm_90a for D <= 256.
+    pre_m = 64 if interpret else min(128, max(16, 8192 // block_d))
     pre_blocks = triton.cdiv(lq, pre_m)
     wrapped(_attn_bwd_preprocess_kernel, launch)[_grid(pre_blocks, hq, batch)](
         out, dout, delta, cu_q,
         *_strides(out, varlen), *_strides(dout, varlen), *lse_strides,
         lq, hq, pre_blocks,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_m, VARLEN=varlen,
-        num_warps=4 if block_d <= 128 else 8,
+        num_warps=4 if block_d <= 32 else 8,
     )
 
     atomic_dq = not deterministic

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning
 from ._common import input_precision, wrapped
 
 
@@ -188,10 +189,12 @@ def block_m(dtype: torch.dtype) -> int:
 
 
 def _blocks(dtype: torch.dtype) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Fixed, untuned choices: fp32 tiles are smaller."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). Untuned, but spill-free for the grouped GEMM and the
+    weight-gradient kernel on sm_80 and sm_90a (docs/performance.md): BLOCK_K 64 spilled 164 bytes per thread in the
+    gated (two-accumulator) fp16 GEMM on sm_80, and fp32 on 4 warps up to 88. fp32 tiles are smaller."""
     if dtype == torch.float32:
-        return 32, 64, 32, 4, 2
-    return 64, 128, 64, 8, 3
+        return 32, 64, 32, 8, 2
+    return 64, 128, 32, 8, 3
 
 
 def grouped_gemm(
@@ -211,7 +214,10 @@ def grouped_gemm(
 ) -> torch.Tensor:
     """Launch ``_grouped_gemm_kernel`` over every tile of ``al``; see the kernel for the arguments."""
     kernel = wrapped(_grouped_gemm_kernel, launch)
-    block_m, block_n, block_k, warps, stages = _blocks(a.dtype)
+    experts = al.offsets.numel() - 1
+    block_m, block_n, block_k, warps, stages = tuning.pick(
+        "moe_grouped_gemm", dict(dtype=a.dtype, gated=up_offset is not None, block_m=al.block_m, n=n, k=k,
+                                 experts=experts, tiles=al.tile_expert.numel()), _blocks(a.dtype), like=a)
     assert block_m == al.block_m, "alignment built for another BLOCK_M"
     dummy = al.tile_expert  # any int32 tensor: stands in for unused pointer arguments
     grid = (al.tile_expert.numel(), triton.cdiv(n, block_n))
@@ -245,7 +251,9 @@ def grouped_wgrad(
     """out[e] = A_e^T @ B_e (rows of expert e, optionally gathered and scaled); out is [N, M, Ncols]."""
     kernel = wrapped(_grouped_wgrad_kernel, launch)
     m, n = out.shape[1], out.shape[2]
-    block_m, block_n, block_r, warps, stages = _blocks(a.dtype)
+    block_m, block_n, block_r, warps, stages = tuning.pick(
+        "moe_grouped_wgrad", dict(dtype=a.dtype, m=m, n=n, experts=out.shape[0], tiles=al.tile_expert.numel(),
+                                  block_m=al.block_m), _blocks(a.dtype), like=a)
     dummy = al.tile_expert
     grid = (out.shape[0], triton.cdiv(m, block_m) * triton.cdiv(n, block_n))
     if grid[0] == 0 or grid[1] == 0:

@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 # `_common.interpreted` / `_common.sm_count` are called through the module: tests/triton_launches.py replaces them.
-from . import _common
+from . import _common, tuning
 from ._common import (
     LN2_JIT,
     LOG2E,
@@ -256,12 +256,22 @@ _BWD_CONFIGS = ((64, 4, 2), (32, 4, 2), (16, 8, 1))
 
 
 def _config(block_m: int, block_d: int, dtype: torch.dtype, interpret: bool, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) by the size of the query tile (fp32 elements count twice)."""
+    """(BLOCK_N, num_warps, num_stages) by dtype and the size of the query tile ``block_m x block_d``."""
     if interpret:
         return 64, 4, 1
-    tile = block_m * block_d * (2 if dtype == torch.float32 else 1)
-    small, medium, large = _BWD_CONFIGS if backward else _FWD_CONFIGS
-    return small if tile <= 32 * 64 else medium if tile <= 64 * 128 else large
+    # Spill-free on sm_80 and sm_90a for the BLIP-2 shapes (32 queries, D 64 / 88 / 128, with and without dropout;
+    # docs/performance.md). The old picks spilled: fp32 up to 16,680 bytes per thread ("ieee" dots are FMA loops),
+    # fp16 backward 12-76. Query tiles larger than 32 x 128 keep the untested _FWD_CONFIGS / _BWD_CONFIGS "large".
+    tile = block_m * block_d
+    if dtype == torch.float32:
+        if backward:
+            return (16, 8, 1) if tile <= 32 * 64 else (16, 8, 2)
+        return 32, 8, 2
+    if tile > 64 * 128:
+        return _BWD_CONFIGS[2] if backward else _FWD_CONFIGS[2]
+    if backward:
+        return (32, 8, 2) if tile <= 32 * 64 else (16, 4, 2)
+    return 64, 8, 2
 
 
 def num_key_splits(q: torch.Tensor, lk: int, block_n: int, requested: int = 0) -> int:
@@ -311,7 +321,8 @@ def qformer_attention_fwd_triton(
         return out, lse
     block_m, block_d = _blocks(Lq, D)
     interpret = _common.interpreted(q)
-    block_n, warps, stages = _config(block_m, block_d, q.dtype, interpret, backward=False)
+    block_n, warps, stages = tuning.pick("qformer_fwd", dict(dtype=q.dtype, block_m=block_m, block_d=block_d, lk=Lk),
+                                         _config(block_m, block_d, q.dtype, interpret, backward=False), like=q)
     chunk, splits = _chunking(Lk, num_key_splits(q, Lk, block_n, num_splits), block_n)
     has_lens = kv_lens is not None
     lens = kv_lens if has_lens else lse  # any pointer; never read
@@ -351,7 +362,8 @@ def qformer_attention_fwd_triton(
         out.stride(0), out.stride(1), out.stride(2),
         lse.stride(0), lse.stride(1),
         H, Lq, splits,
-        HEAD_D=D, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4,
+        # 8 warps: spill-free for every launched specialisation on sm_80 and sm_90a (4 warps spilled 16-20 bytes).
+        HEAD_D=D, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=8,
     )
     return out, lse
 
@@ -386,7 +398,8 @@ def qformer_attention_bwd_triton(
         dout = dout.contiguous()
     block_m, block_d = _blocks(Lq, D)
     interpret = _common.interpreted(q)
-    block_n, warps, stages = _config(block_m, block_d, q.dtype, interpret, backward=True)
+    block_n, warps, stages = tuning.pick("qformer_bwd", dict(dtype=q.dtype, block_m=block_m, block_d=block_d, lk=Lk),
+                                         _config(block_m, block_d, q.dtype, interpret, backward=True), like=q)
     chunk, splits = _chunking(Lk, num_key_splits(q, Lk, block_n, num_splits), block_n)
     if splits == 1:
         dq = torch.empty((1, B, Lq, H, D), dtype=q.dtype, device=q.device)

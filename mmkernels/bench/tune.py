@@ -1,0 +1,170 @@
+"""``mmkernels-bench tune``: sweep the Triton kernels' configuration spaces on this card and write its config file.
+
+Examples:
+  mmkernels-bench tune all --budget 90              every kernel, at most ~90 s, into the user file
+  mmkernels-bench tune attention --out configs/     one op's kernels, into configs/<device>.json
+  mmkernels-bench tune all --dry-run                the pruned space per kernel and bucket (no GPU needed)
+
+Per bucket: the hand default runs first (reference output and time); each candidate must agree with it before it
+is timed; the fastest is kept when it beats the default by more than 2%. The file is rewritten after every bucket,
+so a run cut short keeps what it finished; buckets already in the file are skipped unless --retune.
+Exit status: 0 done, 2 a usage error or no GPU to tune on (one line on stderr). See docs/tuning.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like the main CLI
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _parser(ops: Sequence[str], kernels: Sequence[str]) -> argparse.ArgumentParser:
+    p = _Parser(prog="mmkernels-bench tune", description=__doc__.split("\n\n", 1)[0],
+                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("targets", nargs="+", metavar="OP",
+                   help=f"all, an op ({', '.join(ops)}) or a kernel ({', '.join(kernels)})")
+    p.add_argument("--budget", type=float, default=300.0,
+                   help="seconds to spend, compiles included (default 300; a candidate in flight finishes)")
+    p.add_argument("--out", default=None,
+                   help="the JSON file to write or merge into, or a folder for <device>.json (default: the user "
+                        "file, ~/.cache/mmkernels/tuning/<device>.json or $MMKERNELS_TUNING_DIR)")
+    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None,
+                   help="tune these input dtypes (default: bf16 and fp16)")
+    p.add_argument("--retune", action="store_true", help="tune buckets the file already has, too")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the pruned space of every kernel and bucket, time nothing (works without a GPU)")
+    p.add_argument("--target", choices=("sm_80", "sm_90"), default=None,
+                   help="--dry-run: prune for this target (default: this GPU, else sm_90)")
+    p.add_argument("--device", default=None, help="cuda or cuda:N (default: the current CUDA device)")
+    return p
+
+
+def _kernels(targets: Sequence[str], parser: argparse.ArgumentParser) -> list[str]:
+    from ..kernels.triton.tuning import OPS, SPACES
+
+    chosen: list[str] = []
+    for t in targets:
+        if t == "all":
+            chosen += list(SPACES)
+        elif t in OPS:
+            chosen += OPS[t]
+        elif t in SPACES:
+            chosen.append(t)
+        else:
+            parser.error(f"unknown op or kernel {t!r}; ops: {', '.join(OPS)}; kernels: {', '.join(SPACES)}")
+    return list(dict.fromkeys(chosen))
+
+
+def _dry_run(kernels: Sequence[str], target, dtypes) -> int:
+    from ..kernels.triton.tuning import SPACES, bucket_key, candidates
+
+    print(f"pruned configuration spaces for {target.name} (shared memory <= {target.shared_per_block} bytes per "
+          f"block, <= {target.regs_per_thread} registers per thread; estimates, before any compile)")
+    rows = [("kernel", "bucket", "space", "kept", "default kept", "dropped")]
+    for kernel in kernels:
+        space = SPACES[kernel]
+        seen = set()
+        for shape in space.cases():
+            if dtypes is not None and shape["dtype"] not in dtypes:
+                continue
+            key = bucket_key(kernel, shape)
+            if key in seen:
+                continue
+            seen.add(key)
+            default = space.default_params(shape)
+            kept, dropped, total = candidates(kernel, shape, target, default)
+            from ..kernels.triton.tuning import _prune_reason
+
+            reason = _prune_reason(space, default, space.bucket(shape), target)
+            why = ", ".join(f"{n} {r}" for r, n in sorted(dropped.items())) or "-"
+            rows.append((kernel, key, str(total), str(len(kept)), "yes" if reason is None else f"no ({reason})",
+                         why))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``tune`` subcommand. Returns the exit status (0 done, 2 usage error or no GPU)."""
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as exc:
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+            return 1
+        return exc.code or 0
+
+
+def _main(argv: list[str]) -> int:
+    from .._backends import triton_available
+
+    if not triton_available():
+        print("mmkernels-bench tune: triton is not installed: there are no Triton kernels to tune", file=sys.stderr)
+        return 2
+    from ..kernels.triton import tuning
+
+    parser = _parser(list(tuning.OPS), list(tuning.SPACES))
+    args = parser.parse_args(argv)
+    kernels = _kernels(args.targets, parser)
+    dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else [torch.bfloat16, torch.float16]
+    if args.budget is not None and not args.budget >= 0:
+        parser.error(f"--budget must be a number of seconds >= 0, got {args.budget}")
+    if args.dry_run:
+        if args.target:
+            target = {"sm_80": tuning.SM80, "sm_90": tuning.SM90}[args.target]
+        else:
+            target = tuning.Target.of() if torch.cuda.is_available() else tuning.SM90
+        return _dry_run(kernels, target, dtypes)
+    if args.target:
+        parser.error("--target applies to --dry-run only: a real run tunes for the card it runs on")
+    if not torch.cuda.is_available():
+        print("mmkernels-bench tune: no CUDA GPU here: tuning times each candidate on the card it tunes for. "
+              "`mmkernels-bench tune all --dry-run` lists the pruned spaces on any machine.", file=sys.stderr)
+        return 2
+    from .._env import triton_interpreting
+
+    if triton_interpreting():
+        print("mmkernels-bench tune: TRITON_INTERPRET=1 is set: the interpreter times nothing real; unset it",
+              file=sys.stderr)
+        return 2
+    try:
+        device = torch.device(args.device) if args.device else torch.device("cuda", torch.cuda.current_device())
+    except (RuntimeError, ValueError):
+        parser.error(f"--device {args.device!r} is not a device")
+    if device.type != "cuda":
+        parser.error(f"--device {args.device}: tuning runs on CUDA devices only")
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.index >= torch.cuda.device_count():
+        parser.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    name = tuning.device_name(device)
+    out = Path(args.out) if args.out else tuning.user_path(name)
+    if out.is_dir() or (args.out and args.out.endswith(("/", "\\"))):
+        out = out / f"{tuning.device_slug(name)}.json"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        parser.error(f"--out {out}: cannot create its folder ({exc.strerror or exc})")
+    torch.cuda.set_device(device)
+    print(f"tuning {', '.join(kernels)} on {name} ({device}) for at most ~{args.budget:.0f} s; writing {out}",
+          flush=True)
+    results = tuning.tune(kernels, device=device, budget=args.budget, out=out, name=name, dtypes=dtypes,
+                          retune=args.retune, report=lambda line: print(line, flush=True))
+    better = sum(r.ms < r.default_ms for _, r in results)
+    print(f"tuned {len(results)} bucket(s), {better} faster than the default; wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,2 @@
+"""Integrations of mmkernels into other libraries' models (``mmkernels.integrations.hf``: Hugging Face
+transformers)."""

@@ -1,0 +1,287 @@
+"""The ``"mmkernels"`` attention implementation for Hugging Face transformers (``AttentionInterface``).
+
+HF attention modules call ``attention_forward(module, query, key, value, attention_mask, dropout=, scaling=, ...)``
+with ``query`` ``[B, Hq, Lq, D]`` and ``key``/``value`` ``[B, Hkv, Lk, D]`` and expect ``([B, Lq, Hq, D], weights)``.
+We map each call onto :func:`mmkernels.ops.attention`:
+
+- no mask: dense, causal when the module is causal and ``Lq > 1`` (SDPA's rule; keys past ``Lq`` are cropped first,
+  as SDPA does for a prefill into an empty static cache, so top-left and bottom-right alignment agree);
+- a 4-D mask (boolean, or additive with only ``0`` and ``-inf``/``finfo.min`` entries) is *verified* against the
+  patterns our kernels compute exactly: full attention, key padding (any set of keys per sample: the kept keys are
+  packed and run varlen), causal (bottom-right), causal with key padding that packs into a varlen causal call
+  (e.g. left padding of a cache prefix), right-padded causal self-attention (a padded training batch: padding
+  queries attend to every valid key of their sample, as HF's mask has them);
+- anything else (arbitrary additive biases, fully masked query rows, heads with different masks, ``softcap``,
+  ``position_bias``, sinks, ``output_attentions``, key and value head dims that differ, head dim > 256) runs the
+  implementation the model had before (SDPA or its eager code) for that call, and is counted in
+  :data:`FALLBACKS` and in the ``PatchReport`` of the model (``report.fallbacks``). Never a silently wrong answer.
+
+The mask checks read the mask on the host (one sync per call that has a mask); vision towers pass no mask.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections import Counter
+
+import torch
+
+from ...ops.attention import MAX_HEAD_DIM, attention
+from ._patching import op_backend
+
+__all__ = ["ATTN_NAME", "FALLBACKS", "attention_forward", "register"]
+
+ATTN_NAME = "mmkernels"
+# Fallback reasons that HF's SDPA path cannot compute either: these go to the modeling file's eager function.
+_SDPA_CANNOT = frozenset({"output_attentions=True needs the attention weights", "softcap", "position_bias",
+                          "attention sinks"})
+FALLBACKS: Counter = Counter()  # reason -> calls handed back to the model's own implementation (all models)
+
+# id(config) -> (weakref to the config, the implementation it had before patch, report, backend). Written by
+# ``patch``; a config switched with ``attn_implementation="mmkernels"`` outside ``patch`` falls back to SDPA, or to
+# the eager code for what SDPA cannot compute (``_SDPA_CANNOT``).
+_CONFIGS: dict[int, tuple[weakref.ref, str | None, object, str | None]] = {}
+
+
+def _entry(module: torch.nn.Module):
+    config = getattr(module, "config", None)
+    hit = _CONFIGS.get(id(config)) if config is not None else None
+    if hit is not None and hit[0]() is config:
+        return hit
+    return None
+
+
+def _fallback(module, query, key, value, attention_mask, reason: str, **kwargs):
+    """Run the model's previous implementation (SDPA or the modeling file's eager function) for this call."""
+    FALLBACKS[reason] += 1
+    hit = _entry(module)
+    previous = hit[1] if hit is not None else None
+    if hit is not None and hasattr(hit[2], "fallback"):
+        hit[2].fallback(reason)
+    if previous in (None, ATTN_NAME) or (previous == "sdpa" and reason in _SDPA_CANNOT):
+        # Unknown previous implementation (a config switched outside ``patch``): SDPA when it computes this call,
+        # else the modeling file's eager code (softcap, sinks, position bias and attention weights are eager-only).
+        previous = "eager" if reason in _SDPA_CANNOT else "sdpa"
+    if previous == "eager":
+        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if fn is not None:
+            causal = kwargs.get("is_causal")
+            causal = getattr(module, "is_causal", False) if causal is None else causal
+            if attention_mask is None and causal and query.shape[2] > 1:
+                # SDPA's mask function skips a purely causal mask (SDPA applies is_causal itself); eager code applies
+                # only the mask it is given, so give it the causal one (bottom-right, as SDPA and our kernels).
+                attention_mask = _causal_br(query.shape[2], key.shape[2], query.device)[None, None]
+            if attention_mask is not None and attention_mask.dtype == torch.bool:
+                # Eager code adds the mask: turn our boolean mask back into an additive one.
+                attention_mask = torch.zeros((), dtype=query.dtype, device=query.device).masked_fill(
+                    ~attention_mask, torch.finfo(query.dtype).min)
+            return fn(module, query, key, value, attention_mask, **kwargs)
+        previous = "sdpa"
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS[previous](module, query, key, value, attention_mask, **kwargs)
+
+
+def _bool_mask(mask: torch.Tensor) -> torch.Tensor | None:
+    """The boolean ``keep`` mask equal to ``mask``, or None when an additive mask holds other values than 0 and
+    ``-inf``/``finfo.min``-like ones (a bias our kernels cannot add)."""
+    if mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        return None
+    keep = mask == 0
+    # finfo(dtype).min / 2 and below: masked (exp underflows to exactly 0 next to any kept score of a normal range).
+    drop = mask <= torch.finfo(mask.dtype).min / 2
+    if not bool((keep | drop).all()):
+        return None
+    return keep
+
+
+def _causal_br(lq: int, lk: int, device) -> torch.Tensor:
+    i = torch.arange(lq, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None, :]
+    return j <= i + (lk - lq)
+
+
+def _plan(mask: torch.Tensor, batch: int, lq: int, lk: int) -> tuple[str, torch.Tensor | None] | str:
+    """Which exact call computes ``mask`` (``keep`` ``[b, h, Lq, Lk]``): ``("dense"|"causal", None)`` or
+    ``("padded"|"padded_causal"|"right_padded_causal", kp [B, Lk])``, else the reason it cannot be done (a string)."""
+    if mask.dim() != 4 or mask.shape[-2:] != (lq, lk) or mask.shape[0] not in (1, batch):
+        return "attention mask shape is not [B or 1, H or 1, Lq, Lk]"
+    if mask.shape[1] > 1:
+        if not bool((mask == mask[:, :1]).all()):
+            return "attention mask differs between heads"
+        mask = mask[:, :1]
+    m = mask[:, 0].expand(batch, lq, lk)
+    if not bool(m.any(-1).all()):
+        return "attention mask has a fully masked query row"
+    if bool(m.all()):
+        return "dense", None
+    kp = m.any(1)  # [B, Lk]: keys some query sees
+    if bool((m == kp[:, None, :]).all()):
+        return "padded", kp
+    causal = _causal_br(lq, lk, m.device)
+    if bool((m == causal).all()):
+        return "causal", None
+    # Varlen causal over the packed keys and all Lq queries: query i sees packed key p iff p <= i + n_b - Lq.
+    packed = torch.cumsum(kp.to(torch.int32), 1) - 1
+    n = kp.sum(1, keepdim=True)
+    i = torch.arange(lq, device=m.device)
+    sees = kp[:, None, :] & (packed[:, None, :] <= i[None, :, None] + n[:, :, None] - lq)
+    if bool((m == sees).all()):
+        return "padded_causal", kp
+    if lq == lk:
+        # Right-padded causal self-attention (a padded training batch): valid tokens are a prefix [0, n_b); query i
+        # sees keys j <= min(i, n_b - 1): causal for the valid queries, every valid key for the padding ones.
+        n = kp.sum(1)
+        last = torch.minimum(i[None, :], n[:, None] - 1)
+        j = torch.arange(lk, device=m.device)
+        prefix = j[None, :] < n[:, None]
+        if bool((kp == prefix).all() & (m == (j[None, None, :] <= last[:, :, None])).all()):
+            return "right_padded_causal", kp
+    return "attention mask is not key padding or causal (an arbitrary 4-D mask)"
+
+
+def _varlen(q, k, v, kp, causal, scale, dropout, backend):
+    """q ``[B, Lq, H, D]``, k/v ``[B, Lk, Hkv, D]``, kp bool ``[B, Lk]``: the kept keys packed, every query kept."""
+    B, lq = q.shape[:2]
+    counts = kp.sum(1, dtype=torch.int32)
+    zero = torch.zeros(1, dtype=torch.int32, device=q.device)
+    cu_k = torch.cat([zero, torch.cumsum(counts, 0, dtype=torch.int32)])
+    cu_q = torch.arange(0, (B + 1) * lq, lq, dtype=torch.int32, device=q.device)
+    out = attention(q.reshape(B * lq, *q.shape[2:]), k[kp], v[kp], causal=causal, softmax_scale=scale,
+                    cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=lq, max_seqlen_k=int(counts.max()),
+                    backend=backend, dropout_p=dropout)
+    return out.view(B, lq, *out.shape[1:])
+
+
+def _right_padded_causal(q, k, v, kp, scale, dropout, backend):
+    """Causal varlen over each sample's valid prefix for the valid queries, and the padding queries over all of their
+    sample's valid keys (what HF's mask gives them): two varlen calls on the same packed keys."""
+    B, L = q.shape[:2]
+    counts = kp.sum(1, dtype=torch.int32)
+    zero = torch.zeros(1, dtype=torch.int32, device=q.device)
+    cu = torch.cat([zero, torch.cumsum(counts, 0, dtype=torch.int32)])
+    cu_pad = torch.cat([zero, torch.cumsum(L - counts, 0, dtype=torch.int32)])
+    longest = int(counts.max())
+    k, v = k[kp], v[kp]
+    valid = attention(q[kp], k, v, causal=True, softmax_scale=scale, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                      max_seqlen_q=longest, max_seqlen_k=longest, backend=backend, dropout_p=dropout)
+    padding = attention(q[~kp], k, v, causal=False, softmax_scale=scale, cu_seqlens_q=cu_pad, cu_seqlens_k=cu,
+                        max_seqlen_q=L - int(counts.min()), max_seqlen_k=longest, backend=backend, dropout_p=dropout)
+    out = valid.new_zeros((B, L, *valid.shape[1:]))
+    out[kp] = valid
+    out[~kp] = padding
+    return out
+
+
+def attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """HF attention function: ``query`` ``[B, Hq, Lq, D]``, ``key``/``value`` ``[B, Hkv, Lk, D]`` (``Hq % Hkv == 0``),
+    ``attention_mask`` None or 4-D (bool keep-mask or additive float). Returns ``([B, Lq, Hq, D], None)`` in the
+    query's dtype. Calls our kernels cannot express exactly run the model's previous implementation (see the
+    module docstring); the call is counted."""
+    every = dict(kwargs, dropout=dropout, scaling=scaling)
+    if is_causal is not None:
+        every["is_causal"] = is_causal
+    why = None
+    if kwargs.get("output_attentions"):
+        why = "output_attentions=True needs the attention weights"
+    elif kwargs.get("softcap") is not None:
+        why = "softcap"
+    elif kwargs.get("position_bias") is not None:
+        why = "position_bias"
+    elif kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        why = "attention sinks"
+    elif query.dim() != 4 or key.shape != value.shape or query.shape[-1] != key.shape[-1]:
+        why = "key and value head dims differ"
+    elif query.shape[-1] > MAX_HEAD_DIM:
+        why = f"head dim {query.shape[-1]} > {MAX_HEAD_DIM}"
+    elif query.shape[1] % key.shape[1] != 0:
+        why = "query heads are not a multiple of key/value heads"
+    elif key.dtype != query.dtype or value.dtype != query.dtype:
+        why = "query, key and value dtypes differ"
+    if why is not None:
+        return _fallback(module, query, key, value, attention_mask, why, **every)
+
+    hit = _entry(module)
+    backend = op_backend(hit[3], "attention") if hit is not None else None
+    B, lq, lk = query.shape[0], query.shape[2], key.shape[2]
+    if key.shape[0] != B:  # learned queries of batch 1 over a batch of keys (Q-Former): SDPA broadcasts
+        if B == 1:
+            query, B = query.expand(key.shape[0], -1, -1, -1), key.shape[0]
+        elif key.shape[0] == 1:
+            key, value = key.expand(B, -1, -1, -1), value.expand(B, -1, -1, -1)
+        else:
+            return _fallback(module, query, key, value, attention_mask, "query and key batch sizes differ", **every)
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # [B, L, H, D] views
+    if attention_mask is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        causal = bool(causal) and lq > 1
+        if causal and lk > lq:  # as SDPA: a prefill into an empty static cache
+            k, v = k[:, :lq], v[:, :lq]
+        out = attention(q, k, v, causal=causal, softmax_scale=scaling, backend=backend, dropout_p=dropout)
+        return out, None
+
+    keep = _bool_mask(attention_mask)
+    if keep is None:
+        return _fallback(module, query, key, value, attention_mask, "additive attention mask with values other "
+                         "than 0 and -inf (an arbitrary 4-D bias)", **every)
+    plan = _plan(keep, B, lq, lk)
+    if isinstance(plan, str):
+        return _fallback(module, query, key, value, attention_mask, plan, **every)
+    kind, kp = plan
+    if kind in ("dense", "causal"):
+        out = attention(q, k, v, causal=kind == "causal", softmax_scale=scaling, backend=backend, dropout_p=dropout)
+    elif kind == "right_padded_causal":
+        out = _right_padded_causal(q, k, v, kp, scaling, dropout, backend)
+    else:
+        out = _varlen(q, k, v, kp, kind == "padded_causal", scaling, dropout, backend)
+    return out, None
+
+
+def register() -> bool:
+    """Register ``"mmkernels"`` with transformers' ``AttentionInterface`` (and SDPA's boolean masks with its
+    ``AttentionMaskInterface``, so padding reaches us as a 4-D keep-mask). Returns False when transformers is not
+    importable; idempotent."""
+    try:
+        from transformers import AttentionInterface
+    except ImportError:
+        return False
+    AttentionInterface.register(ATTN_NAME, attention_forward)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:  # older transformers: masks are built per model, 4-D additive; we read those as well
+        return True
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    return True
+
+
+def _set_config(config, report, backend) -> tuple[bool, object] | None:
+    """Switch one config to ``"mmkernels"``; returns what to restore (whether the internal attribute existed, its
+    value), or None when ``patch`` already switched this config."""
+    if id(config) in _CONFIGS and _CONFIGS[id(config)][0]() is config:
+        return None
+    had = "_attn_implementation_internal" in config.__dict__
+    previous = config.__dict__.get("_attn_implementation_internal", getattr(config, "_attn_implementation", None))
+    _CONFIGS[id(config)] = (weakref.ref(config), previous, report, backend)
+    config.__dict__["_attn_implementation_internal"] = ATTN_NAME
+    return had, previous
+
+
+def _restore_config(config, had: bool, previous) -> None:
+    _CONFIGS.pop(id(config), None)
+    if had:
+        config.__dict__["_attn_implementation_internal"] = previous
+    else:
+        config.__dict__.pop("_attn_implementation_internal", None)

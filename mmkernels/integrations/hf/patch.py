@@ -1,0 +1,220 @@
+"""``patch(model)`` / ``unpatch(model)``: put mmkernels ops into an existing Hugging Face model, reversibly.
+
+What ``patch`` changes, and nothing else:
+- ``attention``: the ``_attn_implementation`` of every *config* that a covered attention module reads (vision towers
+  and Q-Formers: ViT, CLIP vision, SigLIP vision, BLIP-2 / InstructBLIP vision and Q-Former) becomes
+  ``"mmkernels"``; the previous value is remembered and put back by ``unpatch`` (set on the config's internal
+  attribute, so the sub-configs of a composite config are not touched). A language model inside (LLaVA's, BLIP-2's
+  OPT/T5) keeps its attention.
+- ``patch_embed`` / ``qformer`` / ``moe``: the ``forward`` of the covered modules is swapped (an instance attribute,
+  see ``_patching``); parameters, buffers and sub-modules are never touched.
+
+The family tables name transformers classes; a class this transformers version does not have is skipped and named
+in the report (only for the families the model uses).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+
+from torch import nn
+
+from ... import ops as _ops  # noqa: F401  (registers every op's backends before names are checked)
+from ..._backends import BACKENDS, BackendError, resolve_backends
+from . import attention as _attention
+from ._patching import PatchReport, restore_all
+from .qformer import patch_qformer
+from .vision import patch_vision_embeddings
+
+__all__ = ["COVERED", "PATCH_OPS", "patch", "unpatch"]
+
+# modeling module -> (attention classes (config must be a vision/Q-Former config), embedding classes, Q-Former layers)
+COVERED: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    "transformers.models.vit.modeling_vit": (("ViTAttention|ViTSelfAttention",), ("ViTEmbeddings",), ()),
+    "transformers.models.clip.modeling_clip": (("CLIPAttention",), ("CLIPVisionEmbeddings",), ()),
+    "transformers.models.siglip.modeling_siglip": (("SiglipAttention",), ("SiglipVisionEmbeddings",), ()),
+    "transformers.models.blip_2.modeling_blip_2": (
+        ("Blip2Attention", "Blip2QFormerMultiHeadAttention"), ("Blip2VisionEmbeddings",), ("Blip2QFormerLayer",)),
+    "transformers.models.instructblip.modeling_instructblip": (
+        ("InstructBlipAttention", "InstructBlipQFormerMultiHeadAttention"), ("InstructBlipVisionEmbeddings",),
+        ("InstructBlipQFormerLayer",)),
+}
+# The ops ``patch`` can run (the keys a ``backend`` mapping may use), and the op behind each kind of replacement
+# that does not check its own backend (the MoE part checks moe_route / moe_experts when it patches a block).
+PATCH_OPS = ("attention", "patch_embed", "qformer_cross_attention", "moe_route", "moe_experts")
+_KIND_OPS = {"attention": "attention", "patch_embed": "patch_embed", "qformer": "qformer_cross_attention"}
+_OWNER = "mmkernels.integrations.hf.patch"
+_STATE = "_mmkernels_hf_patch"  # on the root module: {"report", "configs": [(module path, had, previous)]}
+_DETAIL = "ops.attention via attn_implementation='mmkernels' (padding -> varlen; other masks fall back)"
+
+
+def _classes(module_name: str, names, report: PatchReport, kind: str) -> dict[str, type]:
+    """The classes of ``names`` that this transformers has; the missing ones are reported as skipped. An entry
+    ``"A|B"`` names alternatives (a class renamed between releases): reported only when none exists."""
+    try:
+        mod = importlib.import_module(module_name)
+    except ImportError as exc:
+        report.skip("", kind, f"{module_name} cannot be imported ({exc})")
+        return {}
+    found = {}
+    for entry in names:
+        hits = {n: c for n in entry.split("|") if isinstance(c := getattr(mod, n, None), type)}
+        if hits:
+            found.update(hits)
+        else:
+            report.skip("", kind, f"{module_name}.{entry} does not exist in this transformers version: not patched")
+    return found
+
+
+def _is_vision_or_qformer(config) -> bool:
+    name = type(config).__name__
+    return "Vision" in name or "QFormer" in name or name == "ViTConfig"
+
+
+def patch(model: nn.Module, *, attention: bool = True, patch_embed: bool = True, qformer: bool = True,
+          moe: bool = True, backend: str | Mapping[str, str] | None = None) -> PatchReport:
+    """Run mmkernels ops inside an existing Hugging Face model, in place; returns what was replaced.
+
+    Args:
+        model: any ``nn.Module`` holding HF modules (a ``PreTrainedModel`` or a part of one).
+        attention: vision-tower and Q-Former attention through ``"mmkernels"`` (:func:`mmkernels.ops.attention`).
+        patch_embed: ViT / CLIP / SigLIP / BLIP-2 / InstructBLIP patch embeddings through
+            :func:`mmkernels.ops.patch_embed` (``interpolate_pos_encoding`` included).
+        qformer: BLIP-2 / InstructBLIP Q-Former cross-attention through :func:`mmkernels.ops.qformer_cross_attention`.
+        moe: Mixtral / LongCat-Flash / DeepSeek-V3 MoE blocks through ``moe_route`` / ``moe_experts``
+            (:mod:`mmkernels.integrations.hf.moe`).
+        backend: ``None`` (auto per device), one backend name for every op the patch runs, or a mapping
+            ``{op: name}`` (e.g. ``{"attention": "triton", "moe_route": "cpp"}``; ops it does not name run on auto).
+            Names are checked before anything is patched: an unknown backend, a mapping key that is not one of
+            :data:`PATCH_OPS`, or an op that lacks the named backend raises :class:`mmkernels.BackendError`
+            (``TypeError`` for any other type). A backend that cannot run on the tensors' device raises
+            :class:`mmkernels.BackendError` at the first call.
+
+    Returns:
+        :class:`PatchReport`: modules replaced (path, kind, class), parts skipped and why, and (growing as the
+        model runs) calls that fell back to the model's own code. Patching a patched model is a no-op that returns
+        the first report; call :func:`unpatch` first to change the options.
+
+    Raises ``TypeError`` when ``model`` is not an ``nn.Module``, and :class:`mmkernels.BackendError` when
+    ``backend`` names an unknown backend or op, or one that an op this model would run does not implement (e.g.
+    ``"cpp"`` for a ViT: attention has no C++ backend); the model is then left exactly as it was.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"patch: model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_backend_names(backend)
+    state = model.__dict__.get(_STATE)
+    if state is not None:
+        return state["report"]
+    config = getattr(model, "config", None)
+    report = PatchReport(model_type=getattr(config, "model_type", "") or type(model).__name__)
+    state = {"report": report, "configs": []}
+    model.__dict__[_STATE] = state
+    try:
+        _patch(model, state, attention=attention, patch_embed=patch_embed, qformer=qformer, moe=moe, backend=backend)
+        if isinstance(backend, str):  # one name for every op: each op this model now runs must implement it
+            used = sorted({_KIND_OPS[r.kind] for r in report.replaced if r.kind in _KIND_OPS})
+            resolve_backends(_OWNER, backend, used)
+    except BaseException:
+        unpatch(model)  # all or nothing: an error (e.g. a BackendError from the MoE part) leaves the model as it was
+        raise
+    return report
+
+
+def _check_backend_names(backend) -> None:
+    """Reject a misspelt backend or op name before anything is patched (``BackendError``; ``TypeError`` for a
+    value that is neither a name nor a mapping). A mapping's backends are checked against each op it names."""
+    if backend is None:
+        return
+    if isinstance(backend, str):
+        if backend not in BACKENDS:
+            raise BackendError(f"{_OWNER}: unknown backend {backend!r}; expected one of {BACKENDS}")
+    elif isinstance(backend, Mapping):
+        resolve_backends(_OWNER, dict(backend), PATCH_OPS)
+    else:
+        raise TypeError(f"{_OWNER}: backend must be None, a backend name or a mapping {{op: backend}}, "
+                        f"got {type(backend).__name__}")
+
+
+def _patch(model: nn.Module, state: dict, *, attention: bool, patch_embed: bool, qformer: bool, moe: bool,
+           backend: str | Mapping[str, str] | None) -> None:
+    report, config = state["report"], getattr(model, "config", None)
+    used = {type(m).__module__ for m in model.modules()}
+    families = {name: spec for name, spec in COVERED.items() if name in used}
+
+    if attention:
+        _attention.register()
+        attn_classes: dict[str, type] = {}
+        for module_name, (attn, _, _) in families.items():
+            attn_classes.update(_classes(module_name, attn, report, "attention"))
+        switched: dict[int, bool] = {}
+        for path, module in model.named_modules():
+            cls = attn_classes.get(type(module).__name__)
+            if cls is None or type(module) is not cls:
+                continue
+            cfg = getattr(module, "config", None)
+            if cfg is None or not hasattr(cfg, "_attn_implementation"):
+                continue  # e.g. an older release's wrapper around the module that calls the attention function
+            if not _is_vision_or_qformer(cfg):
+                continue  # a text encoder's attention (CLIP text): not covered
+            if id(cfg) not in switched:
+                saved = _attention._set_config(cfg, report, backend)
+                switched[id(cfg)] = saved is not None
+                if saved is not None:  # by module path, so a deepcopy of the model restores its own configs
+                    state["configs"].append((path, *saved))
+            if switched[id(cfg)]:
+                report.add(path, "attention", module, _DETAIL)
+        for module_name in families:
+            if attn_classes and not any(type(m).__module__ == module_name and type(m) in attn_classes.values()
+                                        and hasattr(getattr(m, "config", None), "_attn_implementation")
+                                        for m in model.modules()):
+                report.skip("", "attention", f"no attention module of {module_name} reads a config with "
+                            "_attn_implementation in this transformers version: attention not patched")
+    if patch_embed:
+        emb_classes: dict[str, type] = {}
+        for module_name, (_, emb, _) in families.items():
+            emb_classes.update(_classes(module_name, emb, report, "patch_embed"))
+        patch_vision_embeddings(model, report, emb_classes, backend=backend)
+    if qformer:
+        layer_classes: dict[str, type] = {}
+        for module_name, (_, _, layers) in families.items():
+            layer_classes.update(_classes(module_name, layers, report, "qformer"))
+        patch_qformer(model, report, layer_classes, backend=backend)
+        # A cross-attention module whose forward is now ours no longer reaches the attention function.
+        ours = {r.path for r in report.replaced if r.kind == "qformer"}
+        report.replaced[:] = [r for r in report.replaced if not (r.kind == "attention" and r.path in ours)]
+    if moe:
+        try:
+            from .moe import FAMILIES, patch_moe
+        except ImportError as exc:
+            report.skip("", "moe", f"mmkernels.integrations.hf.moe cannot be imported ({exc})")
+        else:
+            # Only models built from a MoE family's modeling file: a vision model with backend="triton" must not be
+            # refused because the MoE ops have no Triton router.
+            if any(f.module in used or getattr(config, "model_type", None) == f.model_type for f in FAMILIES):
+                patch_moe(model, report, backend=backend)
+
+
+def unpatch(model: nn.Module) -> int:
+    """Undo :func:`patch` bit for bit: every swapped forward is restored and every config gets back its previous
+    ``_attn_implementation``, for patches of ``model`` or of any of its sub-modules.
+
+    Returns the number of modules whose ``forward`` was restored (patch embeddings, Q-Former layers, MoE blocks and
+    routers); attention is switched through configs and not counted. An unpatched model is left alone (0). A
+    ``set_attn_implementation`` call made on the model while patched is undone too: the configs get back what they
+    had before ``patch``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unpatch: model must be a torch.nn.Module, got {type(model).__name__}")
+    # ``patch`` may have been called on a part (``patch(model.vision_model)``): undo every patch found below.
+    roots = [(m, m.__dict__.pop(_STATE)) for m in model.modules() if _STATE in m.__dict__]
+    n = restore_all(model)
+    for module in model.modules():
+        for key in [k for k in module.__dict__ if k.startswith("_mmkernels_")]:
+            del module.__dict__[key]
+    for root, state in roots:
+        for path, had, previous in reversed(state["configs"]):
+            config = getattr(root.get_submodule(path), "config", None) if path else getattr(root, "config", None)
+            if config is not None:
+                _attention._restore_config(config, had, previous)
+    return n
+

@@ -1,0 +1,694 @@
+"""Packed varlen attention: query tiles over the packed token axis, block-diagonal masks, head dims in two chunks.
+
+The per-sequence kernels (``attention.py``) give every (sequence, head) its own row blocks, so a 197-token image
+computes ``ceil(197 / BLOCK_M) * BLOCK_M`` rows against ``ceil(197 / BLOCK_N) * BLOCK_N`` keys (59% of the score
+entries valid at 128 x 64). Here a program owns ``BLOCK_M`` consecutive rows of the packed ``[total_q, H, D]``
+tensor, whatever sequences they belong to:
+
+- row -> sequence ids come from ``cu_seqlens`` on the device (a vectorised binary search in the kernel,
+  :func:`_seq_ids`; no host sync, no extra tensor);
+- the program streams the keys from the first key of the first sequence it touches to the last key of the last
+  one (``[lo, hi)``), and masks block-diagonally: row ``i`` of sequence ``b`` sees keys
+  ``[cu_k[b], cu_k[b] + n_i)`` with ``n_i = len_k(b)`` or, causal (bottom-right aligned, as the dense kernels),
+  ``clamp(i_local + len_k - len_q + 1, 0, len_k)``;
+- the backward mirrors it: dK/dV programs own ``BLOCK_N`` packed key rows of one key/value head (GQA group loop
+  inside, as the dense kernel), stream the query rows that see them and mask the same way; dQ programs own packed
+  query tiles like the forward. The atomic-dQ mode adds dQ from the dK/dV kernel, as the dense path.
+
+Same contract as the per-sequence path: lse ``[Hq, total_q]`` (natural log, ``+inf`` for rows that see no key),
+rows past ``cu_seqlens[-1]`` get zero output / gradients and are never read (so NaN there reaches nothing), and the
+dropout stream is the same Philox element index ``((b * Hq + h) * LQ + i) * LK + j`` with ``i``/``j`` positions
+within sequence ``b`` and ``LQ``/``LK`` the max lengths, so a seed drops the same probabilities in both paths and the
+two can be mixed (a packed forward with a per-sequence backward gives the same gradients).
+
+Head dims: ``tl.arange`` and the ``tl.dot`` operands need power-of-two sizes, so the dense kernels pad D = 72/80/88
+to 128. Here the head dim is cut into two power-of-two chunks (:func:`head_dim_chunks`: 72 -> 64 + 16, 88 -> 64 +
+32); the score is ``q0 k0^T + q1 k1^T`` (two accumulating dots) and O, dQ, dK, dV are kept as two accumulators. A
+head dim that gains nothing from a split (powers of two, 112 -> 64 + 64) runs as one chunk.
+
+Caveat of sharing a tile: a non-finite value in one sequence's valid K/V/dO rows can reach the other sequences of
+its tile (``0 * NaN`` inside the ``P V`` / ``dS Q`` products), where the per-sequence kernels keep it inside its
+sequence. Padding rows and keys that no row sees are never loaded, so the contract on invalid regions holds.
+
+:func:`occupancy` computes, for a list of sequence lengths, the fraction of computed score entries (rows x keys
+multiplied) that are valid and the head-dim fraction, for either mode (``docs/ops/attention.md`` has the table;
+``benchmarks/occupancy.py`` prints it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..._env import attention_packed_override
+
+# `_common.interpreted` is called through the module: tests/triton_launches.py replaces it to record GPU configs.
+from . import _common
+from . import attention as _dense
+from ._common import (
+    LN2_JIT,
+    LOG2E,
+    LOG2E_JIT,
+    check_grid,
+    dropout_args,
+    dropout_keep,
+    dropout_seed,
+    input_precision,
+    wrapped,
+)
+
+__all__ = ["Occupancy", "attention_packed_bwd", "attention_packed_fwd", "head_dim_chunks", "occupancy",
+           "packed_pays"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# device helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _seq_ids(CU, rows, NUM_SEQS):
+    """Sequence of each packed row: the largest ``b`` in ``[0, NUM_SEQS)`` with ``CU[b] <= row`` (a vectorised
+    binary search over ``cu_seqlens``: ``ceil(log2(NUM_SEQS))`` gathers; empty sequences are skipped because
+    ``CU[b] == CU[b + 1]``). Meaningless for rows ``>= CU[NUM_SEQS]`` (padding): the callers mask those."""
+    lo = tl.zeros_like(rows)
+    hi = lo + NUM_SEQS
+    while tl.max(hi - lo, 0) > 1:
+        mid = (lo + hi) // 2
+        right = tl.load(CU + mid) <= rows
+        lo = tl.where(right, mid, lo)
+        hi = tl.where(right, hi, mid)
+    return lo
+
+
+@triton.jit
+def _query_tile(CU_Q, CU_K, tile, NUM_SEQS, BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """What a forward / dQ program needs about its packed rows ``[tile * BLOCK_M, (tile + 1) * BLOCK_M)``:
+    ``(rows, row_ok, seq, pos, k_first, k_last, lo, hi)``. Row ``rows[i]`` (position ``pos[i]`` in sequence
+    ``seq[i]``) sees keys ``[k_first[i], k_last[i])``; the program streams ``[lo, hi)``, the union over its rows
+    (empty, ``lo >= hi``, when no row sees a key)."""
+    total_q = tl.load(CU_Q + NUM_SEQS)
+    total_k = tl.load(CU_K + NUM_SEQS)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < total_q
+    seq = _seq_ids(CU_Q, rows, NUM_SEQS)
+    q_first = tl.load(CU_Q + seq)
+    len_q = tl.load(CU_Q + seq + 1) - q_first
+    k_first = tl.load(CU_K + seq)
+    len_k = tl.load(CU_K + seq + 1) - k_first
+    pos = rows - q_first
+    n_keys = len_k
+    if CAUSAL:  # bottom-right aligned: position i sees keys j <= i + len_k - len_q
+        n_keys = tl.minimum(tl.maximum(pos + len_k - len_q + 1, 0), len_k)
+    n_keys = tl.where(row_ok, n_keys, 0)
+    k_last = k_first + n_keys
+    sees = n_keys > 0
+    lo = tl.min(tl.where(sees, k_first, total_k), 0)
+    hi = tl.max(tl.where(sees, k_last, 0), 0)
+    return rows, row_ok, seq, pos, k_first, k_last, lo, hi
+
+
+@triton.jit
+def _load_rows(base, rows, row_mask, stride, offs_d, HEAD_DIM: tl.constexpr):
+    """``[len(rows), len(offs_d)]`` elements of packed rows (int64 ``rows``) of one head; masked rows and the
+    head-dim padding read 0."""
+    return tl.load(base + rows[:, None] * stride + offs_d[None, :],
+                   mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _load_rows_t(base, rows, row_mask, stride, offs_d, HEAD_DIM: tl.constexpr):
+    """:func:`_load_rows` transposed: ``[len(offs_d), len(rows)]``."""
+    return tl.load(base + rows[None, :] * stride + offs_d[:, None],
+                   mask=row_mask[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
+
+
+@triton.jit
+def _store_rows(base, rows, row_mask, stride, offs_d, value, HEAD_DIM: tl.constexpr):
+    tl.store(base + rows[:, None] * stride + offs_d[None, :], value.to(base.dtype.element_ty),
+             mask=row_mask[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------------------------
+
+
+# The second head-dim chunk exists only when BLOCK_D1 > 0: a constexpr condition, so Triton compiles the taken
+# branch only (its variables stay defined for the later `if BLOCK_D1 > 0` blocks) and one source serves both.
+
+
+@triton.jit
+def _packed_fwd_kernel(
+    Q, K, V, OUT, LSE, CU_Q, CU_K, SEED,
+    stride_ql, stride_qh, stride_kl, stride_kh, stride_vl, stride_vh, stride_ol, stride_oh, stride_lh,
+    NUM_SEQS, LQ, LK, HQ, GROUP, NUM_TILES, qk_scale, dropout_p, drop_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tile = pid % NUM_TILES
+    h = (pid // NUM_TILES).to(tl.int64)
+    if tile * BLOCK_M >= tl.load(CU_Q + NUM_SEQS):
+        return  # padding rows past cu_seqlens_q[-1]: out 0 and lse +inf from the launcher
+    hk = h // GROUP
+    rows, row_ok, seq, pos, k_first, k_last, lo, hi = _query_tile(CU_Q, CU_K, tile, NUM_SEQS, BLOCK_M, CAUSAL)
+    rows64 = rows.to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    q_base = Q + h * stride_qh
+    k_base = K + hk * stride_kh
+    v_base = V + hk * stride_vh
+    q0 = _load_rows(q_base, rows64, row_ok, stride_ql, offs_d0, HEAD_DIM)
+    acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
+    if BLOCK_D1 > 0:
+        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+        q1 = _load_rows(q_base, rows64, row_ok, stride_ql, offs_d1, HEAD_DIM)
+        acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    seed = dropout_seed(SEED, DROPOUT)
+    drop_base = (seq.to(tl.int64) * HQ + h) * LQ
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < hi  # [lo, hi) holds only valid keys (never padding past cu_seqlens_k[-1])
+        cols64 = cols.to(tl.int64)
+        kt0 = _load_rows_t(k_base, cols64, col_ok, stride_kl, offs_d0, HEAD_DIM)
+        s = tl.dot(q0, kt0, input_precision=PRECISION)
+        if BLOCK_D1 > 0:
+            kt1 = _load_rows_t(k_base, cols64, col_ok, stride_kl, offs_d1, HEAD_DIM)
+            s = tl.dot(q1, kt1, s, input_precision=PRECISION)
+        # block-diagonal (and causal) mask: a NaN score of a row that sees none of these keys is dropped here
+        visible = (cols[None, :] >= k_first[:, None]) & (cols[None, :] < k_last[:, None])
+        s = tl.where(visible, s * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser sums the probabilities before dropout
+        if DROPOUT:
+            keep = dropout_keep(seed, drop_base[:, None], pos[:, None], cols[None, :] - k_first[:, None], LK,
+                                dropout_p)
+            p = tl.where(keep, p, 0.0)
+        v0 = _load_rows(v_base, cols64, col_ok, stride_vl, offs_d0, HEAD_DIM)
+        acc0 = tl.dot(p.to(v0.dtype), v0, acc0 * alpha[:, None], input_precision=PRECISION)
+        if BLOCK_D1 > 0:
+            v1 = _load_rows(v_base, cols64, col_ok, stride_vl, offs_d1, HEAD_DIM)
+            acc1 = tl.dot(p.to(v1.dtype), v1, acc1 * alpha[:, None], input_precision=PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    scale = 1.0 / l_safe
+    if DROPOUT:
+        scale = scale * drop_scale  # inverted dropout: kept probabilities scaled by 1 / (1 - p)
+    o_base = OUT + h * stride_oh
+    _store_rows(o_base, rows64, row_ok, stride_ol, offs_d0, acc0 * scale[:, None], HEAD_DIM)
+    if BLOCK_D1 > 0:
+        _store_rows(o_base, rows64, row_ok, stride_ol, offs_d1, acc1 * scale[:, None], HEAD_DIM)
+    lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * LN2_JIT)
+    tl.store(LSE + h * stride_lh + rows64, lse, mask=row_ok)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _packed_bwd_preprocess_kernel(
+    OUT, DO, DELTA, CU_Q,
+    stride_ol, stride_oh, stride_dol, stride_doh, stride_lh,
+    NUM_SEQS, NUM_TILES,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # delta = rowsum(dO * O) in fp32 over packed rows (memory-bound: one power-of-two chunk, masked)
+    pid = tl.program_id(0)
+    tile = pid % NUM_TILES
+    h = (pid // NUM_TILES).to(tl.int64)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < tl.load(CU_Q + NUM_SEQS)
+    rows64 = rows.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(OUT + h * stride_oh, rows64, row_ok, stride_ol, offs_d, HEAD_DIM)
+    do = _load_rows(DO + h * stride_doh, rows64, row_ok, stride_dol, offs_d, HEAD_DIM)
+    tl.store(DELTA + h * stride_lh + rows64, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=row_ok)
+
+
+@triton.jit
+def _packed_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, CU_Q, CU_K, SEED,
+    stride_ql, stride_qh, stride_kl, stride_kh, stride_vl, stride_vh, stride_dol, stride_doh,
+    stride_dkl, stride_dkh, stride_dvl, stride_dvh, stride_dql, stride_dqh, stride_lh,
+    NUM_SEQS, LQ, LK, HKV, GROUP, NUM_TILES, qk_scale, sm_scale, dropout_p, drop_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, ATOMIC_DQ: tl.constexpr, PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tile = pid % NUM_TILES
+    hk = (pid // NUM_TILES).to(tl.int64)
+    total_k = tl.load(CU_K + NUM_SEQS)
+    if tile * BLOCK_N >= total_k:
+        return  # padding keys past cu_seqlens_k[-1]: dk/dv start from zeros
+    total_q = tl.load(CU_Q + NUM_SEQS)
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < total_k
+    seq = _seq_ids(CU_K, cols, NUM_SEQS)
+    k_first = tl.load(CU_K + seq)
+    len_k = tl.load(CU_K + seq + 1) - k_first
+    q_first = tl.load(CU_Q + seq)
+    len_q = tl.load(CU_Q + seq + 1) - q_first
+    pos = cols - k_first
+    q_end = q_first + len_q
+    row_first = q_first  # the first query row that sees each key
+    if CAUSAL:
+        row_first = q_first + tl.minimum(tl.maximum(pos - (len_k - len_q), 0), len_q)
+    row_first = tl.where(col_ok, row_first, q_end)  # padding keys: seen by no row
+    sees = row_first < q_end
+    lo = tl.min(tl.where(sees, row_first, total_q), 0)
+    hi = tl.max(tl.where(sees, q_end, 0), 0)
+
+    cols64 = cols.to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    k0 = _load_rows(K + hk * stride_kh, cols64, col_ok, stride_kl, offs_d0, HEAD_DIM)
+    v0 = _load_rows(V + hk * stride_vh, cols64, col_ok, stride_vl, offs_d0, HEAD_DIM)
+    dk0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
+    dv0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
+    if BLOCK_D1 > 0:
+        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+        k1 = _load_rows(K + hk * stride_kh, cols64, col_ok, stride_kl, offs_d1, HEAD_DIM)
+        v1 = _load_rows(V + hk * stride_vh, cols64, col_ok, stride_vl, offs_d1, HEAD_DIM)
+        dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+        dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
+    seed = dropout_seed(SEED, DROPOUT)
+    # dropout element ((b * Hq + h) * LQ + i_local) * LK + j_local, with i_local = row - q_first[b]
+    drop_key = seq.to(tl.int64) * HKV * GROUP * LQ - q_first
+    for g in range(0, GROUP):
+        h = hk * GROUP + g
+        q_base = Q + h * stride_qh
+        do_base = DO + h * stride_doh
+        lse_base = LSE + h * stride_lh
+        delta_base = DELTA + h * stride_lh
+        drop_base = drop_key + h * LQ
+        for start_m in range(lo, hi, BLOCK_M):
+            rows = start_m + offs_m
+            visible = (rows[None, :] >= row_first[:, None]) & (rows[None, :] < q_end[:, None])  # [BLOCK_N, BLOCK_M]
+            # Rows that see none of these keys (other sequences' rows in the range, causal rows before the
+            # diagonal) are not loaded: their q/dO (even NaN) would reach dK/dV through 0 * NaN in the products.
+            seen = tl.max(visible.to(tl.int32), 0) > 0
+            rows64 = rows.to(tl.int64)
+            q0 = _load_rows(q_base, rows64, seen, stride_ql, offs_d0, HEAD_DIM)
+            do0 = _load_rows(do_base, rows64, seen, stride_dol, offs_d0, HEAD_DIM)
+            lse2 = tl.load(lse_base + rows64, mask=seen, other=float("inf")) * LOG2E_JIT
+            delta = tl.load(delta_base + rows64, mask=seen, other=0.0)
+            s_t = tl.dot(k0, tl.trans(q0), input_precision=PRECISION)
+            dp_t = tl.dot(v0, tl.trans(do0), input_precision=PRECISION)
+            if BLOCK_D1 > 0:
+                q1 = _load_rows(q_base, rows64, seen, stride_ql, offs_d1, HEAD_DIM)
+                do1 = _load_rows(do_base, rows64, seen, stride_dol, offs_d1, HEAD_DIM)
+                s_t = tl.dot(k1, tl.trans(q1), s_t, input_precision=PRECISION)
+                dp_t = tl.dot(v1, tl.trans(do1), dp_t, input_precision=PRECISION)
+            p_t = tl.where(visible, tl.exp2(s_t * qk_scale - lse2[None, :]), 0.0)
+            if DROPOUT:
+                keep_t = dropout_keep(seed, drop_base[:, None], rows[None, :], pos[:, None], LK, dropout_p)
+                pd_t = tl.where(keep_t, p_t * drop_scale, 0.0)
+                dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
+            else:
+                pd_t = p_t
+            dv0 = tl.dot(pd_t.to(do0.dtype), do0, dv0, input_precision=PRECISION)
+            ds_t = tl.where(visible, p_t * (dp_t - delta[None, :]), 0.0)
+            dk0 = tl.dot(ds_t.to(q0.dtype), q0, dk0, input_precision=PRECISION)
+            if BLOCK_D1 > 0:
+                dv1 = tl.dot(pd_t.to(do1.dtype), do1, dv1, input_precision=PRECISION)
+                dk1 = tl.dot(ds_t.to(q1.dtype), q1, dk1, input_precision=PRECISION)
+            if ATOMIC_DQ:
+                ds = tl.trans(ds_t.to(k0.dtype))
+                dq_base = DQ + h * stride_dqh
+                tl.atomic_add(dq_base + rows64[:, None] * stride_dql + offs_d0[None, :],
+                              tl.dot(ds, k0, input_precision=PRECISION) * sm_scale,
+                              mask=seen[:, None] & (offs_d0[None, :] < HEAD_DIM), sem="relaxed")
+                if BLOCK_D1 > 0:
+                    tl.atomic_add(dq_base + rows64[:, None] * stride_dql + offs_d1[None, :],
+                                  tl.dot(ds, k1, input_precision=PRECISION) * sm_scale,
+                                  mask=seen[:, None] & (offs_d1[None, :] < HEAD_DIM), sem="relaxed")
+    _store_rows(DK + hk * stride_dkh, cols64, col_ok, stride_dkl, offs_d0, dk0 * sm_scale, HEAD_DIM)
+    _store_rows(DV + hk * stride_dvh, cols64, col_ok, stride_dvl, offs_d0, dv0, HEAD_DIM)
+    if BLOCK_D1 > 0:
+        _store_rows(DK + hk * stride_dkh, cols64, col_ok, stride_dkl, offs_d1, dk1 * sm_scale, HEAD_DIM)
+        _store_rows(DV + hk * stride_dvh, cols64, col_ok, stride_dvl, offs_d1, dv1, HEAD_DIM)
+
+
+@triton.jit
+def _packed_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, SEED,
+    stride_ql, stride_qh, stride_kl, stride_kh, stride_vl, stride_vh, stride_dol, stride_doh,
+    stride_dql, stride_dqh, stride_lh,
+    NUM_SEQS, LQ, LK, HQ, GROUP, NUM_TILES, qk_scale, sm_scale, dropout_p, drop_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    tile = pid % NUM_TILES
+    h = (pid // NUM_TILES).to(tl.int64)
+    if tile * BLOCK_M >= tl.load(CU_Q + NUM_SEQS):
+        return
+    hk = h // GROUP
+    rows, row_ok, seq, pos, k_first, k_last, lo, hi = _query_tile(CU_Q, CU_K, tile, NUM_SEQS, BLOCK_M, CAUSAL)
+    rows64 = rows.to(tl.int64)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    q_base = Q + h * stride_qh
+    do_base = DO + h * stride_doh
+    k_base = K + hk * stride_kh
+    v_base = V + hk * stride_vh
+    q0 = _load_rows(q_base, rows64, row_ok, stride_ql, offs_d0, HEAD_DIM)
+    do0 = _load_rows(do_base, rows64, row_ok, stride_dol, offs_d0, HEAD_DIM)
+    dq0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
+    if BLOCK_D1 > 0:
+        offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
+        q1 = _load_rows(q_base, rows64, row_ok, stride_ql, offs_d1, HEAD_DIM)
+        do1 = _load_rows(do_base, rows64, row_ok, stride_dol, offs_d1, HEAD_DIM)
+        dq1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
+    lse2 = tl.load(LSE + h * stride_lh + rows64, mask=row_ok, other=float("inf")) * LOG2E_JIT
+    delta = tl.load(DELTA + h * stride_lh + rows64, mask=row_ok, other=0.0)
+    seed = dropout_seed(SEED, DROPOUT)
+    drop_base = (seq.to(tl.int64) * HQ + h) * LQ
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < hi
+        cols64 = cols.to(tl.int64)
+        kt0 = _load_rows_t(k_base, cols64, col_ok, stride_kl, offs_d0, HEAD_DIM)
+        vt0 = _load_rows_t(v_base, cols64, col_ok, stride_vl, offs_d0, HEAD_DIM)
+        s = tl.dot(q0, kt0, input_precision=PRECISION)
+        dp = tl.dot(do0, vt0, input_precision=PRECISION)
+        if BLOCK_D1 > 0:
+            kt1 = _load_rows_t(k_base, cols64, col_ok, stride_kl, offs_d1, HEAD_DIM)
+            vt1 = _load_rows_t(v_base, cols64, col_ok, stride_vl, offs_d1, HEAD_DIM)
+            s = tl.dot(q1, kt1, s, input_precision=PRECISION)
+            dp = tl.dot(do1, vt1, dp, input_precision=PRECISION)
+        visible = (cols[None, :] >= k_first[:, None]) & (cols[None, :] < k_last[:, None])
+        p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        if DROPOUT:
+            keep = dropout_keep(seed, drop_base[:, None], pos[:, None], cols[None, :] - k_first[:, None], LK,
+                                dropout_p)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
+        ds = tl.where(visible, p * (dp - delta[:, None]), 0.0)
+        dq0 = tl.dot(ds.to(kt0.dtype), tl.trans(kt0), dq0, input_precision=PRECISION)
+        if BLOCK_D1 > 0:
+            dq1 = tl.dot(ds.to(kt1.dtype), tl.trans(kt1), dq1, input_precision=PRECISION)
+    dq_base = DQ + h * stride_dqh
+    _store_rows(dq_base, rows64, row_ok, stride_dql, offs_d0, dq0 * sm_scale, HEAD_DIM)
+    if BLOCK_D1 > 0:
+        _store_rows(dq_base, rows64, row_ok, stride_dql, offs_d1, dq1 * sm_scale, HEAD_DIM)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------------------------
+
+
+def head_dim_chunks(head_dim: int) -> tuple[int, int]:
+    """``(BLOCK_D0, BLOCK_D1)``: the head dim as a power-of-two chunk (>= 16, ``tl.dot``'s smallest K) plus a second
+    power-of-two chunk (0 = none) when that computes fewer padded columns than one chunk of the next power of two:
+    72 -> (64, 16), 80 -> (64, 16), 88 -> (64, 32), 96 -> (64, 32), 40 -> (32, 16), 64 -> (64, 0),
+    112 -> (128, 0) (64 + 64 gains nothing), 160 -> (128, 32)."""
+    whole = max(16, triton.next_power_of_2(head_dim))
+    if head_dim == whole or whole == 16:
+        return whole, 0
+    low = whole // 2  # the largest power of two below head_dim (integer ops only: head_dim may be a SymInt)
+    rest = max(16, triton.next_power_of_2(head_dim - low))
+    if low + rest >= whole:
+        return whole, 0
+    return low, rest
+
+
+@dataclass(frozen=True)
+class _Config:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _configs(width: int, dtype: torch.dtype, interpret: bool, dropout: bool = False
+             ) -> tuple[_Config, _Config, _Config]:
+    """(forward, dK/dV, dQ) configs for a padded head dim ``width`` (``BLOCK_D0 + BLOCK_D1``). Fixed block sizes (no
+    fit to the max length): a packed tile spans sequences, so short sequences fill it. The interpreter takes 32 x 32
+    tiles (few NumPy steps; small tests still cross sequence boundaries inside a tile).
+
+    GPU values are untuned starting points, chosen without a GPU so that ptxas (Triton 3.8, sm_90a) reports no
+    spills for D = 64/72/80/88 in fp16/bf16 and fp32, except the dK/dV kernel with dropout and atomic dQ in fp16/bf16
+    (about 56-76 bytes per thread at D = 72, one pipeline stage; two spill more). sm_80 spills more (see the report of
+    ``make check-triton``). 64-row query tiles: a tile straddling two sequences computes its rows
+    against both, so shorter tiles waste less (:func:`occupancy`). dK/dV takes 16-row query steps: its program
+    holds K, V, dK and dV for 64 keys."""
+    if interpret:
+        cfg = _Config(32, 32, 4, 1)
+        return cfg, cfg, cfg
+    if dtype == torch.float32:  # ieee products, twice the bytes per element
+        return _Config(32, 32, 4, 2), _Config(16, 16, 8, 1), _Config(16, 16, 4, 1)
+    if width <= 128:
+        wide = width > 64
+        kv = _Config(16, 64, 8, 1 if dropout else 2)  # Philox's registers: one stage fewer with dropout
+        return _Config(64, 64, 4, 2 if wide else 3), kv, _Config(64, 32, 8 if wide else 4, 2)
+    return _Config(64, 32, 8, 2), _Config(16, 32, 8, 1), _Config(32, 32, 8, 1)
+
+
+def packed_pays(q: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int) -> bool:
+    """Whether the varlen launchers take the packed kernels for ``q`` (``[total_q, Hq, D]``).
+
+    ``MMKERNELS_ATTENTION_PACKED=1``/``0`` forces the answer; otherwise the interpreter says no, and on a GPU a rule on
+    host ints only (no sync) compares the multiply-adds of the two modes for sequences that all have the max lengths:
+    per sequence, the per-sequence kernels compute ``ceil(Lq / BM) BM x ceil(Lk / BN) BN x BLOCK_D`` (their configs);
+    a packed tile of ``BM'`` rows computes the keys of the ``1 + (BM' - 1) / Lq`` sequences it touches on average,
+    rounded up to whole key blocks, times ``BLOCK_D0 + BLOCK_D1`` (within 1% of :func:`occupancy`'s exact count).
+    Packed when it does at most 90% of the per-sequence work (its masks cost a little more per tile). Both modes
+    return the same results, so the choice (even a forward and a backward that choose differently) changes only
+    speed. Raises ``ValueError`` for a bad ``MMKERNELS_ATTENTION_PACKED``."""
+    forced = attention_packed_override()
+    if forced is not None:
+        return forced
+    interpret = _common.interpreted(q)
+    if interpret or max_seqlen_q <= 0 or max_seqlen_k <= 0:
+        return False  # the interpreter (CPU tests) runs the per-sequence kernels unless a test forces packed
+    head_dim = q.shape[-1]
+    d0, d1 = head_dim_chunks(head_dim)
+    fwd, _, _ = _configs(d0 + d1, q.dtype, interpret)
+    block_d = _dense._block_d(head_dim)
+    dense = _dense._fwd_config(block_d, q.dtype, max_seqlen_q, max_seqlen_k, interpret)
+    unpacked = _round_up(max_seqlen_q, dense.block_m) * _round_up(max_seqlen_k, dense.block_n) * block_d
+    # A packed tile at a uniform offset touches `whole + 1` sequences, or `whole + 2` for `rem` of the Lq offsets
+    # (BM' - 1 = whole * Lq + rem), and computes their keys rounded up to whole key blocks: per sequence,
+    # (Lq - rem) R((whole + 1) Lk) + rem R((whole + 2) Lk) with R(x) = ceil(x / BN') BN'.
+    whole, rem = divmod(fwd.block_m - 1, max_seqlen_q)
+    packed = ((max_seqlen_q - rem) * _round_up((whole + 1) * max_seqlen_k, fwd.block_n)
+              + rem * _round_up((whole + 2) * max_seqlen_k, fwd.block_n)) * (d0 + d1)
+    return 10 * packed <= 9 * unpacked
+
+
+def _round_up(n, block: int):
+    return -(-n // block) * block
+
+
+def _grid(tiles, heads, what: str) -> tuple[int]:
+    programs = tiles * heads
+    return check_grid((programs,), f"attention (triton, packed {what}): {tiles} tiles x {heads} heads = {programs} "
+                                   "programs")
+
+
+def attention_packed_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    softmax_scale: float,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
+    *,
+    launch=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed varlen forward, the same contract as ``attention_fwd_triton`` with ``cu_seqlens``: q
+    ``[total_q, Hq, D]``, k/v ``[total_k, Hkv, D]`` (unit stride on D), int32 ``cu_seqlens_*`` ``[B + 1]``;
+    returns (out like q, lse fp32 ``[Hq, total_q]``). Rows past ``cu_seqlens_q[-1]`` get 0 / ``+inf``. Inputs are
+    validated by the caller."""
+    batch = cu_seqlens_q.shape[0] - 1
+    hq, hkv, head_dim = q.shape[1], k.shape[1], q.shape[2]
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # padding rows belong to no program
+    lse = torch.full(_dense.lse_shape(q, True), float("inf"), dtype=torch.float32, device=q.device)
+    if out.numel() == 0 or batch == 0 or max_seqlen_q == 0:
+        return out, lse
+    d0, d1 = head_dim_chunks(head_dim)
+    cfg, _, _ = _configs(d0 + d1, q.dtype, _common.interpreted(q))
+    seed_ptr, dropout_p, drop_scale, dropout = dropout_args(dropout_p, seed, lse)
+    tiles = triton.cdiv(q.shape[0], cfg.block_m)
+    wrapped(_packed_fwd_kernel, launch)[_grid(tiles, hq, "forward")](
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, seed_ptr,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        lse.stride(0),
+        batch, max_seqlen_q, max_seqlen_k, hq, hq // hkv, tiles, softmax_scale * LOG2E, dropout_p, drop_scale,
+        HEAD_DIM=head_dim, BLOCK_D0=d0, BLOCK_D1=d1, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
+        PRECISION=input_precision(q.dtype), DROPOUT=dropout,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse
+
+
+def attention_packed_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    softmax_scale: float,
+    deterministic: bool,
+    dropout_p: float = 0.0,
+    seed: torch.Tensor | None = None,
+    *,
+    launch=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Packed varlen backward, the same contract as ``attention_bwd_triton`` with ``cu_seqlens``: returns (dq, dk,
+    dv) in the inputs' dtypes, zero on padding rows; ``deterministic`` computes dQ in its own kernel, otherwise the
+    dK/dV kernel adds it with fp32 atomics. ``lse`` ``[Hq, total_q]`` may come from either forward."""
+    batch = cu_seqlens_q.shape[0] - 1
+    hq, hkv, head_dim = q.shape[1], k.shape[1], q.shape[2]
+    dk = torch.zeros(k.shape, dtype=k.dtype, device=k.device)
+    dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
+    if batch == 0 or q.numel() == 0 or k.numel() == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
+        return torch.zeros(q.shape, dtype=q.dtype, device=q.device), dk, dv
+    interpret = _common.interpreted(q)
+    d0, d1 = head_dim_chunks(head_dim)
+    _, kv_cfg, q_cfg = _configs(d0 + d1, q.dtype, interpret, dropout_p > 0.0)
+    precision = input_precision(q.dtype)
+    group = hq // hkv
+    seed_ptr, dropout_p, drop_scale, dropout = dropout_args(dropout_p, seed, lse)
+    qk_scale = softmax_scale * LOG2E
+
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)  # padding rows: never read
+    pre_m = 32  # memory-bound; 128 rows x 128 columns of O and dO spill at 4 warps (ptxas, sm_90a)
+    pre_tiles = triton.cdiv(q.shape[0], pre_m)
+    pre_d = max(16, triton.next_power_of_2(head_dim))
+    wrapped(_packed_bwd_preprocess_kernel, launch)[_grid(pre_tiles, hq, "backward preprocess")](
+        out, dout, delta, cu_seqlens_q,
+        out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), delta.stride(0),
+        batch, pre_tiles,
+        HEAD_DIM=head_dim, BLOCK_D=pre_d, BLOCK_M=pre_m, num_warps=4 if pre_d <= 128 else 8,
+    )
+
+    atomic_dq = not deterministic
+    dq_buf = torch.zeros(q.shape, dtype=torch.float32 if atomic_dq else q.dtype, device=q.device)
+    kv_tiles = triton.cdiv(k.shape[0], kv_cfg.block_n)
+    wrapped(_packed_bwd_dkdv_kernel, launch)[_grid(kv_tiles, hkv, "dK/dV")](
+        q, k, v, dout, lse, delta, dk, dv, dq_buf, cu_seqlens_q, cu_seqlens_k, seed_ptr,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), dq_buf.stride(0), dq_buf.stride(1), lse.stride(0),
+        batch, max_seqlen_q, max_seqlen_k, hkv, group, kv_tiles, qk_scale, softmax_scale, dropout_p, drop_scale,
+        HEAD_DIM=head_dim, BLOCK_D0=d0, BLOCK_D1=d1, BLOCK_M=kv_cfg.block_m, BLOCK_N=kv_cfg.block_n,
+        CAUSAL=causal, ATOMIC_DQ=atomic_dq, PRECISION=precision, DROPOUT=dropout,
+        num_warps=kv_cfg.num_warps, num_stages=kv_cfg.num_stages,
+    )
+    if atomic_dq:
+        return dq_buf.to(q.dtype), dk, dv
+    q_tiles = triton.cdiv(q.shape[0], q_cfg.block_m)
+    wrapped(_packed_bwd_dq_kernel, launch)[_grid(q_tiles, hq, "dQ")](
+        q, k, v, dout, lse, delta, dq_buf, cu_seqlens_q, cu_seqlens_k, seed_ptr,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
+        dq_buf.stride(0), dq_buf.stride(1), lse.stride(0),
+        batch, max_seqlen_q, max_seqlen_k, hq, group, q_tiles, qk_scale, softmax_scale, dropout_p, drop_scale,
+        HEAD_DIM=head_dim, BLOCK_D0=d0, BLOCK_D1=d1, BLOCK_M=q_cfg.block_m, BLOCK_N=q_cfg.block_n,
+        CAUSAL=causal, PRECISION=precision, DROPOUT=dropout,
+        num_warps=q_cfg.num_warps, num_stages=q_cfg.num_stages,
+    )
+    return dq_buf, dk, dv
+
+
+# --------------------------------------------------------------------------------------------------------------
+# occupancy: how much of the computed work is valid (analytic, host only)
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Occupancy(NamedTuple):
+    """Work of the attention forward on one head for a list of sequences, as the kernels tile it.
+
+    ``valid``: score entries (query row, key) that the mask keeps; ``computed``: entries the kernels multiply
+    (whole ``block_m x block_n`` tiles); ``score_fraction = valid / computed``; ``head_dim_fraction = head_dim /
+    block_d`` (the padded head dim every product runs at); ``fraction``: their product, the valid share of the
+    multiply-adds of ``Q K^T`` and ``P V``."""
+
+    mode: str
+    valid: int
+    computed: int
+    score_fraction: float
+    head_dim: int
+    block_d: int
+    head_dim_fraction: float
+    fraction: float
+    block_m: int
+    block_n: int
+
+
+def _keys_seen(pos: int, len_q: int, len_k: int, causal: bool) -> int:
+    if not causal:
+        return len_k
+    return min(max(pos + len_k - len_q + 1, 0), len_k)
+
+
+def occupancy(seqlens, head_dim: int, mode: str, *, seqlens_k=None, causal: bool = False,
+              dtype: torch.dtype = torch.float16, block_m: int | None = None, block_n: int | None = None) -> Occupancy:
+    """The :class:`Occupancy` of a batch: ``seqlens`` query lengths (and key lengths unless ``seqlens_k``), one head
+    of dim ``head_dim``; ``mode`` ``"unpacked"`` (the per-sequence kernels: blocks from ``_fwd_config`` on a GPU,
+    fitted to the max length; head dim padded to the next power of two) or ``"packed"`` (this module: fixed GPU
+    blocks, head dim in :func:`head_dim_chunks`). ``block_m``/``block_n`` override the blocks. The key range of a
+    packed tile is computed exactly as the kernel does (union of its rows' keys, rounded up to whole key blocks).
+    Raises ``ValueError`` for an unknown mode or mismatched length lists."""
+    lens_q = [int(n) for n in seqlens]
+    lens_k = lens_q if seqlens_k is None else [int(n) for n in seqlens_k]
+    if len(lens_q) != len(lens_k):
+        raise ValueError(f"occupancy: {len(lens_q)} query lengths but {len(lens_k)} key lengths")
+    max_q, max_k = max(lens_q, default=0), max(lens_k, default=0)
+    valid = sum(_keys_seen(i, lq, lk, causal) for lq, lk in zip(lens_q, lens_k) for i in range(lq))
+    if mode == "unpacked":
+        block_d = _dense._block_d(head_dim)
+        cfg = _dense._fwd_config(block_d, dtype, max(max_q, 1), max(max_k, 1), False)
+        bm, bn = block_m or cfg.block_m, block_n or cfg.block_n
+        computed = 0
+        for lq, lk in zip(lens_q, lens_k):
+            for start in range(0, lq, bm):  # the kernel's key loop ends at the block's last row's last key
+                hi = max(min(lk, start + bm + lk - lq), 0) if causal else lk
+                computed += bm * -(-hi // bn) * bn
+    elif mode == "packed":
+        d0, d1 = head_dim_chunks(head_dim)
+        block_d = d0 + d1
+        cfg, _, _ = _configs(block_d, dtype, False)
+        bm, bn = block_m or cfg.block_m, block_n or cfg.block_n
+        row_keys = []  # (first key, end key) of every packed row
+        k_first = 0
+        for lq, lk in zip(lens_q, lens_k):
+            row_keys += [(k_first, k_first + _keys_seen(i, lq, lk, causal)) for i in range(lq)]
+            k_first += lk
+        computed = 0
+        for start in range(0, len(row_keys), bm):
+            seen = [(a, b) for a, b in row_keys[start:start + bm] if b > a]
+            if seen:
+                span = max(b for _, b in seen) - min(a for a, _ in seen)
+                computed += bm * -(-span // bn) * bn
+    else:
+        raise ValueError(f"occupancy: mode must be 'unpacked' or 'packed', got {mode!r}")
+    score = valid / computed if computed else 1.0
+    dfrac = head_dim / block_d
+    return Occupancy(mode, valid, computed, score, head_dim, block_d, dfrac, score * dfrac, bm, bn)

@@ -1,0 +1,1206 @@
+"""Per-device launch configurations for the Triton kernels: search spaces, shipped JSON files, lookup at launch,
+and the sweep behind ``mmkernels-bench tune``.
+
+How a launcher gets its configuration (:func:`pick`, host-side Python on ints, so it runs unchanged inside
+``torch.library.triton_op`` bodies that torch.compile traces, with symbolic sizes turned into guards):
+
+1. under Triton's interpreter (``_common.interpreted``): always the launcher's hand-written default;
+2. the configuration recorded for this device name and this *shape bucket* (exact bucket first, else the nearest
+   tuned bucket with the same dtype / head dim / flags, like vLLM's nearest-M rule), from, in order: configurations
+   tuned in this process, the user file (``$MMKERNELS_TUNING_DIR`` or ``~/.cache/mmkernels/tuning``), the file
+   shipped in the package (``kernels/triton/configs/<device>.json``);
+3. nothing recorded: the hand default. Only with ``MMKERNELS_AUTOTUNE=1`` does a launch with real CUDA tensors
+   (not while tracing, not during CUDA-graph capture) tune a bucket that has no exact entry, once per process, and
+   save it to the user file: a training step never pauses to tune unless asked to.
+
+A file that cannot be read, has another format, or holds an entry for an unknown kernel, bucket fields that no longer
+exist or a parameter the kernel no longer takes, is skipped (that entry or the whole file) with a
+:class:`TuningConfigWarning`, never an error: the default config then runs.
+
+Search spaces (:data:`SPACES`): per kernel, the tunable parameters and their candidate values, pruned *before
+anything is timed* by estimates against the target (shared memory per block, registers per thread, blocks wider than
+the bucket). The estimates are deliberately rough (they count the tiles a program holds, not Triton's exact
+layouts); at tune time the compiled kernel's real spill count (the driver's local-memory size, what ``ptxas -v``
+reports) drops any candidate that spills, and a candidate that fails to compile or launch is dropped too.
+
+Tuning (:func:`tune`): per bucket, representative inputs that fill the card; the default config is run first as the
+reference; each candidate must agree with it (relative error per dtype, no NaN) before it is timed; the fastest
+candidate is kept only if it beats the default by more than 2% (else the default is recorded, so the bucket counts as
+tuned). Times come from an injectable timer (``triton.testing.do_bench`` median by default).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import itertools
+import json
+import logging
+import math
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import _common
+
+__all__ = [
+    "AUTOTUNE_ENV",
+    "CONFIG_DIR",
+    "FORMAT",
+    "OPS",
+    "SPACES",
+    "SM80",
+    "SM90",
+    "BucketResult",
+    "Space",
+    "Target",
+    "TuningConfigWarning",
+    "bucket_key",
+    "candidates",
+    "device_name",
+    "device_slug",
+    "forced",
+    "pick",
+    "reload",
+    "shipped_configs",
+    "shipped_path",
+    "sweep",
+    "tune",
+    "user_path",
+]
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1  # the JSON layout below; a file with another "format" is ignored with a warning
+CONFIG_DIR = Path(__file__).with_name("configs")  # shipped files: <device slug>.json
+AUTOTUNE_ENV = "MMKERNELS_AUTOTUNE"  # "1": tune a bucket with no entry on its first launch (off by default)
+DEVICE_ENV = "MMKERNELS_TUNING_DEVICE"  # look configs up as if on this device name (checks from another machine)
+DIR_ENV = "MMKERNELS_TUNING_DIR"  # the user file's folder (default ~/.cache/mmkernels/tuning)
+AUTOTUNE_BUDGET_S = 30.0  # most seconds one autotuned bucket may take (a candidate in flight finishes)
+IMPROVEMENT = 0.98  # a candidate replaces the default only when at most 98% of its time (beyond timing noise)
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}  # relative L2 error vs the default
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+class TuningConfigWarning(UserWarning):
+    """A tuning file or entry was skipped (unreadable, another format, stale): the default config runs instead."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# targets and estimates
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What a configuration must fit: shared memory one block may use (bytes, the opt-in limit), registers."""
+
+    name: str
+    shared_per_block: int
+    regs_per_thread: int = 255
+    regs_per_sm: int = 65536
+
+    @staticmethod
+    def of(device: torch.device | None = None) -> Target:
+        """The current CUDA device's limits (read off its properties), or :data:`SM90` without a GPU."""
+        if device is None and not torch.cuda.is_available():
+            return SM90
+        props = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
+        known = {8: SM80, 9: SM90}.get(props.major, SM90)
+        shared = getattr(props, "shared_memory_per_block_optin", 0) or known.shared_per_block
+        regs = getattr(props, "regs_per_multiprocessor", 0) or known.regs_per_sm
+        return Target(f"sm_{props.major}{props.minor}", int(shared), 255, int(regs))
+
+
+SM80 = Target("sm_80", 166912)  # A100: 163 KB opt-in shared memory per block
+SM90 = Target("sm_90", 232448)  # H100 / H200: 227 KB
+
+_REG_OVERHEAD = 40  # registers a program spends on pointers, offsets, masks and loop state, beyond its tiles
+# Checked against ptxas (kernels/triton/_spills.compile_stats, sm_90, bf16, 36 attention fwd / dQ / dK-dV configs at
+# d 64 and 128): no config these estimates drop compiled without spills; they flag 6 of the 17 that spill (the
+# d-128 dK/dV ones); the tune-time spill check catches the rest. Real counts run higher than the estimates (layout
+# conversions), so the estimates only ever remove hopeless configs.
+
+
+def _es(key: Mapping) -> int:
+    return 4 if key["dtype"] == "fp32" else 2
+
+
+def _regs(words: float, warps: int) -> int:
+    """Registers per thread for ``words`` 32-bit values spread over ``warps`` warps, plus the fixed overhead."""
+    return math.ceil(words / (32 * warps)) + _REG_OVERHEAD
+
+
+def _est_attn_fwd(c: Mapping, key: Mapping) -> tuple[int, int]:
+    m, n, d, es = c["block_m"], c["block_n"], key["d"], _es(key)
+    shared = m * d * es + max(1, c["num_stages"]) * 2 * n * d * es  # q, and K/V tiles per pipeline stage
+    words = m * d + m * n + (m * n + m * d) * es / 4  # acc and scores in fp32; p and q in the input dtype
+    return shared, _regs(words, c["num_warps"])
+
+
+def _est_attn_dkdv(c: Mapping, key: Mapping) -> tuple[int, int]:
+    m, n, d, es = c["block_m"], c["block_n"], key["d"], _es(key)
+    shared = max(1, c["num_stages"]) * 2 * m * d * es + 2 * n * d * es  # q/dO per stage, k/v
+    words = 2 * n * d + 2 * n * d * es / 4 + 3 * n * m  # dK, dV (fp32), k, v, and s/p, dp, ds
+    return shared, _regs(words, c["num_warps"])
+
+
+def _est_attn_dq(c: Mapping, key: Mapping) -> tuple[int, int]:
+    m, n, d, es = c["block_m"], c["block_n"], key["d"], _es(key)
+    shared = max(1, c["num_stages"]) * 2 * n * d * es + 2 * m * d * es
+    words = m * d + 3 * m * n  # dQ (fp32) and s/p, dp, ds; q and dO feed the dots from shared memory
+    return shared, _regs(words, c["num_warps"])
+
+
+def _est_qf_fwd(c: Mapping, key: Mapping) -> tuple[int, int]:
+    return _est_attn_fwd(dict(c, block_m=key["m"]), key)
+
+
+def _est_qf_bwd(c: Mapping, key: Mapping) -> tuple[int, int]:
+    m, n, d, es = key["m"], c["block_n"], key["d"], _es(key)
+    shared = max(1, c["num_stages"]) * 2 * n * d * es + 2 * m * d * es
+    words = m * d + 2 * m * d * es / 4 + 2 * n * d + 3 * m * n  # dQ, q, dO, this step's dK/dV, s/p, dp, ds
+    return shared, _regs(words, c["num_warps"])
+
+
+def _gemm_estimate(bm: int, bn: int, bk: int, stages: int, warps: int, es: int, b_tiles: int = 1) -> tuple[int, int]:
+    shared = max(1, stages) * (bm * bk + b_tiles * bk * bn) * es
+    words = b_tiles * bm * bn + (bm * bk + b_tiles * bk * bn) * es / 4
+    return shared, _regs(words, warps)
+
+
+def _est_patch(c: Mapping, key: Mapping) -> tuple[int, int]:
+    return _gemm_estimate(c["BM"], c["BN"], c["BK"], c["num_stages"], c["num_warps"], _es(key))
+
+
+def _est_moe_gemm(c: Mapping, key: Mapping) -> tuple[int, int]:
+    return _gemm_estimate(key["m"], c["block_n"], c["block_k"], c["num_stages"], c["num_warps"], _es(key),
+                          2 if key["gated"] else 1)
+
+
+def _est_moe_wgrad(c: Mapping, key: Mapping) -> tuple[int, int]:
+    return _gemm_estimate(c["block_m"], c["block_n"], c["block_r"], c["num_stages"], c["num_warps"], _es(key))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# buckets and spaces
+# ---------------------------------------------------------------------------------------------------------------
+
+SEQ_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)  # the last one: "and longer"
+DIM_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536, 262144)  # GEMM sizes
+TPE_BUCKETS = (16, 64, 256, 1024, 4096, 16384)  # tokens (rows) per expert
+
+
+def _bucket(n, ladder: Sequence[int]) -> int:
+    """The first rung ``>= n`` (the top rung for anything larger). Comparisons only: a symbolic size (torch.compile
+    with dynamic shapes) becomes guards on the rungs, never an error."""
+    for rung in ladder[:-1]:
+        if n <= rung:
+            return rung
+    return ladder[-1]
+
+
+def _shrink(block: int, length) -> int:
+    """A looked-up block for a shorter problem: halve while the problem fits in half of it (never under 16, the
+    smallest ``tl.dot`` tile). The launchers' own defaults follow the same rule."""
+    while block > 16 and length <= block // 2:
+        block //= 2
+    return block
+
+
+def _dtype(shape: Mapping) -> str:
+    dt = shape["dtype"]
+    return _DTYPE_NAMES.get(dt, str(dt).replace("torch.", "")) if isinstance(dt, torch.dtype) else str(dt)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Space:
+    """One kernel's search space.
+
+    ``params``: tunable parameter -> candidate values (JSON entries must give exactly these). ``fields``: for a
+    launcher whose default is a tuple, the names of its positions (non-tunable positions keep the default's value).
+    ``key``: launch shape (the dict the launcher passes to :func:`pick`) -> bucket fields, in file order;
+    ``ordered``: the bucket fields that nearest-bucket matching may differ on (the rest must be equal).
+    ``estimate``: (config, bucket) -> (shared bytes, registers per thread). ``limits``: parameter -> bucket field
+    it must not exceed. ``adapt``: (looked-up config, shape) -> config for the exact shape. ``cases``: representative
+    launch shapes for ``tune``, most important first. ``make``: (shape, device, small) -> a function that runs the
+    launcher once on fresh inputs and returns its outputs. ``jit``: the kernel's ``@triton.jit`` function name in
+    ``module`` (spill checks). ``key_fields``: the bucket fields, in order (a file entry with others is stale).
+    ``default``: shape -> the launcher's hand-written GPU default (its own config function, never a copy)."""
+
+    kernel: str
+    op: str
+    params: dict[str, tuple[int, ...]]
+    key: Callable[[Mapping], dict]
+    key_fields: tuple[str, ...]
+    ordered: tuple[str, ...]
+    estimate: Callable[[Mapping, Mapping], tuple[int, int]]
+    cases: Callable[[], list[dict]]
+    make: Callable[[Mapping, torch.device, bool], Callable[[], tuple]]
+    module: str
+    jit: str
+    fields: tuple[str, ...] | None = None
+    limits: dict[str, str] = dataclasses.field(default_factory=dict)
+    adapt: Callable[[dict, Mapping], dict] | None = None
+    default: Callable[[Mapping], Any] | None = None
+
+    def bucket(self, shape: Mapping) -> dict:
+        return self.key(shape)
+
+    def default_params(self, shape: Mapping) -> dict:
+        """The tunable parameters of the launcher's GPU default for ``shape``."""
+        return _params_of(self, self.default(shape))
+
+
+def _key_str(bucket: Mapping) -> str:
+    return ",".join(f"{k}={v}" for k, v in bucket.items())
+
+
+def _parse_key(text: str) -> dict | None:
+    out = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        if not sep or not name:
+            return None
+        out[name] = int(value) if value.lstrip("-").isdigit() else value
+    return out
+
+
+# -- attention -------------------------------------------------------------------------------------------------------
+
+
+def _attn_key(shape: Mapping) -> dict:
+    return {"dtype": _dtype(shape), "d": int(shape["block_d"]), "causal": int(bool(shape["causal"])),
+            "seq": _bucket(max(shape["lq"], shape["lk"]), SEQ_BUCKETS)}
+
+
+def _attn_bwd_key(shape: Mapping) -> dict:
+    return {**_attn_key(shape), "atomic": int(bool(shape.get("atomic", False)))}
+
+
+def _attn_adapt(cfg: dict, shape: Mapping) -> dict:
+    return dict(cfg, block_m=_shrink(cfg["block_m"], shape["lq"]), block_n=_shrink(cfg["block_n"], shape["lk"]))
+
+
+def _attn_cases(atomic: bool | None = None) -> Callable[[], list[dict]]:
+    def cases() -> list[dict]:
+        from .attention import _block_d
+
+        out = []
+        # ViT-B/16 at 224 (197 tokens), an LLM layer (causal, 4096), CLIP-L/336 (577), ViT at 448 (1025, d 80)
+        for dtype in (torch.bfloat16, torch.float16):
+            for d, causal, length in ((64, False, 197), (128, True, 4096), (64, False, 577), (80, False, 1025)):
+                shape = {"dtype": dtype, "head_dim": d, "block_d": _block_d(d), "causal": causal, "lq": length,
+                         "lk": length}
+                if atomic is not None:
+                    shape["atomic"] = atomic
+                out.append(shape)
+        return out
+
+    return cases
+
+
+def _attn_inputs(shape: Mapping, device: torch.device, small: bool):
+    d = shape.get("head_dim", shape["block_d"])
+    lq, lk = int(shape["lq"]), int(shape["lk"])
+    heads = 2 if small else 16
+    batch = 1 if small else max(1, 16384 // max(lq, 1))  # ~16k query rows x 16 heads: several waves on any card
+    q = torch.randn(batch, lq, heads, d, device=device, dtype=shape["dtype"])
+    k = torch.randn(batch, lk, heads, d, device=device, dtype=shape["dtype"])
+    v = torch.randn_like(k)
+    return q, k, v, lq, lk, bool(shape["causal"]), d**-0.5
+
+
+def _attn_fwd_make(shape: Mapping, device: torch.device, small: bool):
+    from .attention import attention_fwd_triton
+
+    q, k, v, lq, lk, causal, scale = _attn_inputs(shape, device, small)
+    return lambda: attention_fwd_triton(q, k, v, None, None, lq, lk, causal, scale)
+
+
+def _attn_bwd_make(deterministic: Callable[[Mapping], bool]):
+    def make(shape: Mapping, device: torch.device, small: bool):
+        from .attention import attention_bwd_triton, attention_fwd_triton
+
+        q, k, v, lq, lk, causal, scale = _attn_inputs(shape, device, small)
+        out, lse = attention_fwd_triton(q, k, v, None, None, lq, lk, causal, scale)
+        dout = torch.randn_like(out)
+        det = deterministic(shape)
+        return lambda: attention_bwd_triton(dout, q, k, v, out, lse, None, None, lq, lk, causal, scale, det)
+
+    return make
+
+
+_ATTN_MODULE = "mmkernels.kernels.triton.attention"
+
+# -- Q-Former cross-attention ------------------------------------------------------------------------------------------
+
+
+def _qf_key(shape: Mapping) -> dict:
+    return {"dtype": _dtype(shape), "m": int(shape["block_m"]), "d": int(shape["block_d"]),
+            "seq": _bucket(shape["lk"], SEQ_BUCKETS)}
+
+
+def _qf_cases() -> list[dict]:
+    from .qformer_attention import _blocks
+
+    out = []
+    for dtype in (torch.bfloat16, torch.float16):
+        for lq, lk, d in ((32, 257, 64), (32, 677, 88)):  # BLIP-2 over ViT-L/14 and ViT-g/14 tokens
+            bm, bd = _blocks(lq, d)
+            out.append({"dtype": dtype, "lq": lq, "head_dim": d, "block_m": bm, "block_d": bd, "lk": lk})
+    return out
+
+
+def _qf_make(backward: bool):
+    def make(shape: Mapping, device: torch.device, small: bool):
+        from .qformer_attention import qformer_attention_bwd_triton, qformer_attention_fwd_triton
+
+        lq, d, lk = shape.get("lq", shape["block_m"]), shape.get("head_dim", shape["block_d"]), int(shape["lk"])
+        b, h = (1, 2) if small else (64, 12)  # BLIP-2: 12 heads; 64 images fill a card without key splits
+        q = torch.randn(b, lq, h, d, device=device, dtype=shape["dtype"])
+        k = torch.randn(b, lk, h, d, device=device, dtype=shape["dtype"])
+        v = torch.randn_like(k)
+        if not backward:
+            return lambda: qformer_attention_fwd_triton(q, k, v, None, d**-0.5)
+        out, lse = qformer_attention_fwd_triton(q, k, v, None, d**-0.5)
+        dout = torch.randn_like(out)
+        return lambda: qformer_attention_bwd_triton(dout, q, k, v, out, lse, None, d**-0.5)
+
+    return make
+
+
+# -- patch embedding ---------------------------------------------------------------------------------------------------
+# The launchers call one config function for three GEMMs with different roles of (m, n, k):
+#   fwd [B*L, C*P*P] x [C*P*P, D]; bwd_input [B*N, D] x [D, C*P*P]; bwd_weight [D, B*N] x [B*N, C*P*P].
+
+
+def _patch_key(shape: Mapping) -> dict:
+    return {"dtype": _dtype(shape), "m": _bucket(shape["m"], DIM_BUCKETS),
+            "n": _bucket(shape["n"], DIM_BUCKETS), "k": _bucket(shape["k"], DIM_BUCKETS)}
+
+
+def _patch_adapt(cfg: dict, shape: Mapping) -> dict:
+    return dict(cfg, BM=_shrink(cfg["BM"], shape["m"]), BN=_shrink(cfg["BN"], shape["n"]))
+
+
+_PATCH_PROBLEMS = ((8, 3, 224, 16, 768), (4, 3, 336, 14, 1024), (4, 3, 224, 14, 1408))  # ViT-B/16, -L/14@336, -g/14
+
+
+def _patch_roles(role: str, b: int, c: int, hw: int, p: int, d: int) -> tuple[int, int, int]:
+    n = (hw // p) ** 2
+    kk = c * p * p
+    return {"fwd": (b * (n + 1), d, kk), "bwd_input": (b * n, kk, d), "bwd_weight": (d, kk, b * n)}[role]
+
+
+def _patch_cases(role: str) -> Callable[[], list[dict]]:
+    def cases() -> list[dict]:
+        out = []
+        for dtype in (torch.bfloat16, torch.float16):
+            for problem in _PATCH_PROBLEMS:
+                m, n, k = _patch_roles(role, *problem)
+                out.append({"dtype": dtype, "m": m, "n": n, "k": k, "problem": problem})
+        return out
+
+    return cases
+
+
+def _patch_problem(role: str, shape: Mapping) -> tuple[int, int, int, int, int]:
+    """(B, C, HW, P, D) of a launch shape: the case's own problem, or one with the same GEMM sizes (autotune)."""
+    if "problem" in shape:
+        return shape["problem"]
+    m, n, k = int(shape["m"]), int(shape["n"]), int(shape["k"])
+    kk, d, rows = {"fwd": (k, n, m), "bwd_input": (n, k, m), "bwd_weight": (n, m, k)}[role]
+    c = 3 if kk % 3 == 0 and math.isqrt(kk // 3) ** 2 == kk // 3 else 1
+    p = max(1, math.isqrt(kk // c))
+    side = 14  # 196 patches per image
+    return max(1, math.ceil(rows / (side * side + (role == "fwd")))), c, side * p, p, d
+
+
+def _patch_make(role: str):
+    def make(shape: Mapping, device: torch.device, small: bool):
+        from .patch_embed import patch_embed_bwd_input, patch_embed_bwd_weight, patch_embed_fwd
+
+        b, c, hw, p, d = _patch_problem(role, shape)
+        if small:
+            b, hw = 1, 2 * p
+        dt = shape["dtype"]
+        px = torch.randn(b, c, hw, hw, device=device, dtype=dt)
+        w = torch.randn(d, c, p, p, device=device, dtype=dt) * (c * p * p) ** -0.5
+        n = (hw // p) ** 2 + 1
+        if role == "fwd":
+            bias, pos, cls = (torch.randn(d, device=device, dtype=dt), torch.randn(n, d, device=device, dtype=dt),
+                              torch.randn(d, device=device, dtype=dt))
+            return lambda: patch_embed_fwd(px, w, bias, pos, cls)
+        g = torch.randn(b, n, d, device=device, dtype=dt)
+        if role == "bwd_input":
+            return lambda: patch_embed_bwd_input(g, w, px, True)
+        return lambda: patch_embed_bwd_weight(g, px, p, True)
+
+    return make
+
+
+_PATCH_MODULE = "mmkernels.kernels.triton.patch_embed"
+
+# -- grouped experts ---------------------------------------------------------------------------------------------------
+
+
+def _tokens_per_expert(shape: Mapping):
+    """Rows per expert, from host-known sizes only (no device read): the tile map has ``ceil(rows / BLOCK_M) + E``
+    entries, so ``(tiles - E) * BLOCK_M / E`` is the mean (rounded up to whole tiles)."""
+    experts = max(1, shape["experts"])
+    return max(0, shape["tiles"] - shape["experts"]) * shape["block_m"] // experts
+
+
+def _moe_key(shape: Mapping) -> dict:
+    return {"dtype": _dtype(shape), "gated": int(bool(shape["gated"])), "m": int(shape["block_m"]),
+            "n": _bucket(shape["n"], DIM_BUCKETS), "k": _bucket(shape["k"], DIM_BUCKETS),
+            "tpe": _bucket(_tokens_per_expert(shape), TPE_BUCKETS)}
+
+
+def _wgrad_key(shape: Mapping) -> dict:
+    return {"dtype": _dtype(shape), "m": _bucket(shape["m"], DIM_BUCKETS), "n": _bucket(shape["n"], DIM_BUCKETS),
+            "tpe": _bucket(_tokens_per_expert(shape), TPE_BUCKETS)}
+
+
+def _moe_cases(wgrad: bool) -> Callable[[], list[dict]]:
+    def cases() -> list[dict]:
+        from .moe import block_m
+
+        out = []
+        # LongCat-Flash-Lite-like widths (Dm 3072, Di 1024): gate/up (gated) and down projections; 256 and 1024 rows
+        # per expert (training batches), 64 (inference)
+        for dtype in (torch.bfloat16, torch.float16):
+            bm = block_m(dtype)
+            for tpe in (256, 1024, 64):
+                experts = 8
+                tiles = math.ceil(tpe * experts / bm) + experts
+                base = {"dtype": dtype, "experts": experts, "tiles": tiles, "block_m": bm}
+                if wgrad:
+                    out += [dict(base, m=3072, n=1024), dict(base, m=2048, n=3072)]
+                else:
+                    out += [dict(base, n=1024, k=3072, gated=True), dict(base, n=3072, k=1024, gated=False)]
+        return out
+
+    return cases
+
+
+def _moe_make(wgrad: bool):
+    def make(shape: Mapping, device: torch.device, small: bool):
+        from . import moe as tk
+
+        dt = shape["dtype"]
+        bm = tk.block_m(dt)
+        experts = 2 if small else int(shape["experts"])
+        tpe = 3 if small else max(1, _tokens_per_expert(shape))
+        rows = experts * tpe
+        offsets = torch.arange(experts + 1, device=device, dtype=torch.int32) * tpe
+        al = tk.tiles(offsets, rows, bm)
+        if wgrad:
+            m, n = (16, 32) if small else (int(shape["m"]), int(shape["n"]))
+            a = torch.randn(rows, m, device=device, dtype=dt)
+            b = torch.randn(rows, n, device=device, dtype=dt)
+
+            def run():
+                out = torch.empty((experts, m, n), device=device, dtype=dt)
+                return (tk.grouped_wgrad(a, b, out, al),)
+
+            return run
+        n, k = (32, 16) if small else (int(shape["n"]), int(shape["k"]))
+        gated = bool(shape["gated"])
+        a = torch.randn(rows, k, device=device, dtype=dt)
+        w = torch.randn(experts, 2 * n if gated else n, k, device=device, dtype=dt) * k**-0.5
+        strides = (w.stride(0), w.stride(2), w.stride(1))
+
+        def run():
+            out = torch.empty((rows, n), device=device, dtype=dt)
+            return (tk.grouped_gemm(a, w, strides, out, al, n=n, k=k, up_offset=n if gated else None),)
+
+        return run
+
+    return make
+
+
+_MOE_MODULE = "mmkernels.kernels.triton.moe"
+
+_WARPS = (4, 8)
+
+
+def _attn_default(which: int):
+    def default(shape: Mapping):
+        from .attention import _bwd_configs, _fwd_config
+
+        args = (shape["block_d"], shape["dtype"], shape["lq"], shape["lk"], False)
+        return _fwd_config(*args) if which < 0 else _bwd_configs(*args)[which]
+
+    return default
+
+
+def _qf_default(backward: bool):
+    def default(shape: Mapping):
+        from .qformer_attention import _config
+
+        return _config(shape["block_m"], shape["block_d"], shape["dtype"], False, backward)
+
+    return default
+
+
+def _patch_default(shape: Mapping):
+    from .patch_embed import _gemm_config
+
+    return _gemm_config(False, shape["dtype"], shape["m"], shape["n"], shape["k"])
+
+
+def _moe_default(shape: Mapping):
+    from .moe import _blocks
+
+    return _blocks(shape["dtype"])
+
+
+_ATTN_FIELDS = ("dtype", "d", "causal", "seq")
+
+SPACES: dict[str, Space] = {s.kernel: s for s in (
+    Space("attention_fwd", "attention",
+          {"block_m": (64, 128), "block_n": (32, 64, 128), "num_warps": _WARPS, "num_stages": (1, 2, 3, 4)},
+          _attn_key, _ATTN_FIELDS, ("seq",), _est_attn_fwd, _attn_cases(), _attn_fwd_make, _ATTN_MODULE,
+          "_attn_fwd_kernel", limits={"block_m": "seq", "block_n": "seq"}, adapt=_attn_adapt,
+          default=_attn_default(-1)),
+    Space("attention_bwd_dkdv", "attention",
+          {"block_m": (16, 32, 64), "block_n": (32, 64, 128), "num_warps": _WARPS, "num_stages": (1, 2, 3)},
+          _attn_bwd_key, (*_ATTN_FIELDS, "atomic"), ("seq",), _est_attn_dkdv, _attn_cases(atomic=True),
+          _attn_bwd_make(lambda s: not s.get("atomic", True)), _ATTN_MODULE, "_attn_bwd_dkdv_kernel",
+          limits={"block_m": "seq", "block_n": "seq"}, adapt=_attn_adapt, default=_attn_default(0)),
+    Space("attention_bwd_dq", "attention",
+          {"block_m": (32, 64, 128), "block_n": (16, 32, 64), "num_warps": _WARPS, "num_stages": (1, 2, 3)},
+          _attn_key, _ATTN_FIELDS, ("seq",), _est_attn_dq, _attn_cases(), _attn_bwd_make(lambda s: True),
+          _ATTN_MODULE, "_attn_bwd_dq_kernel", limits={"block_m": "seq", "block_n": "seq"}, adapt=_attn_adapt,
+          default=_attn_default(1)),
+    Space("qformer_fwd", "qformer_cross_attention",
+          {"block_n": (16, 32, 64, 128), "num_warps": _WARPS, "num_stages": (1, 2, 3)},
+          _qf_key, ("dtype", "m", "d", "seq"), ("seq",), _est_qf_fwd, _qf_cases, _qf_make(False),
+          "mmkernels.kernels.triton.qformer_attention", "_qf_fwd_kernel", fields=("block_n", "num_warps", "num_stages"),
+          limits={"block_n": "seq"}, default=_qf_default(False)),
+    Space("qformer_bwd", "qformer_cross_attention",
+          {"block_n": (16, 32, 64), "num_warps": _WARPS, "num_stages": (1, 2)},
+          _qf_key, ("dtype", "m", "d", "seq"), ("seq",), _est_qf_bwd, _qf_cases, _qf_make(True),
+          "mmkernels.kernels.triton.qformer_attention", "_qf_bwd_kernel", fields=("block_n", "num_warps", "num_stages"),
+          limits={"block_n": "seq"}, default=_qf_default(True)),
+    *(Space(f"patch_embed_{role}", "patch_embed",
+            {"BM": (64, 128), "BN": (64, 128, 256), "BK": (32, 64, 128), "num_warps": _WARPS,
+             "num_stages": (2, 3, 4)},
+            _patch_key, ("dtype", "m", "n", "k"), ("m", "n", "k"), _est_patch, _patch_cases(role),
+            _patch_make(role), _PATCH_MODULE, f"_patch_embed_{role}_kernel", adapt=_patch_adapt,
+            default=_patch_default)
+      for role in ("fwd", "bwd_input", "bwd_weight")),
+    # BLOCK_M is fixed by the alignment (the tile map is built for it before the GEMM): a bucket field, not a param
+    Space("moe_grouped_gemm", "moe_experts",
+          {"block_n": (64, 128, 256), "block_k": (32, 64, 128), "num_warps": _WARPS, "num_stages": (2, 3, 4)},
+          _moe_key, ("dtype", "gated", "m", "n", "k", "tpe"), ("n", "k", "tpe"), _est_moe_gemm, _moe_cases(False),
+          _moe_make(False), _MOE_MODULE, "_grouped_gemm_kernel",
+          fields=("block_m", "block_n", "block_k", "num_warps", "num_stages"), default=_moe_default),
+    Space("moe_grouped_wgrad", "moe_experts",
+          {"block_m": (32, 64, 128), "block_n": (64, 128), "block_r": (32, 64), "num_warps": _WARPS,
+           "num_stages": (2, 3)},
+          _wgrad_key, ("dtype", "m", "n", "tpe"), ("m", "n", "tpe"), _est_moe_wgrad, _moe_cases(True),
+          _moe_make(True), _MOE_MODULE, "_grouped_wgrad_kernel",
+          fields=("block_m", "block_n", "block_r", "num_warps", "num_stages"), default=_moe_default),
+)}
+
+OPS: dict[str, list[str]] = {}
+for _s in SPACES.values():
+    OPS.setdefault(_s.op, []).append(_s.kernel)
+
+
+def bucket_key(kernel: str, shape: Mapping) -> str:
+    """The bucket string of a launch shape, as the JSON files spell it (``"dtype=bf16,d=64,causal=0,seq=256"``)."""
+    return _key_str(SPACES[kernel].bucket(shape))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pruning
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _prune_reason(space: Space, cfg: Mapping, bucket: Mapping, target: Target) -> str | None:
+    for param, field in space.limits.items():
+        if cfg[param] > max(16, bucket[field]):
+            return f"{param} > {field} bucket"
+    shared, regs = space.estimate(cfg, bucket)
+    if shared > target.shared_per_block:
+        return "shared memory"
+    if regs > target.regs_per_thread or regs * 32 * cfg["num_warps"] > target.regs_per_sm:
+        return "registers"
+    return None
+
+
+def _distance(cfg: Mapping, default: Mapping) -> tuple:
+    """Sort key: candidates closest to the hand default first (a short budget explores its neighbourhood)."""
+    return (sum(cfg[k] != default.get(k) for k in cfg),
+            sum(abs(math.log2(cfg[k]) - math.log2(default[k])) for k in cfg if default.get(k)),
+            tuple(cfg.values()))
+
+
+def candidates(kernel: str, shape: Mapping, target: Target | None = None, default: Mapping | None = None
+               ) -> tuple[list[dict], dict[str, int], int]:
+    """The pruned space of ``kernel`` for the bucket of ``shape``: ``(kept configs, {reason: dropped}, full size)``.
+    Kept configs are ordered nearest-to-``default`` first when a default is given."""
+    space = SPACES[kernel]
+    target = target or SM90
+    bucket = space.bucket(shape)
+    names = list(space.params)
+    kept, dropped, total = [], {}, 0
+    for values in itertools.product(*(space.params[n] for n in names)):
+        total += 1
+        cfg = dict(zip(names, values))
+        reason = _prune_reason(space, cfg, bucket, target)
+        if reason is None:
+            kept.append(cfg)
+        else:
+            dropped[reason] = dropped.get(reason, 0) + 1
+    kept = compile_prune(space, bucket, kept, target)
+    if default is not None:
+        kept.sort(key=lambda c: _distance(c, default))
+    return kept, dropped, total
+
+
+def compile_prune(space: Space, bucket: Mapping, configs: list[dict], target: Target) -> list[dict]:
+    """The hook for compile-time pruning before timing (one place to plug ``_spills.compile_stats`` in: it needs each
+    kernel's full argument signature, which the launch recorder of ``tests/triton_launches.py`` has and this module
+    does not yet). Today it keeps every config; at tune time :func:`_spilled` checks the compiled kernel of each
+    candidate on the card instead, which is the same number the driver loads."""
+    return configs
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def device_slug(name: str) -> str:
+    """File stem of a device name: ``"NVIDIA H100 80GB HBM3"`` -> ``"NVIDIA_H100_80GB_HBM3"`` (vLLM's spelling)."""
+    return "".join(ch if ch.isalnum() or ch in "-." else "_" for ch in name.strip()).strip("_") or "unknown"
+
+
+def device_name(device: torch.device | None = None) -> str | None:
+    """The name configs are looked up under: ``$MMKERNELS_TUNING_DEVICE`` when set, else the CUDA device's name, else
+    None (a CPU device has no configs)."""
+    override = os.environ.get(DEVICE_ENV, "")
+    if override:
+        return override
+    if device is None:
+        if not torch.cuda.is_available():
+            return None
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type != "cuda":
+        return None
+    return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def shipped_path(name: str) -> Path:
+    return CONFIG_DIR / f"{device_slug(name)}.json"
+
+
+def user_dir() -> Path:
+    explicit = os.environ.get(DIR_ENV, "")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME", "") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mmkernels" / "tuning"
+
+
+def user_path(name: str) -> Path:
+    return user_dir() / f"{device_slug(name)}.json"
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, TuningConfigWarning, stacklevel=3)
+
+
+def _valid_value(param: str, value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int):
+        return False
+    if param == "num_warps":
+        return value in (1, 2, 4, 8, 16, 32)
+    if param == "num_stages":
+        return 1 <= value <= 8
+    return 16 <= value <= 1024 and value & (value - 1) == 0  # blocks: powers of two that tl.dot accepts
+
+
+def _entries(path: Path) -> dict[str, dict[str, dict]]:
+    """``{kernel: {bucket string: config}}`` of one file: only valid entries; everything skipped is warned about."""
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        _warn(f"mmkernels tuning: ignoring {path}: cannot read it as JSON ({exc})")
+        return {}
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT or not isinstance(raw.get("kernels"), dict):
+        _warn(f"mmkernels tuning: ignoring {path}: not a format-{FORMAT} tuning file "
+              f"(format {raw.get('format') if isinstance(raw, dict) else None!r})")
+        return {}
+    out: dict[str, dict[str, dict]] = {}
+    for kernel, table in raw["kernels"].items():
+        space = SPACES.get(kernel)
+        if space is None or not isinstance(table, dict):
+            _warn(f"mmkernels tuning: {path}: no kernel {kernel!r} in this version (stale file?): its entries are "
+                  "ignored")
+            continue
+        for key, cfg in table.items():
+            problem = _entry_problem(space, key, cfg)
+            if problem:
+                _warn(f"mmkernels tuning: {path}: {kernel} [{key}]: {problem}: entry ignored, the default runs")
+                continue
+            out.setdefault(kernel, {})[key] = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    return out
+
+
+def _entry_problem(space: Space, key: str, cfg: Any) -> str | None:
+    bucket = _parse_key(key)
+    if bucket is None or tuple(bucket) != space.key_fields:
+        return f"bucket fields are not {', '.join(space.key_fields)}"
+    if not isinstance(cfg, dict):
+        return "not an object"
+    params = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    unknown = sorted(set(params) - set(space.params))
+    if unknown:
+        return f"unknown parameter(s) {', '.join(unknown)}"
+    missing = sorted(set(space.params) - set(params))
+    if missing:
+        return f"missing parameter(s) {', '.join(missing)}"
+    bad = [f"{k}={v!r}" for k, v in params.items() if not _valid_value(k, v)]
+    if bad:
+        return f"invalid value(s) {', '.join(bad)}"
+    return None
+
+
+class _Table:
+    """Every config known for one device name: tuned in this process > user file > shipped file."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.memory: dict[str, dict[str, dict]] = {}
+        self.files = [_entries(user_path(name)), _entries(shipped_path(name))]
+        self._cache: dict[tuple[str, str], tuple[dict | None, bool]] = {}
+
+    def remember(self, kernel: str, key: str, cfg: dict) -> None:
+        self.memory.setdefault(kernel, {})[key] = cfg
+        self._cache.clear()
+
+    def refresh(self) -> None:
+        """Read the files again (one was just written); configs tuned in this process stay."""
+        self.files = [_entries(user_path(self.name)), _entries(shipped_path(self.name))]
+        self._cache.clear()
+
+    def lookup(self, kernel: str, bucket: Mapping) -> tuple[dict | None, bool]:
+        """(config, exact): the exact bucket's entry, else the nearest bucket that differs only in ordered fields."""
+        key = _key_str(bucket)
+        hit = self._cache.get((kernel, key))
+        if hit is None:
+            hit = self._cache[(kernel, key)] = self._find(kernel, key, bucket)
+        return hit
+
+    def _find(self, kernel: str, key: str, bucket: Mapping) -> tuple[dict | None, bool]:
+        merged: dict[str, dict] = {}
+        for source in reversed([self.memory, *self.files]):  # later sources win: memory last
+            merged.update(source.get(kernel, {}))
+        if key in merged:
+            return merged[key], True
+        ordered = SPACES[kernel].ordered
+        best, best_rank = None, None
+        for other_key, cfg in merged.items():
+            other = _parse_key(other_key)
+            if other is None or any(other.get(f) != v for f, v in bucket.items() if f not in ordered):
+                continue
+            dist = sum(abs(math.log2(max(1, other[f])) - math.log2(max(1, bucket[f]))) for f in ordered)
+            rank = (dist, -sum(other[f] for f in ordered))  # ties: the larger bucket
+            if best_rank is None or rank < best_rank:
+                best, best_rank = cfg, rank
+        return best, False
+
+
+_tables: dict[str, _Table] = {}
+_lock = threading.RLock()
+_local = threading.local()  # .forced: {kernel: config or _DEFAULT}; .tuning: a sweep is running on this thread
+_DEFAULT = object()
+
+
+def reload() -> None:
+    """Forget every loaded file and every config tuned in this process (files are read again on the next lookup)."""
+    with _lock:
+        _tables.clear()
+
+
+def _table(name: str) -> _Table:
+    table = _tables.get(name)
+    if table is None:
+        with _lock:
+            table = _tables.get(name)
+            if table is None:
+                table = _tables[name] = _Table(name)
+    return table
+
+
+def shipped_configs() -> Iterable[tuple[str, str, str, dict]]:
+    """Every valid entry of every shipped file: ``(device slug, kernel, bucket, config)`` (for spill checks)."""
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        for kernel, table in _entries(path).items():
+            for key, cfg in table.items():
+                yield path.stem, kernel, key, cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lookup at launch
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _params_of(space: Space, default) -> dict:
+    if dataclasses.is_dataclass(default):
+        values = dataclasses.asdict(default)
+    elif isinstance(default, Mapping):
+        values = dict(default)
+    else:
+        values = dict(zip(space.fields, default))
+    return {k: values[k] for k in space.params}
+
+
+def _apply(space: Space, default, cfg: Mapping):
+    """``cfg``'s parameters over ``default``, in the default's own type (dataclass, dict or tuple)."""
+    if dataclasses.is_dataclass(default):
+        return dataclasses.replace(default, **cfg)
+    if isinstance(default, Mapping):
+        return {**default, **cfg}
+    values = dict(zip(space.fields, default)) | dict(cfg)
+    return tuple(values[f] for f in space.fields)
+
+
+@contextlib.contextmanager
+def forced(kernel: str, cfg: Mapping | None):
+    """Launches of ``kernel`` on this thread use ``cfg`` (None: the launcher's default), interpreter or not, whatever
+    the files say: how the tuner runs a candidate through the real launcher."""
+    stack = getattr(_local, "forced", None)
+    if stack is None:
+        stack = _local.forced = {}
+    before = stack.get(kernel)
+    stack[kernel] = _DEFAULT if cfg is None else dict(cfg)
+    try:
+        yield
+    finally:
+        if before is None:
+            stack.pop(kernel, None)
+        else:
+            stack[kernel] = before
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get(AUTOTUNE_ENV, "") == "1"
+
+
+def pick(kernel: str, shape: Mapping, default, *, like: torch.Tensor):
+    """The launch configuration of ``kernel`` for ``shape`` on ``like``'s device.
+
+    Args:
+        kernel: a name in :data:`SPACES` (``"attention_fwd"``, ``"moe_grouped_gemm"``, ...).
+        shape: the launch's problem sizes, the fields its space buckets on (plain ints or symbolic sizes; dtypes as
+            ``torch.dtype``).
+        default: the launcher's hand-written config (a dataclass, dict or tuple); returned as is when nothing is
+            recorded, and the type of what is returned otherwise.
+        like: a tensor of the launch (its device names the config file; a CPU tensor, or one run by the
+            interpreter, always gets ``default``).
+
+    Never raises for a missing or bad file (see the module docstring); tunes only with ``MMKERNELS_AUTOTUNE=1``.
+    """
+    space = SPACES[kernel]
+    forced_cfg = getattr(_local, "forced", {}).get(kernel)
+    if forced_cfg is not None:
+        return default if forced_cfg is _DEFAULT else _apply(space, default, forced_cfg)
+    if _common.interpreted(like):
+        return default
+    name = device_name(like.device)
+    if name is None:
+        return default
+    bucket = space.bucket(shape)
+    table = _table(name)
+    cfg, exact = table.lookup(kernel, bucket)
+    if not exact and autotune_enabled() and _can_autotune(like):
+        tuned = _autotune(space, shape, like.device, name, default)
+        if tuned is not None:
+            cfg = tuned
+    if cfg is None:
+        return default
+    if space.adapt is not None:
+        cfg = space.adapt(dict(cfg), shape)
+    return _apply(space, default, cfg)
+
+
+def _can_autotune(like: torch.Tensor) -> bool:
+    """Tuning needs real CUDA data: not the interpreter, not a trace (fake tensors, torch.compile), not a CUDA-graph
+    capture, not inside another sweep."""
+    if like.device.type != "cuda" or _common.interpreted(like) or getattr(_local, "tuning", False):
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+
+    if is_fake(like) or torch.compiler.is_compiling():
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def _autotune(space: Space, shape: Mapping, device: torch.device, name: str, default) -> dict | None:
+    bucket = space.bucket(shape)
+    key = _key_str(bucket)
+    with _lock:
+        table = _table(name)
+        cfg, exact = table.lookup(space.kernel, bucket)
+        if exact:  # another thread tuned it meanwhile
+            return cfg
+        start = time.monotonic()
+        result = sweep(space, shape, device, default=_params_of(space, default), target=Target.of(device),
+                       deadline=start + AUTOTUNE_BUDGET_S)
+        table.remember(space.kernel, key, result.config)
+        log.info("mmkernels: tuned %s [%s] in %.1f s: %s", space.kernel, key, time.monotonic() - start,
+                 result.describe())
+        try:
+            save(user_path(name), name, [(space.kernel, result)])
+        except OSError as exc:
+            _warn(f"mmkernels tuning: could not save to {user_path(name)} ({exc}); the tuned config lives in this "
+                  "process only")
+        return result.config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tuning
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class BucketResult:
+    """The outcome of one bucket's sweep. ``config`` is the chosen parameters (the default's when nothing beat it)."""
+
+    key: str
+    config: dict
+    ms: float
+    default_ms: float
+    tried: int
+    space: int
+    rejected: dict[str, int]
+    complete: bool
+
+    def entry(self) -> dict:
+        return {**self.config, "_ms": round(self.ms, 5), "_default_ms": round(self.default_ms, 5),
+                "_tried": self.tried, "_space": self.space}
+
+    def describe(self) -> str:
+        cfg = " ".join(f"{k}={v}" for k, v in self.config.items())
+        speed = self.default_ms / self.ms if self.ms > 0 else float("nan")
+        rejected = ", ".join(f"{n} {r}" for r, n in sorted(self.rejected.items()))
+        return (f"{self.default_ms:.4f} -> {self.ms:.4f} ms ({speed:.2f}x) {cfg}; tried {self.tried}/{self.space}"
+                + ("" if self.complete else " (budget)") + (f"; rejected: {rejected}" if rejected else ""))
+
+
+def do_bench_ms(fn: Callable[[], Any]) -> float:
+    """Median milliseconds of ``fn`` on the current CUDA device (CUDA events, L2 flushed between runs)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
+
+
+def _agrees(got, want, dtype: torch.dtype) -> bool:
+    """Every output tensor matches the reference: same non-finite pattern, relative L2 error within the dtype's
+    tolerance on the finite part."""
+    got = [t for t in torch.utils._pytree.tree_leaves(got) if isinstance(t, torch.Tensor)]
+    want = [t for t in torch.utils._pytree.tree_leaves(want) if isinstance(t, torch.Tensor)]
+    if len(got) != len(want):
+        return False
+    tol = TOLERANCE.get(dtype, 2e-2)
+    for g, w in zip(got, want):
+        if g.shape != w.shape:
+            return False
+        g, w = g.double(), w.double()
+        finite = torch.isfinite(w)
+        if not torch.equal(finite, torch.isfinite(g)) or not torch.equal(g[~finite], w[~finite]):
+            return False
+        err = (g[finite] - w[finite]).norm()
+        if not bool(err <= tol * w[finite].norm() + 1e-12):
+            return False
+    return True
+
+
+def _compiled(space: Space) -> dict[int, Any]:
+    """The compiled kernels Triton holds for the space's ``@triton.jit`` function: ``{id: CompiledKernel}``
+    (empty when this Triton keeps its cache elsewhere, or under the interpreter)."""
+    import importlib
+
+    fn = getattr(importlib.import_module(space.module), space.jit, None)
+    out: dict[int, Any] = {}
+    caches = getattr(fn, "device_caches", None)
+    try:
+        for entry in (caches or {}).values():
+            for compiled in entry[0].values():
+                out[id(compiled)] = compiled
+    except (TypeError, AttributeError, IndexError, KeyError):
+        return {}
+    return out
+
+
+def _spilled(before: Mapping[int, Any], after: Mapping[int, Any]) -> int | None:
+    """Local-memory bytes per thread of the kernels compiled between two :func:`_compiled` snapshots (the driver's
+    count, what ``ptxas -v`` reports as spill stores/stack), or None when nothing new was compiled."""
+    new = [k for i, k in after.items() if i not in before]
+    spills = [getattr(k, "n_spills", None) for k in new]
+    spills = [s for s in spills if s is not None]
+    return max(spills) if spills else None
+
+
+_spill_memo: dict[tuple[str, str, str], int] = {}
+
+
+def sweep(space: Space, shape: Mapping, device: torch.device, *, default: Mapping, target: Target | None = None,
+          deadline: float | None = None, timer: Callable[[Callable[[], Any]], float] | None = None,
+          configs: Sequence[Mapping] | None = None, small: bool = False) -> BucketResult:
+    """Tune one bucket: build inputs for ``shape``, run the default (reference output and time), then each candidate
+    (``configs``, or the pruned space) until ``deadline`` (``time.monotonic()``): a candidate that fails to compile
+    or launch, spills registers, or disagrees with the reference is rejected; the rest are timed with ``timer``
+    (milliseconds; :func:`do_bench_ms` by default)."""
+    timer = timer or do_bench_ms
+    bucket = space.bucket(shape)
+    key = _key_str(bucket)
+    exact = _key_str({k: v for k, v in bucket.items() if k not in space.ordered})
+    if configs is None:
+        configs, _, _ = candidates(space.kernel, shape, target or Target.of(device), default)
+    configs = [dict(c) for c in configs if dict(c) != dict(default)]
+    prev = getattr(_local, "tuning", False)
+    _local.tuning = True
+    try:
+        run = space.make(shape, device, small)
+
+        def launch(cfg):
+            with forced(space.kernel, cfg):
+                return run()
+
+        reference = launch(None)
+        default_ms = timer(lambda: launch(None))
+        best, best_ms, tried, rejected = dict(default), default_ms, 0, {}
+        complete = True
+        for cfg in configs:
+            if deadline is not None and time.monotonic() > deadline:
+                complete = False
+                break
+            tried += 1
+            memo = (space.kernel, exact, json.dumps(cfg, sort_keys=True))
+            if _spill_memo.get(memo, 0) > 0:
+                rejected["spills"] = rejected.get("spills", 0) + 1
+                continue
+            before = _compiled(space)
+            try:
+                out = launch(cfg)
+            except Exception as exc:  # compile errors, out of resources: the candidate is out, the sweep goes on
+                reason = type(exc).__name__
+                rejected[reason] = rejected.get(reason, 0) + 1
+                continue
+            spill = _spilled(before, _compiled(space))
+            if spill is not None:
+                _spill_memo[memo] = spill
+            if spill:
+                rejected["spills"] = rejected.get("spills", 0) + 1
+                continue
+            if not _agrees(out, reference, shape["dtype"]):
+                rejected["wrong result"] = rejected.get("wrong result", 0) + 1
+                continue
+            ms = timer(lambda cfg=cfg: launch(cfg))
+            if ms < best_ms:
+                best, best_ms = dict(cfg), ms
+        if best_ms > default_ms * IMPROVEMENT:  # within noise of the default: keep the default
+            best, best_ms = dict(default), default_ms
+        return BucketResult(key, best, best_ms, default_ms, tried, len(configs) + 1, rejected, complete)
+    finally:
+        _local.tuning = prev
+
+
+def save(path: Path, name: str, results: Iterable[tuple[str, BucketResult]]) -> Path:
+    """Merge ``(kernel, result)`` entries into the tuning file at ``path`` (created if missing; an unreadable one is
+    replaced) and write it atomically."""
+    path = Path(path)
+    data: dict = {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("kernels"), dict):
+        data = {}
+    import triton
+
+    data = {"format": FORMAT, "device": name, "kernels": data.get("kernels", {}),
+            "_meta": {"triton": triton.__version__, "torch": torch.__version__.split("+")[0],
+                      "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+    for kernel, result in results:
+        data["kernels"].setdefault(kernel, {})[result.key] = result.entry()
+    data["kernels"] = {k: dict(sorted(v.items())) for k, v in sorted(data["kernels"].items())}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+    with _lock:  # the next lookup sees the new file
+        if name in _tables:
+            _tables[name].refresh()
+    return path
+
+
+def tune(kernels: Sequence[str], *, device: torch.device, budget: float, out: Path, name: str | None = None,
+         dtypes: Sequence[torch.dtype] | None = None, retune: bool = False,
+         timer: Callable[[Callable[[], Any]], float] | None = None, small: bool = False,
+         report: Callable[[str], None] = print) -> list[tuple[str, BucketResult]]:
+    """Sweep ``kernels`` on ``device`` for at most about ``budget`` seconds, writing ``out`` after every bucket (a run
+    cut short keeps what it finished). Buckets go round-robin over the kernels, each kernel's most important case
+    first, so a short budget still gives every kernel its main bucket; a bucket's share of the time left is the time
+    left over the buckets left. Buckets already in ``out`` are skipped unless ``retune``."""
+    name = name or device_name(device) or "cpu"
+    existing = _entries(Path(out)) if Path(out).exists() and not retune else {}
+    per_kernel = []
+    for kernel in kernels:
+        space = SPACES[kernel]
+        shapes = [s for s in space.cases() if dtypes is None or s["dtype"] in dtypes]
+        seen, todo = set(), []
+        for s in shapes:
+            key = bucket_key(kernel, s)
+            if key in seen or key in existing.get(kernel, {}):
+                continue
+            seen.add(key)
+            todo.append(s)
+        per_kernel.append([(kernel, s) for s in todo])
+    plan = [item for rnd in itertools.zip_longest(*per_kernel) for item in rnd if item is not None]
+    if device.type == "cuda" and plan:
+        import importlib
+
+        space = SPACES[plan[0][0]]
+        if not hasattr(getattr(importlib.import_module(space.module), space.jit), "device_caches"):
+            report("note: this Triton keeps no JITFunction.device_caches: spilling candidates are not detected")
+    end = time.monotonic() + budget
+    results: list[tuple[str, BucketResult]] = []
+    target = Target.of(device) if device.type == "cuda" else SM90
+    for i, (kernel, shape) in enumerate(plan):
+        now = time.monotonic()
+        if now >= end:
+            report(f"budget spent: {len(plan) - i} bucket(s) left untuned")
+            break
+        space = SPACES[kernel]
+        share = (end - now) / (len(plan) - i)
+        default = space.default_params(shape)
+        result = sweep(space, shape, device, default=default, target=target, deadline=now + share, timer=timer,
+                       small=small)
+        results.append((kernel, result))
+        save(out, name, [(kernel, result)])
+        report(f"{kernel:22s} {result.key:40s} {result.describe()}")
+    return results
