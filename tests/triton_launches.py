@@ -117,8 +117,10 @@ def record_gpu_configs(path: str) -> None:
         # the dropout specialisation
         os.environ["MMKERNELS_ATTENTION_PACKED"] = "1"
         try:
+            # (every padded width the packed kernels take: 48, 64, 80, 96, 144, 160, 192)
             for n, hq, hkv, d, causal in [(197, 12, 12, 64, False), (257, 16, 16, 88, False),
-                                          (577, 16, 16, 72, False), (197, 12, 4, 80, True)]:
+                                          (577, 16, 16, 72, False), (197, 12, 4, 80, True), (197, 8, 8, 40, True),
+                                          (197, 8, 8, 136, False), (197, 8, 2, 160, True), (197, 8, 8, 192, False)]:
                 cu = torch.arange(0, 5 * n, n, dtype=torch.int32)
                 q = torch.randn(4 * n, hq, d, dtype=dtype)
                 k = torch.randn(4 * n, hkv, d, dtype=dtype)

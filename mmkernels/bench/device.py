@@ -42,19 +42,31 @@ class Ceilings(dict):
         name = dtype if isinstance(dtype, str) else _dtype_name(dtype)
         return self.get("tflops_by_dtype", {}).get(name)
 
+    def peak_tflops(self, dtype: torch.dtype | str) -> float | None:
+        """The fastest measured rate at which work on ``dtype`` inputs can run: its own matmul ceiling, or for fp16 /
+        bf16 the fp32 one when that is faster (a CPU without native half-precision matmuls: code that upcasts, such
+        as SDPA's math path, runs at the fp32 rate). The divisor of ``%peak`` and of the lower bound's compute term,
+        so that the bound is one the work cannot beat. None when ``dtype`` has no matmul ceiling here."""
+        name = dtype if isinstance(dtype, str) else _dtype_name(dtype)
+        rates = self.get("tflops_by_dtype", {})
+        own = rates.get(name)
+        if own and name in ("float16", "bfloat16") and (rates.get("float32") or 0) > own:
+            return rates["float32"]
+        return own
+
     def ridge(self, dtype: torch.dtype | str) -> float | None:
         """The ridge point in ``dtype``: matmul FLOP/s over copy bytes/s (FLOP per byte). A kernel whose arithmetic
         intensity (its FLOPs over its bytes) is below it cannot be limited by arithmetic: it is memory-bound. None
         when either ceiling is missing."""
-        tflops, gbps = self.tflops_for(dtype), self.get("gbps")
+        tflops, gbps = self.peak_tflops(dtype), self.get("gbps")
         return tflops * 1e12 / (gbps * 1e9) if tflops and gbps else None
 
     def lower_bound(self, flops: float, nbytes: float, dtype: torch.dtype | str) -> tuple[float | None, str | None]:
-        """``(ms, limit)``: the least time ``flops`` and ``nbytes`` can take here, ``max(flops / matmul peak in
-        dtype, bytes / copy bandwidth)`` in milliseconds, and which term is the larger (``"memory"`` or
+        """``(ms, limit)``: the least time ``flops`` and ``nbytes`` can take here, ``max(flops / matmul peak for dtype
+        (:meth:`peak_tflops`), bytes / copy bandwidth)`` in milliseconds, and which term is the larger (``"memory"`` or
         ``"compute"``: the row's bound). A term whose count is 0 or whose ceiling was not measured is left out (the
         bound stays a lower bound, only a looser one); ``(None, None)`` when neither term is known."""
-        tflops, gbps = self.tflops_for(dtype), self.get("gbps")
+        tflops, gbps = self.peak_tflops(dtype), self.get("gbps")
         compute_ms = flops / (tflops * 1e12) * 1e3 if flops > 0 and tflops else None
         memory_ms = nbytes / (gbps * 1e9) * 1e3 if nbytes > 0 and gbps else None
         if compute_ms is None and memory_ms is None:

@@ -1,8 +1,9 @@
 """Run suites: time every provider of every case, derive TFLOP/s, GB/s, percent of ceilings, the lower bound and
 the ratio to it, and speed-ups.
 
-Percentages divide by the ceilings measured on this device with the timed code's thread count, the matmul one in
-the row's dtype; a percentage is None where no ceiling was measured for it (e.g. a dtype without a matmul here).
+Percentages divide by the ceilings measured on this device with the timed code's thread count, the matmul one for the
+row's dtype (:meth:`Ceilings.peak_tflops`: the dtype's own, or fp32's when faster for fp16/bf16); a percentage is None
+where no ceiling was measured for it (e.g. a dtype without a matmul here).
 The lower bound is ``max(FLOPs / matmul ceiling, bytes / copy ceiling)`` (:meth:`Ceilings.lower_bound`); its larger
 term is the row's ``limit``: ``memory`` when the case's arithmetic intensity (FLOPs / bytes) is at or below the
 ridge point (matmul FLOP/s over copy bytes/s), else ``compute``.
@@ -55,7 +56,7 @@ def _row(suite: str, case: Case, provider: str, timing: Timing, config: BenchCon
         reps=timing.reps,
         tflops=tflops,
         gbps=gbps,
-        pct_peak_tflops=_pct(tflops, ceilings.tflops_for(dtype)),
+        pct_peak_tflops=_pct(tflops, ceilings.peak_tflops(dtype)),
         pct_peak_gbps=_pct(gbps, ceilings.get("gbps")),
         peak_mem_mb=timing.peak_mem_mb,
         speedup=None,

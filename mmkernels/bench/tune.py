@@ -14,13 +14,16 @@ Exit status: 0 done, 2 a usage error or no GPU to tune on (one line on stderr). 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # the dtypes with buckets (fp32: fixed default configs)
+_NOT_TUNED = {"fp32": "fp32 is not tuned: no kernel has fp32 buckets (fp32 launches run fixed default configs); "
+                      "tune fp16 or bf16"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,18 +31,35 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _dtype(text: str) -> str:
+    if text in _NOT_TUNED:
+        raise argparse.ArgumentTypeError(_NOT_TUNED[text])
+    return text
+
+
+def _budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite positive number of seconds, got {text!r}")
+    return value
+
+
 def _parser(ops: Sequence[str], kernels: Sequence[str]) -> argparse.ArgumentParser:
     p = _Parser(prog="mmkernels-bench tune", description=__doc__.split("\n\n", 1)[0],
                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("targets", nargs="+", metavar="OP",
                    help=f"all, an op ({', '.join(ops)}) or a kernel ({', '.join(kernels)})")
-    p.add_argument("--budget", type=float, default=300.0,
+    p.add_argument("--budget", type=_budget, default=300.0,
                    help="seconds to spend, compiles included (default 300; a candidate in flight finishes)")
     p.add_argument("--out", default=None,
                    help="the JSON file to write or merge into, or a folder for <device>.json (default: the user "
                         "file, ~/.cache/mmkernels/tuning/<device>.json or $MMKERNELS_TUNING_DIR)")
-    p.add_argument("--dtype", nargs="+", choices=sorted(DTYPES), default=None,
-                   help="tune these input dtypes (default: bf16 and fp16)")
+    p.add_argument("--dtype", nargs="+", type=_dtype, choices=sorted(DTYPES), default=None,
+                   help="tune these input dtypes (default: bf16 and fp16; fp32 is not tuned: it runs fixed default "
+                        "configs)")
     p.add_argument("--retune", action="store_true", help="tune buckets the file already has, too")
     p.add_argument("--dry-run", action="store_true",
                    help="list the pruned space of every kernel and bucket, time nothing (works without a GPU)")
@@ -118,8 +138,6 @@ def _main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     kernels = _kernels(args.targets, parser)
     dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else [torch.bfloat16, torch.float16]
-    if args.budget is not None and not args.budget >= 0:
-        parser.error(f"--budget must be a number of seconds >= 0, got {args.budget}")
     if args.dry_run:
         if args.target:
             target = {"sm_80": tuning.SM80, "sm_90": tuning.SM90}[args.target]

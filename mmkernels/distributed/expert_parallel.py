@@ -86,6 +86,11 @@ def all_to_all(rows: torch.Tensor, out_splits: list[int], in_splits: list[int], 
     return out
 
 
+def _splits(send: torch.Tensor, recv: torch.Tensor, e: int) -> torch.Tensor:
+    """``[3, W]`` int64: rows this rank sends to each rank, rows it receives from each, each rank's input status."""
+    return torch.stack([send[:, :e].sum(1), recv[:, :e].sum(1), recv[:, e]])
+
+
 # ---- handles --------------------------------------------------------------------------------------------------------
 
 
@@ -114,7 +119,40 @@ class _Handle:
 
 
 class DispatchHandle(_Handle):
-    """Returned by :meth:`ExpertParallelMoE.dispatch`; ``wait() -> Dispatched``."""
+    """Returned by :meth:`ExpertParallelMoE.dispatch`, with the count exchange in flight; ``wait() -> Dispatched``.
+
+    Two steps, so that both can hide behind other work: :meth:`send` waits for the count exchange (the layer's one
+    host synchronisation, for the split sizes) and issues the row all-to-all; :meth:`wait` sends if that has not
+    happened yet, then waits for the rows. ``is_completed()`` sends on its own once the counts have arrived (a
+    poll never blocks) and reports whether the rows have arrived.
+    """
+
+    def __init__(self, send_rows: Callable[[], tuple], counts_ready: Callable[[], bool]) -> None:
+        super().__init__(None, lambda: None)
+        self._send_rows, self._counts_ready = send_rows, counts_ready
+
+    def send(self) -> DispatchHandle:
+        """Wait for the count exchange (blocks the host until the split sizes are known) and issue the row
+        all-to-all. Idempotent; returns the handle.
+
+        Raises:
+            RuntimeError: another rank of the group rejected its input (see the error raised on that rank).
+        """
+        if self._send_rows is not None:
+            send_rows, self._send_rows = self._send_rows, None
+            self._work, self._finish = send_rows()
+        return self
+
+    def is_completed(self) -> bool:
+        if self._send_rows is not None:
+            if not self._counts_ready():
+                return False
+            self.send()
+        return super().is_completed()
+
+    def wait(self):
+        self.send()
+        return super().wait()
 
 
 class CombineHandle(_Handle):
@@ -200,13 +238,15 @@ class ExpertParallelMoE(RoutedMoE):
     like any replicated parameter, e.g. with DDP). All ranks must agree on whether ``x`` requires grad.
 
     The step is split for overlap (see :class:`mmkernels.models.ScMoEDecoderLayer`):
-    ``d = moe.dispatch(x).wait()``, ``out = moe.run_experts(d)``, ``y = moe.combine(out, d).wait()``.
+    ``h = moe.dispatch(x)`` (count exchange in flight), ``h.send()`` (rows in flight), ``d = h.wait()``,
+    ``out = moe.run_experts(d)``, ``y = moe.combine(out, d).wait()``.
 
-    **One host synchronisation per forward**: ``all_to_all_single`` takes its split sizes as host integers, so
-    :meth:`dispatch` copies a ``[3, W]`` int64 tensor (rows to send, rows to receive, input status per rank) to the
-    host once, right after the count all-to-all (the counts come from the permutation plan, so routing and
-    permutation are queued before it); on CUDA the copy goes non-blocking into pinned memory and an event is waited
-    on just before the row all-to-all is issued. The backward reuses the host split sizes: no further sync.
+    **One host synchronisation per forward**: ``all_to_all_single`` takes its split sizes as host integers, so a
+    ``[3, W]`` int64 tensor (rows to send, rows to receive, input status per rank) comes to the host once, after
+    the count all-to-all (the counts come from the permutation plan, so routing and permutation are queued before
+    it). :meth:`dispatch` issues the count exchange and returns; on CUDA it also queues the copy (non-blocking, into
+    pinned memory) behind the exchange. The host blocks only in ``handle.send()``, so work queued between
+    ``dispatch`` and ``send`` hides the exchange. The backward reuses the host split sizes: no further sync.
 
     Balancing: in training mode every forward adds its (local) selection counts to ``pending_counts``; call
     :meth:`update_bias` once per optimizer step on every rank: the counts are all-reduced over
@@ -340,13 +380,16 @@ class ExpertParallelMoE(RoutedMoE):
         """Route this rank's tokens and send each dispatched slot's row to the rank owning its expert.
 
         ``x`` [..., Dm] in the experts' dtype; ``padding_mask`` bool of ``x.shape[:-1]`` (True = padding: not routed,
-        not counted, zero output). Blocks the host once, for the split sizes (see the class notes); the row
-        all-to-all is left in flight: ``handle.wait()`` returns a :class:`Dispatched`.
+        not counted, zero output). Returns with the count exchange in flight (the host does not block here):
+        ``handle.send()`` waits for the split sizes (the layer's one host sync, see the class notes) and issues the
+        row all-to-all; ``handle.wait()`` sends if needed and returns a :class:`Dispatched`.
 
         Raises:
-            TypeError / ValueError: ``x`` or ``padding_mask`` of the wrong type, dtype, shape or device (on this rank).
-            RuntimeError: another rank's input failed those checks. Input errors are reported through the count
-                exchange, so every rank raises instead of waiting in a collective for the failed one.
+            TypeError / ValueError: ``x`` or ``padding_mask`` of the wrong type, dtype, shape or device (on this rank;
+                raised here, after this rank's part of the count exchange).
+            RuntimeError: from ``handle.send()`` / ``handle.wait()``: another rank's input failed those checks.
+                Input errors travel with the count exchange, so every rank raises instead of waiting in a collective
+                for the failed one.
         """
         try:
             hidden, routing, logits = self._route_tokens(x, padding_mask)
@@ -379,6 +422,7 @@ class ExpertParallelMoE(RoutedMoE):
 
     def _send(self, hidden: torch.Tensor | None, routing: MoERouting | None, logits: torch.Tensor | None,
               shape: tuple, *, error: Exception | None = None) -> DispatchHandle:
+        """Permute, issue the count exchange, and return the handle whose ``send`` issues the rows."""
         w, e = self.world_size, self.num_local_experts
         self._mark("permute")
         if error is None:
@@ -392,41 +436,58 @@ class ExpertParallelMoE(RoutedMoE):
         else:
             counts = torch.zeros((w, e), dtype=torch.int64, device=self.experts.w_gate_up.device)
             status = torch.ones((w, 1), dtype=torch.int64, device=counts.device)
-        # Column E carries each rank's input status, so an input error on one rank stops every rank here.
+        # Column E carries each rank's input status, so an input error on one rank stops every rank at the counts.
         send = torch.cat([counts, status], dim=1)
         recv = torch.empty_like(send)
         self._mark("counts")
-        dist.all_to_all_single(recv, send, group=self.group)
-        send_counts, recv_counts = send[:, :e], recv[:, :e]
-        splits = torch.stack([send_counts.sum(1), recv_counts.sum(1), recv[:, e]])
-        if splits.device.type == "cuda":
-            host = torch.empty(splits.shape, dtype=torch.int64, pin_memory=True)
-            host.copy_(splits, non_blocking=True)
+        work = dist.all_to_all_single(recv, send, group=self.group, async_op=True)
+        copied = None
+        if send.device.type == "cuda":
+            # NCCL: order the stream after the exchange and queue the copy of the split sizes into pinned memory now;
+            # the host blocks on the event only in ``send`` (after the caller has queued its own work).
+            work.wait()
+            host = torch.empty((3, w), dtype=torch.int64, pin_memory=True)
+            host.copy_(_splits(send, recv, e), non_blocking=True)
             copied = torch.cuda.Event()
             copied.record()
-            copied.synchronize()  # the one host sync of the layer
-        else:
-            host = splits
-        send_splits, recv_splits, failed = host.tolist()
-        if any(failed):
-            if error is not None:
-                raise error
-            bad = [j for j, f in enumerate(failed) if f]
-            raise RuntimeError(f"{_NAME}: rank(s) {bad} of the expert-parallel group rejected their input (see the "
-                               "error on those ranks); no rank sent anything")
-        m = sum(recv_splits)
-        # Local expert of every received row: blocks (source, expert) in source-major order. output_size: no sync.
-        local_ids = torch.repeat_interleave(torch.arange(e, device=hidden.device).repeat(w), recv_counts.reshape(-1),
-                                            output_size=m)
-        self._mark("dispatch_issue")
-        box: list = []
-        received = _AllToAll.apply(rows[: sum(send_splits)], recv_splits, send_splits, self.group, box)
 
-        def finish() -> Dispatched:
-            self._mark("dispatch_done")
-            return Dispatched(received, local_ids, routing, logits, send_splits, recv_splits, perm, hidden, shape)
+        def counts_ready() -> bool:
+            return copied.query() if copied is not None else work.is_completed()
 
-        return DispatchHandle(box[0], finish)
+        def send_rows():
+            self._mark("counts_wait")
+            if copied is not None:
+                copied.synchronize()  # the one host sync of the layer
+                splits = host
+            else:
+                work.wait()  # gloo: blocks until the counts have arrived
+                splits = _splits(send, recv, e)
+            send_splits, recv_splits, failed = splits.tolist()
+            if any(failed):
+                if error is not None:
+                    raise error
+                bad = [j for j, f in enumerate(failed) if f]
+                raise RuntimeError(f"{_NAME}: rank(s) {bad} of the expert-parallel group rejected their input (see "
+                                   "the error on those ranks); no rank sent anything")
+            m = sum(recv_splits)
+            # Local expert of every received row: blocks (source, expert) in source-major order. output_size: no
+            # sync.
+            local_ids = torch.repeat_interleave(torch.arange(e, device=hidden.device).repeat(w),
+                                                recv[:, :e].reshape(-1), output_size=m)
+            self._mark("dispatch_issue")
+            box: list = []
+            received = _AllToAll.apply(rows[: sum(send_splits)], recv_splits, send_splits, self.group, box)
+
+            def finish() -> Dispatched:
+                self._mark("dispatch_done")
+                return Dispatched(received, local_ids, routing, logits, send_splits, recv_splits, perm, hidden, shape)
+
+            return box[0], finish
+
+        handle = DispatchHandle(send_rows, counts_ready)
+        if error is not None:
+            handle.send()  # raises on this rank (every other rank raises when it sends)
+        return handle
 
     def run_experts(self, dispatched: Dispatched) -> torch.Tensor:
         """This rank's experts on the received rows: [M, Dm] in the order of ``dispatched.rows`` (no weights yet)."""

@@ -235,8 +235,9 @@ class ScMoEDecoderLayer(nn.Module):
 
     Args:
         config: a :class:`ScMoEConfig`.
-        overlap: under expert parallelism, issue the MoE's dispatch before FFN_0 and wait for it after Attn_1's
-            projections, issue the combine before the rest of Attn_1 and wait for it at the final add. ``False``
+        overlap: under expert parallelism, issue the MoE's count exchange before FFN_0, its rows after FFN_0 (the
+            one host sync) and wait for them after Attn_1, issue the combine before FFN_1 and wait for it at the
+            final add. ``False``
             waits for each right after issuing it. Both give bitwise-identical outputs and gradients. Ignored in a
             world of one. A plain attribute: may be changed later.
         ep_group: the expert-parallel group (ProcessGroup or 1-D DeviceMesh). ``None``: the default group when
@@ -351,7 +352,7 @@ class ScMoEDecoderLayer(nn.Module):
         ep = self.expert_parallel
         mark("moe_dispatch")
         if ep:
-            dispatch = self.mlp.dispatch(u_moe, padding_mask=padding_mask)  # route, counts, rows in flight
+            dispatch = self.mlp.dispatch(u_moe, padding_mask=padding_mask)  # route, permute; counts in flight
             if not self.overlap:
                 mark("wait_dispatch")
                 dispatch.wait()
@@ -360,11 +361,16 @@ class ScMoEDecoderLayer(nn.Module):
         if self.training and self.config.balance_loss_coef > 0 and self.config.target_ffn_per_token is not None:
             self._balance_loss = self._device_balance_loss(u_moe, padding_mask)
         mark("ffn0")
-        h2 = h1 + self.mlps[0](u_dense)  # FFN_0 || dispatch
+        h2 = h1 + self.mlps[0](u_dense)  # FFN_0 || count exchange
+        if ep and self.overlap:
+            mark("send_rows")
+            dispatch.send()  # the layer's one host sync (split sizes), then the rows go out
         mark("attn1_proj")
-        q, k, val = self.self_attn[1].project(self.input_layernorm[1](h2), positions)
+        q, k, val = self.self_attn[1].project(self.input_layernorm[1](h2), positions)  # || rows
         if kv_cache is not None:
             k, val = kv_cache.update(self.layer_index, 1, k, val)
+        mark("attn1")
+        h3 = h2 + self.self_attn[1].attend(q, k, val)  # rest of Attn_1 || rows
         if ep:
             if self.overlap:
                 mark("wait_dispatch")
@@ -373,8 +379,6 @@ class ScMoEDecoderLayer(nn.Module):
             if not self.overlap:
                 mark("wait_combine")
                 combine.wait()
-        mark("attn1")
-        h3 = h2 + self.self_attn[1].attend(q, k, val)  # rest of Attn_1 || combine
         mark("ffn1")
         f1 = self.mlps[1](self.post_attention_layernorm[1](h3))  # FFN_1 || combine
         if ep:

@@ -607,3 +607,17 @@ def test_microsecond_suite_on_cuda_has_both_times_and_flushes_memory_bound_rows(
         elif r.provider == "mmkernels[cuda]":  # one kernel, no host sync
             assert r.graph_ms > 0 and "calls per graph" in r.graph_note, r
             assert r.graph_ratio_to_bound == pytest.approx(r.graph_ms / r.lower_bound_ms)
+
+
+def test_half_precision_bound_uses_the_faster_fp32_ceiling():
+    """A CPU without native bf16 matmuls: code that upcasts (SDPA's math path) runs at the fp32 rate, so the bf16
+    row's bound and %peak use fp32's ceiling; a device where bf16 is faster keeps bf16's."""
+    from mmkernels.bench.device import Ceilings
+
+    slow_bf16 = Ceilings(gbps=10.0, tflops_by_dtype={"float32": 0.1, "bfloat16": 0.001})
+    assert slow_bf16.peak_tflops(torch.bfloat16) == 0.1 and slow_bf16.peak_tflops(torch.float32) == 0.1
+    ms, limit = slow_bf16.lower_bound(1e9, 1.0, torch.bfloat16)
+    assert limit == "compute" and ms == pytest.approx(1e9 / 0.1e12 * 1e3)
+    fast_bf16 = Ceilings(gbps=10.0, tflops_by_dtype={"float32": 50.0, "bfloat16": 900.0})
+    assert fast_bf16.peak_tflops(torch.bfloat16) == 900.0 and fast_bf16.peak_tflops("float32") == 50.0
+    assert Ceilings(gbps=1.0, tflops_by_dtype={"float32": 1.0}).peak_tflops(torch.float16) is None  # no fp16 matmul

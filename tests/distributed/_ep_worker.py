@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import sys
+import time
 import traceback
 
 import torch
@@ -169,10 +170,19 @@ def sc_async_handles():
     ref = make_moe(2)
     ep = ExpertParallelMoE.from_moe(ref)
     x = torch.randn(6, ref.hidden_size)
-    h = ep.dispatch(x)
+    h = ep.dispatch(x)  # the count exchange in flight
+    if h.send() is not h or h.send() is not h:  # rows in flight; a second send is a no-op
+        raise AssertionError("send() must return the handle and be idempotent")
     d1 = h.wait()
     if h.wait() is not d1 or not h.is_completed():
         raise AssertionError("wait() must return the same Dispatched and leave the handle completed")
+    polled = ep.dispatch(x)  # polling alone makes progress: is_completed() sends once the counts are in
+    deadline = time.monotonic() + 60
+    while not polled.is_completed():
+        if time.monotonic() > deadline:
+            raise AssertionError("is_completed() never became True without send() / wait()")
+        time.sleep(0.001)
+    close("rows (polled)", polled.wait().rows, d1.rows, rtol=0, atol=0)
     c = ep.combine(ep.run_experts(d1), d1)
     y = c.wait()
     if c.wait() is not y:

@@ -8,6 +8,7 @@ interpreter with an injected timer: everything but the timing itself runs here.
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import pytest
@@ -181,8 +182,10 @@ def test_each_launcher_family_converts_to_its_default_type(files, as_on_gpu):
 
 @pytest.mark.parametrize("content,match", [
     ("{not json", "cannot read it as JSON"),
-    (json.dumps({"format": 99, "kernels": {}}), "not a format-1 tuning file"),
-    (json.dumps([1, 2]), "not a format-1 tuning file"),
+    (json.dumps({"format": 99, "kernels": {}}), "not a format-1 tuning file \\(its format is 99"),
+    (json.dumps([1, 2]), "the top level is a list, not a JSON object"),
+    (json.dumps({"format": 1, "kernels": []}), "'kernels' is a list, not an object"),
+    (json.dumps({"format": 1}), "no 'kernels' object"),
 ])
 def test_unreadable_file_is_ignored_with_a_warning(files, as_on_gpu, content, match):
     _, shipped = files
@@ -212,6 +215,81 @@ def test_stale_or_malformed_entry_is_ignored_with_a_warning(files, as_on_gpu, ke
     # the file's valid entries still apply
     dq = tuning.pick("attention_bwd_dq", ATTN, tattn._Config(128, 32, 4, 3), like=torch.empty(1))
     assert dq == tattn._Config(64, 64, 4, 1)
+
+
+@pytest.mark.parametrize("key,match", [
+    ("dtype=fp16,d=64,causal=0,seq=256 ", "whitespace in the bucket key"),
+    ("dtype=fp16, d=64,causal=0,seq=256", "whitespace in the bucket key"),
+    ("dtype=fp16,d=64,causal=0,seq=abc", r"seq='abc' \(must be a positive integer\)"),
+    ("dtype=fp16,d=64,causal=0,seq=", r"seq='' \(must be a positive integer\)"),
+    ("dtype=fp16,d=64,causal=0,seq=-256", r"seq=-256 \(must be a positive integer\)"),
+    ("dtype=fp16,d=64,causal=0,seq=0", r"seq=0 \(must be a positive integer\)"),
+    ("dtype=fp16,d=x,causal=0,seq=256", r"d='x' \(must be a positive integer\)"),
+    ("dtype=fp16,d=64,causal=2,seq=256", r"causal=2 \(must be 0 or 1\)"),
+    ("dtype=fp8,d=64,causal=0,seq=256", r"dtype='fp8' \(must be one of bf16, fp16, fp32\)"),
+    ("dtype=fp16,d=64,causal=0,seq=0256", "not written canonically"),
+    ("dtype=fp16,d=64,causal=0,seq=２５６", "positive integer"),  # non-ASCII digits
+])
+def test_malformed_bucket_key_is_dropped_at_load_and_the_nearest_lookup_falls_back(files, as_on_gpu, key, match):
+    """One bad key must not break lookups that go to the nearest bucket (500 tokens: bucket 512, not in the file):
+    the entry is dropped when the file loads, with one warning naming the file and the key; the default runs, and the
+    file's valid entries still apply."""
+    _, shipped = files
+    path = _write(shipped, H100, {"attention_fwd": {key: FWD_CFG},
+                                  "attention_bwd_dq": {"dtype=fp16,d=64,causal=0,seq=256": {
+                                      "block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 1}}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, default = _pick_fwd(dict(ATTN, lq=500, lk=500))
+    ours = [w for w in caught if issubclass(w.category, tuning.TuningConfigWarning)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    message = str(ours[0].message)
+    assert str(path) in message and f"[{key}]" in message
+    assert re.search(match, message), message
+    assert got is default
+    got, default = _pick_fwd(dict(ATTN, causal=True))  # another nearest lookup: no error, no new warning
+    assert got is default
+    dq = tuning.pick("attention_bwd_dq", dict(ATTN, lq=500, lk=500), tattn._Config(128, 32, 4, 3),
+                     like=torch.empty(1))
+    assert dq == tattn._Config(64, 64, 4, 1)  # nearest (256) of a valid entry, blocks kept for 500 rows
+
+
+@pytest.mark.parametrize("kernel,key,cfg", [
+    ("moe_grouped_gemm", "dtype=bf16,gated=1,m=64,n=1024,k=-4096,tpe=256",
+     {"block_n": 128, "block_k": 64, "num_warps": 4, "num_stages": 3}),
+    ("moe_grouped_wgrad", "dtype=bf16,m=4096,n=1024,tpe=25 6",
+     {"block_m": 64, "block_n": 64, "block_r": 32, "num_warps": 4, "num_stages": 2}),
+    ("patch_embed_fwd", "dtype=bf16,m=2048,n=nan,k=1024",
+     {"BM": 64, "BN": 128, "BK": 32, "num_warps": 4, "num_stages": 3}),
+    ("qformer_fwd", "dtype=bf16,m=32,d=64,seq=1e3", {"block_n": 64, "num_warps": 4, "num_stages": 2}),
+])
+def test_bucket_rule_covers_every_kernel(files, kernel, key, cfg):
+    _, shipped = files
+    path = _write(shipped, H100, {kernel: {key: cfg}})
+    with pytest.warns(tuning.TuningConfigWarning, match="invalid bucket value|whitespace"):
+        assert tuning._entries(path) == {}
+
+
+@pytest.mark.parametrize("kernel,cfg,bad", [
+    ("attention_fwd", dict(FWD_CFG, block_m=1024), "block_m=1024 (must be a power of two in 16...128)"),
+    ("attention_fwd", dict(FWD_CFG, block_n=256), "block_n=256 (must be a power of two in 16...128)"),
+    ("attention_bwd_dq", dict(FWD_CFG, block_n=128), "block_n=128 (must be a power of two in 16...64)"),
+])
+def test_block_larger_than_the_space_is_rejected_at_load(files, as_on_gpu, kernel, cfg, bad):
+    """A 1024-row tile is a power of two, but no card runs it (OutOfResources): blocks stop at the space's largest."""
+    _, shipped = files
+    path = _write(shipped, H100, {kernel: {"dtype=fp16,d=64,causal=0,seq=256": cfg}})
+    with pytest.warns(tuning.TuningConfigWarning) as record:
+        assert tuning._entries(path) == {}
+    assert any(bad in str(w.message) and str(path) in str(w.message) for w in record), [str(w.message) for w in record]
+
+
+def test_every_tuned_default_is_a_valid_file_entry():
+    """What ``tune`` writes when nothing beats the default must load again: every hand default fits the space."""
+    for kernel, space in tuning.SPACES.items():
+        for shape in space.cases():
+            key = tuning.bucket_key(kernel, shape)
+            assert tuning._entry_problem(space, key, space.default_params(shape)) is None, (kernel, key)
 
 
 # ---- autotune switch ----------------------------------------------------------------------------------------------
@@ -454,6 +532,26 @@ def test_cli_without_a_gpu_exits_2_with_a_clear_message(capsys):
 
     assert main(["tune", "attention", "--budget", "5"]) == 2
     assert "no CUDA GPU here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtypes", [["fp32"], ["fp32", "fp16"], ["fp16", "fp32"]])
+def test_cli_refuses_fp32_with_one_line_saying_why(capsys, dtypes):
+    from mmkernels.bench.cli import main
+
+    assert main(["tune", "all", "--dry-run", "--dtype", *dtypes]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    err = captured.err.strip()
+    assert "\n" not in err and "fp32 is not tuned" in err and "fixed default configs" in err
+
+
+@pytest.mark.parametrize("budget", ["inf", "-inf", "nan", "0", "-5", "abc"])
+def test_cli_rejects_a_budget_that_is_not_a_finite_positive_number(capsys, budget):
+    from mmkernels.bench.cli import main
+
+    assert main(["tune", "attention", "--dry-run", f"--budget={budget}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "must be a finite positive number" in err
 
 
 def test_cli_rejects_unknown_ops(capsys):

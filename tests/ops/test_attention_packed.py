@@ -285,3 +285,16 @@ def test_packed_gpu_vision_shapes(tokens, d, causal, dtype, device, monkeypatch)
             mode = "deterministic" if deterministic else "atomic"
             assert_within_ref_error(a, r, t, floor=floor, name=f"{name} ({mode})")
     assert calls == {"fwd": 2, "bwd": 2}
+
+
+@pytest.mark.parametrize("d,dtype,forward,backward", [
+    (64, torch.float16, True, True), (40, torch.bfloat16, True, True), (72, torch.float16, True, False),
+    (88, torch.bfloat16, True, False), (128, torch.float16, True, False), (136, torch.float16, False, False),
+    (40, torch.float32, False, False), (72, torch.float32, False, False)])
+def test_packed_runs_on_a_gpu_only_where_it_compiles_spill_free(d, dtype, forward, backward, monkeypatch):
+    """As on a GPU (the interpreter always runs packed when asked): the widths and dtypes whose packed configs spill
+    (make check-triton) go to the per-sequence kernels, forced or not."""
+    monkeypatch.setattr(packed._common, "interpreted", lambda *tensors: False)
+    q = torch.empty(10, 2, d, dtype=dtype)
+    assert packed.packed_fits(q, backward=False) is forward
+    assert packed.packed_fits(q, backward=True) is backward

@@ -15,14 +15,29 @@ FLOPs (flash-attn's accounting): forward ``4 B H Lq Lk D``, halved when causal w
 forward; fwd+bwd 3.5x. Bytes: q, k, v read and o written (forward); q, k, v, o, dO read and dq, dk, dv written
 (backward). In ``bwd`` mode each provider's forward runs once per input set, outside the timed calls.
 
-Presets: ``quick`` (tiny, CPU-friendly), ``default`` (the standard sweep and the vision shapes), ``sweep`` (B*S =
-16k tokens, S = 512..16k, H*D = 2048, D in {64, 128}, causal and not) and ``vision`` (ViT-B/16 at 224, ViT-L/14 at
-336, ViT-g/14 at 224, batch 256); ``gpu`` (the GPU suite's budget: vision plus S in {1k, 4k, 16k}).
+Varlen rows (names start with ``varlen``): a batch of images of one vision length packed as ``[total, H, D]`` with
+``cu_seqlens`` (and ``max_seqlen_*`` given, as flash-attn requires; the op still checks ``cu_seqlens`` on the host,
+one sync per call, and that is in our times). Ours: ``attention(..., cu_seqlens_q=, cu_seqlens_k=)``; on Triton
+twice: ``mmkernels[triton]`` with ``MMKERNELS_ATTENTION_PACKED`` as the caller left it (unset: the ``packed_pays``
+rule) and ``mmkernels[triton] packed=0`` pinned to the per-sequence kernels (set for its forward and, by hooks on
+its output's autograd node, its backward; restored after each). Baselines: SDPA on the dense batch
+``[B, H, L, D]`` (the packed tensor viewed as such: one length, so no padding; the output reshaped back to
+``[total, H, D]``), the same backend rule as above; ``flash_attn_varlen_func`` when flash_attn is installed (fp16/bf16
+on CUDA). FLOPs count valid scores only: ``4 H D sum_i L_i^2``; bytes: q, k, v read, o written, and the two
+``cu_seqlens``.
+
+Presets: ``quick`` (tiny, CPU-friendly), ``default`` (the standard sweep, the vision shapes and the varlen ones),
+``sweep`` (B*S = 16k tokens, S = 512..16k, H*D = 2048, D in {64, 128}, causal and not), ``vision`` (ViT-B/16 at 224,
+ViT-L/14 at 336, ViT-g/14 at 224, batch 256, and the varlen rows), ``varlen`` (256 images of 197 tokens at D = 64,
+257 at D = 64 and 88, 577 at D = 72, 1025 at D = 80); ``gpu`` (the GPU suite's budget: vision plus S in {1k, 4k,
+16k}, and the varlen rows).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +65,20 @@ _VISION = [
 ]
 # The GPU suite's budget (8 minutes for everything): the vision shapes and a third of the sweep.
 _GPU = _VISION + [c for c in _SWEEP if c[1] * c[2] == 16384 and c[2] in (1024, 4096, 16384)]
-SHAPES = {"quick": _QUICK, "default": _SWEEP + _VISION, "sweep": _SWEEP, "vision": _VISION, "gpu": _GPU}
+SHAPES = {"quick": _QUICK, "default": _SWEEP + _VISION, "sweep": _SWEEP, "vision": _VISION, "gpu": _GPU,
+          "varlen": []}
+
+# Varlen: (label, images, tokens per image, heads, head dim), full attention, images packed as [B * L, H, D].
+_VARLEN = [
+    ("varlen ViT-B/16 224", 256, 197, 12, 64),
+    ("varlen CLIP ViT-L/14 224", 256, 257, 16, 64),
+    ("varlen ViT-g/14 224", 256, 257, 16, 88),
+    ("varlen L=577 d72", 256, 577, 16, 72),  # ViT-L/14 at 336's length with SigLIP-so400m's head dim
+    ("varlen ViT-H/14 448", 256, 1025, 16, 80),
+]
+VARLEN_SHAPES = {"quick": [("varlen tiny d72", 3, 65, 2, 72)], "default": _VARLEN, "sweep": [], "vision": _VARLEN,
+                 "gpu": _VARLEN, "varlen": _VARLEN}
+PACKED_ENV = "MMKERNELS_ATTENTION_PACKED"
 
 
 def _sdpa(backend_name: str | None):
@@ -87,6 +115,123 @@ def _inputs(b, lq, lk, hq, hkv, d, device, dtype, grad) -> Inputs:
     q, k, v = (torch.randn(b, n, h, d, device=device, dtype=dtype).requires_grad_(grad)
                for n, h in ((lq, hq), (lk, hkv), (lk, hkv)))
     return Inputs((q, k, v), wrt=(q, k, v), grad_out=torch.randn_like(q) if grad else None)
+
+
+def _varlen_inputs(b, length, h, d, device, dtype, grad) -> Inputs:
+    q, k, v = (torch.randn(b * length, h, d, device=device, dtype=dtype).requires_grad_(grad) for _ in range(3))
+    cu = torch.arange(0, (b + 1) * length, length, dtype=torch.int32, device=device)
+    return Inputs((q, k, v, cu, cu, length, length), wrt=(q, k, v), grad_out=torch.randn_like(q) if grad else None)
+
+
+def _varlen_sdpa(backend_name: str | None):
+    dense = _sdpa(backend_name)
+
+    def run(q, k, v, cu_q, cu_k, max_q, max_k, causal):
+        # one length per batch: the packed rows are the dense [B, L, H, D] batch, no padding, no copy
+        b = cu_q.numel() - 1
+        out = dense(q.view(b, max_q, *q.shape[1:]), k.view(b, max_k, *k.shape[1:]), v.view(b, max_k, *v.shape[1:]),
+                    causal)
+        return out.reshape(q.shape)
+
+    return run
+
+
+@contextlib.contextmanager
+def _packed_env(value: str):
+    old = os.environ.get(PACKED_ENV)
+    os.environ[PACKED_ENV] = value
+    try:
+        yield
+    finally:
+        _restore_env(old)
+
+
+def _restore_env(old: str | None) -> None:
+    if old is None:
+        os.environ.pop(PACKED_ENV, None)
+    else:
+        os.environ[PACKED_ENV] = old
+
+
+def _pin_packed(fn, value: str):
+    """``fn`` (our varlen attention) with ``MMKERNELS_ATTENTION_PACKED=value`` for its forward and for its output's
+    backward (hooks on the attention node: the launchers read the variable in each pass); restored after each."""
+    pending: list = []  # the caller's value while a backward runs; left there only if that backward raised
+
+    def run(*args, **kwargs):
+        while pending:
+            _restore_env(pending.pop())
+        with _packed_env(value):
+            out = fn(*args, **kwargs)
+        node = out.grad_fn
+        if node is not None:
+            if "attention" not in type(node).__name__:
+                raise RuntimeError(f"{PACKED_ENV}={value} row: expected the attention node on the output, got "
+                                   f"{type(node).__name__}")
+
+            def enter(grad_outputs):
+                pending.append(os.environ.get(PACKED_ENV))
+                os.environ[PACKED_ENV] = value
+
+            def leave(grad_inputs, grad_outputs):
+                _restore_env(pending.pop())
+
+            node.register_prehook(enter)
+            node.register_hook(leave)
+        return out
+
+    return run
+
+
+def _varlen_shapes(config: BenchConfig, ours: list[str], memory_budget: float) -> list[Shape]:
+    device, dtype = config.device, config.dtype
+    cuda = device.type == "cuda"
+    half = dtype in (torch.float16, torch.bfloat16)
+
+    def ours_varlen(backend):
+        def run(q, k, v, cu_q, cu_k, max_q, max_k, causal):
+            return attention(q, k, v, causal=causal, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+                             max_seqlen_k=max_k, backend=backend)
+        return run
+
+    candidates = mmkernels_providers(ours, ours_varlen)
+    if "triton" in ours:  # what packing buys: the same call pinned to the per-sequence kernels
+        candidates["mmkernels[triton] packed=0"] = _pin_packed(ours_varlen("triton"), "0")
+    if cuda:
+        baseline = "sdpa-flash" if half else "sdpa-efficient"
+        candidates[baseline] = _varlen_sdpa("FLASH_ATTENTION" if half else "EFFICIENT_ATTENTION")
+        if half and has_module("flash_attn"):
+            from flash_attn import flash_attn_varlen_func
+
+            candidates["flash_attn"] = lambda q, k, v, cu_q, cu_k, max_q, max_k, causal: flash_attn_varlen_func(
+                q, k, v, cu_q, cu_k, max_q, max_k, causal=causal)
+    else:
+        baseline = "sdpa-math"
+        candidates[baseline] = _varlen_sdpa(None)
+
+    shapes = []
+    for label, b, length, h, d in VARLEN_SHAPES[config.preset]:
+        scores = b * length * length  # valid score entries per head: sum over images of L_i^2
+
+        def skip(name, mode, h=h, scores=scores):
+            need = 4.0 * h * scores * (2 if mode == "fwd" else 4) * (4 if mode == "bwd" else 1)
+            return name in _MATERIALIZING and need > memory_budget
+
+        total = b * length
+        shapes.append(Shape(
+            name=f"{label} B={b} L={length} H={h} D={d}",
+            make_inputs=functools.partial(_varlen_inputs, b, length, h, d, device, dtype),
+            providers={name: functools.partial(fn, causal=False) for name, fn in candidates.items()},
+            baseline=baseline,
+            flops=4.0 * h * scores * d,
+            # q, k, v read and o written, [total, H, D] each; cu_seqlens_q and _k read (int32 [B + 1])
+            bytes=torch.finfo(dtype).bits // 8 * 4 * total * h * d + 2 * 4 * (b + 1),
+            params={"B": b, "Lq": length, "Lk": length, "Hq": h, "Hkv": h, "D": d, "causal": False, "varlen": True},
+            probe=functools.partial(_varlen_inputs, 2, 16, h, d, device, dtype),
+            probe_key=("varlen", d, h),
+            skip=skip,
+        ))
+    return shapes
 
 
 def _shapes(config: BenchConfig, ours: list[str]) -> list[Shape]:
@@ -130,14 +275,15 @@ def _shapes(config: BenchConfig, ours: list[str]) -> list[Shape]:
             probe_key=(d, hq, hkv, causal),
             skip=skip,
         ))
-    return shapes
+    return shapes + _varlen_shapes(config, ours, memory_budget)
 
 
 register_suite(Suite(
     name="attention",
-    description="fused attention (FlashAttention-2 style Triton) vs SDPA flash/efficient, compiled reference",
+    description="fused attention (FlashAttention-2 style Triton), dense and packed varlen, vs SDPA, flash-attn, "
+                "compiled reference",
     shapes=_shapes,
-    presets=("quick", "default", "sweep", "vision", "gpu"),
+    presets=("quick", "default", "sweep", "vision", "gpu", "varlen"),
     default_dtype=torch.bfloat16,
     ops=("attention",),
     modes=("fwd", "bwd", "fwd+bwd"),

@@ -516,8 +516,8 @@ def _fwd_config(block_d: int, dtype: torch.dtype, max_q: int, max_k: int, interp
         cfg = _Config(128, 32, 8, 3)
     elif block_d <= 128:
         cfg = _Config(64, 32, 8, 3)
-    else:
-        cfg = _Config(32, 64, 8, 2)
+    else:  # 32 x 64 spilled 12-44 bytes in varlen specialisations
+        cfg = _Config(32, 32, 8, 2)
     return _Config(_fit(cfg.block_m, max_q), _fit(cfg.block_n, max_k), cfg.num_warps, cfg.num_stages)
 
 
@@ -530,8 +530,10 @@ def _bwd_configs(block_d: int, dtype: torch.dtype, max_q: int, max_k: int, inter
     # Spill-free on sm_80 and sm_90a in every launched specialisation (docs/performance.md has the sweep). The
     # tutorial's shapes (dK/dV 32 x 128, dQ 128 x 32) spilled in every dK/dV config, up to 1,740 bytes per thread:
     # the dK/dV program holds K, V, dK, dV for its BLOCK_N keys plus 64-bit dQ atomic addresses, so BLOCK_N shrinks
-    # with the head dim. One exception, allowed by name in tests/triton_gpu_compile.py: fp32 dK/dV at D <= 128
-    # (no config of 12 tried is clean in all of its specialisations; this one spills <= 60 bytes, causal only).
+    # with the head dim. Exceptions, allowed by name in tests/triton_gpu_compile.py with the configs swept: fp32
+    # dK/dV at D <= 128 (<= 64 bytes, causal only) and at D <= 64 (<= 48 bytes, varlen only), and causal varlen
+    # specialisations of dQ at D <= 128 (8 bytes, sm_90a), of fp16/bf16 dK/dV at D > 128 (<= 112 bytes, sm_80) and
+    # of fp32 dQ at D > 128 (56 bytes, sm_80).
     if dtype == torch.float32:
         if block_d <= 64:
             kv, q = _Config(16, 32, 4, 1), _Config(32, 32, 4, 1)
@@ -543,8 +545,8 @@ def _bwd_configs(block_d: int, dtype: torch.dtype, max_q: int, max_k: int, inter
         kv, q = _Config(16, 64, 4, 2), _Config(128, 32, 8, 2)
     elif block_d <= 128:
         kv, q = _Config(16, 32, 8, 1), _Config(16, 32, 4, 2)
-    else:
-        kv, q = _Config(16, 16, 8, 1), _Config(32, 16, 8, 1)
+    else:  # dQ 16 x 32: 32 x 16 spilled up to 224 bytes in varlen (VARLEN's extra registers)
+        kv, q = _Config(16, 16, 8, 1), _Config(16, 32, 8, 1)
     kv = _Config(_fit(kv.block_m, max_q), _fit(kv.block_n, max_k), kv.num_warps, kv.num_stages)
     q = _Config(_fit(q.block_m, max_q), _fit(q.block_n, max_k), q.num_warps, q.num_stages)
     return kv, q
@@ -614,9 +616,9 @@ def attention_fwd_triton(
     the registered op).
     """
     if cu_seqlens_q is not None:  # packed tiles across sequences when they compute less (attention_packed.py)
-        from .attention_packed import attention_packed_fwd, packed_pays  # imported here: it imports this module
+        from .attention_packed import attention_packed_fwd, packed_fits, packed_pays  # it imports this module
 
-        if packed_pays(q, max_seqlen_q, max_seqlen_k):
+        if packed_pays(q, max_seqlen_q, max_seqlen_k) and packed_fits(q, backward=False):
             return attention_packed_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                                         softmax_scale, dropout_p, seed, launch=launch)
     varlen, batch, hq, hkv, lq, lk = _problem(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
@@ -672,9 +674,9 @@ def attention_bwd_triton(
     (no atomics, bitwise reproducible); otherwise the dK/dV kernel adds dQ with fp32 atomics. Varlen padding rows
     (past ``cu_seqlens_*[-1]``) get zero gradients. ``dropout_p``/``seed`` must be the forward's."""
     if cu_seqlens_q is not None:  # packed or not, either backward takes either forward's lse
-        from .attention_packed import attention_packed_bwd, packed_pays
+        from .attention_packed import attention_packed_bwd, packed_fits, packed_pays
 
-        if packed_pays(q, max_seqlen_q, max_seqlen_k):
+        if packed_pays(q, max_seqlen_q, max_seqlen_k) and packed_fits(q, backward=True):
             return attention_packed_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                         max_seqlen_k, causal, softmax_scale, deterministic, dropout_p, seed,
                                         launch=launch)

@@ -62,7 +62,7 @@ from ._common import (
 )
 
 __all__ = ["Occupancy", "attention_packed_bwd", "attention_packed_fwd", "head_dim_chunks", "occupancy",
-           "packed_pays"]
+           "packed_fits", "packed_pays"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -442,21 +442,24 @@ def _configs(width: int, dtype: torch.dtype, interpret: bool, dropout: bool = Fa
     fit to the max length): a packed tile spans sequences, so short sequences fill it. The interpreter takes 32 x 32
     tiles (few NumPy steps; small tests still cross sequence boundaries inside a tile).
 
-    GPU values are untuned starting points, chosen without a GPU so that ptxas (Triton 3.8, sm_90a) reports no
-    spills for D = 64/72/80/88 in fp16/bf16 and fp32, except the dK/dV kernel with dropout and atomic dQ in fp16/bf16
-    (about 56-76 bytes per thread at D = 72, one pipeline stage; two spill more). sm_80 spills more (see the report of
-    ``make check-triton``). 64-row query tiles: a tile straddling two sequences computes its rows
-    against both, so shorter tiles waste less (:func:`occupancy`). dK/dV takes 16-row query steps: its program
+    GPU values are untuned starting points, chosen without a GPU so that ptxas (Triton 3.8, sm_80 and sm_90a) reports no
+    spills for every launched specialisation (``make check-triton``), with the wide half-precision backward routed to
+    the per-sequence kernels (:func:`packed_fits`). 64-row query tiles: a tile straddling two sequences computes its
+    rows against both, so shorter tiles waste less (:func:`occupancy`). dK/dV takes 16-row query steps: its program
     holds K, V, dK and dV for 64 keys."""
     if interpret:
         cfg = _Config(32, 32, 4, 1)
         return cfg, cfg, cfg
     if dtype == torch.float32:  # ieee products, twice the bytes per element
         return _Config(32, 32, 4, 2), _Config(16, 16, 8, 1), _Config(16, 16, 4, 1)
-    if width <= 128:
-        wide = width > 64
+    if width <= 64:
         kv = _Config(16, 64, 8, 1 if dropout else 2)  # Philox's registers: one stage fewer with dropout
-        return _Config(64, 64, 4, 2 if wide else 3), kv, _Config(64, 32, 8 if wide else 4, 2)
+        return _Config(64, 64, 4, 3), kv, _Config(64, 32, 4, 2)
+    if width <= 128:
+        # 64 + 16 or 64 + 32: 32-key forward tiles (64 spill on sm_80). The backward configs are what the
+        # interpreter-sized tests shape; on a GPU these widths' half-precision backward runs the per-sequence
+        # kernels (packed_fits: no dK/dV config compiles spill-free).
+        return _Config(64, 32, 4, 2), _Config(16, 64, 8, 1 if dropout else 2), _Config(64, 32, 8, 2)
     return _Config(64, 32, 8, 2), _Config(16, 32, 8, 1), _Config(32, 32, 8, 1)
 
 
@@ -490,6 +493,26 @@ def packed_pays(q: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int) -> bool:
     packed = ((max_seqlen_q - rem) * _round_up((whole + 1) * max_seqlen_k, fwd.block_n)
               + rem * _round_up((whole + 2) * max_seqlen_k, fwd.block_n)) * (d0 + d1)
     return 10 * packed <= 9 * unpacked
+
+
+def packed_fits(q: torch.Tensor, backward: bool) -> bool:
+    """Whether the packed kernels run for ``q`` once :func:`packed_pays` (or ``MMKERNELS_ATTENTION_PACKED=1``) says
+    packed: always under the interpreter; on a GPU only where their configs compile without register spills
+    (``make check-triton``, ptxas from Triton 3.8 on sm_80 and sm_90a), else the per-sequence kernels run (same
+    results; either backward takes either forward's lse):
+
+    - fp16/bf16 forward: padded head widths up to 128 (D <= 128; at 144 it spills 72 bytes on sm_80);
+    - fp16/bf16 backward: widths up to 64 (D <= 64). At 80 and 96 (D = 65..96) the dK/dV program holds K, V, dK and
+      dV for its key block in two head-dim chunks, and every config swept (BLOCK_M 16/32 x BLOCK_N 32/64, 2/4/8
+      warps, 1/2 stages) spills 12-19,000 bytes per thread in some launched specialisation;
+    - fp32: never (its ieee products hold twice the registers per element and spill from D = 40 on; fp32 is not a
+      speed path on GPUs)."""
+    if _common.interpreted(q):
+        return True
+    if q.dtype == torch.float32:
+        return False
+    d0, d1 = head_dim_chunks(q.shape[-1])
+    return d0 + d1 <= (64 if backward else 128)
 
 
 def _round_up(n, block: int):

@@ -14,8 +14,9 @@ How a launcher gets its configuration (:func:`pick`, host-side Python on ints, s
    save it to the user file: a training step never pauses to tune unless asked to.
 
 A file that cannot be read, has another format, or holds an entry for an unknown kernel, bucket fields that no longer
-exist or a parameter the kernel no longer takes, is skipped (that entry or the whole file) with a
-:class:`TuningConfigWarning`, never an error: the default config then runs.
+exist, a malformed bucket (a size that is not a positive integer, an unknown dtype, whitespace), a parameter the
+kernel no longer takes or an invalid value (a block larger than the space's largest), is skipped (that entry or the
+whole file) at load time with a :class:`TuningConfigWarning`, never an error: the default config then runs.
 
 Search spaces (:data:`SPACES`): per kernel, the tunable parameters and their candidate values, pruned *before
 anything is timed* by estimates against the target (shared memory per block, registers per thread, blocks wider than
@@ -39,6 +40,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 import warnings
@@ -265,12 +267,14 @@ def _key_str(bucket: Mapping) -> str:
 
 
 def _parse_key(text: str) -> dict | None:
+    """``"dtype=bf16,seq=256"`` -> ``{"dtype": "bf16", "seq": 256}``: values written as (ASCII) integers become ints,
+    anything else stays a string (:func:`_key_problem` then rejects it where a field needs an integer)."""
     out = {}
     for part in text.split(","):
         name, sep, value = part.partition("=")
         if not sep or not name:
             return None
-        out[name] = int(value) if value.lstrip("-").isdigit() else value
+        out[name] = int(value) if re.fullmatch(r"-?[0-9]+", value) else value
     return out
 
 
@@ -729,14 +733,47 @@ def _warn(message: str) -> None:
     warnings.warn(message, TuningConfigWarning, stacklevel=3)
 
 
-def _valid_value(param: str, value: Any) -> bool:
+def _valid_value(space: Space, param: str, value: Any) -> bool:
     if isinstance(value, bool) or not isinstance(value, int):
         return False
     if param == "num_warps":
         return value in (1, 2, 4, 8, 16, 32)
     if param == "num_stages":
         return 1 <= value <= 8
-    return 16 <= value <= 1024 and value & (value - 1) == 0  # blocks: powers of two that tl.dot accepts
+    # blocks: powers of two that tl.dot accepts, no larger than the space's largest candidate (a larger tile is
+    # past what the estimates and the tuner ever checked: on a card it would fail with OutOfResources or spill)
+    return 16 <= value <= max(space.params[param]) and value & (value - 1) == 0
+
+
+_VALID = {"num_warps": "1, 2, 4, 8, 16 or 32", "num_stages": "an integer in 1...8"}
+_FLAG_FIELDS = frozenset({"causal", "atomic", "gated"})  # 0 or 1; "dtype" is a dtype token; the rest sizes >= 1
+
+
+def _key_problem(space: Space, key: str) -> str | None:
+    """Why the bucket string ``key`` can never be one :meth:`Space.bucket` produces (None: it can). One rule for the
+    fields of every kernel: ``dtype`` a known token, the flags 0 or 1, every other field (sizes: ``d``, ``seq``,
+    ``m``, ``n``, ``k``, ``tpe``) a positive integer; no whitespace; fields in the kernel's order."""
+    if any(ch.isspace() for ch in key):
+        return "whitespace in the bucket key"
+    bucket = _parse_key(key)
+    if bucket is None or tuple(bucket) != space.key_fields:
+        return f"bucket fields are not {', '.join(space.key_fields)}"
+    bad = []
+    for name, value in bucket.items():
+        if name == "dtype":
+            ok, want = value in _DTYPE_NAMES.values(), f"one of {', '.join(sorted(_DTYPE_NAMES.values()))}"
+        elif name in _FLAG_FIELDS:
+            ok, want = value in (0, 1), "0 or 1"
+        else:
+            ok, want = isinstance(value, int) and value >= 1, "a positive integer"
+        if not ok:
+            bad.append(f"{name}={value!r} (must be {want})")
+    if bad:
+        return f"invalid bucket value(s) {', '.join(bad)}"
+    canonical = _key_str(bucket)
+    if canonical != key:
+        return f"bucket not written canonically (expected {canonical!r})"
+    return None
 
 
 def _entries(path: Path) -> dict[str, dict[str, dict]]:
@@ -748,16 +785,20 @@ def _entries(path: Path) -> dict[str, dict[str, dict]]:
     except (OSError, ValueError) as exc:
         _warn(f"mmkernels tuning: ignoring {path}: cannot read it as JSON ({exc})")
         return {}
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT or not isinstance(raw.get("kernels"), dict):
-        _warn(f"mmkernels tuning: ignoring {path}: not a format-{FORMAT} tuning file "
-              f"(format {raw.get('format') if isinstance(raw, dict) else None!r})")
+    problem = _file_problem(raw)
+    if problem:
+        _warn(f"mmkernels tuning: ignoring {path}: {problem}")
         return {}
     out: dict[str, dict[str, dict]] = {}
     for kernel, table in raw["kernels"].items():
         space = SPACES.get(kernel)
-        if space is None or not isinstance(table, dict):
+        if space is None:
             _warn(f"mmkernels tuning: {path}: no kernel {kernel!r} in this version (stale file?): its entries are "
                   "ignored")
+            continue
+        if not isinstance(table, dict):
+            _warn(f"mmkernels tuning: {path}: kernels.{kernel} is a {_json_type(table)}, not an object of bucket -> "
+                  "config: its entries are ignored")
             continue
         for key, cfg in table.items():
             problem = _entry_problem(space, key, cfg)
@@ -768,10 +809,29 @@ def _entries(path: Path) -> dict[str, dict[str, dict]]:
     return out
 
 
+def _json_type(value: Any) -> str:
+    return {dict: "JSON object", list: "list", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _file_problem(raw: Any) -> str | None:
+    """Why a parsed JSON document is not a tuning file this version reads (None: it is)."""
+    if not isinstance(raw, dict):
+        return f"not a tuning file: the top level is a {_json_type(raw)}, not a JSON object"
+    if raw.get("format") != FORMAT:
+        return (f"not a format-{FORMAT} tuning file (its format is {raw.get('format')!r}; this version reads format "
+                f"{FORMAT})")
+    if "kernels" not in raw:
+        return "no 'kernels' object (kernel -> bucket -> config)"
+    if not isinstance(raw["kernels"], dict):
+        return f"'kernels' is a {_json_type(raw['kernels'])}, not an object of kernel -> bucket -> config"
+    return None
+
+
 def _entry_problem(space: Space, key: str, cfg: Any) -> str | None:
-    bucket = _parse_key(key)
-    if bucket is None or tuple(bucket) != space.key_fields:
-        return f"bucket fields are not {', '.join(space.key_fields)}"
+    problem = _key_problem(space, key)
+    if problem:
+        return problem
     if not isinstance(cfg, dict):
         return "not an object"
     params = {k: v for k, v in cfg.items() if not k.startswith("_")}
@@ -781,7 +841,8 @@ def _entry_problem(space: Space, key: str, cfg: Any) -> str | None:
     missing = sorted(set(space.params) - set(params))
     if missing:
         return f"missing parameter(s) {', '.join(missing)}"
-    bad = [f"{k}={v!r}" for k, v in params.items() if not _valid_value(k, v)]
+    bad = [f"{k}={v!r} (must be {_VALID.get(k) or f'a power of two in 16...{max(space.params[k])}'})"
+           for k, v in params.items() if not _valid_value(space, k, v)]
     if bad:
         return f"invalid value(s) {', '.join(bad)}"
     return None
