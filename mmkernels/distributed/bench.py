@@ -363,6 +363,10 @@ def _print_summary(r: dict) -> None:
           f"slower ranks) -> hidden fraction {r['hidden_fraction']:.1%} "
           f"(from waits {r['hidden_fraction_from_waits']:.1%}; row all-to-alls alone "
           f"{r['row_a2a_hidden_fraction_from_waits']:.1%})")
+    if r["hidden_fraction"] is not None and r["hidden_fraction"] > 1:
+        print("  (above 100%: the overlapped layer saved more than the transport's own time, i.e. it also absorbed "
+              "rank skew, or the run is noisy: the saving is a few ms on a layer that varies by more; use more "
+              "--iters)")
     if r.get("hidden_fraction_cpu_bound") is not None:
         print(f"  the transport keeps {r['transport_cores_busy']:.2f} of {r['cores']} cores busy while it runs: no "
               f"schedule can hide more than {r['hidden_fraction_cpu_bound']:.0%} of it on this machine "

@@ -130,20 +130,30 @@ class DispatchHandle(_Handle):
     def __init__(self, send_rows: Callable[[], tuple], counts_ready: Callable[[], bool]) -> None:
         super().__init__(None, lambda: None)
         self._send_rows, self._counts_ready = send_rows, counts_ready
+        self._error: BaseException | None = None
 
     def send(self) -> DispatchHandle:
         """Wait for the count exchange (blocks the host until the split sizes are known) and issue the row
         all-to-all. Idempotent; returns the handle.
 
         Raises:
-            RuntimeError: another rank of the group rejected its input (see the error raised on that rank).
+            RuntimeError: another rank of the group rejected its input (see the error raised on that rank). Once
+                raised, every later ``send`` / ``wait`` / ``is_completed`` on this handle raises it again.
         """
+        if self._error is not None:
+            raise self._error
         if self._send_rows is not None:
             send_rows, self._send_rows = self._send_rows, None
-            self._work, self._finish = send_rows()
+            try:
+                self._work, self._finish = send_rows()
+            except BaseException as err:
+                self._error = err
+                raise
         return self
 
     def is_completed(self) -> bool:
+        if self._error is not None:
+            raise self._error
         if self._send_rows is not None:
             if not self._counts_ready():
                 return False
@@ -505,9 +515,14 @@ class ExpertParallelMoE(RoutedMoE):
         adds the zero-expert term and returns ``y`` with the shape of the ``x`` given to :meth:`dispatch`.
 
         Raises:
+            TypeError: ``dispatched`` is not a :class:`Dispatched` (e.g. the handle itself instead of its ``wait()``).
             ValueError: ``expert_out`` is not [M, Dm] for the M rows of ``dispatched``.
         """
         d = dispatched
+        if not isinstance(d, Dispatched):
+            raise TypeError(f"{_NAME}: combine takes the Dispatched that dispatch(...).wait() returns, got "
+                            f"{type(d).__name__}" + (" (call .wait() on it first)" if isinstance(d, DispatchHandle)
+                                                     else ""))
         if tuple(expert_out.shape) != tuple(d.rows.shape):
             raise ValueError(f"{_NAME}: expert_out must be [M, Dm] = {tuple(d.rows.shape)}, got "
                              f"{tuple(expert_out.shape)}")

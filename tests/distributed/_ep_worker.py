@@ -338,6 +338,34 @@ def sc_mismatch():
             raise
     else:
         raise AssertionError("a bad input on the last rank did not raise everywhere")
+    # Through the async API: the other ranks' handle keeps raising (never a None "result"); combine refuses a handle.
+    handle = None
+    try:
+        handle = ep.dispatch(x)
+        handle.wait()
+    except (ValueError, RuntimeError) as err:
+        first = err
+    else:
+        raise AssertionError("a bad input on the last rank did not raise through dispatch/wait")
+    if handle is not None:  # the ranks with a good input got a handle; its error sticks
+        for again in (handle.wait, handle.send, handle.is_completed):
+            try:
+                again()
+            except RuntimeError as err:
+                if err is not first:
+                    raise AssertionError("a handle must raise the same error again") from err
+            else:
+                raise AssertionError(f"{again.__name__}() after the error did not raise")
+    good = ep.dispatch(torch.ones(2, 24))
+    try:
+        ep.combine(torch.zeros(1, 24), good)
+    except TypeError as err:
+        if "wait()" not in str(err):
+            raise
+    else:
+        raise AssertionError("combine(handle) must be a TypeError")
+    d = good.wait()
+    close("async after the error", ep.combine(ep.run_experts(d), d).wait(), make_moe(0)(torch.ones(2, 24)))
     close("forward after the error", ep(torch.ones(2, 24)), make_moe(0)(torch.ones(2, 24)))
     # The group still works after the errors (nobody is stuck in a collective).
     t = torch.ones(1)
