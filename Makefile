@@ -7,8 +7,16 @@ export CUDA_HOME ?= $(shell [ -x /usr/local/cuda/bin/nvcc ] && echo /usr/local/c
 STAMP := $(VENV)/.mmkernels-installed
 BUILD_INPUTS := Makefile setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' 2>/dev/null)
 PYTEST_ARGS ?=
+# transformers: `make install` pins this tested release, so a fresh clone gets what the tests were run against (the
+# supported range is declared in pyproject.toml's `hf` extra; docs/integrations/hf.md lists the releases that pass).
+TRANSFORMERS_PIN := 5.25.0
+# `make test-compat TRANSFORMERS=5.17.0`: the integration and converter tests against another release, installed in
+# its own small overlay venv (build/compat/transformers-<v>: only what differs from .venv; .venv is not touched).
+TRANSFORMERS ?= $(TRANSFORMERS_PIN)
+COMPAT_DIR = build/compat/transformers-$(TRANSFORMERS)
+COMPAT_TESTS ?= $(shell grep -rl "transformers" tests --include='test_*.py' | sort)
 
-.PHONY: install bench test test-gpu check-triton lint format clean
+.PHONY: install bench test test-gpu test-compat check-triton lint format clean
 
 install: $(STAMP)
 
@@ -16,7 +24,8 @@ $(STAMP): $(BUILD_INPUTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "torch>=2.11" "numpy" "setuptools>=64" wheel ninja
 	@echo "building mmkernels (C++ CPU + CUDA sources; log: $(VENV)/build.log)"
-	@$(PY) -m pip install -v --no-build-isolation -e ".[dev,bench,hf]" > $(VENV)/build.log 2>&1 \
+	@$(PY) -m pip install -v --no-build-isolation -e ".[dev,bench,hf]" "transformers==$(TRANSFORMERS_PIN)" \
+		> $(VENV)/build.log 2>&1 \
 		|| { tail -n 60 $(VENV)/build.log; echo "build failed: full log in $(VENV)/build.log"; exit 1; }
 	@grep -F "[mmkernels build]" $(VENV)/build.log | sed 's/^ *//' || true
 	$(PY) -m mmkernels.info --brief
@@ -27,6 +36,20 @@ bench: install
 
 test: install
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+# The overlay venv uses the same interpreter as .venv and sees .venv's packages and this checkout's mmkernels through a
+# .pth file (subprocesses too); pip installs into it only what this release needs differently (transformers itself,
+# e.g. an older huggingface_hub).
+test-compat: install
+	@if [ ! -f $(COMPAT_DIR)/.ready ]; then \
+		echo "setting up $(COMPAT_DIR)"; rm -rf $(COMPAT_DIR) && \
+		"$$($(PY) -c 'import sys; print(sys._base_executable)')" -m venv $(COMPAT_DIR) && \
+		{ $(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; echo "$(CURDIR)"; } \
+			> "$$($(COMPAT_DIR)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz-mmkernels-venv.pth" && \
+		$(COMPAT_DIR)/bin/python -m pip install -q "transformers==$(TRANSFORMERS)" && touch $(COMPAT_DIR)/.ready; \
+	fi
+	@$(COMPAT_DIR)/bin/python -c 'import transformers, mmkernels; print("transformers", transformers.__version__)'
+	$(COMPAT_DIR)/bin/python -m pytest $(COMPAT_TESTS) $(PYTEST_ARGS)
 
 test-gpu: install
 	$(PY) -m pytest tests benchmarks -m gpu $(PYTEST_ARGS)

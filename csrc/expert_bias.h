@@ -12,6 +12,42 @@
 
 namespace mmkernels {
 
+// Float32 arithmetic rounded after every operation, as the CPU compiler (ISO C++: no contraction), the PyTorch
+// reference and the Triton kernel compute it. nvcc contracts `a * b + c` into one FMA by default (one rounding
+// instead of two), which would make the CUDA kernel differ from the others in the last bit; the _rn intrinsics are
+// never contracted.
+MMK_HOST_DEVICE float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+MMK_HOST_DEVICE float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+MMK_HOST_DEVICE float sub_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
+MMK_HOST_DEVICE float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
 enum class BiasMode : int { kPid = 0, kSign = 1 };
 
 struct BiasUpdateParams {
@@ -29,13 +65,15 @@ struct BiasUpdateParams {
 MMK_HOST_DEVICE float pid_step(float bias, int64_t count, int64_t total, float& state0, float& state1,
                                const BiasUpdateParams& p) {
   if (total <= 0) return bias;
-  const float e = p.target_share - static_cast<float>(count) / static_cast<float>(total);
+  const float e = sub_rn(p.target_share, div_rn(static_cast<float>(count), static_cast<float>(total)));
   const float e1 = state0;
   const float e2 = state1;
-  const float delta = p.ki * e + p.kp * (e - e1) + p.kd * (e - 2.0f * e1 + e2);
+  // ki * e + kp * (e - e1) + kd * (e - 2 e1 + e2), left to right, each product and sum rounded on its own
+  const float d2 = add_rn(sub_rn(e, mul_rn(2.0f, e1)), e2);
+  const float delta = add_rn(add_rn(mul_rn(p.ki, e), mul_rn(p.kp, sub_rn(e, e1))), mul_rn(p.kd, d2));
   state1 = e1;
   state0 = e;
-  float b = bias + delta;
+  float b = add_rn(bias, delta);
   if (p.clamp) b = b < -p.max_abs ? -p.max_abs : (b > p.max_abs ? p.max_abs : b);
   return b;
 }
@@ -48,8 +86,8 @@ MMK_HOST_DEVICE float sign_step(float bias, int64_t count, int64_t sum_ffn, int6
   if (total <= 0) return bias;
   const int64_t diff = sum_ffn - p.num_ffn * count;
   float b = bias;
-  if (diff > 0) b = bias + p.ki;
-  else if (diff < 0) b = bias - p.ki;
+  if (diff > 0) b = add_rn(bias, p.ki);
+  else if (diff < 0) b = sub_rn(bias, p.ki);
   if (p.clamp) b = b < -p.max_abs ? -p.max_abs : (b > p.max_abs ? p.max_abs : b);
   return b;
 }

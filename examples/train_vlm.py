@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
 import random
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -304,35 +306,113 @@ def plot(records: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit status 2, like mmkernels-bench
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _number(low: float, *, strict: bool = False, kind=float):
+    """argparse ``type=``: a finite number ``>= low`` (``> low`` when ``strict``)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not (math.isfinite(value) and (value > low if strict else value >= low)):
+            what = "an integer" if kind is int else "a finite number"
+            raise argparse.ArgumentTypeError(f"must be {what} {'>' if strict else '>='} {low:g}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _writable_file(flag: str, path: str) -> str | None:
+    """Why ``path`` cannot be written as a file (None: it can; its folder must exist)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"{flag} {path}: is a folder"
+    try:  # a real write (os.access says yes to root anywhere, /proc included), removed at once
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        return f"{flag} {path}: cannot write in {folder} ({exc.strerror or exc})"
+    return None
+
+
+def _check(a, p: argparse.ArgumentParser) -> None:
+    """Everything that can be wrong with the flags, checked before any model is built (one line, exit 2): a run
+    must not train to the end and then fail to plot."""
+    from mmkernels._env import check
+
+    problems = check()
+    if problems:
+        p.error(f"environment: {problems[0]}")
+    try:
+        dev = torch.device(a.device)
+    except (RuntimeError, ValueError):
+        p.error(f"--device {a.device!r} is not a device (expected cpu, cuda or cuda:N)")
+    if dev.type not in ("cpu", "cuda"):
+        p.error(f"--device {a.device}: this example runs on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {a.device}: no CUDA device here")
+    if a.backend is not None:  # every op of the model must have it (the model checks at construction: on meta, free)
+        from mmkernels import BackendError
+        from mmkernels._backends import backend_unavailable_reason
+
+        try:
+            VisionLanguageModel(VLMConfig.preset(a.preset), backend=a.backend, device="meta")
+        except BackendError as exc:
+            p.error(f"--backend {a.backend}: {exc}")
+        reason = backend_unavailable_reason(a.backend, dev)
+        if reason is not None:
+            p.error(f"--backend {a.backend} cannot run on {dev}: {reason}")
+    if a.plot is not None:
+        if importlib.util.find_spec("matplotlib") is None:
+            p.error("--plot needs matplotlib (pip install matplotlib)")
+        problem = _writable_file("--plot", a.plot)
+        if problem:
+            p.error(problem)
+    for flag, path in (("--jsonl", a.jsonl), ("--ckpt", a.ckpt)):
+        problem = path and _writable_file(flag, path)
+        if problem:
+            p.error(problem)
+    if a.resume is not None and not os.path.isfile(a.resume):
+        p.error(f"--resume {a.resume}: no such file")
+    if a.save_every and a.ckpt is None:
+        p.error("--save-every needs --ckpt FILE")
+
+
 def main(argv=None) -> None:
     defaults = TrainConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = _Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default=defaults.preset, choices=["tiny", "small"])
-    p.add_argument("--steps", type=int, default=defaults.steps)
-    p.add_argument("--batch", type=int, default=defaults.batch)
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--router-lr", type=float, default=None)
+    p.add_argument("--steps", type=_number(1, kind=int), default=defaults.steps)
+    p.add_argument("--batch", type=_number(1, kind=int), default=defaults.batch)
+    p.add_argument("--lr", type=_number(0, strict=True), default=defaults.lr)
+    p.add_argument("--router-lr", type=_number(0, strict=True), default=None)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--backend", default=None, help="one backend for every op (default: auto)")
-    p.add_argument("--ki", type=float, default=None, help="bias PID ki (default: ScMoEConfig.bias_ki)")
-    p.add_argument("--kp", type=float, default=defaults.kp)
-    p.add_argument("--ki-decay", type=float, default=defaults.ki_decay)
-    p.add_argument("--ki-floor", type=float, default=defaults.ki_floor)
-    p.add_argument("--max-abs", type=float, default=None)
-    p.add_argument("--balance-loss", type=float, default=None,
+    p.add_argument("--backend", default=None, choices=("cuda", "cpp", "triton", "reference"),
+                   help="one backend for every op (default: auto)")
+    p.add_argument("--ki", type=_number(0), default=None, help="bias PID ki (default: ScMoEConfig.bias_ki)")
+    p.add_argument("--kp", type=_number(0), default=defaults.kp)
+    p.add_argument("--ki-decay", type=_number(0), default=defaults.ki_decay)
+    p.add_argument("--ki-floor", type=_number(0), default=defaults.ki_floor)
+    p.add_argument("--max-abs", type=_number(0, strict=True), default=None)
+    p.add_argument("--balance-loss", type=_number(0), default=None,
                    help="device-level loss alpha (default: ScMoEConfig.balance_loss_coef)")
-    p.add_argument("--router-init-std", type=float, default=None)
-    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (run under torchrun)")
+    p.add_argument("--router-init-std", type=_number(0, strict=True), default=None)
+    p.add_argument("--ep", type=_number(1, kind=int), default=1, help="expert-parallel ranks (run under torchrun)")
     p.add_argument("--jsonl", default="train_vlm.jsonl", help="JSON-lines log file")
     p.add_argument("--ckpt", default=None)
-    p.add_argument("--save-every", type=int, default=0)
+    p.add_argument("--save-every", type=_number(0, kind=int), default=0)
     p.add_argument("--resume", default=None)
     p.add_argument("--plot", default=None, nargs="?", const="train_vlm.png", help="write the curves to this PNG")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 is fastest for tiny on a "
-                   "busy CPU)")
+    p.add_argument("--threads", type=_number(1, kind=int), default=None,
+                   help="torch intra-op threads (1 is fastest for tiny on a busy CPU)")
     a = p.parse_args(argv)
+    _check(a, p)
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.ep > 1:

@@ -1,6 +1,10 @@
 """Train a small LongCat-style MoE block with zero-computation experts and the PID bias balancer.
 
-    python examples/train_zero_compute_moe.py [--steps 200] [--device cuda]
+    python examples/train_zero_compute_moe.py [--steps 200] [--device cuda] [--threads N]
+
+On a CPU it runs one torch thread unless --threads says otherwise (about a minute for the defaults on a 2-core
+machine; with torch's default thread count it took ten times longer there). Bad flags or MMKERNELS_* variables stop it
+before training, with one line and exit status 2.
 
 A ZeroComputeMoE (N FFN experts + Z identity experts, top-k) learns a random teacher MLP on skewed inputs
 (router frozen, experts trained).
@@ -19,14 +23,55 @@ import torch
 from mmkernels.nn import ZeroComputeMoE, update_expert_biases
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--tokens", type=int, default=2048, help="tokens per step")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit status 2, like mmkernels-bench
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _device(text: str) -> torch.device:
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (expected cpu, cuda or cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text}: this example runs on cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
+
+
+def main(argv=None) -> None:
+    parser = _Parser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=_positive_int, default=200)
+    parser.add_argument("--tokens", type=_positive_int, default=2048, help="tokens per step")
+    parser.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="torch intra-op threads on a CPU (default 1: this block's matrices are small, and more "
+                             "threads cost more in synchronisation than they give, many times slower on a busy CPU)")
+    args = parser.parse_args(argv)
+    from mmkernels._env import check
+
+    problems = check()  # a bad MMKERNELS_* variable: stop before training, not at the first op that reads it
+    if problems:
+        parser.error(f"environment: {problems[0]}")
+    dev = args.device
+    if dev.type == "cpu":
+        torch.set_num_threads(args.threads or 1)
+    elif args.threads is not None:
+        torch.set_num_threads(args.threads)  # the host threads of a GPU run
     torch.manual_seed(0)
-    dev = torch.device(args.device)
     hidden, n, z, k, k_e = 64, 32, 16, 6, 4.0
     moe = ZeroComputeMoE(hidden, n, z, k, 96, routed_scaling_factor=1.0, target_ffn_per_token=k_e,
                          balancer_kwargs=dict(ki=0.3, gain_schedule=lambda t: max(0.1, 0.98**t)), device=dev)
@@ -51,7 +96,7 @@ def main() -> None:
             print(f"step {step:4d}  loss {loss.item():.4f}  FFN experts/token {m['ffn_experts_per_token']:.2f} "
                   f"(target {k_e})  max/mean FFN load {m['max_over_mean_ffn_load']:.2f}  "
                   f"bias [{m['bias_min']:+.4f}, {m['bias_max']:+.4f}]")
-    print(f"{args.steps} steps in {time.time() - start:.1f}s on {dev}")
+    print(f"{args.steps} steps in {time.time() - start:.1f}s on {dev} ({torch.get_num_threads()} thread(s))")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._env import triton_interpreting
+from ._env import BACKEND_CHOICES, EnvVarError, backend_override, triton_interpreting
 from ._extension import extension_status
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
 logger = logging.getLogger("mmkernels")
 
 BACKENDS = ("cuda", "cpp", "triton", "reference")
+assert BACKENDS == BACKEND_CHOICES, "mmkernels._env.BACKEND_CHOICES must list the same backends"
 
 
 def _debug(msg: str, *args) -> None:
@@ -161,12 +162,13 @@ class OpBackends:
     def _resolve(self, device: torch.device, backend: str | None, args: tuple | None) -> tuple[str, Callable]:
         source = "backend="
         if backend is None:
-            env = os.environ.get("MMKERNELS_BACKEND", "").strip()
-            if env and env in self.impls:
+            try:
+                env = backend_override()  # the one parser of MMKERNELS_BACKEND (mmkernels._env)
+            except EnvVarError as exc:
+                raise BackendError(f"{self.op}: {exc}") from None
+            if env is not None and env in self.impls:
                 backend, source = env, "MMKERNELS_BACKEND="
-            elif env and env not in BACKENDS:
-                raise BackendError(f"MMKERNELS_BACKEND={env!r} is not a backend; expected one of {BACKENDS}")
-            elif env:
+            elif env is not None:
                 _debug("%s: has no %r backend; MMKERNELS_BACKEND ignored, using auto", self.op, env)
         if backend is not None:
             if backend not in self.impls:

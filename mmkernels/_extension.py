@@ -2,18 +2,21 @@
 
 The extension holds the C++ CPU and CUDA kernels. It is optional: when it is missing, was built for another
 torch, or fails to load, mmkernels warns once and every op keeps working on its Triton and PyTorch backends.
-Set ``MMKERNELS_NO_EXTENSION=1`` to skip loading it on purpose (tests use this to prove the fallback).
+Set ``MMKERNELS_NO_EXTENSION=1`` to skip loading it on purpose (tests use this to prove the fallback). A value other
+than 1/0 (true/false, yes/no, on/off) or empty leaves the extension unloaded with an ``ExtensionWarning`` naming the
+variable, and the command-line tools refuse to start (``mmkernels._env.check``).
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 import warnings
 from dataclasses import dataclass
 from types import ModuleType
 
 import torch
+
+from ._env import EnvVarError, no_extension
 
 __all__ = ["ExtensionStatus", "ExtensionWarning", "extension_status"]
 
@@ -34,11 +37,12 @@ class ExtensionStatus:
 
 
 def _load() -> ExtensionStatus:
-    def unavailable(reason: str, *, warn: bool, info=None) -> ExtensionStatus:
+    def unavailable(reason: str, *, warn: bool, info=None, rebuild: bool = True) -> ExtensionStatus:
         if warn:
             warnings.warn(
-                f"mmkernels: compiled extension not used ({reason}); ops run on their Triton/PyTorch backends. "
-                "Rebuild with `pip install --no-build-isolation -e .` to get the C++/CUDA kernels.",
+                f"mmkernels: compiled extension not used ({reason}); ops run on their Triton/PyTorch backends."
+                + (" Rebuild with `pip install --no-build-isolation -e .` to get the C++/CUDA kernels." if rebuild
+                   else ""),
                 ExtensionWarning,
                 stacklevel=4,  # the line that imported mmkernels
             )
@@ -51,7 +55,13 @@ def _load() -> ExtensionStatus:
             getattr(info, "CUDA_SKIP_REASON", None),
         )
 
-    if os.environ.get("MMKERNELS_NO_EXTENSION", "").strip() in ("1", "true", "yes"):
+    try:
+        disabled = no_extension()  # the one parser of MMKERNELS_NO_EXTENSION (mmkernels._env)
+    except EnvVarError as exc:
+        # Read while `import mmkernels` runs: raising here would leave no package to report with, so the extension
+        # stays unloaded (what the variable is set for) and the warning says why; the CLIs refuse to start (exit 2).
+        return unavailable(f"{exc}; not loading it until the variable is fixed", warn=True, rebuild=False)
+    if disabled:
         return unavailable("disabled by MMKERNELS_NO_EXTENSION=1", warn=False)
     try:
         info = importlib.import_module("mmkernels._build_info")

@@ -3,7 +3,9 @@
 - ``TOLERANCES``: the one tolerance table, by dtype (relative/absolute).
 - ``assert_close``: compare with the table's tolerance for the *input* dtype.
 - ``assert_within_ref_error``: the flash-attn rule for attention-like ops (error <= factor x the error of the
-  same-dtype PyTorch reference, both measured against a float64/fp32 truth).
+  same-dtype PyTorch reference, both measured against a float64/fp32 truth, plus :func:`ref_error_floor`);
+  ``assert_all_within_ref_error`` applies it to an op's output and every gradient at once. Every attention-like
+  test (attention dense/varlen/packed, Q-Former, the valid-region sweep) goes through these two.
 - ``run_opcheck``: ``torch.library.opcheck`` with the standard tests.
 """
 
@@ -11,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["TOLERANCES", "assert_close", "assert_within_ref_error", "rel_error", "run_opcheck", "tolerance"]
+__all__ = ["TOLERANCES", "assert_all_within_ref_error", "assert_close", "assert_within_ref_error", "ref_error_floor",
+           "rel_error", "run_opcheck", "tolerance"]
 
 # (rtol, atol) per input dtype. fp32 math can be reassociated (FMA, block reductions): a few ulps of headroom.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -42,17 +45,61 @@ def rel_error(actual: torch.Tensor, truth: torch.Tensor) -> float:
     return float((a - t).norm() / t.norm().clamp_min(1e-300))
 
 
+def ref_error_floor(truth: torch.Tensor, *, logits: float = 1.0, ulps: float = 4.0,
+                    dtype: torch.dtype | None = None) -> float:
+    """The absolute floor of the 2x rule: ``ulps`` fp32 ulps of ``max(1, max|truth|) * max(1, logits)``, plus (with
+    ``dtype``, the result's dtype) twice the error of rounding the truth to ``dtype`` (flash-attn 3's floor: no
+    kernel can beat storing the exact answer in its output dtype).
+
+    The kernels accumulate in fp32 and recompute the probabilities from the saved log-sum-exp (FlashAttention-2):
+    ``p = exp(s - lse)`` carries the absolute rounding of ``s`` and ``lse``, a few fp32 ulps of the largest
+    ``|logit|`` (``logits``: ``max |softmax_scale * q . k|`` of the problem), which the reference's softmax does not
+    (a one-hot row is exactly 1 there). Where the same-dtype reference is exact by construction (one key: dq = dk
+    = 0, dv = dO) the rule alone would demand bit-exactness. With ordinary logits the floor is a few fp32 ulps, far
+    below any fp16 reference's error; at ``|logit| ~ 1e4`` it is the fp32 resolution of such scores."""
+    if not truth.numel():
+        return 0.0
+    t = truth.detach()
+    floor = ulps * torch.finfo(torch.float32).eps * max(1.0, t.abs().max().item()) * max(1.0, float(logits))
+    if dtype is not None and dtype != t.dtype:
+        finite = torch.isfinite(t)
+        rounded = torch.where(finite, t, 0.0)
+        floor += 2 * (rounded.to(dtype).to(t.dtype) - rounded).abs().max().item()
+    return floor
+
+
 def assert_within_ref_error(actual: torch.Tensor, ref_same_dtype: torch.Tensor, truth: torch.Tensor, *,
-                            factor: float = 2.0, floor: float | None = None, name: str = "output") -> None:
-    """flash-attn's rule: max|actual - truth| <= factor * max|ref - truth| + floor."""
-    ours = (actual.double() - truth.double()).abs().max().item() if actual.numel() else 0.0
-    theirs = (ref_same_dtype.double() - truth.double()).abs().max().item() if actual.numel() else 0.0
+                            factor: float = 2.0, floor: float | None = None, logits: float = 1.0,
+                            name: str = "output") -> None:
+    """flash-attn's rule: ``max|actual - truth| <= factor * max|ref - truth| + floor``.
+
+    ``truth`` is the op computed in float64 (or fp32 for bf16/fp16 inputs), ``ref_same_dtype`` PyTorch's reference
+    in the inputs' dtype. ``floor`` defaults to :func:`ref_error_floor` of the truth (and ``logits``). A NaN or inf
+    in ``actual`` where the truth is finite fails (a non-finite reference error would otherwise allow anything)."""
+    assert tuple(actual.shape) == tuple(truth.shape), f"{name}: shape {tuple(actual.shape)} != {tuple(truth.shape)}"
+    if not actual.numel():
+        return
+    a, t = actual.detach().double(), truth.detach().double()
+    bad = ~torch.isfinite(a) & torch.isfinite(t)
+    assert not bad.any(), f"{name}: {int(bad.sum())} non-finite values where the float64 truth is finite"
+    ours = (a - t).abs().nan_to_num(nan=0.0).max().item()  # NaN only where the truth itself is NaN
+    theirs = (ref_same_dtype.detach().double() - t).abs().nan_to_num(nan=float("inf")).max().item()
     if floor is None:
-        floor = TOLERANCES.get(actual.dtype, (0.0, 1e-6))[1] * 1e-2
-    assert ours == ours, f"{name}: NaN in result"
+        floor = ref_error_floor(truth, logits=logits, dtype=actual.dtype)
     assert ours <= factor * theirs + floor, (
         f"{name}: max error {ours:.3e} > {factor} x reference error {theirs:.3e} + {floor:.1e}"
     )
+
+
+def assert_all_within_ref_error(actual, ref_same_dtype, truth, *, names=("out", "dq", "dk", "dv"),
+                                factor: float = 2.0, floor: float | None = None, logits: float = 1.0,
+                                prefix: str = "") -> None:
+    """:func:`assert_within_ref_error` on each of several results (an op's output and its gradients, in the order
+    of ``names``), each with its own default floor."""
+    actual, ref_same_dtype, truth = list(actual), list(ref_same_dtype), list(truth)
+    assert len(actual) == len(ref_same_dtype) == len(truth) == len(names), "one result per name"
+    for name, a, r, t in zip(names, actual, ref_same_dtype, truth, strict=True):
+        assert_within_ref_error(a, r, t, factor=factor, floor=floor, logits=logits, name=f"{prefix}{name}")
 
 
 def run_opcheck(op, args: tuple, kwargs: dict | None = None) -> None:

@@ -217,3 +217,107 @@ def test_compiles_fullgraph(name, dynamic):
     case = CASES[name]
     compiled = torch.compile(lambda *args: case.call(m, args), fullgraph=True, dynamic=dynamic, backend="eager")
     torch.testing.assert_close(compiled(*case.inputs(torch.float32)), expected, rtol=1e-6, atol=1e-6)
+
+
+# ---- serialisation: every module survives pickle, torch.save/load, deepcopy and safetensors (finding 4) -------------
+
+def _with_history(name: str, seed: int = 0) -> nn.Module:
+    """A module with state beyond its init: a controller or MoE block that has stepped (biases, PID state and the
+    step counter all non-trivial), so a round trip that drops any of it shows."""
+    m = _build(name, seed)
+    for sub in m.modules():
+        if isinstance(sub, mmkernels.nn.ExpertBiasController):
+            sub.kp = 0.01 if sub.kp == 0.0 else sub.kp
+            sub.update(torch.tensor([5, 1, 0, 2, 7, 3, 1, 1, 4, 0, 2, 2][:sub.num_experts] +
+                                    [3] * max(0, sub.num_experts - 12), dtype=torch.int32))
+            sub.update(torch.arange(sub.num_experts, dtype=torch.int32) % 5)
+    return m
+
+
+def _assert_state_equal(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for k, w in want.items():
+        g = got[k]
+        assert isinstance(g, torch.Tensor), f"{k}: {type(g).__name__} in the state dict"
+        assert g.dtype == w.dtype and g.shape == w.shape, k
+        assert torch.equal(g.view(-1).view(torch.uint8) if g.numel() else g, w.view(-1).view(torch.uint8)
+                           if w.numel() else w), k
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_state_dict_holds_only_tensors(name):
+    sd = _with_history(name).state_dict()
+    bad = {k: type(t).__name__ for k, t in sd.items() if not isinstance(t, torch.Tensor)}
+    assert not bad, f"{name}: non-tensor state dict entries {bad} (safetensors and tensor-only tooling refuse them)"
+    {k: t.clone() for k, t in sd.items()}  # what users do with a state dict
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_safetensors_round_trip(name, tmp_path):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    src = _with_history(name)
+    expected = _run(name, copy.deepcopy(src))
+    path = tmp_path / "model.safetensors"
+    safetensors_torch.save_file({k: t.contiguous() for k, t in src.state_dict().items()}, str(path))
+    loaded = safetensors_torch.load_file(str(path))
+    _assert_state_equal(loaded, src.state_dict())
+    dst = _build(name, seed=7)
+    dst.load_state_dict(loaded, strict=True)
+    _assert_state_equal(dst.state_dict(), src.state_dict())
+    torch.testing.assert_close(_run(name, dst), expected, rtol=0, atol=0)
+    # and the model-level helper (shared tensors handled, as save_pretrained does)
+    safetensors_torch.save_model(src, str(tmp_path / "model2.safetensors"))
+    dst2 = _build(name, seed=9)
+    missing, unexpected = safetensors_torch.load_model(dst2, str(tmp_path / "model2.safetensors"), strict=True)
+    assert not missing and not unexpected
+    torch.testing.assert_close(_run(name, dst2), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle", "deepcopy"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_whole_module_round_trip(name, how, tmp_path):
+    import pickle
+
+    src = _with_history(name)
+    expected = _run(name, copy.deepcopy(src))
+    if how == "torch.save":
+        torch.save(src, tmp_path / "m.pt")
+        dst = torch.load(tmp_path / "m.pt", weights_only=False)
+    elif how == "pickle":
+        dst = pickle.loads(pickle.dumps(src))
+    else:
+        dst = copy.deepcopy(src)
+    assert type(dst) is type(src)
+    _assert_state_equal(dst.state_dict(), src.state_dict())
+    torch.testing.assert_close(_run(name, dst), expected, rtol=0, atol=0)
+    _run(name, src)  # the same step on the original: both end in the same state (counters and buffers included)
+    _assert_state_equal(dst.state_dict(), src.state_dict())
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_state_dict_loads_with_weights_only(name, tmp_path):
+    """``torch.load(weights_only=True)`` (the default) reads a saved state dict: nothing in it needs pickle."""
+    src = _with_history(name)
+    torch.save(src.state_dict(), tmp_path / "sd.pt")
+    loaded = torch.load(tmp_path / "sd.pt", weights_only=True)
+    dst = _build(name, seed=5)
+    dst.load_state_dict(loaded, strict=True)
+    _assert_state_equal(dst.state_dict(), src.state_dict())
+
+
+# ---- shape-only forwards on the meta device (finding 11: no data-dependent op without a meta path) -------------------
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_forward_on_meta_device(name):
+    """Built and run on the meta device (how frameworks size activations before materialising): same shapes and
+    dtypes as on CPU, and the backward runs."""
+    want = _run(name, _build(name))
+    with torch.device("meta"):
+        m = _build(name)
+        case = CASES[name]
+        args = tuple(a.to("meta") if isinstance(a, torch.Tensor) else tuple(t.to("meta") for t in a)
+                     for a in case.inputs(torch.float32))
+        got = case.call(m, args)
+    assert got.is_meta and got.shape == want.shape and got.dtype == want.dtype
+    if got.requires_grad:
+        got.sum().backward()

@@ -367,3 +367,29 @@ def test_float64_runs_on_the_reference_and_kernels_say_why_not(op):
         if backend != "reference" and backend in registered_ops()[op].available(CPU):
             with pytest.raises(mmkernels.BackendError, match="float64"):
                 fn(*args64, **kwargs64, backend=backend)
+
+
+# ---- every op runs on the meta device (shape-only forwards) ---------------------------------------------------------
+
+@pytest.mark.parametrize("op", sorted(registered_ops()))
+def test_every_op_runs_on_the_meta_device(op):
+    """Auto backend on meta tensors: the CPU reference's output shapes and dtypes (and a backward), no data-dependent
+    op without a meta path (finding 11: ``bincount`` in the router reference; the experts' and split ops' loops)."""
+    fn, args, kwargs = _op_inputs(op)
+    want = fn(*args, **kwargs, backend="reference")
+    to_meta = lambda x: x.detach().to("meta").requires_grad_(x.requires_grad or x.is_floating_point())  # noqa: E731
+    meta_args, meta_kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, to_meta, (args, kwargs))
+    if op == "expert_bias_update_":  # the helper builds its own tensors: run the op itself on meta ones
+        bias, state = torch.zeros(12, device="meta"), torch.zeros(2, 8, device="meta")
+        ops.expert_bias_update_(bias, torch.zeros(12, dtype=torch.int32, device="meta"), state, num_ffn_experts=8,
+                                top_k=3, target_ffn_per_token=2.0, kp=0.1, ki=0.3)
+        return
+    with torch.no_grad():
+        got = fn(*meta_args, **meta_kwargs)
+    want_leaves, got_leaves = torch.utils._pytree.tree_leaves(want), torch.utils._pytree.tree_leaves(got)
+    assert [(tuple(w.shape), w.dtype) for w in want_leaves] == [(tuple(g.shape), g.dtype) for g in got_leaves]
+    assert all(g.is_meta for g in got_leaves)
+    out = fn(*meta_args, **meta_kwargs)
+    first = torch.utils._pytree.tree_leaves(out)[0]
+    if first.requires_grad:
+        first.float().sum().backward()

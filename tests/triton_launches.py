@@ -23,7 +23,8 @@ _DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
 
 def _spec(fn, args, kwargs) -> tuple[str, dict]:
     params = inspect.signature(fn).parameters
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "num_ctas") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "num_ctas", "enable_fp_fusion")
+               if k in kwargs}
     bound = dict(zip(params, args)) | kwargs
     signature, constexprs = {}, {}
     for name, p in params.items():

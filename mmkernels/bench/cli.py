@@ -14,8 +14,11 @@ Each row names the device; "speedup" is the baseline's median time over the row'
 "bound ms" is the least time those ceilings allow (max of FLOPs / matmul rate and bytes / copy rate) and "x bound"
 the median over it; "graph ms" (--cuda-graph; default for microsecond ops on CUDA) is the per-call time replayed
 from a CUDA graph. An L2 flush precedes each timed call of memory-bound rows on CUDA (--l2-flush / --no-l2-flush).
+--shapes default is sized for the device: on a CPU each op's CPU-sized shapes (a line says which); --shapes full
+runs the GPU-sized default shapes anywhere. Progress: a rich bar on a terminal, one line per provider otherwise.
 Exit status: 0 done, 1 a case failed, 2 a usage error (one line; checked before anything is timed: an unknown op,
-device or preset, a --backends entry that cannot run here, an --out that cannot be written).
+device or preset, a --backends entry that cannot run here, an --out that cannot be written, a time that is not a
+finite number >= 0, a bad MMKERNELS_* environment variable).
 See docs/benchmarks.md.
 """
 
@@ -24,14 +27,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-import tempfile
+import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
 from .. import BACKENDS
 from .._backends import backend_unavailable_reason
+from . import _args
 from .results import Row, run_metadata, write_results
 from .runner import run_cases
 from .suite import BenchConfig, has_module, registered_suites
@@ -55,8 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="op names (see `list`), `all`, or `list`; default with --quick: all")
     p.add_argument("--quick", action="store_true", help="small shapes and short timing: a whole run in seconds")
     p.add_argument("--shapes", default=None,
-                   help="shape preset: quick, default, or gpu (the GPU suite's budgeted subset; ops without one "
-                        "use default); some ops have more, see `list`")
+                   help="shape preset: quick; default (sized for the device: on a CPU each op's CPU-sized shapes); "
+                        "full (the GPU-sized default shapes on any device); gpu (the GPU suite's budgeted subset; "
+                        "ops without one use default); some ops have more, see `list`")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="input dtype (default: each op's own)")
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=None,
                    help="time exactly these mmkernels backends (baselines always run); one that cannot run here "
@@ -64,8 +68,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("--out", default=None, help="write results.json and results.csv (and plots) to this folder")
     p.add_argument("--plot", action="store_true", help="also save speed-up plots (needs matplotlib; with --out)")
-    p.add_argument("--warmup-ms", type=float, default=None, help="warm-up time per provider (default 25, quick 5)")
-    p.add_argument("--rep-ms", type=float, default=None, help="timed time per provider (default 100, quick 20)")
+    p.add_argument("--warmup-ms", type=_args.milliseconds, default=None,
+                   help="warm-up time per provider (default 25, quick 5)")
+    p.add_argument("--rep-ms", type=_args.milliseconds, default=None,
+                   help="timed time per provider (default 100, quick 20)")
     p.add_argument("--l2-flush", action=argparse.BooleanOptionalAction, default=None,
                    help="write a buffer twice the GPU's L2 size before every timed call, outside the timed region "
                         "(default: memory-bound rows only; a no-op on CPUs)")
@@ -158,19 +164,25 @@ def _print_table(rows: Sequence[Row], title: str, ceilings: dict) -> None:
 
 
 class _Progress:
-    """A rich progress bar when rich is installed, one line per case otherwise."""
+    """Progress of a run: a rich progress bar (case count, elapsed time, the case and provider running now) when
+    stderr is a terminal and rich is installed; otherwise one line on stderr as each provider starts, so a log shows
+    where a long run is (rich draws nothing into a file until it ends)."""
 
     def __init__(self, total: int) -> None:
         self.total = total
         self._rich = None
-        try:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        self._start = time.monotonic()
+        if sys.stderr.isatty():
+            try:
+                from rich.console import Console
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self._rich = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TimeElapsedColumn(), transient=True)
-        except ImportError:
-            pass
+                self._rich = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                      TimeElapsedColumn(), transient=True, console=Console(stderr=True))
+            except ImportError:
+                pass
         self._done = 0
+        self._case = ""
 
     def __enter__(self):
         if self._rich is not None:
@@ -182,12 +194,23 @@ class _Progress:
         if self._rich is not None:
             self._rich.__exit__(*exc)
 
-    def advance(self, label: str) -> None:
+    def case(self, label: str) -> None:
+        """A case starts (``label``: op, shape, mode)."""
+        self._case = label
+
+    def provider(self, name: str) -> None:
+        """One provider of the current case starts: its warm-up and timed calls follow."""
+        label = f"{self._case}: {name}"
+        if self._rich is not None:
+            self._rich.update(self._task, description=label)
+        else:
+            print(f"[{self._done + 1}/{self.total} {time.monotonic() - self._start:.0f}s] {label}", file=sys.stderr,
+                  flush=True)
+
+    def advance(self) -> None:
         self._done += 1
         if self._rich is not None:
-            self._rich.update(self._task, advance=1, description=label)
-        else:
-            print(f"[{self._done}/{self.total}] {label}", file=sys.stderr, flush=True)
+            self._rich.update(self._task, advance=1)
 
 
 def _usage_error(message: str):
@@ -195,32 +218,18 @@ def _usage_error(message: str):
 
 
 def _device(text: str | None) -> torch.device:
-    if text is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(text)
-    except (RuntimeError, ValueError):
-        _usage_error(f"--device {text!r} is not a device (expected cpu, cuda or cuda:N)")
-    if device.type not in ("cpu", "cuda"):
-        _usage_error(f"--device {text}: mmkernels-bench times cpu and cuda devices only")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        _usage_error(f"--device {text}: no CUDA device here (torch.cuda.is_available() is False)")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        _usage_error(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
+        return _args.device(text)
+    except _args.UsageError as exc:
+        _usage_error(str(exc))
 
 
 def _check_out(out: str) -> None:
     """--out must be a folder we can write in (created if missing), checked before anything is timed."""
-    path = Path(out)
-    if path.exists() and not path.is_dir():
-        _usage_error(f"--out {out}: exists and is not a folder")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as exc:
-        _usage_error(f"--out {out}: cannot write there ({exc.strerror or exc})")
+        _args.out_dir(out)
+    except _args.UsageError as exc:
+        _usage_error(str(exc))
 
 
 def _check_backends(requested: Sequence[str], device: torch.device, plan, named: bool) -> str | None:
@@ -242,6 +251,40 @@ def _check_backends(requested: Sequence[str], device: torch.device, plan, named:
     if lacking:
         return (f"note: {', '.join(lacking)} implement none of --backends {' '.join(requested)}: their rows are "
                 "baselines only")
+    return None
+
+
+FULL = "full"  # --shapes full: each op's default (GPU-sized) shapes on any device
+CPU_DEFAULT = "cpu"  # the preset a suite may declare for --shapes default on a CPU (else its quick shapes)
+# presets sized for a GPU: on a CPU they run, but the run says so first
+GPU_SIZED = ("default", FULL, "gpu", "sweep", "vision", "varlen")
+
+
+def _suite_preset(suite, preset: str, device: torch.device) -> str:
+    """The suite's own preset for the ``--shapes`` value on ``device``.
+
+    ``default`` fits the device: on a CUDA device the suite's default shapes (the ones the docs quote), on a CPU its
+    ``cpu`` preset where it has one, else its ``quick`` shapes (timed with the default warm-up and repetitions):
+    the GPU-sized defaults take minutes to hours per op on a CPU and many GB of memory. ``full`` is the default
+    shapes on any device; ``gpu`` (the GPU suite's budgeted subset) falls back to ``default`` for ops without one."""
+    if preset == "default" and device.type == "cpu":
+        return CPU_DEFAULT if CPU_DEFAULT in suite.presets else "quick"
+    if preset == FULL or (preset == "gpu" and "gpu" not in suite.presets):
+        return "default"
+    return preset
+
+
+def _preset_note(preset: str, device: torch.device, plan) -> str | None:
+    """One line saying what a preset means on this device, where that is not what its name says."""
+    if device.type != "cpu":
+        return None
+    if preset == "default":
+        picked = ", ".join(f"{s.name}: {c.preset}" for s, c in plan)
+        return (f"on a CPU, --shapes default runs CPU-sized shapes ({picked}) with the default timing; "
+                f"--shapes {FULL} times the GPU-sized default shapes here anyway (minutes to hours per op)")
+    if preset in GPU_SIZED:
+        return (f"note: --shapes {preset} is sized for a GPU: on this CPU expect minutes per case and several GB of "
+                "memory (--shapes default picks CPU-sized shapes)")
     return None
 
 
@@ -321,6 +364,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:  # every subcommand: a bad MMKERNELS_* variable stops it before any work (one line, exit 2)
+        _args.check_env()
+    except _args.UsageError as exc:
+        prog = "mmkernels-bench" + (f" {argv[0]}" if argv[:1] and argv[0] in ("tune", "ep", "hf") else "")
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
     if argv[:1] == ["tune"]:  # per-device kernel configurations: a CLI of its own (bench/tune.py)
         from .tune import main as tune_main
 
@@ -341,6 +390,7 @@ def _main(argv: Sequence[str] | None) -> int:
         parser.print_help()
         return 2
     if targets == ["list"]:
+        _device(args.device)  # flags that make no difference to `list` are still checked, never ignored when wrong
         for name, s in sorted(all_suites.items()):
             print(f"{name:28s} {s.description}  [presets: {', '.join(s.presets)}]")
         return 0
@@ -351,9 +401,10 @@ def _main(argv: Sequence[str] | None) -> int:
 
     device = _device(args.device)
     preset = args.shapes or ("quick" if args.quick else "default")
-    for flag, value in (("--warmup-ms", args.warmup_ms), ("--rep-ms", args.rep_ms)):
-        if value is not None and not value >= 0:
-            _usage_error(f"{flag} must be a number of milliseconds >= 0, got {value}")
+    known = {p for s in all_suites.values() for p in s.presets} | {FULL}
+    if preset not in known:
+        _usage_error(f"--shapes {preset!r}: no such preset (known: {', '.join(sorted(known))}; `list` shows each "
+                     "op's)")
     warmup_ms = args.warmup_ms if args.warmup_ms is not None else (5.0 if args.quick else 25.0)
     rep_ms = args.rep_ms if args.rep_ms is not None else (20.0 if args.quick else 100.0)
     config = BenchConfig(device=device, dtype=DTYPES.get(args.dtype), preset=preset, backends=args.backends,
@@ -361,10 +412,11 @@ def _main(argv: Sequence[str] | None) -> int:
 
     plan = []
     for s in chosen:
-        suite_preset = preset if preset in s.presets or preset != "gpu" else "default"  # "gpu": budgeted subset
+        suite_preset = _suite_preset(s, preset, device)
         if suite_preset not in s.presets:
             _usage_error(f"--shapes {preset}: {s.name} has no such preset (it has {', '.join(s.presets)})")
         plan.append((s, dataclasses.replace(config, preset=suite_preset)))
+    preset_note = _preset_note(preset, device, plan)
     note = _check_backends(args.backends, device, plan, "all" not in targets) if args.backends else None
     if args.plot and not args.out:
         _usage_error("--plot needs --out DIR")
@@ -379,6 +431,8 @@ def _main(argv: Sequence[str] | None) -> int:
     from .device import device_name, measure_ceilings
 
     print(f"mmkernels-bench on {device_name(device)} ({device}), preset {preset!r}", flush=True)
+    if preset_note:
+        print(preset_note, flush=True)
     if device.type == "cpu":
         print(_cpu_note(plan_cases, device), flush=True)
     if note:
@@ -394,13 +448,15 @@ def _main(argv: Sequence[str] | None) -> int:
     with _Progress(total) as progress:
         for (s, cases), (_, suite_config) in zip(plan_cases, plan):
             for case in cases:
+                progress.case(f"{s.name} {case.name} [{case.mode}]")
                 try:
-                    rows += run_cases(s, [case], suite_config, warmup_ms=warmup_ms, rep_ms=rep_ms)
+                    rows += run_cases(s, [case], suite_config, warmup_ms=warmup_ms, rep_ms=rep_ms,
+                                      on_provider=progress.provider)
                 except Exception as exc:  # keep timing the other cases; report and fail at the end
                     failures.append(f"{s.name} {case.name} [{case.mode}]: {type(exc).__name__}: {exc}")
                 if args.out:  # after every case, so a run cut short by a time limit keeps what it measured
                     write_results(args.out, rows, metadata)
-                progress.advance(f"{s.name} {case.name}")
+                progress.advance()
     _print_table(rows, f"mmkernels-bench — {device_name(device)}", ceilings)
     if args.out:
         paths = write_results(args.out, rows, metadata)

@@ -12,7 +12,9 @@ real shape with random weights):
   blip2-qformer   Blip2QFormerModel           realistic: BLIP-2's Q-Former, 32 queries over 257 image tokens, B=64
   mixtral-moe     MixtralSparseMoeBlock       realistic: Mixtral-8x7B's block (8 experts, top-2), 4096 tokens
 
-Nothing is downloaded. Exit status 0 done, 2 a usage error.
+Nothing is downloaded. Exit status 0 done, 2 a usage error (one line on stderr, checked before the model is built: an
+unknown model, device, backend, a backend this model's ops lack or that cannot run on the device, an --out that
+cannot be written, a time that is not a finite number >= 0, a bad MMKERNELS_* variable).
 """
 
 from __future__ import annotations
@@ -20,12 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
+from .._backends import BACKENDS
+from . import _args
 from .device import device_name
+from .suite import has_module
 from .timing import time_fn
 
 __all__ = ["MODELS", "main"]
@@ -122,19 +128,44 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="mmkernels-bench hf", description=__doc__.split("\n\n", 1)[0],
                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help=f"one of {', '.join(MODELS)}")
+    p.add_argument("--model", required=True, choices=list(MODELS), metavar="MODEL", help=f"one of {', '.join(MODELS)}")
     p.add_argument("--size", choices=("tiny", "realistic"), default=None,
                    help="tiny (default on CPU) or realistic (default on GPU)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None,
                    help="model and input dtype (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--backend", default=None, help="mmkernels backend for the patched model (default: auto)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--backend", default=None, choices=BACKENDS,
+                   help="mmkernels backend for every op of the patched model (default: auto); one that this model's "
+                        "ops lack or that cannot run on the device is a usage error")
+    p.add_argument("--threads", type=_args.positive_int, default=None,
                    help="CPU threads for torch (default: torch's); 1 gives steady numbers on a shared machine")
     p.add_argument("--out", default=None, help="also write hf_<model>.json to this folder")
-    p.add_argument("--warmup-ms", type=float, default=25.0)
-    p.add_argument("--rep-ms", type=float, default=100.0)
+    p.add_argument("--warmup-ms", type=_args.milliseconds, default=25.0, help="warm-up per provider (default 25)")
+    p.add_argument("--rep-ms", type=_args.milliseconds, default=100.0, help="timed time per provider (default 100)")
     return p
+
+
+# The mmkernels ops ``patch`` runs in each model (checked against --backend before the model is built).
+MODEL_OPS = {"vit": ("attention", "patch_embed"), "clip": ("attention", "patch_embed"),
+             "siglip": ("attention", "patch_embed"), "blip2-vision": ("attention", "patch_embed"),
+             "blip2-qformer": ("attention", "qformer_cross_attention"), "mixtral-moe": ("moe_route", "moe_experts")}
+
+
+def _check_backend(backend: str, model: str, device: torch.device) -> str | None:
+    """Why ``--backend`` cannot time ``model`` on ``device`` (None: it can)."""
+    import mmkernels.ops  # noqa: F401  (registers the ops)
+
+    from .._backends import backend_unavailable_reason, registered_ops
+
+    lacking = [op for op in MODEL_OPS[model] if backend not in registered_ops()[op].impls]
+    if lacking:
+        return (f"--backend {backend}: {model} runs {', '.join(lacking)}, which ha{'s' if len(lacking) == 1 else 've'}"
+                f" no {backend!r} backend (they have "
+                f"{'; '.join(f'{op}: ' + ', '.join(sorted(registered_ops()[op].impls)) for op in lacking)})")
+    reason = backend_unavailable_reason(backend, device)
+    if reason is not None:
+        return f"--backend {backend} cannot run on {device}: {reason}"
+    return None
 
 
 def _time(model, inputs, output, device, dtype, warmup_ms, rep_ms, backward: bool):
@@ -158,23 +189,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    if args.model not in MODELS:
-        _parser().error(f"unknown --model {args.model!r}; expected one of {', '.join(MODELS)}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        _parser().error("--device cuda: no CUDA device here")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:  # every check before the model is built (a realistic one takes a while): one line, exit 2
+        _args.check_env()
+        device = _args.device(args.device)
+        if args.out is not None:
+            _args.out_dir(args.out)
+    except _args.UsageError as exc:
+        parser.error(str(exc))
+    if args.backend is not None:
+        problem = _check_backend(args.backend, args.model, device)
+        if problem:
+            parser.error(problem)
+    if not has_module("transformers"):
+        parser.error("the hf benchmark needs transformers (pip install transformers)")
     if args.threads is not None:
-        if args.threads < 1:
-            _parser().error(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     size = args.size or ("realistic" if device.type == "cuda" else "tiny")
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     dtype = dtypes[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        _parser().error("the hf benchmark needs transformers (pip install transformers)")
     from ..integrations.hf import patch, unpatch
 
     torch.manual_seed(0)
@@ -184,11 +218,17 @@ def _main(argv: list[str]) -> int:
     threads = f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
     print(f"mmkernels-bench hf --model {args.model} ({type(model).__name__}, {size}, "
           f"{str(dtype).replace('torch.', '')}) on {name} ({device}{threads})", flush=True)
+    if size == "realistic" and device.type == "cpu":
+        print("note: --size realistic is sized for a GPU: on this CPU expect minutes per timed provider and several "
+              "GB of memory (--size tiny is the CPU size)", flush=True)
     rows = []
     report = None
+    start, step = time.monotonic(), 0
     for mode, backward in (("fwd", False), ("fwd+bwd", True)):
         timings = {}
         for provider in ("unpatched", "patched"):
+            step += 1  # progress on stderr: a realistic model takes a while per provider
+            print(f"[{step}/4 {time.monotonic() - start:.0f}s] {mode}: {provider}", file=sys.stderr, flush=True)
             if provider == "patched":
                 report = patch(model, backend=args.backend)
             timings[provider] = _time(model, inputs, output, device, dtype, args.warmup_ms, args.rep_ms, backward)

@@ -99,7 +99,10 @@ def run_cases(
     warmup_ms: float,
     rep_ms: float,
     on_result: Callable[[Row], None] | None = None,
+    on_provider: Callable[[str], None] | None = None,
 ) -> list[Row]:
+    """Time every provider of every case; ``on_provider(name)`` is called as each provider starts (progress),
+    ``on_result(row)`` as each row is complete (its speed-up known)."""
     dtype = suite.dtype(config)
     ceilings = measure_ceilings(config.device, quick=config.preset == "quick", dtypes=(dtype,))
     graphs = wants_graph(config, suite)
@@ -109,6 +112,8 @@ def run_cases(
         flush = l2_flusher(config.device) if wants_flush(config, limit) else None
         case_rows: list[Row] = []
         for provider, fn in case.providers.items():
+            if on_provider is not None:
+                on_provider(provider)
             timing = time_fn(fn, case.make_inputs, device=config.device, warmup_ms=warmup_ms, rep_ms=rep_ms,
                              flush=flush)
             graph: Timing | str | None = None

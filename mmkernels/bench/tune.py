@@ -16,10 +16,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from . import _args
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # the dtypes with buckets (fp32: fixed default configs)
 _NOT_TUNED = {"fp32": "fp32 is not tuned: no kernel has fp32 buckets (fp32 launches run fixed default configs); "
@@ -115,6 +118,31 @@ def _dry_run(kernels: Sequence[str], target, dtypes) -> int:
     return 0
 
 
+def _check_flags(args, parser: argparse.ArgumentParser) -> None:
+    """What can be checked on any machine, before the GPU check: --device names a CUDA device, --out is a regular
+    file, a folder or a new path in a writable folder (a FIFO or device is never opened: it could block or never
+    end)."""
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except (RuntimeError, ValueError):
+            parser.error(f"--device {args.device!r} is not a device (expected cuda or cuda:N)")
+        if device.type != "cuda":
+            parser.error(f"--device {args.device}: tuning runs on CUDA devices only")
+    if args.out is not None:
+        out = Path(args.out)
+        if out.exists() and not (out.is_dir() or out.is_file()):
+            parser.error(f"--out {args.out}: exists and is neither a regular file nor a folder")
+        folder = out if out.is_dir() or args.out.endswith(("/", "\\")) else out.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        try:  # a real write (os.access says yes to root anywhere, /proc included), removed at once
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as exc:
+            parser.error(f"--out {args.out}: cannot write in {folder} ({exc.strerror or exc})")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``tune`` subcommand. Returns the exit status (0 done, 2 usage error or no GPU)."""
     try:
@@ -137,6 +165,11 @@ def _main(argv: list[str]) -> int:
     parser = _parser(list(tuning.OPS), list(tuning.SPACES))
     args = parser.parse_args(argv)
     kernels = _kernels(args.targets, parser)
+    try:
+        _args.check_env()
+    except _args.UsageError as exc:
+        parser.error(str(exc))
+    _check_flags(args, parser)
     dtypes = [DTYPES[d] for d in args.dtype] if args.dtype else [torch.bfloat16, torch.float16]
     if args.dry_run:
         if args.target:

@@ -6,7 +6,8 @@ much of the communication the overlapped schedule hides.
 with torchrun's environment, runs a :class:`mmkernels.models.ScMoEDecoderLayer` forward under ``torch.no_grad()``
 with ``overlap=False``, ``overlap=True`` and a calibration run (below), interleaved, ``--iters`` each after
 ``--warmup``, and writes
-``ep.json`` (and ``ep_timeline.png`` when matplotlib is installed) to ``--out``.
+``ep.json`` (and ``ep_timeline.png`` when matplotlib is installed) to ``--out``. Every flag is checked before any
+process starts (a bad one: one line on stderr, exit status 2).
 
 Measured per rank and iteration from the layer's phase marks (host clock; on CUDA each mark synchronises the device,
 so the CUDA per-phase numbers describe the sequential schedule only):
@@ -20,12 +21,16 @@ so the CUDA per-phase numbers describe the sequential schedule only):
   plain sequential schedule those phases also hold a fast rank waiting for a slow one (load imbalance: no schedule
   can hide it, the slowest rank sets the layer's time either way); that larger number is ``t_comm_with_waits_ms``.
   ``t_compute`` = sequential total - ``t_comm``;
-  ``hidden_fraction = (t_comm + t_compute - t_overlapped) / t_comm``, computed as the median over iterations of the
-  paired difference ``t_sequential - t_overlapped`` (the schedules alternate) over ``t_comm``;
-  ``hidden_fraction_from_waits = 1 - exposed / t_comm`` with ``exposed`` the communication the overlapped schedule
-  still waits for (issuing the count exchange, the host blocked for the split sizes after FFN_0, and the time
-  blocked in the two row waits), and
-  ``row_a2a_hidden_fraction_from_waits`` the same for the two row all-to-alls alone;
+- ``hidden_fraction`` (the one the CLI prints) = ``t_saved_paired / t_comm``: the median over iterations of the paired
+  difference ``t_sequential - t_overlapped`` (the schedules alternate; each total is the slowest rank's), over
+  ``t_comm`` (the issue's ``(t_comm + t_compute - t_overlapped) / t_comm`` with the paired saving in place of the
+  difference of medians, which is ``hidden_fraction_of_medians``); ``hidden_fraction_p20`` / ``_p80``: its spread
+  over iterations. ``ep_timeline.png`` draws that median iteration (the slowest rank of each schedule), so the two
+  bars differ by exactly ``t_saved_paired``;
+- diagnostics, not the layer's saving: ``hidden_fraction_from_waits = 1 - exposed / t_comm`` with ``exposed`` the
+  communication the overlapped schedule still waits for (issuing the count exchange, the host blocked for the split
+  sizes after FFN_0, and the time blocked in the two row waits: it counts waiting for a slower rank as exposed, so it
+  is the conservative measure), and ``row_a2a_hidden_fraction_from_waits`` the same for the two row all-to-alls;
 - ``dispatch_gbps`` / ``combine_gbps``: bytes this rank sends to *other* ranks (rows x hidden x element size) per
   second of the calibrated phase ("logical": what the algorithm must move, not what the transport moves);
 - gloo on one host only: ``transport_cores_busy`` (process CPU seconds of all ranks, every thread, during the
@@ -53,8 +58,17 @@ __all__ = ["main"]
 PHASES = ("route", "permute", "counts", "dispatch", "experts", "combine", "unpermute", "dense")
 
 
+class _UsageError(Exception):
+    """A bad flag: one line on stderr, exit status 2, nothing started."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + message and exits; we want one line and status 2
+        raise _UsageError(message)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mmkernels-bench ep", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="mmkernels-bench ep", description=__doc__.split("\n\n")[0])
     p.add_argument("--nproc", type=int, default=2, help="processes (ranks); default 2")
     p.add_argument("--out", default="bench-results/ep", help="folder for ep.json and ep_timeline.png")
     p.add_argument("--preset", default="small", help="ScMoEConfig preset (default small)")
@@ -72,24 +86,53 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the benchmark (or, with the hidden ``--worker`` flag, one rank of it). Returns the exit status."""
-    args = _parser().parse_args(argv)
-    if args.worker:
-        return _worker(args)
-    if args.nproc < 1:
-        print("mmkernels-bench ep: --nproc must be >= 1", file=sys.stderr)
-        return 2
+def _validate(args) -> None:
+    """Every flag checked before any process starts (raises :class:`_UsageError` with a one-line message)."""
+    import math
+
+    from ..models.scmoe import SCMOE_PRESETS
+
+    if args.preset not in SCMOE_PRESETS:
+        raise _UsageError(f"--preset must be one of {', '.join(sorted(SCMOE_PRESETS))}, got {args.preset!r}")
+    if args.nproc < 2:
+        raise _UsageError(f"--nproc must be >= 2 (expert parallelism shards the experts over the ranks), got "
+                          f"{args.nproc}")
+    n = SCMOE_PRESETS[args.preset].num_ffn_experts
+    if n % args.nproc:
+        raise _UsageError(f"--nproc must divide the {n} FFN experts of preset {args.preset!r}, got {args.nproc}")
+    for flag, value, low in (("--batch", args.batch, 1), ("--seq-len", args.seq_len, 1), ("--iters", args.iters, 1),
+                             ("--warmup", args.warmup, 0)):
+        if value < low:
+            raise _UsageError(f"{flag} must be >= {low}, got {value}")
+    if args.threads is not None and args.threads < 1:
+        raise _UsageError(f"--threads must be >= 1, got {args.threads}")
+    if not math.isfinite(args.timeout) or args.timeout <= 0:
+        raise _UsageError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise _UsageError(f"--out must be a folder, {args.out!r} is a file")
     if args.device == "cuda":
         import torch
 
         if torch.cuda.device_count() < args.nproc:
-            print(f"mmkernels-bench ep: --device cuda needs {args.nproc} GPUs, found {torch.cuda.device_count()}",
-                  file=sys.stderr)
-            return 2
+            raise _UsageError(f"--device cuda needs {args.nproc} GPUs (one per rank), found "
+                              f"{torch.cuda.device_count()}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark (or, with the hidden ``--worker`` flag, one rank of it). Returns the exit status: 0 done,
+    1 a rank failed, 2 a usage error (one line on stderr, nothing started)."""
+    try:
+        args = _parser().parse_args(argv)
+        if not args.worker:
+            _validate(args)
+            os.makedirs(args.out, exist_ok=True)
+    except (_UsageError, OSError) as err:
+        print(f"mmkernels-bench ep: {err}", file=sys.stderr)
+        return 2
+    if args.worker:
+        return _worker(args)
     from .launch import run_local_world
 
-    os.makedirs(args.out, exist_ok=True)
     cmd = [sys.executable, "-m", "mmkernels.distributed.bench", "--worker", *(argv if argv is not None else
                                                                               sys.argv[1:])]
     results = run_local_world(cmd, args.nproc, timeout=args.timeout)
@@ -268,8 +311,13 @@ def _report(args, cfg, per_rank: list[dict], device) -> dict:
     t_ovl = median_over_iters("True", "total", max)
     # The two schedules run alternately: the median of the paired differences is steadier on a busy machine than
     # the difference of the medians.
-    saved = statistics.median(max(r["runs"]["False"][i]["total"] for r in per_rank)
-                              - max(r["runs"]["True"][i]["total"] for r in per_rank) for i in range(iters))
+    pairs = [max(r["runs"]["False"][i]["total"] for r in per_rank)
+             - max(r["runs"]["True"][i]["total"] for r in per_rank) for i in range(iters)]
+    # The median iteration itself (median_low: a real iteration, so the plotted timeline shows exactly this saving).
+    saved = statistics.median_low(pairs)
+    median_iter = pairs.index(saved)
+    ranked = sorted(pairs)  # nearest-rank p20 / p80: real iterations, p20 <= median_low <= p80
+    p20, p80 = ranked[int(0.2 * (iters - 1))], ranked[-1 - int(0.2 * (iters - 1))]
     transport = {k: median_over_iters("synced", k, mean) for k in ("counts", "dispatch", "combine", "t_comm")}
     # The communication time is the transport's, measured with the ranks lined up (the calibration run): the
     # sequential schedule's communication phases also hold a fast rank's wait for a slow one (load imbalance), which
@@ -309,6 +357,8 @@ def _report(args, cfg, per_rank: list[dict], device) -> dict:
         "t_compute_ms": 1e3 * t_compute,
         "t_saved_paired_ms": 1e3 * saved,
         "hidden_fraction": saved / t_comm if t_comm > 0 else None,
+        "hidden_fraction_p20": p20 / t_comm if t_comm > 0 else None,
+        "hidden_fraction_p80": p80 / t_comm if t_comm > 0 else None,
         "hidden_fraction_of_medians": (t_comm + t_compute - t_ovl) / t_comm if t_comm > 0 else None,
         "hidden_fraction_from_waits": 1 - ovl["exposed_comm"] / t_comm if t_comm > 0 else None,
         "row_a2a_hidden_fraction_from_waits": 1 - a2a_exposed / a2a if a2a > 0 else None,
@@ -317,7 +367,7 @@ def _report(args, cfg, per_rank: list[dict], device) -> dict:
         "dispatch_gbps": sent / transport["dispatch"] / 1e9 if transport["dispatch"] > 0 else None,
         "combine_gbps": sent / transport["combine"] / 1e9 if transport["combine"] > 0 else None,
         "rows_sent_per_rank": [r["rows_sent"] for r in per_rank],
-        "timeline_rank0": {k: _median_timeline(v) for k, v in per_rank[0]["timeline"].items()},
+        "timeline_median_iteration": _slowest_timelines(per_rank, median_iter),
         **cpu,
     }
 
@@ -341,15 +391,16 @@ def _cpu_bound(per_rank: list[dict], iters: int, t_seq: float, t_comm: float, t_
     }
 
 
-def _median_timeline(iterations: list[list]) -> list[tuple[str, float]]:
-    """One forward's marks rebuilt from the median over iterations of each gap between consecutive marks (the
-    mark order is the same in every iteration of a schedule), in seconds from the first mark."""
-    names = [n for n, _ in iterations[0]]
-    gaps = [statistics.median(it[i + 1][1] - it[i][1] for it in iterations) for i in range(len(names) - 1)]
-    out, t = [(names[0], 0.0)], 0.0
-    for name, gap in zip(names[1:], gaps):
-        t += gap
-        out.append((name, t))
+def _slowest_timelines(per_rank: list[dict], i: int) -> dict:
+    """Iteration ``i`` of each schedule as the slowest rank lived it (its total is the layer's time in that
+    iteration): ``{"False" | "True": {"rank": r, "iteration": i, "marks": [(name, s since its first mark)]}}``.
+    With ``i`` the median paired iteration, the two end times differ by exactly ``t_saved_paired_ms``."""
+    out = {}
+    for key in ("False", "True"):
+        rank = max(range(len(per_rank)), key=lambda r: per_rank[r]["runs"][key][i]["total"])
+        marks = per_rank[rank]["timeline"][key][i]
+        t0 = marks[0][1]
+        out[key] = {"rank": rank, "iteration": i, "marks": [(name, t - t0) for name, t in marks]}
     return out
 
 
@@ -358,12 +409,14 @@ def _print_summary(r: dict) -> None:
     print(f"ep: {r['world_size']} x {r['backend']} on {r['device']}, preset {r['preset']}, "
           f"{r['tokens_per_rank']} tokens/rank, {r['iters']} iters")
     print("  sequential phases (ms): " + ", ".join(f"{k} {seq[k]:.2f}" for k in PHASES))
-    print(f"  t_sequential {r['t_sequential_ms']:.2f} ms, t_overlapped {r['t_overlapped_ms']:.2f} ms, "
-          f"t_comm {r['t_comm_ms']:.2f} ms (ranks lined up; {r['t_comm_with_waits_ms']:.2f} ms with waits for "
-          f"slower ranks) -> hidden fraction {r['hidden_fraction']:.1%} "
-          f"(from waits {r['hidden_fraction_from_waits']:.1%}; row all-to-alls alone "
-          f"{r['row_a2a_hidden_fraction_from_waits']:.1%})")
-    if r["hidden_fraction"] is not None and r["hidden_fraction"] > 1:
+    print(f"  layer (slowest rank, medians): sequential {r['t_sequential_ms']:.2f} ms, overlapped "
+          f"{r['t_overlapped_ms']:.2f} ms; transport t_comm {r['t_comm_ms']:.2f} ms (ranks lined up)")
+    hf = r["hidden_fraction"]
+    if hf is not None:
+        print(f"  hidden fraction {hf:.0%} (p20-p80 {r['hidden_fraction_p20']:.0%} to {r['hidden_fraction_p80']:.0%}):"
+              f" the overlapped layer is faster by {r['t_saved_paired_ms']:.2f} ms (median over iterations of "
+              f"sequential - overlapped) = that share of t_comm")
+    if hf is not None and hf > 1:
         print("  (above 100%: the overlapped layer saved more than the transport's own time, i.e. it also absorbed "
               "rank skew, or the run is noisy: the saving is a few ms on a layer that varies by more; use more "
               "--iters)")
@@ -376,8 +429,9 @@ def _print_summary(r: dict) -> None:
 
 
 def _plot_timeline(report: dict, path: str) -> str | None:
-    """Rank 0's median forward of each schedule (``timeline_rank0``) as horizontal bars: what the host thread runs,
-    and the row all-to-alls in flight."""
+    """The median paired iteration (``timeline_median_iteration``) of each schedule as horizontal bars, from the rank
+    that was slowest in it: what the host thread runs, and the all-to-alls in flight. The two bars' lengths differ
+    by exactly the reported saving, so the plot and ``hidden_fraction`` agree."""
     try:
         import matplotlib
 
@@ -385,21 +439,20 @@ def _plot_timeline(report: dict, path: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(2, 1, figsize=(10, 3.6), sharex=True)
+    fig, axes = plt.subplots(2, 1, figsize=(10, 4.2), sharex=True)
     colors = {"attn0": "#4c72b0", "attn1_proj": "#4c72b0", "attn1": "#4c72b0", "ffn0": "#55a868", "ffn1": "#55a868",
               "moe_dispatch": "#c44e52", "route": "#c44e52", "permute": "#c44e52", "counts": "#8172b2",
               "counts_wait": "#8172b2", "experts": "#dd8452", "combine_done": "#c44e52", "wait_dispatch": "#bbbbbb",
               "wait_combine": "#bbbbbb"}
     labels = {"counts": "counts", "counts_wait": "sync", "wait_dispatch": "wait", "wait_combine": "wait",
               "combine_done": "unpermute"}
+    timelines = report["timeline_median_iteration"]
     for ax, key, title in ((axes[0], "False", "sequential (overlap=False)"), (axes[1], "True", "overlapped")):
-        marks = report["timeline_rank0"][key]
-        t0 = marks[0][1]
-        ms = [(n, (t - t0) * 1e3) for n, t in marks]
+        ms = [(n, t * 1e3) for n, t in timelines[key]["marks"]]
         end = ms[-1][1]
         for (name, a), (_, b) in zip(ms, ms[1:]):
-            if name in colors and b > a:
-                ax.barh(1, b - a, left=a, color=colors[name], edgecolor="white", linewidth=0.5)
+            if b > a:  # every segment drawn (unnamed ones, e.g. issuing a send, in light grey): no blank time
+                ax.barh(1, b - a, left=a, color=colors.get(name, "#dddddd"), edgecolor="white", linewidth=0.5)
                 if b - a > 0.05 * end:
                     ax.text((a + b) / 2, 1, labels.get(name, name), ha="center", va="center", fontsize=7)
         at = dict(ms)
@@ -410,9 +463,14 @@ def _plot_timeline(report: dict, path: str) -> str | None:
             if at[b] - at[a] > 0.05 * end:  # no label on a bar too short to hold it
                 ax.text((at[a] + at[b]) / 2, 0, label, ha="center", va="center", fontsize=7, color="white")
         ax.set_yticks([0, 1], ["in flight", "host"])
-        ax.set_title(f"{title}: {end:.1f} ms", fontsize=9, loc="left")
-    axes[1].set_xlabel("ms since the layer started (rank 0, median gaps between phase marks, host clock)")
-    fig.suptitle(f"ScMoE layer, {report['world_size']} x {report['backend']}, {report['device']}", fontsize=9)
+        ax.set_title(f"{title}: {end:.1f} ms (rank {timelines[key]['rank']})", fontsize=9, loc="left")
+    hf = report["hidden_fraction"]
+    axes[1].set_xlabel(f"ms since the layer started (iteration {timelines['True']['iteration']}: the median of the "
+                       "paired savings, slowest rank of each schedule)")
+    summary = (f"\noverlapped faster by {report['t_saved_paired_ms']:.1f} ms = hidden fraction {hf:.0%} of t_comm "
+               f"{report['t_comm_ms']:.1f} ms (p20-p80 {report['hidden_fraction_p20']:.0%} to "
+               f"{report['hidden_fraction_p80']:.0%})" if hf is not None else "")
+    fig.suptitle(f"ScMoE layer, {report['world_size']} x {report['backend']}, {report['device']}{summary}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

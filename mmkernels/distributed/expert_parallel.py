@@ -265,8 +265,11 @@ class ExpertParallelMoE(RoutedMoE):
 
     State dict: ``state_dict()`` gathers the full ``[N, ...]`` expert weights (a collective: call it on every rank,
     save on one), with the keys of ``ZeroComputeMoE``, so ``ZeroComputeMoE.load_state_dict`` (and the HF
-    converters) read it. ``load_state_dict`` takes a full state dict (each rank slices its shard) or a sharded one
-    (``full_state_dict = False`` saves the local shard without communication).
+    converters) read it. With ``full_state_dict = False`` (no communication) each expert weight is a ``DTensor``
+    sharded on dim 0 over the group's 1-D mesh, so ``torch.distributed.checkpoint`` saves every rank's experts under
+    their global indices and loads them exactly into any world size (resharding), or into a ``ZeroComputeMoE``.
+    ``load_state_dict`` takes a full state dict (each rank slices its shard) or a sharded one of the same layout;
+    a shard saved by another rank or world size (e.g. ``torch.load`` of the wrong rank's file) raises ``ValueError``.
     """
 
     def __init__(self, moe: ZeroComputeMoE, group=None, *, backend: BackendChoice = _INHERIT) -> None:
@@ -309,6 +312,7 @@ class ExpertParallelMoE(RoutedMoE):
         self.register_buffer("pending_counts", torch.zeros_like(moe.pending_counts), persistent=False)
         self.backend = moe.backend if backend is _INHERIT else backend
         self.full_state_dict = True
+        self._meshes: dict = {}  # device type -> the group's 1-D DeviceMesh (sharded state dicts)
         # Optional callable(name) called at phase boundaries ("route", "permute", "counts", "dispatch_issue",
         # "dispatch_done", "experts", "combine_issue", "combine_done", "unpermute_done"): the benchmark's timeline.
         self.phase_hook: Callable[[str], None] | None = None
@@ -558,6 +562,7 @@ class ExpertParallelMoE(RoutedMoE):
     def __deepcopy__(self, memo):
         # A ProcessGroup cannot be copied: the copy shares it (it is the same communicator).
         memo[id(self.group)] = self.group
+        memo[id(self._meshes)] = self._meshes  # DeviceMeshes of the same group: shared too
         cls = type(self)
         new = cls.__new__(cls)
         memo[id(self)] = new
@@ -569,28 +574,110 @@ class ExpertParallelMoE(RoutedMoE):
 # ---- state-dict hooks ---------------------------------------------------------------------------------------------
 
 _EXPERT_KEYS = ("experts.w_gate_up", "experts.w_down")
+_SHARD_META = "expert_shard"  # per-module state-dict metadata of a sharded save: [offset, num_local, num_experts]
+
+
+def _expert_mesh(module: ExpertParallelMoE, device: torch.device):
+    """The 1-D DeviceMesh of ``module.group`` on ``device``'s type (CPU for the meta device)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    device_type = device.type if device.type != "meta" else "cpu"
+    mesh = module._meshes.get(device_type)
+    if mesh is None:
+        mesh = module._meshes[device_type] = DeviceMesh.from_group(module.group, device_type=device_type)
+    return mesh
 
 
 def _gather_experts_hook(module: ExpertParallelMoE, state_dict, prefix, local_metadata) -> None:
-    if not module.full_state_dict or module.world_size == 1:
+    """Full mode: all-gather the shards into ``[N, ...]`` tensors (ZeroComputeMoE's keys and shapes). Sharded mode
+    (``full_state_dict = False``): each shard becomes a DTensor sharded on dim 0 over the group's 1-D mesh (its
+    global identity: ``torch.distributed.checkpoint`` saves and reshards it), and the module's metadata records
+    ``[offset, num_local, N]`` so that a plain ``torch.load`` of a rank's file is checked on load."""
+    if module.full_state_dict:
+        if module.world_size == 1:
+            return
+        for key in _EXPERT_KEYS:
+            name = prefix + key
+            if name not in state_dict:
+                continue
+            local = state_dict[name].detach().contiguous()
+            parts = [torch.empty_like(local) for _ in range(module.world_size)]
+            dist.all_gather(parts, local, group=module.group)
+            state_dict[name] = torch.cat(parts)
         return
+    from torch.distributed.tensor import DTensor, Shard
+
+    local_metadata[_SHARD_META] = [module.expert_offset, module.num_local_experts, module.num_ffn_experts]
     for key in _EXPERT_KEYS:
         name = prefix + key
-        if name not in state_dict:
+        value = state_dict.get(name)
+        if not isinstance(value, torch.Tensor) or isinstance(value, DTensor):
             continue
-        local = state_dict[name].detach().contiguous()
-        parts = [torch.empty_like(local) for _ in range(module.world_size)]
-        dist.all_gather(parts, local, group=module.group)
-        state_dict[name] = torch.cat(parts)
+        local = value.detach()  # shares the parameter's storage: DCP loads in place
+        shape = torch.Size((module.num_ffn_experts, *local.shape[1:]))
+        stride = torch.empty(shape, device="meta").stride()
+        state_dict[name] = DTensor.from_local(local, _expert_mesh(module, local.device), [Shard(0)], run_check=False,
+                                              shape=shape, stride=stride)
 
 
 def _shard_experts_hook(module: ExpertParallelMoE, state_dict, prefix, local_metadata, strict, missing_keys,
                         unexpected_keys, error_msgs) -> None:
+    """Take this rank's experts out of a full state dict; check a sharded one's identity (its DTensor layout and the
+    saved ``[offset, num_local, N]``) before anything is copied: a shard saved by another rank or another world
+    size is a ``ValueError``, never a silent load of the wrong experts."""
     n, e, lo = module.num_ffn_experts, module.num_local_experts, module.expert_offset
-    with torch.no_grad():  # counts gathered before a load belong to no step of the loaded model (or are garbage
-        module.pending_counts.zero_()  # after to_empty)
+    saved = local_metadata.get(_SHARD_META)
+    shards = {}
     for key in _EXPERT_KEYS:
         name = prefix + key
         value = state_dict.get(name)
-        if isinstance(value, torch.Tensor) and value.dim() == 3 and value.shape[0] == n and n != e:
-            state_dict[name] = value[lo: lo + e]  # a full state dict: take this rank's shard
+        if not isinstance(value, torch.Tensor) or value.dim() < 1:
+            continue  # torch reports missing keys and wrong shapes
+        where = f"{_NAME}.load_state_dict: state_dict[{name!r}]"
+        hint = ("save with full_state_dict = True (a full [N, ...] tensor, any world size) or reshard with "
+                "torch.distributed.checkpoint")
+        if _is_dtensor(value):
+            if value.shape[0] != n:
+                raise ValueError(f"{where} holds {value.shape[0]} experts, this block has N = {n}")
+            if not _same_layout(module, value):
+                raise ValueError(f"{where} is a DTensor of another layout ({value.placements} over a mesh of "
+                                 f"{value.device_mesh.size()} ranks; this block: Shard(0) over its {module.world_size}"
+                                 f"-rank group); {hint}")
+            local = value.to_local()
+        elif value.shape[0] == n and saved is None:
+            local = value[lo: lo + e]  # a full state dict: this rank's slice
+        else:
+            local = value  # a plain shard: only with the identity saved next to it
+            if saved is None:
+                raise ValueError(f"{where} has {value.shape[0]} experts: neither the full N = {n} nor a shard that "
+                                 f"records which experts it holds (saved by this version with full_state_dict = "
+                                 f"False); {hint}")
+        if saved is not None and list(saved) != [lo, e, n]:
+            s_lo, s_e, s_n = saved
+            s_rank, s_world = s_lo // max(s_e, 1), s_n // max(s_e, 1)
+            raise ValueError(f"{where} holds experts [{s_lo}, {s_lo + s_e}) of {s_n} (saved by rank {s_rank} of "
+                             f"{s_world}); this is rank {module.rank} of {module.world_size}, which owns "
+                             f"[{lo}, {lo + e}) of {n}: load each rank's file on that rank of the same world size, "
+                             f"or {hint}")
+        shards[name] = local
+    state_dict.update(shards)  # only once every check has passed: a refused load changes nothing
+    with torch.no_grad():  # counts gathered before a load belong to no step of the loaded model (or are garbage
+        module.pending_counts.zero_()  # after to_empty)
+
+
+def _is_dtensor(value) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without DTensor
+        return False
+    return isinstance(value, DTensor)
+
+
+def _same_layout(module: ExpertParallelMoE, value) -> bool:
+    """``value`` (a DTensor) is sharded on dim 0, evenly, over the ranks of ``module.group`` in the same order."""
+    from torch.distributed.tensor import Shard
+
+    mesh = value.device_mesh
+    if mesh.ndim != 1 or tuple(value.placements) != (Shard(0),) or mesh.size() != module.world_size:
+        return False
+    return mesh.mesh.flatten().tolist() == dist.get_process_group_ranks(module.group)

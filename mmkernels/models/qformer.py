@@ -30,7 +30,7 @@ from torch import nn
 from .._backends import BackendChoice, resolve_backends
 from ..nn.qformer_attention import QFormerCrossAttention
 from ..ops import _validate as check
-from ..ops.qformer_attention import MAX_QUERIES, qformer_cross_attention
+from ..ops.qformer_attention import MAX_QUERIES, kv_lens_from_mask, qformer_cross_attention
 
 __all__ = ["NUM_QUERY_TOKENS", "PRESETS", "QFormer", "QFormerConfig", "qformer_flops"]
 
@@ -254,19 +254,9 @@ class QFormer(nn.Module):
             raise TypeError(f"{_NAME}: image_attention_mask must be a torch.Tensor, got {type(mask).__name__}")
         if tuple(mask.shape) != (B, Lk):
             raise ValueError(f"{_NAME}: image_attention_mask must be [B, Lk] = [{B}, {Lk}], got {tuple(mask.shape)}")
-        keep = mask != 0
-        lens = keep.sum(1, dtype=torch.int32)
-        if B and not torch.compiler.is_compiling():  # one small host read; skipped inside compiled graphs
-            prefix = torch.arange(Lk, device=mask.device)[None, :] < lens[:, None]
-            holes, lo = torch.stack([(keep != prefix).any().to(torch.int32), lens.min()]).tolist()
-            if holes:
-                raise ValueError(f"{_NAME}: image_attention_mask must be a prefix mask (each row: ones, then zeros "
-                                 "for padded image tokens); arbitrary masks are not supported")
-            if lo < 1:
-                raise ValueError(f"{_NAME}: every row of image_attention_mask needs at least one unmasked token")
-            if lo == Lk:
-                return None  # nothing masked: skip the masking work
-        return lens
+        # A prefix per row with at least one token, checked eagerly (one host read, ValueError) and inside
+        # torch.compile (torch._assert_async): a mask with holes never becomes lengths. None: nothing masked.
+        return kv_lens_from_mask(mask, op=_NAME, name="image_attention_mask", none_if_full=True)
 
     def forward(self, query_embeds: torch.Tensor, image_embeds: torch.Tensor,
                 image_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -277,6 +267,11 @@ class QFormer(nn.Module):
                 raise TypeError(f"{_NAME}: {name} must be a torch.Tensor, got {type(t).__name__}")
             if t.dim() != 3 or t.shape[-1] != width:
                 raise ValueError(f"{_NAME}: {name} must be [B, L, {width}], got {tuple(t.shape)}")
+            if not t.is_floating_point():  # floats are cast to the weights' dtype below; integers are a mistake
+                raise TypeError(f"{_NAME}: {name} must be a floating-point tensor, got {t.dtype}")
+            if t.device != self.layernorm.weight.device:
+                raise ValueError(f"{_NAME}: input {name} is on {t.device} but the module's weights are on "
+                                 f"{self.layernorm.weight.device}")
         B, Lq, _ = query_embeds.shape
         Lk = image_embeds.shape[1]
         if image_embeds.shape[0] != B:

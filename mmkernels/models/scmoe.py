@@ -327,6 +327,7 @@ class ScMoEDecoderLayer(nn.Module):
         b, length, d = hidden.shape
         if d != self.config.hidden_size:
             raise ValueError(f"{name}: hidden must be [B, L, {self.config.hidden_size}], got {tuple(hidden.shape)}")
+        v.module_input(name, "hidden", hidden, self.self_attn[0].o_proj.weight)
         if kv_cache is not None and not isinstance(kv_cache, KVCache):
             raise TypeError(f"{name}: kv_cache must be a KVCache, got {type(kv_cache).__name__}")
         offset = 0 if kv_cache is None else kv_cache.cached_length(self.layer_index)
@@ -577,7 +578,7 @@ class ScMoEDecoder(nn.Module):
             raise ValueError(f"{name}: give exactly one of input_ids and inputs_embeds")
         if input_ids is not None:
             v.tensor("input_ids", input_ids, dtypes=(torch.int64, torch.int32), dim=2, op=name)
-            if input_ids.numel() and not torch.compiler.is_compiling():
+            if input_ids.numel() and not input_ids.is_meta and not torch.compiler.is_compiling():
                 lo, hi = torch.aminmax(input_ids)
                 if int(lo) < 0 or int(hi) >= self.config.vocab_size:  # one host read, eager only
                     raise ValueError(f"{name}: input_ids must lie in [0, {self.config.vocab_size}), got values in "

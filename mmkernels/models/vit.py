@@ -196,6 +196,10 @@ class ViT(nn.Module):
         return self.patch_embed.num_prefix_tokens
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        check.tensor("pixels", pixels, dim=4, op="ViT")
+        if pixels.shape[1] != self.config.in_channels:
+            raise ValueError(f"ViT: pixels must be [B, in_channels={self.config.in_channels}, H, W], got "
+                             f"{tuple(pixels.shape)}")
         x = self.patch_embed(pixels)
         if self.norm_pre is not None:
             x = self.norm_pre(x)

@@ -90,6 +90,12 @@ VLM_PRESETS: dict[str, VLMConfig] = {
 }
 
 
+def _is_blip2_config(config) -> bool:
+    """A HF ``Blip2Config`` / ``InstructBlipConfig`` (duck-typed: transformers stays an optional import)."""
+    return all(getattr(getattr(config, part, None), "hidden_size", None) is not None
+               for part in ("vision_config", "qformer_config"))
+
+
 class VisionLanguageModel(nn.Module):
     """ViT -> learned queries through the Q-Former -> linear projector -> prefix of an :class:`ScMoEDecoder`.
 
@@ -174,7 +180,7 @@ class VisionLanguageModel(nn.Module):
 
     def _checked_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         vocab = self.config.decoder.vocab_size
-        if input_ids.numel() and not torch.compiler.is_compiling():
+        if input_ids.numel() and not input_ids.is_meta and not torch.compiler.is_compiling():
             lo, hi = torch.aminmax(input_ids)
             if int(lo) < 0 or int(hi) >= vocab:  # one host read, eager only
                 raise ValueError(f"{_NAME}: input_ids must lie in [0, {vocab}), got values in [{int(lo)}, {int(hi)}]")
@@ -230,25 +236,46 @@ class VisionLanguageModel(nn.Module):
         preset); the HF language model and its projection are not used. Nothing is downloaded. Same dtype as the
         source weights; train/eval mode of the source object (eval for a state dict).
 
-        Raises ``TypeError`` for a state dict without ``hf_config``; :class:`ConversionError` for keys that do not
-        match.
+        Raises ``TypeError`` naming the argument for a ``model`` that is neither a BLIP-2 model (an ``nn.Module``
+        whose ``config`` has ``vision_config`` and ``qformer_config``; e.g. a bare ``Blip2VisionModel`` is not) nor a
+        state dict, a state dict without ``hf_config`` or with one that is not a ``Blip2Config``, and a ``decoder``
+        that is not a :class:`ScMoEConfig`; :class:`ConversionError` for keys that do not match.
         """
+        from collections.abc import Mapping
+
         from .convert import qformer as qconv
         from .convert import vit as vconv
 
+        op = f"{_NAME}.from_hf_blip2"
+        if decoder is not None and not isinstance(decoder, ScMoEConfig):
+            raise TypeError(f"{op}: decoder must be a ScMoEConfig (or None for the tiny preset), got "
+                            f"{type(decoder).__name__}")
         if isinstance(model, nn.Module):
-            hf_config, state_dict, training = model.config, model.state_dict(), model.training
-        else:
+            config = getattr(model, "config", None)
+            if not _is_blip2_config(config):
+                raise TypeError(f"{op}: model must be a HF Blip2Model / Blip2ForConditionalGeneration (its config has "
+                                f"vision_config and qformer_config), got {type(model).__name__} with config "
+                                f"{type(config).__name__}")
+            if hf_config is not None and hf_config is not config:
+                raise ValueError(f"{op}: hf_config is only for a state dict (a model brings its own config)")
+            hf_config, state_dict, training = config, model.state_dict(), model.training
+        elif isinstance(model, Mapping):
             if hf_config is None:
-                raise TypeError(f"{_NAME}.from_hf_blip2: a state dict needs hf_config= (its Blip2Config)")
+                raise TypeError(f"{op}: a state dict needs hf_config= (its Blip2Config)")
+            if not _is_blip2_config(hf_config):
+                raise TypeError(f"{op}: hf_config must be a Blip2Config (with vision_config and qformer_config), got "
+                                f"{type(hf_config).__name__}")
             state_dict, training = dict(model), False
+        else:
+            raise TypeError(f"{op}: model must be a HF BLIP-2 model or its state dict, got {type(model).__name__}")
         vision_cfg = vconv.vit_config_from_hf(hf_config.vision_config)
         q_cfg = QFormerConfig.from_hf(hf_config.qformer_config)
         if "query_tokens" not in state_dict:
             raise vconv.ConversionError(f"{_NAME}.from_hf_blip2: no query_tokens in the state dict (not a BLIP-2 "
                                         "model?)")
         queries = state_dict["query_tokens"]
-        config = VLMConfig(vision=vision_cfg, qformer=q_cfg, decoder=decoder or ScMoEConfig.preset("tiny"),
+        config = VLMConfig(vision=vision_cfg, qformer=q_cfg,
+                           decoder=decoder if decoder is not None else ScMoEConfig.preset("tiny"),
                            num_query_tokens=queries.shape[1])
         vision_sd = vconv.hf_to_mmkernels({k: t for k, t in state_dict.items() if k.startswith("vision_model.")},
                                           num_layers=vision_cfg.num_layers, prefix="vision_model.")

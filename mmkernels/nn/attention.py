@@ -7,7 +7,7 @@ from torch import nn
 
 from .._backends import BackendChoice, ModuleBackend
 from ..ops import _validate as check
-from ..ops.attention import MAX_HEAD_DIM, attention, check_dropout
+from ..ops.attention import MAX_HEAD_DIM, attention
 
 __all__ = ["Attention"]
 
@@ -66,7 +66,7 @@ class Attention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.dropout = check_dropout(dropout, op=_NAME)
+        self.dropout = check.probability("dropout", dropout, op=_NAME)
         self.dim = check.integer("dim", dim, op=_NAME, low=1)
         self.num_heads = check.integer("num_heads", num_heads, op=_NAME, low=1)
         self.num_kv_heads = check.integer("num_kv_heads", num_kv_heads if num_kv_heads is not None else num_heads,
@@ -114,6 +114,7 @@ class Attention(nn.Module):
         check.tensor("x", x, dim=2 if varlen else 3, op=_NAME)
         if x.shape[-1] != self.dim:
             raise ValueError(f"{_NAME}: x must have {self.dim} features in its last dim, got shape {tuple(x.shape)}")
+        check.module_input(_NAME, "x", x, self.proj.weight)
         rows = x.shape[:-1]
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
         if self.cross:
@@ -123,6 +124,7 @@ class Attention(nn.Module):
             if context.shape[-1] != self.kv_dim:
                 raise ValueError(f"{_NAME}: context must have {self.kv_dim} features in its last dim, got shape "
                                  f"{tuple(context.shape)}")
+            check.module_input(_NAME, "context", context, self.kv.weight)
             if varlen and cu_seqlens_k is None:
                 raise ValueError(f"{_NAME}: varlen cross-attention needs cu_seqlens_k for the context")
             q = self.q(x).unflatten(-1, (hq, d))

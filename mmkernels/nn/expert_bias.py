@@ -60,8 +60,9 @@ class ExpertBiasController(nn.Module):
         reduce_counts: set False when the counts you pass are already global.
         backend: backend for the update op: ``None`` (auto), a name or ``{"expert_bias_update_": name}``.
 
-    Buffers ``bias`` ``[N+Z]`` and ``state`` ``[2, N]`` (and the step counter, as extra state) are in
-    ``state_dict()``, so a checkpoint restores the controller exactly.
+    Buffers ``bias`` ``[N+Z]`` and ``state`` ``[2, N]`` and the step counter (``_extra_state``, an int64 0-d
+    tensor) are in ``state_dict()``, so a checkpoint restores the controller exactly; the state dict holds tensors
+    only (safetensors, ``weights_only`` loading). Checkpoints with the older ``{"steps": n}`` extra state still load.
     """
 
     backend = ModuleBackend("expert_bias_update_")
@@ -90,9 +91,10 @@ class ExpertBiasController(nn.Module):
         self.top_k = v.integer("top_k", top_k, op=_NAME, low=1, high=n_total)
         self.target_ffn_per_token = v.real("target_ffn_per_token", target_ffn_per_token, op=_NAME, low=0.0,
                                            high=float(self.top_k))
-        self.kp, self.ki, self.kd = (v.real(n, g, op=_NAME) for n, g in (("kp", kp), ("ki", ki), ("kd", kd)))
+        self.kp, self.ki, self.kd = (v.real(n, g, op=_NAME, float32=True) for n, g in (("kp", kp), ("ki", ki),
+                                                                                         ("kd", kd)))
         self.mode = v.choice("mode", mode, MODES, op=_NAME)
-        self.max_abs = None if max_abs is None else v.real("max_abs", max_abs, op=_NAME, low=0.0)
+        self.max_abs = None if max_abs is None else v.real("max_abs", max_abs, op=_NAME, low=0.0, float32=True)
         self.gain_schedule = gain_schedule
         self.process_group = process_group
         self.reduce_counts = reduce_counts
@@ -114,11 +116,21 @@ class ExpertBiasController(nn.Module):
             f"kd={self.kd}, max_abs={self.max_abs}"
         )
 
-    def get_extra_state(self) -> dict:
-        return {"steps": self.steps}
+    def get_extra_state(self) -> torch.Tensor:
+        """The step counter as an int64 0-d CPU tensor: a state dict of tensors only (safetensors, ``torch.load(...,
+        weights_only=True)``, ``{k: v.clone()}`` all take it). The counter itself stays a host int (the gain
+        schedule reads it with no device sync)."""
+        return torch.tensor(self.steps, dtype=torch.int64)
 
-    def set_extra_state(self, state: dict) -> None:
-        self.steps = int(state["steps"])
+    def set_extra_state(self, state: torch.Tensor | dict) -> None:
+        if isinstance(state, dict):  # checkpoints written before the counter became a tensor: {"steps": n}
+            state = state["steps"]
+        if isinstance(state, torch.Tensor):
+            if state.numel() != 1 or state.is_floating_point() or state.is_complex() or state.dtype == torch.bool:
+                raise ValueError(f"{_NAME}: the checkpoint's step counter (_extra_state) must be one integer, got "
+                                 f"a {state.dtype} tensor of shape {tuple(state.shape)}")
+            state = state.item()
+        self.steps = v.integer("_extra_state (the step counter)", state, op=_NAME, low=0)
 
     def gains(self, step: int | None = None) -> tuple[float, float, float]:
         """The (kp, ki, kd) used at ``step`` (default: the next update)."""

@@ -49,6 +49,11 @@ class SwiGLUExperts(nn.Module):
 
     def forward(self, hidden: torch.Tensor, routing: MoERouting) -> torch.Tensor:
         w_gate_up, w_down = self.w_gate_up, self.w_down
+        v.tensor("hidden", hidden, op="SwiGLUExperts")
+        v.module_input("SwiGLUExperts", "hidden", hidden, w_gate_up)
+        if not isinstance(routing, tuple) or len(routing) not in (3, 4):
+            raise TypeError("SwiGLUExperts: routing must be a MoERouting (or a (topk_ids, topk_weights, zero_weight) "
+                            f"tuple), got {type(routing).__name__}")
         device = hidden.device.type
         if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
             # As nn.Linear under autocast: the expert GEMMs run in the autocast dtype (weights cast per call).
@@ -244,8 +249,12 @@ class ZeroComputeMoE(RoutedMoE):
     def from_hf(cls, hf_moe: nn.Module, **kwargs) -> ZeroComputeMoE:
         """Build from a Hugging Face ``LongcatFlashMoE`` (weights copied; nothing is downloaded).
 
-        The converter lives with the others, in :mod:`mmkernels.models.convert.longcat` (``moe_from_hf``); it is
-        imported here on call, so importing ``mmkernels.nn`` never imports the model stacks.
+        Works on every supported transformers release: sizes are read config first (the block's ``config``, or
+        ``config=`` — a ``LongcatFlashConfig`` — for releases whose block has none), then from the modules and the
+        tensors' shapes; what cannot be read is a ``ConversionError`` (a ``ValueError``), never an ``AttributeError``.
+        Other keyword arguments go to the ``ZeroComputeMoE`` constructor (e.g. ``backend=``,
+        ``target_ffn_per_token=``). The converter lives with the others, in :mod:`mmkernels.models.convert.longcat`
+        (``moe_from_hf``); it is imported here on call, so importing ``mmkernels.nn`` never imports the model stacks.
         """
         from ..models.convert.longcat import moe_from_hf
 
@@ -270,6 +279,9 @@ class ZeroComputeMoE(RoutedMoE):
         v.tensor("x", x, op=name)
         if x.dim() < 1 or x.shape[-1] != self.hidden_size:
             raise ValueError(f"{name}: x must be [..., {self.hidden_size}], got {tuple(x.shape)}")
+        v.module_input(name, "x", x, self.experts.w_gate_up)
+        if not isinstance(return_router_logits, bool):
+            raise TypeError(f"{name}: return_router_logits must be a bool, got {type(return_router_logits).__name__}")
         hidden, pad = self._tokens(name, x, padding_mask)
         logits = self.router(hidden)
         routing = self._route(logits)

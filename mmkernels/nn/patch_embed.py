@@ -161,7 +161,16 @@ class PatchEmbed(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         v.tensor("pixels", pixels, dim=4, op=_NAME)
-        if pixels.dtype != self.weight.dtype and pixels.is_floating_point():
+        if not pixels.is_floating_point():
+            raise TypeError(f"{_NAME}: pixels must be a floating-point tensor, got {pixels.dtype} (convert uint8 "
+                            "images with .float() and normalise them first)")
+        if pixels.shape[1] != self.in_channels:
+            raise ValueError(f"{_NAME}: pixels must be [B, in_channels={self.in_channels}, H, W], got "
+                             f"{tuple(pixels.shape)}")
+        if pixels.device != self.weight.device:
+            raise ValueError(f"{_NAME}: input pixels is on {pixels.device} but the module's weights are on "
+                             f"{self.weight.device}")
+        if pixels.dtype != self.weight.dtype:
             pixels = pixels.to(self.weight.dtype)  # as HF and timm do: the input follows the weights
         h, w = pixels.shape[-2:]
         pos = None

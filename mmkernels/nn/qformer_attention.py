@@ -16,7 +16,6 @@ from torch import nn
 
 from .._backends import BackendChoice, ModuleBackend
 from ..ops import _validate as check
-from ..ops.attention import check_dropout
 from ..ops.qformer_attention import MAX_HEAD_DIM, qformer_cross_attention
 
 __all__ = ["QFormerCrossAttention"]
@@ -64,7 +63,7 @@ class QFormerCrossAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.dropout = check_dropout(dropout, op=_NAME)
+        self.dropout = check.probability("dropout", dropout, op=_NAME)
         check.integer("hidden_size", hidden_size, op=_NAME, low=1)
         check.integer("num_heads", num_heads, op=_NAME, low=1)
         if kv_dim is not None:
@@ -136,6 +135,7 @@ class QFormerCrossAttention(nn.Module):
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.hidden_size:
             raise ValueError(f"{_NAME}: hidden_states must be [B, Lq, {self.hidden_size}], got "
                              f"{tuple(hidden_states.shape)}")
+        check.module_input(_NAME, "hidden_states", hidden_states, self.query.weight)
         B, Lq, _ = hidden_states.shape
         precomputed = key is not None or value is not None
         if precomputed == (encoder_hidden_states is not None):
@@ -143,6 +143,8 @@ class QFormerCrossAttention(nn.Module):
         if precomputed:
             if key is None or value is None:
                 raise ValueError(f"{_NAME}: key= and value= must be given together")
+            check.module_input(_NAME, "key", key, self.query.weight)
+            check.module_input(_NAME, "value", value, self.query.weight)
             k, v = self._heads("key", key, B), self._heads("value", value, B)
         else:
             if self.key is None:
@@ -154,6 +156,7 @@ class QFormerCrossAttention(nn.Module):
                     encoder_hidden_states.shape[-1] != self.kv_dim:
                 raise ValueError(f"{_NAME}: encoder_hidden_states must be [B, Lk, {self.kv_dim}] with B = {B}, got "
                                  f"{tuple(encoder_hidden_states.shape)}")
+            check.module_input(_NAME, "encoder_hidden_states", encoder_hidden_states, self.key.weight)
             k = self.key(encoder_hidden_states).unflatten(2, (self.num_heads, self.head_dim))
             v = self.value(encoder_hidden_states).unflatten(2, (self.num_heads, self.head_dim))
         q = self.query(hidden_states).unflatten(2, (self.num_heads, self.head_dim))

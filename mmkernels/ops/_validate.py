@@ -30,9 +30,21 @@ def same_device(op: str, **tensors: torch.Tensor) -> torch.device:
     first = next(values).device
     for t in values:  # a plain loop: this runs on every op call
         if t.device != first:
-            listing = ", ".join(f"{n} on {x.device}" for n, x in tensors.items())
-            raise ValueError(f"{op}: all tensors must be on one device, got {listing}")
+            raise ValueError(_device_message(op, tensors))
     return first
+
+
+def _device_message(op: str, tensors: dict[str, torch.Tensor]) -> str:
+    """Names the tensors off the most common device first (the odd one out is the argument to fix)."""
+    devices = [x.device for x in tensors.values()]
+    common = max(devices, key=devices.count)
+    if devices.count(common) == 1 or sum(devices.count(d) == devices.count(common) for d in set(devices)) > 1:
+        listing = ", ".join(f"{n} is on {x.device}" for n, x in tensors.items())  # no majority: list them all
+        return f"{op}: all tensors must be on one device: {listing}"
+    odd = ", ".join(f"{n} is on {x.device}" for n, x in tensors.items() if x.device != common)
+    rest = ", ".join(n for n, x in tensors.items() if x.device == common)
+    verb = "is" if "," not in rest else "are"
+    return f"{op}: all tensors must be on one device: {odd}, while {rest} {verb} on {common}"
 
 
 def integer(name: str, value, *, op: str, low: int | None = None, high: int | None = None) -> int:
@@ -49,8 +61,17 @@ def integer(name: str, value, *, op: str, low: int | None = None, high: int | No
     return value
 
 
-def real(name: str, value, *, op: str, low: float | None = None, high: float | None = None) -> float:
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def real(name: str, value, *, op: str, low: float | None = None, high: float | None = None,
+         float32: bool = False) -> float:
     """A finite real number as a Python float. Accepts Python and NumPy scalars (``numpy.float32(0.125)``).
+
+    ``float32=True``: the kernels take the value as a float32 (C++ ``static_cast<float>``, a Triton ``fp32``
+    argument, a PyTorch scalar operand of a float32 tensor), so it must be finite *as a float32*:
+    ``|value| <= 3.4028234663852886e38``. Beyond that one backend would read inf and another raise; it is an error
+    here, naming the argument, for all of them.
 
     Under ``torch.compile(dynamic=True)`` a float argument can arrive as a symbolic float (``torch.SymFloat``):
     its value is unknown while tracing, so inside ``torch.compile`` it is returned as is after the type check (a
@@ -58,7 +79,7 @@ def real(name: str, value, *, op: str, low: float | None = None, high: float | N
     """
     compiling = torch.compiler.is_compiling()
     if (type(value) is float or type(value) is int) and not compiling:  # the common case first: every op call
-        return _real_range(name, float(value), op, low, high)
+        return _real_range(name, float(value), op, low, high, float32)
     if isinstance(value, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a Python number, not a tensor (reading a device tensor would "
                         "synchronise with the host)")
@@ -66,12 +87,15 @@ def real(name: str, value, *, op: str, low: float | None = None, high: float | N
         raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
     if compiling or isinstance(value, torch.SymFloat | torch.SymInt):
         return value  # possibly symbolic (dynamic=True): no concrete value to check while tracing
-    return _real_range(name, float(value), op, low, high)
+    return _real_range(name, float(value), op, low, high, float32)
 
 
-def _real_range(name: str, value: float, op: str, low: float | None, high: float | None) -> float:
+def _real_range(name: str, value: float, op: str, low: float | None, high: float | None, float32: bool) -> float:
     if not math.isfinite(value):
         raise ValueError(f"{op}: {name} must be finite, got {value}")
+    if float32 and abs(value) > FLOAT32_MAX:
+        raise ValueError(f"{op}: {name} must be finite as a float32 (|{name}| <= {FLOAT32_MAX:.8g}: the kernels "
+                         f"compute in float32), got {value}")
     if (low is not None and value < low) or (high is not None and value > high):
         raise ValueError(f"{op}: {name} must be in [{low}, {high}], got {value}")
     return value
@@ -109,3 +133,35 @@ def first_arg_dtype_in(dtypes: Iterable[torch.dtype], *, note: str = "float64 ru
         return f"the kernels take {names}, got {str(first.dtype).replace('torch.', '')} ({note})"
 
     return supports
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def module_input(module: str, name: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+    """A module's input tensor ``x`` (argument ``name``) against the module's ``weight``: same device, and same dtype
+    unless autocast is on for that device (autocast casts per op, as for ``nn.Linear``). The error names the module
+    and its argument, not an op inside it (``"ZeroComputeMoE: input x is float16 but the module's weights are
+    float32"``)."""
+    if x.device != weight.device:
+        raise ValueError(f"{module}: input {name} is on {x.device} but the module's weights are on {weight.device}; "
+                         f"move one of them (x.to(device) or module.to(device))")
+    if not x.is_floating_point():
+        raise TypeError(f"{module}: input {name} must be a floating-point tensor, got {_dtype_name(x.dtype)}")
+    if x.dtype != weight.dtype:
+        kind = x.device.type
+        if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+            return
+        raise TypeError(f"{module}: input {name} is {_dtype_name(x.dtype)} but the module's weights are "
+                        f"{_dtype_name(weight.dtype)}; cast the input ({name}.to({weight.dtype})) or the module "
+                        f"(module.to({x.dtype})), or run under torch.autocast")
+
+
+def probability(name: str, value, *, op: str) -> float:
+    """A dropout-like probability in [0, 1), named as the caller's parameter (a module's ``dropout``, an op's
+    ``dropout_p``)."""
+    p = real(name, value, op=op, low=0.0)
+    if isinstance(p, float) and not p < 1.0:
+        raise ValueError(f"{op}: {name} must be in [0, 1), got {p}")
+    return p

@@ -110,6 +110,10 @@ def expert_bias_update_(
     Zero-expert biases (``i >= N``) are never written. ``max_abs`` clamps the FFN biases to ``[-max_abs, max_abs]``
     after the step (anti-windup). A step whose counts are all zero changes nothing.
 
+    Every backend computes in float32 in the order of ``csrc/expert_bias.h``: on CPU cpp, triton and reference agree
+    bit for bit (signed zeros and NaN included); on a GPU the compiled kernels may fuse a multiply-add (one rounding
+    instead of two), docs/ops/expert_bias.md states the tolerance.
+
     Args:
         bias: float32 ``[N+Z]``, contiguous, updated in place.
         counts: int32 or int64 ``[N+Z]``: selections per expert over the (global) batch.
@@ -117,9 +121,9 @@ def expert_bias_update_(
         num_ffn_experts: N.
         top_k: K, experts chosen per token (FFN and zero slots together).
         target_ffn_per_token: K_e, the wanted mean number of FFN experts per token (0 <= K_e <= K).
-        kp, ki, kd: gains, Python numbers (``ki`` is gamma in sign mode).
+        kp, ki, kd: gains, Python numbers (``ki`` is gamma in sign mode), finite as float32 (``|g| <= FLT_MAX``).
         mode: ``"pid"`` or ``"sign"``.
-        max_abs: optional clamp on ``|bias_i|`` for FFN experts.
+        max_abs: optional clamp on ``|bias_i|`` for FFN experts, ``0 <= max_abs <= FLT_MAX``.
         backend: ``None`` (auto), ``"cuda"``, ``"cpp"``, ``"triton"`` or ``"reference"``.
 
     Raises:
@@ -139,10 +143,10 @@ def expert_bias_update_(
         raise ValueError(f"{OP}: state must have shape (2, num_ffn_experts) = (2, {n}), got {tuple(state.shape)}")
     k = v.integer("top_k", top_k, op=OP, low=1, high=n_total)
     target = v.real("target_ffn_per_token", target_ffn_per_token, op=OP, low=0.0, high=float(k))
-    gains = [v.real(name, g, op=OP) for name, g in (("kp", kp), ("ki", ki), ("kd", kd))]
+    gains = [v.real(name, g, op=OP, float32=True) for name, g in (("kp", kp), ("ki", ki), ("kd", kd))]
     v.choice("mode", mode, MODES, op=OP)
     if max_abs is not None:
-        max_abs = v.real("max_abs", max_abs, op=OP, low=0.0)
+        max_abs = v.real("max_abs", max_abs, op=OP, low=0.0, float32=True)
     counts = counts.contiguous()
     _, impl = EXPERT_BIAS_BACKENDS.select(device, backend)
     impl(bias, counts, state, n, k, target, *gains, mode, max_abs)

@@ -24,6 +24,7 @@ from .._backends import OpBackends, triton_available
 from .._config import is_deterministic
 from ..kernels.reference.moe import (
     RENORM_EPS,
+    keep_weights_in_graph,
     moe_experts_reference,
     moe_experts_reference_backward,
     moe_grouped_swiglu_reference,
@@ -275,7 +276,8 @@ _experts_reference_op.register_autograd(_experts_reference_autograd, setup_conte
 
 @EXPERTS_BACKENDS.register("reference")
 def _experts_reference_backend(hidden, topk_ids, topk_weights, zero_weight, w_gate_up, w_down):
-    if torch.compiler.is_compiling():
+    # Under torch.compile and on the meta device (no data to loop over) the registered op: its fake gives the shape.
+    if torch.compiler.is_compiling() or hidden.is_meta:
         return torch.ops.mmkernels.moe_experts_reference(hidden, topk_ids, topk_weights, zero_weight, w_gate_up,
                                                          w_down)
     return moe_experts_reference(hidden, topk_ids, topk_weights, zero_weight, w_gate_up, w_down)
@@ -288,28 +290,27 @@ UNPERMUTE_BACKENDS.register("reference")(moe_unpermute_reference)
 def _token_sums(rows, order, end, t, k, *, weights=None, init=None, deterministic=False):
     """fp32 [T, C]: ``init`` plus, per token, the sum over its dispatched slots of (weight *) the slot's row.
 
-    ``rows`` [M', C] are in sorted order (row r belongs to slot ``order[r]``); a row is dispatched when
-    ``r < end`` (a 0-d device tensor: no host sync). Undispatched rows and their weights are never read into the
-    result (``torch.where``, so NaN there stays out). Deterministic: each token sums its K slots in slot order
-    (no atomics, a [T*K, C] buffer); otherwise ``index_add_`` (atomics on CUDA)."""
+    ``rows`` [M', C] are in sorted order (row r belongs to slot ``order[r]``); a row is read when ``r < end`` (a 0-d
+    device tensor: no host sync) and ``order[r] >= 0`` (``moe_unpermute`` maps out-of-range slots to -1). Rows not
+    read and their weights never reach the result (``torch.where``, so NaN there stays out). Deterministic: the rows
+    land in a [T*K, C] buffer at their slots (one add onto zero each), then each token sums its K slots in slot
+    order; otherwise ``index_add_`` into the tokens (atomics on CUDA)."""
     m, c = rows.shape
     out = init if init is not None else rows.new_zeros((t, c), dtype=torch.float32)
     if m == 0 or t == 0:
         return out
-    if deterministic:
-        # Each slot's position in the sorted order (order is a permutation of the T*K slots).
-        pos = torch.empty_like(order, dtype=torch.long).index_copy_(
-            0, order.long(), torch.arange(order.numel(), device=order.device))
-        dispatched = ((pos < end) & (pos < m))[:, None]
-        slot_rows = rows.float()[pos.clamp(max=m - 1)]
-        if weights is not None:
-            slot_rows = slot_rows * weights.reshape(-1)[:, None]
-        return out + torch.where(dispatched, slot_rows, 0.0).view(t, k, c).sum(1)
     slot = order[:m].long()
+    read = (torch.arange(m, device=rows.device) < end) & (slot >= 0)
+    slot = slot.clamp_min(0)
     contrib = rows.float()
     if weights is not None:
         contrib = contrib * weights.reshape(-1)[slot][:, None]
-    contrib = torch.where((torch.arange(m, device=rows.device) < end)[:, None], contrib, 0.0)
+    contrib = torch.where(read[:, None], contrib, 0.0)
+    if deterministic:
+        # Rows not read go to a spare last row of the buffer, so every real slot gets at most its own row(s).
+        target = torch.where(read, slot, t * k)
+        buf = contrib.new_zeros((t * k + 1, c)).index_add_(0, target, contrib)
+        return out + buf[: t * k].view(t, k, c).sum(1)
     return out.index_add_(0, slot // k, contrib)
 
 
@@ -597,14 +598,17 @@ if triton_available():
         m = expert_out.shape[0]
         g = grad_out.float()
         slot = slots[:m].long()
+        # Read rows: dispatched (r < offsets[-1]) with a slot (moe_unpermute maps out-of-range slots to -1).
+        read = (torch.arange(m, device=g.device) < offsets[-1]) & (slot >= 0)
+        slot = slot.clamp_min(0)
         g_rows = g[slot // k]
-        dispatched = torch.arange(m, device=g.device) < offsets[-1]
         w = topk_weights.reshape(-1)[slot].float()
         # where, not a product with 0: undispatched rows and their weights may hold NaN/inf.
-        d_out = torch.where(dispatched[:, None], g_rows * w[:, None], 0.0).to(expert_out.dtype)
-        d_w_rows = torch.where(dispatched, (g_rows * expert_out.float()).sum(-1), 0.0)
-        d_weights = torch.zeros(t * k, dtype=torch.float32, device=g.device).index_copy_(0, slot, d_w_rows)
-        d_weights = d_weights.view(t, k).to(topk_weights.dtype)
+        d_out = torch.where(read[:, None], g_rows * w[:, None], 0.0).to(expert_out.dtype)
+        d_w_rows = torch.where(read, (g_rows * expert_out.float()).sum(-1), 0.0)
+        d_weights = torch.zeros(t * k + 1, dtype=torch.float32, device=g.device).index_add_(
+            0, torch.where(read, slot, t * k), d_w_rows)  # rows not read land in a spare last entry
+        d_weights = d_weights[: t * k].view(t, k).to(topk_weights.dtype)
         d_zero = d_hidden = None
         if hidden is not None:
             d_zero = (g * hidden.float()).sum(-1).to(zero_weight.dtype)
@@ -691,8 +695,9 @@ def moe_experts(
     n, _ = _check_experts(op, dm, hidden.dtype, w_gate_up, w_down)
     v.same_device(op, hidden=hidden, topk_ids=topk_ids, topk_weights=topk_weights, zero_weight=zero_weight,
                   w_gate_up=w_gate_up, w_down=w_down)
-    if t == 0 or n == 0:  # nothing to dispatch: only the identity term (keeps autograd to hidden/zero_weight)
-        return (hidden.float() * zero_weight[:, None]).to(hidden.dtype)
+    if t == 0 or n == 0:  # nothing to dispatch: only the identity term (keeps autograd to hidden/zero_weight), and
+        # the expert weights get zero gradients (never None)
+        return keep_weights_in_graph((hidden.float() * zero_weight[:, None]).to(hidden.dtype), w_gate_up, w_down)
     name, impl = EXPERTS_BACKENDS.select(hidden.device, backend, (hidden,))
     if name == "triton":
         hidden, w_gate_up, w_down = hidden.contiguous(), w_gate_up.contiguous(), w_down.contiguous()
@@ -719,8 +724,8 @@ def moe_permute(
     Args:
         hidden: [T, Dm] fp32 / fp16 / bf16.
         topk_ids: int32 or int64 [T, K] global expert ids (``MoERouting.topk_ids``, or received ids with K = 1).
-        num_local_experts: E >= 0.
-        expert_offset: global id of local expert 0 (>= 0).
+        num_local_experts: E, 0 <= E < 2**31 - 1 (the offsets are int32).
+        expert_offset: global id of local expert 0, 0 <= offset <= 2**62.
 
     Returns:
         ``(rows, perm)``: rows [T*K, Dm] in ``hidden``'s dtype; ``perm`` a ``MoEPermutation`` with ``slots`` int32
@@ -736,8 +741,9 @@ def moe_permute(
     v.tensor("topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), dim=2, op=op)
     if topk_ids.shape[0] != hidden.shape[0]:
         raise ValueError(f"{op}: topk_ids must be [T={hidden.shape[0]}, K], got {tuple(topk_ids.shape)}")
-    e = v.integer("num_local_experts", num_local_experts, op=op, low=0)
-    offset = v.integer("expert_offset", expert_offset, op=op, low=0)
+    # Bounds of the int32 plan (offsets [E+1]) and of int64 id arithmetic (id - expert_offset).
+    e = v.integer("num_local_experts", num_local_experts, op=op, low=0, high=2**31 - 2)
+    offset = v.integer("expert_offset", expert_offset, op=op, low=0, high=2**62)
     v.same_device(op, hidden=hidden, topk_ids=topk_ids)
     _, impl = PERMUTE_BACKENDS.select(hidden.device, backend, (hidden,))
     rows, slots, offsets = impl(hidden, topk_ids, e, offset)
@@ -799,9 +805,12 @@ def moe_unpermute(
     hidden_t)`` over the dispatched slots of ``permutation`` (``moe_permute``'s, reused: no second sort).
 
     ``expert_out`` may have fewer rows than T*K (for instance only the dispatched rows, received back from other
-    ranks): row r is read when ``r < min(offsets[-1], M)``. Undispatched slots contribute nothing, their
-    ``topk_weights`` entries are never read and get gradient 0. ``set_deterministic(True)``: each token sums its
-    slots in slot order (bitwise reproducible) instead of a scatter-add.
+    ranks): row r is read when ``r < offsets[-1]`` (``offsets[-1]`` clamped into [0, M]: a negative one reads no row)
+    and ``permutation.slots[r]`` is a slot, in [0, T*K) (a row whose slot is negative or >= T*K names no token and is
+    not read: the rule of out-of-range routing ids, on every backend, no host sync; int64 slots are never narrowed).
+    Undispatched slots contribute nothing, their ``topk_weights`` entries are never read and get gradient 0.
+    ``set_deterministic(True)``: each token sums its slots in slot order (bitwise reproducible) instead of a
+    scatter-add.
 
     Args:
         expert_out: [M, C] fp32 / fp16 / bf16, M <= T*K, rows in ``permutation``'s order.
@@ -846,6 +855,10 @@ def moe_unpermute(
         tensors.update(zero_weight=zero_weight, hidden=hidden)
     v.same_device(op, **tensors)
     name, impl = UNPERMUTE_BACKENDS.select(expert_out.device, backend, (expert_out,))
+    # One rule for every backend, on the device (no host sync): a slot outside [0, T*K) names no (token, k), so its
+    # row is not read, like an undispatched one; it becomes -1 before any narrowing to int32 (an int64 slot 2**32 is
+    # not slot 0).
+    slots = torch.where((slots >= 0) & (slots < t * k), slots, -1)
     if name == "triton":
         slots, offsets = slots.to(torch.int32).contiguous(), offsets.contiguous()
         topk_weights = topk_weights.contiguous()

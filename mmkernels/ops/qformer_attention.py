@@ -24,7 +24,7 @@ from ..kernels.reference.qformer_attention import qformer_attention_reference
 from . import _validate as check
 from .attention import check_dropout, draw_seed
 
-__all__ = ["DTYPES", "MAX_HEAD_DIM", "MAX_QUERIES", "qformer_cross_attention"]
+__all__ = ["DTYPES", "MAX_HEAD_DIM", "MAX_QUERIES", "kv_lens_from_mask", "qformer_cross_attention"]
 
 OP = "qformer_cross_attention"
 MAX_QUERIES = 128
@@ -97,13 +97,48 @@ def _check_kv_lens(kv_lens, B: int, Lk: int, device: torch.device, *, check_rang
         raise ValueError(f"{OP}: kv_lens must have shape [B] = [{B}], got {tuple(kv_lens.shape)}")
     if kv_lens.device != device:
         raise ValueError(f"{OP}: kv_lens must be on {device} like q, got {kv_lens.device}")
-    if check_range and B and not torch.compiler.is_compiling():
+    if check_range and B and not kv_lens.is_meta and not torch.compiler.is_compiling():
         # One small device->host read; skipped inside torch.compile graphs and with validate_kv_lens=False, where
         # every backend clamps the values to [0, Lk] instead (a sample with no key gets zeros).
         lo, hi = (int(x) for x in torch.aminmax(kv_lens))
         if lo < 1 or hi > Lk:
             raise ValueError(f"{OP}: kv_lens values must be in [1, Lk] = [1, {Lk}], got min {lo}, max {hi}")
     return kv_lens.contiguous()
+
+
+def kv_lens_from_mask(mask: torch.Tensor, *, op: str = OP, name: str = "mask",
+                      none_if_full: bool = False) -> torch.Tensor | None:
+    """int32 ``[B]`` key counts (``kv_lens``) of a right-padding key mask ``[B, Lk]`` (nonzero / True = attend).
+
+    Every row must be a prefix (ones, then zeros: the valid image tokens first) with at least one attended key. A
+    mask with holes is never turned into lengths, on every path:
+
+    - eagerly: one small device-to-host read, then ``ValueError`` naming ``op`` and ``name``;
+    - inside ``torch.compile`` (no host read in a graph): ``torch._assert_async``, which raises ``RuntimeError`` with
+      the same message on CPU and is a device-side assertion on CUDA (it stops the program: the CUDA context is
+      unusable afterwards, as after PyTorch's own device-side index checks).
+
+    ``none_if_full``: return ``None`` when no key is masked (eagerly only; read in the same host transfer), so the
+    caller skips the masking work. Raises ``TypeError``/``ValueError`` for a mask that is not a 2-D tensor.
+    """
+    check.tensor(name, mask, dim=2, op=op)
+    keep = mask != 0
+    lens = keep.sum(1, dtype=torch.int32)
+    batch, lk = keep.shape
+    if batch == 0:
+        return lens
+    prefix = torch.arange(lk, device=keep.device)[None, :] < lens[:, None]
+    is_prefix = (keep == prefix).all()
+    lo = lens.min()
+    message = (f"{op}: {name} must be a prefix mask per row (ones, then zeros for the padded tokens) with at least one "
+               "attended token; arbitrary masks are not supported")
+    if torch.compiler.is_compiling():
+        torch._assert_async(is_prefix & (lo > 0), message)
+        return lens
+    good, lo = torch.stack([is_prefix.to(torch.int32), lo]).tolist()
+    if not good or lo < 1:
+        raise ValueError(message + (f" (a row has {lo} attended tokens)" if good else " (a row has holes)"))
+    return None if none_if_full and lo == lk else lens
 
 
 def qformer_cross_attention(

@@ -16,8 +16,11 @@ import sys
 import time
 import traceback
 
-import torch
-import torch.distributed as dist
+os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU workers: Triton backends run under the interpreter
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.distributed.checkpoint.api  # noqa: E402
 
 TIMEOUT = datetime.timedelta(seconds=120)  # every collective (and the rendezvous) gives up after this; the parent
 # kills the whole world at its own deadline anyway
@@ -35,11 +38,12 @@ def close(name, got, want, rtol=2e-5, atol=2e-6):
         raise AssertionError(f"{name}: max abs error {err:.3g} (rtol {rtol}, atol {atol})")
 
 
-def make_moe(seed, *, hidden=24, n=8, z=4, k=3, inter=20, scale=2.0, k_e=2.0, dtype=torch.float32):
+def make_moe(seed, *, hidden=24, n=8, z=4, k=3, inter=20, scale=2.0, k_e=2.0, dtype=torch.float32, backend=None):
     from mmkernels.nn import ZeroComputeMoE
 
     torch.manual_seed(seed)
-    moe = ZeroComputeMoE(hidden, n, z, k, inter, routed_scaling_factor=scale, target_ffn_per_token=k_e, dtype=dtype)
+    moe = ZeroComputeMoE(hidden, n, z, k, inter, routed_scaling_factor=scale, target_ffn_per_token=k_e, dtype=dtype,
+                         backend=backend)
     with torch.no_grad():  # spread the router so that every expert gets picked
         moe.router.weight.normal_(0.0, 1.0)
     return moe
@@ -55,9 +59,10 @@ def rank_inputs(tokens, hidden, dtype=torch.float32):
     return xs, gs
 
 
-def check_against_single(moe_kwargs=None, tokens=None, bias=None, expect_received=None):
+def check_against_single(moe_kwargs=None, tokens=None, bias=None, expect_received=None, ep_backend=None):
     """EP forward/backward on this rank's tokens == the single-process ZeroComputeMoE (outputs, input gradients,
-    this rank's expert-weight gradients, the router gradient summed over the ranks)."""
+    this rank's expert-weight gradients, the router gradient summed over the ranks). Expert weights that no row
+    reaches must get zero gradients, never None, on both sides."""
     from mmkernels.distributed import ExpertParallelMoE
 
     w, r = dist.get_world_size(), dist.get_rank()
@@ -65,7 +70,7 @@ def check_against_single(moe_kwargs=None, tokens=None, bias=None, expect_receive
     ref = make_moe(0, **moe_kwargs)
     if bias is not None:
         ref.balancer.bias.copy_(bias)
-    ep = ExpertParallelMoE.from_moe(ref)
+    ep = ExpertParallelMoE.from_moe(ref, backend=ep_backend)
     tokens = tokens or [5 + 3 * j for j in range(w)]
     xs, gs = rank_inputs(tokens, ref.hidden_size)
 
@@ -87,8 +92,9 @@ def check_against_single(moe_kwargs=None, tokens=None, bias=None, expect_receive
         if local.grad is None:
             raise AssertionError(f"{name}.grad is None (expected zeros when no rows arrive)")
         full = getattr(ref.experts, name)
-        want = full.grad if full.grad is not None else torch.zeros_like(full)  # the reference leaves unused ones None
-        close(f"experts.{name}.grad", local.grad, want[lo: lo + e])
+        if full.grad is None:
+            raise AssertionError(f"ZeroComputeMoE: experts.{name}.grad is None (expected zeros for unused experts)")
+        close(f"experts.{name}.grad", local.grad, full.grad[lo: lo + e])
     router_grad = ep.router.weight.grad.clone()
     dist.all_reduce(router_grad)
     close("router.weight.grad (summed over ranks)", router_grad, ref.router.weight.grad, atol=1e-5)
@@ -275,8 +281,12 @@ def sc_state_dict():
         raise AssertionError(f"rank {r}: the shard loaded from a full state dict is wrong")
     ep.full_state_dict = False
     sharded = ep.state_dict()  # no communication
-    if sharded["experts.w_gate_up"].shape[0] != e:
-        raise AssertionError("full_state_dict=False must save the local shard")
+    from torch.distributed.tensor import DTensor, Shard
+
+    shard = sharded["experts.w_gate_up"]
+    if not isinstance(shard, DTensor) or shard.placements != (Shard(0),) or shard.shape[0] != ep.num_ffn_experts \
+            or not torch.equal(shard.to_local(), ep.experts.w_gate_up):
+        raise AssertionError("full_state_dict=False must save the local shard as a DTensor sharded on dim 0")
     third = ExpertParallelMoE.from_moe(make_moe(7))
     third.load_state_dict(sharded)
     x = torch.randn(5, ref.hidden_size)
@@ -374,6 +384,208 @@ def sc_mismatch():
         raise AssertionError("the group is out of step after the mismatch errors")
 
 
+def sc_unused_expert_grads():
+    """Routing that leaves experts empty, on every EP backend: no slot on an FFN expert, a rank with no tokens, one
+    rank's experts unused (every slot on the last rank's). Unused experts get zero gradients, never None, and every
+    value equals the single-process module's."""
+    w = dist.get_world_size()
+    n, z = 8, 4
+    e = n // w
+    all_zero = torch.zeros(n + z)
+    all_zero[n:] = 50.0
+    skewed = torch.zeros(n + z)
+    skewed[n - e: n] = 100.0
+    skewed[n:] = 50.0
+    for backend in ("reference", "triton"):
+        split = {op: backend for op in ("moe_permute", "moe_grouped_swiglu", "moe_unpermute")}
+        try:
+            check_against_single(bias=all_zero, expect_received=[0] * w, ep_backend=split)
+            check_against_single(tokens=[0] + [3] * (w - 1), ep_backend=split)
+            check_against_single(tokens=[0] + [3] * (w - 1), bias=skewed, ep_backend=split)
+        except AssertionError as err:
+            raise AssertionError(f"backend {backend}: {err}") from err
+
+
+def _ddp_step_inputs(step, w, hidden):
+    """Every rank's tokens at a step: rank 0 has none at step 0."""
+    return [torch.randn(0 if (step == 0 and j == 0) else 4, hidden, generator=torch.Generator().manual_seed(
+        50 + 10 * step + j)) for j in range(w)]
+
+
+def sc_ddp_unused():
+    """DDP without find_unused_parameters, whatever the routing (a rank without tokens, every slot on a zero
+    expert, one rank's experts unused): no reducer error, and the averaged gradients are the single-process ones.
+    ZeroComputeMoE data-parallel on every world; on 4 ranks also ExpertParallelMoE over a (dp=2) x (ep=2) mesh,
+    DDP over the dp dimension."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from mmkernels.distributed import ExpertParallelMoE
+
+    w, r = dist.get_world_size(), dist.get_rank()
+    n, hidden = 8, 24
+    all_zero = torch.zeros(n + 4)
+    all_zero[n:] = 50.0
+    biases = [None, all_zero, None]  # step 1: every slot on a zero expert (on every rank: buffers are broadcast)
+    moe = make_moe(60)
+    ref = copy.deepcopy(moe)
+    ddp = DDP(moe)
+    for step, bias in enumerate(biases):
+        for m in (moe, ref):
+            m.balancer.bias.copy_(bias if bias is not None else torch.zeros(n + 4))
+            m.zero_grad(set_to_none=True)
+        xs = _ddp_step_inputs(step, w, hidden)
+        ddp(xs[r]).square().sum().backward()
+        for xj in xs:
+            ref(xj).square().sum().backward()
+        for name in ("experts.w_gate_up", "experts.w_down", "router.weight"):
+            got, want = moe.get_parameter(name).grad, ref.get_parameter(name).grad
+            if want is None:
+                raise AssertionError(f"step {step}: ZeroComputeMoE {name}.grad is None")
+            close(f"DDP step {step} {name}.grad", got, want / w, atol=1e-5)
+    if w != 4:
+        return
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))
+    skewed = torch.zeros(n + 4)
+    skewed[n - n // 2: n] = 100.0  # the second EP rank's experts only: the first's are unused
+    skewed[n:] = 50.0
+    ref = make_moe(61)
+    ep = ExpertParallelMoE.from_moe(ref, mesh["ep"])
+    ddp = DDP(ep, process_group=mesh["dp"].get_group())
+    lo, e = ep.expert_offset, ep.num_local_experts
+    for step, bias in enumerate([None, all_zero, skewed]):
+        for m in (ep, ref):
+            m.balancer.bias.copy_(bias if bias is not None else torch.zeros(n + 4))
+            m.zero_grad(set_to_none=True)
+        xs = _ddp_step_inputs(step, w, hidden)
+        ddp(xs[r]).square().sum().backward()
+        for xj in xs:  # all 4 ranks' tokens: each EP shard's gradient covers its EP group's, DDP averages 2 groups
+            ref(xj).square().sum().backward()
+        for name in ("w_gate_up", "w_down"):
+            got, want = getattr(ep.experts, name).grad, getattr(ref.experts, name).grad
+            if got is None or want is None:
+                raise AssertionError(f"step {step}: experts.{name}.grad is None")
+            close(f"EP x DDP step {step} experts.{name}.grad", got, want[lo: lo + e] / 2, atol=1e-5)
+
+
+def sc_dcp_reshard(out_dir):
+    """torch.distributed.checkpoint with sharded expert state dicts: save at 2 ranks, load at 1 and 4 (and back to 2),
+    each save loaded exactly by the next world size; a single-process ZeroComputeMoE checkpoint into EP and an EP
+    checkpoint into ZeroComputeMoE; mismatched loads raise (DCP with another N, torch.load of another rank's or
+    another world size's file, a shard that does not say which experts it holds)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from mmkernels.distributed import ExpertParallelMoE
+
+    w, r = dist.get_world_size(), dist.get_rank()
+    sizes = [2, 1, 4, 2] if w == 4 else [2, 1, 2]
+    groups = {k: dist.new_group(list(range(k))) for k in sorted(set(sizes))}  # collective: every rank, same order
+    root = os.path.join(out_dir, "dcp")
+    ref = make_moe(70)
+    with torch.no_grad():
+        ref.balancer.bias.normal_()  # replicated state must round-trip too
+        ref.balancer.state.normal_()
+    x = torch.randn(5, ref.hidden_size, generator=torch.Generator().manual_seed(71 + r))
+    y_ref = ref(x)
+
+    def check(ep, what):
+        lo, e = ep.expert_offset, ep.num_local_experts
+        for name in ("w_gate_up", "w_down"):
+            if not torch.equal(getattr(ep.experts, name), getattr(ref.experts, name)[lo: lo + e]):
+                raise AssertionError(f"{what}: experts.{name} of rank {ep.rank} of {ep.world_size} are not experts "
+                                     f"[{lo}, {lo + e}) of the saved model")
+        for name in ("router.weight", "balancer.bias", "balancer.state"):
+            if not torch.equal(ep.get_parameter(name) if name.startswith("router") else ep.get_buffer(name),
+                               ref.get_parameter(name) if name.startswith("router") else ref.get_buffer(name)):
+                raise AssertionError(f"{what}: {name} differs")
+        close(f"{what}: y", ep(x), y_ref)  # collective over ep's group
+
+    prev = None
+    for step, k in enumerate(sizes):
+        path = os.path.join(root, f"step{step}-world{k}")
+        if r < k:
+            g = groups[k]
+            ep = ExpertParallelMoE.from_moe(ref if prev is None else make_moe(72 + step), g)
+            ep.full_state_dict = False
+            if prev is not None:
+                sd = ep.state_dict()
+                dcp.load(sd, checkpoint_id=prev, process_group=g)
+                ep.load_state_dict(sd)
+            check(ep, f"world {k} (step {step}, from {prev})")
+            dcp.save(ep.state_dict(), checkpoint_id=path, process_group=g)
+        prev = path
+        dist.barrier()
+    # A single-process ZeroComputeMoE checkpoint into EP over every rank, and the last EP checkpoint back into one.
+    plain = os.path.join(root, "plain")
+    if r == 0:
+        dcp.save(ref.state_dict(), checkpoint_id=plain, process_group=groups[1])
+    dist.barrier()
+    ep = ExpertParallelMoE.from_moe(make_moe(80))
+    ep.full_state_dict = False
+    sd = ep.state_dict()
+    dcp.load(sd, checkpoint_id=plain)
+    ep.load_state_dict(sd)
+    check(ep, "ZeroComputeMoE checkpoint -> EP")
+    if r == 0:
+        single = make_moe(81)
+        sd = single.state_dict()
+        dcp.load(sd, checkpoint_id=prev, process_group=groups[1])
+        single.load_state_dict(sd)
+        for key, value in ref.state_dict().items():
+            if isinstance(value, torch.Tensor) and not torch.equal(single.state_dict()[key], value):
+                raise AssertionError(f"EP checkpoint (world {sizes[-1]}) -> ZeroComputeMoE: {key} differs")
+    dist.barrier()
+    # DCP into a block with another N: DCP refuses on every rank (a BaseException).
+    bigger = ExpertParallelMoE.from_moe(make_moe(82, n=16))
+    bigger.full_state_dict = False
+    try:
+        dcp.load(bigger.state_dict(), checkpoint_id=plain)
+    except CheckpointException as err:
+        if "Size mismatch" not in str(err):
+            raise AssertionError(f"DCP with another N: unclear error {err}") from err
+    else:
+        raise AssertionError("DCP loaded a checkpoint of 8 experts into a block of 16")
+    # torch.save / torch.load per rank: the rank's own file loads exactly, any other rank's file raises.
+    torch.save(ep.state_dict(), os.path.join(root, f"rank{r}.pt"))
+    dist.barrier()
+    before = [t.clone() for t in (ep.experts.w_gate_up, ep.experts.w_down)]
+    for j in range(w):
+        saved = torch.load(os.path.join(root, f"rank{j}.pt"), weights_only=False)
+        try:
+            ep.load_state_dict(saved)
+        except ValueError as err:
+            if j == r or f"rank {j} of {w}" not in str(err):
+                raise
+        else:
+            if j != r:
+                raise AssertionError(f"rank {r} loaded rank {j}'s experts without an error")
+        if not torch.equal(ep.experts.w_gate_up, before[0]) or not torch.equal(ep.experts.w_down, before[1]):
+            raise AssertionError(f"rank {r}: loading rank {j}'s file changed the experts")
+    check(ep, "own torch.save file")
+    # A plain shard without the saved identity (its metadata stripped) is refused.
+    stripped = {key: (val.to_local() if hasattr(val, "to_local") else val) for key, val in ep.state_dict().items()}
+    try:
+        ep.load_state_dict(stripped)
+    except ValueError as err:
+        if "which experts" not in str(err):
+            raise
+    else:
+        raise AssertionError("a plain shard without its identity loaded silently")
+    # Another world size's file (rank 0 of this world into a world of 1) is refused.
+    if r == 0:
+        one = ExpertParallelMoE.from_moe(make_moe(83), groups[1])
+        try:
+            one.load_state_dict(torch.load(os.path.join(root, "rank0.pt"), weights_only=False))
+        except ValueError as err:
+            if "DTensor of another layout" not in str(err):
+                raise
+        else:
+            raise AssertionError("a world-of-w shard loaded into a world of 1")
+    dist.barrier()
+
+
 def sc_scmoe(out_dir):
     """ScMoE layer under EP: overlapped and sequential schedules bitwise equal, forward and every gradient; saves the
     output, gradients and full state dict for the parent to compare with the world-of-one layer."""
@@ -425,7 +637,11 @@ SCENARIOS = {
     "state_dict": sc_state_dict,
     "mismatch": sc_mismatch,
     "scmoe": sc_scmoe,
+    "unused_expert_grads": sc_unused_expert_grads,
+    "ddp_unused": sc_ddp_unused,
+    "dcp_reshard": sc_dcp_reshard,
 }
+NEEDS_OUT_DIR = {"scmoe", "dcp_reshard"}
 
 
 def main(argv: list[str]) -> int:
@@ -438,9 +654,10 @@ def main(argv: list[str]) -> int:
         for name in names:
             fn = SCENARIOS[name]
             try:
-                fn(out_dir) if name == "scmoe" else fn()
+                fn(out_dir) if name in NEEDS_OUT_DIR else fn()
                 results[name] = "ok"
-            except Exception:  # record and go on: the parent reports every failing scenario
+            except (Exception, torch.distributed.checkpoint.api.CheckpointException):  # DCP's is a BaseException
+                # record and go on: the parent reports every failing scenario
                 results[name] = traceback.format_exc()
             dist.barrier()
     finally:

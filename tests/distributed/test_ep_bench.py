@@ -24,6 +24,15 @@ def test_bench_writes_every_number(tmp_path):
         assert isinstance(report[key], float) and math.isfinite(report[key]), key
     assert report["t_comm_ms"] > 0 and report["bytes_sent_off_rank_per_rank"] > 0
     assert (tmp_path / "ep_timeline.png").stat().st_size > 1000
+    # One hidden fraction: the median paired saving over the transport time, its spread, and a plotted timeline
+    # (the median iteration, slowest rank of each schedule) whose two lengths differ by exactly that saving.
+    hf, saved, t_comm = report["hidden_fraction"], report["t_saved_paired_ms"], report["t_comm_ms"]
+    assert hf == pytest.approx(saved / t_comm)
+    assert report["hidden_fraction_p20"] <= hf <= report["hidden_fraction_p80"]
+    lines = report["timeline_median_iteration"]
+    ends = {k: 1e3 * lines[k]["marks"][-1][1] for k in ("False", "True")}
+    assert ends["False"] - ends["True"] == pytest.approx(saved, abs=1e-6)
+    assert lines["False"]["iteration"] == lines["True"]["iteration"] < report["iters"]
     # gloo on one host: the cores the transport keeps busy and the best hidden fraction those cores allow
     assert report["cores"] >= 1 and report["transport_cpu_seconds_all_ranks"] >= 0
     assert report["cpu_seconds_all_ranks_sequential"] > 0
@@ -49,6 +58,45 @@ def test_cpu_bound_is_work_conservation():
     assert r["hidden_fraction_cpu_bound"] == pytest.approx(0.5)
 
 
-def test_bench_usage_errors(capsys):
-    assert main(["--nproc", "0"]) == 2
+@pytest.mark.parametrize("argv, flag", [
+    (["--nproc", "0"], "--nproc"),
+    (["--nproc", "1"], "--nproc"),  # one rank is no expert parallelism (once a KeyError: 'permute')
+    (["--nproc", "3"], "--nproc"),  # 3 does not divide the small preset's 16 experts
+    (["--preset", "tiny", "--nproc", "16"], "--nproc"),
+    (["--preset", "bogus"], "--preset"),
+    (["--timeout", "0"], "--timeout"),
+    (["--timeout", "-5"], "--timeout"),
+    (["--timeout", "nan"], "--timeout"),
+    (["--iters", "0"], "--iters"),
+    (["--batch", "0"], "--batch"),  # once "hidden fraction -34.7%"
+    (["--seq-len", "0"], "--seq-len"),
+    (["--warmup", "-1"], "--warmup"),
+    (["--threads", "0"], "--threads"),
+    (["--nproc", "two"], "--nproc"),
+    (["--device", "tpu"], "--device"),
+    (["--frobnicate"], "--frobnicate"),
+])
+def test_bench_usage_errors(capsys, tmp_path, monkeypatch, argv, flag):
+    """Every bad flag: exit status 2 and one line naming the flag, before any process starts or folder is made."""
+    from mmkernels.distributed import launch
+
+    monkeypatch.setattr(launch, "run_local_world", lambda *a, **k: pytest.fail("started processes"))
+    out = tmp_path / "never"
+    assert main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and flag in err and err.startswith("mmkernels-bench ep:"), err
+    assert not out.exists()
+
+
+def test_bench_out_must_be_a_folder(capsys, tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    assert main(["--out", str(path)]) == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_bench_usage_errors_through_the_cli(capsys):
+    from mmkernels.bench.cli import main as cli_main
+
+    assert cli_main(["ep", "--nproc", "1"]) == 2
     assert "--nproc" in capsys.readouterr().err

@@ -118,12 +118,58 @@ MODELS = {
 
 
 def pytest_generate_tests(metafunc):
-    """``hf_vision_model`` parametrizes a test over every covered vision / Q-Former model (by name)."""
+    """``hf_vision_model`` parametrizes a test over every covered vision / Q-Former model (by name), ``hf_any_model``
+    over those and the MoE families."""
     if "hf_vision_model" in metafunc.fixturenames:
         metafunc.parametrize("hf_vision_model", sorted(MODELS))
+    if "hf_any_model" in metafunc.fixturenames:
+        metafunc.parametrize("hf_any_model", sorted(EVERY_MODEL))
 
 
 @pytest.fixture
 def hf_models():
-    """name -> (build, inputs, output tensor of the model output, reported kinds, ops that run)."""
-    return MODELS
+    """name -> (build, inputs, output tensor of the model output, reported kinds, ops that run): the vision /
+    Q-Former models and the MoE families."""
+    return EVERY_MODEL
+
+
+# ---- MoE families (patched through integrations/hf/moe.py): tiny *ForCausalLM, logits out -------------------------
+
+MOE_VOCAB = 61
+
+
+def mixtral():
+    cfg = transformers.MixtralConfig(vocab_size=MOE_VOCAB, hidden_size=24, intermediate_size=20, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, num_local_experts=5,
+                                     num_experts_per_tok=2)
+    return transformers.MixtralForCausalLM(cfg)
+
+
+def longcat():
+    cfg = transformers.LongcatFlashConfig(
+        vocab_size=MOE_VOCAB, hidden_size=24, num_layers=1, num_attention_heads=2, ffn_hidden_size=20, q_lora_rank=8,
+        kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, head_dim=4, v_head_dim=4, moe_topk=3,
+        n_routed_experts=5, zero_expert_num=3, expert_ffn_hidden_size=12, routed_scaling_factor=2.0)
+    return transformers.LongcatFlashForCausalLM(cfg)
+
+
+def deepseek_v3():
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=MOE_VOCAB, hidden_size=24, intermediate_size=20, moe_intermediate_size=12, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, n_shared_experts=1, n_routed_experts=12, n_group=4,
+        topk_group=2, num_experts_per_tok=3, first_k_dense_replace=1, q_lora_rank=8, kv_lora_rank=8,
+        qk_nope_head_dim=4, qk_rope_head_dim=4, v_head_dim=4, routed_scaling_factor=2.5)
+    return transformers.DeepseekV3ForCausalLM(cfg)
+
+
+def _moe_ids():
+    return dict(input_ids=torch.randint(0, MOE_VOCAB, (2, 7), generator=torch.Generator().manual_seed(5)))
+
+
+# name: (build, inputs, output tensor, the kinds patch must report at least, the ops that must run)
+MOE_MODELS = {
+    "MixtralForCausalLM": (mixtral, _moe_ids, _logits, {"moe": 2}, {"moe_route", "moe_experts"}),
+    "LongcatFlashForCausalLM": (longcat, _moe_ids, _logits, {"moe": 1}, {"moe_route", "moe_experts"}),
+    "DeepseekV3ForCausalLM": (deepseek_v3, _moe_ids, _logits, {"moe": 1}, {"moe_route", "moe_experts"}),
+}
+EVERY_MODEL = {**MODELS, **MOE_MODELS}

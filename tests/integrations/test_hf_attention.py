@@ -196,7 +196,9 @@ def test_patched_model_falls_back_to_its_eager_code(ops_run, no_backend_env):
     with torch.no_grad():
         ref = model(query_embeds=x, attention_mask=bias, encoder_hidden_states=enc).last_hidden_state
         report = patch(model, qformer=False)
-        assert model.config._attn_implementation == "mmkernels"
+        assert model.config._attn_implementation == "eager"  # the model's config is not touched
+        assert {m.config._attn_implementation for m in model.modules() if hasattr(m, "config")} == {"eager",
+                                                                                                    "mmkernels"}
         out = model(query_embeds=x, attention_mask=bias, encoder_hidden_states=enc).last_hidden_state
         torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
         assert sum(report.fallbacks.values()) == 1 and "arbitrary 4-D bias" in str(report)

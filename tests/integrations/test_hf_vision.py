@@ -268,8 +268,11 @@ def test_deepcopy_and_save_pretrained_of_a_patched_model(hf_models, tmp_path, op
         twin = copy.deepcopy(model)
         torch.testing.assert_close(output(twin(**inputs)), ref, atol=ATOL, rtol=RTOL)
         assert ops_run
-        unpatch(twin)  # restores the copy's own configs and forwards, not the original's
-        assert twin.config._attn_implementation == "sdpa" and model.config._attn_implementation == "mmkernels"
+        unpatch(twin)  # restores the copy's own attention configs and forwards, not the original's
+        impls = {m.config._attn_implementation for m in model.modules() if hasattr(m, "config")}
+        assert impls == {"sdpa", "mmkernels"}  # the model's config keeps its own; its attention modules read ours
+        assert {m.config._attn_implementation for m in twin.modules() if hasattr(m, "config")} == {"sdpa"}
+        assert all(m.config is twin.config for m in twin.modules() if hasattr(m, "config"))
         ops_run.clear()
         assert torch.equal(output(twin(**inputs)), ref) and not ops_run
         model.save_pretrained(tmp_path)  # the checkpoint is the plain HF one
@@ -329,3 +332,42 @@ def test_unpatch_of_the_model_undoes_a_patch_of_a_part(hf_models, ops_run, no_ba
         assert torch.equal(output(model(**x)), ref) and not ops_run
     assert model.vision_model.config._attn_implementation == impl
     assert not [k for m in model.modules() for k in m.__dict__ if k.startswith("_mmkernels_")]
+
+
+def _change(model, how):
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    if how == "forward_hook":
+        conv.register_forward_hook(lambda mod, args, out: out * 2)
+    elif how == "forward_pre_hook":
+        conv.register_forward_pre_hook(lambda mod, args: (args[0] * 2,))
+    else:
+        plain = conv.forward
+        conv.forward = lambda x: plain(x) * 2
+
+
+@pytest.mark.parametrize("order", ["change-then-patch", "patch-then-change"])
+@pytest.mark.parametrize("how", ["forward_hook", "forward_pre_hook", "instance_forward"])
+@pytest.mark.parametrize("name", ["ViTModel", "CLIPVisionModel", "SiglipVisionModel", "Blip2VisionModel"])
+def test_changed_projection_is_never_skipped(name, how, order, hf_models, ops_run, no_backend_env):
+    """Whatever changes what calling the patch projection does (a hook, another library's forward on it), the fused op
+    (which reads its weight without calling it) never skips it: changed before ``patch``, the embedding is left alone
+    (reported); changed after, that call runs the model's own forward (counted)."""
+    twin, inputs, output, _, _ = _build(hf_models, name)
+    _change(twin, how)
+    model, _, _, _, _ = _build(hf_models, name)
+    with torch.no_grad():
+        ref = output(twin(**inputs))
+        if order == "change-then-patch":
+            _change(model, how)
+            report = patch(model)
+        else:
+            report = patch(model)
+            _change(model, how)
+        out = output(model(**inputs))
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
+    assert "patch_embed" not in {op for op, _ in ops_run}
+    if order == "change-then-patch":
+        assert "patch_embed" not in report.kinds() and not report.fallbacks
+        assert any(s.kind == "patch_embed" and "not a plain stride-P Conv2d" in s.reason for s in report.skipped)
+    else:
+        assert sum(report.fallbacks.values()) == 1 and "not a plain stride-P Conv2d" in str(report)

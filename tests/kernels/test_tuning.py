@@ -50,9 +50,16 @@ def as_on_gpu(monkeypatch):
     monkeypatch.setattr(_common, "interpreted", lambda t: False)
 
 
-def _write(folder, name, kernels, fmt=1):
+def _write(folder, name, kernels, fmt=None, stamp=True):
+    """A tuning file as ``save`` writes it: every entry that is an object stamped with what it was tuned for (this
+    install's versions and kernel source hash), unless ``stamp`` is False."""
+    if stamp:
+        kernels = {k: ({key: ({**cfg, tuning.TUNED_FOR: tuning.tuned_for(k)}
+                              if isinstance(cfg, dict) and k in tuning.SPACES else cfg) for key, cfg in table.items()}
+                       if isinstance(table, dict) else table) for k, table in kernels.items()}
     path = folder / f"{tuning.device_slug(name)}.json"
-    path.write_text(json.dumps({"format": fmt, "device": name, "kernels": kernels}))
+    path.write_text(json.dumps({"format": tuning.FORMAT if fmt is None else fmt, "device": name,
+                                "kernels": kernels}))
     return path
 
 
@@ -182,17 +189,159 @@ def test_each_launcher_family_converts_to_its_default_type(files, as_on_gpu):
 
 @pytest.mark.parametrize("content,match", [
     ("{not json", "cannot read it as JSON"),
-    (json.dumps({"format": 99, "kernels": {}}), "not a format-1 tuning file \\(its format is 99"),
+    (json.dumps({"format": 99, "kernels": {}}), "not a format-2 tuning file \\(its format is 99"),
+    (json.dumps({"format": 1, "kernels": {}}), "not a format-2 tuning file \\(its format is 1"),
     (json.dumps([1, 2]), "the top level is a list, not a JSON object"),
-    (json.dumps({"format": 1, "kernels": []}), "'kernels' is a list, not an object"),
-    (json.dumps({"format": 1}), "no 'kernels' object"),
+    (json.dumps({"format": 2, "kernels": []}), "'kernels' is a list, not an object"),
+    (json.dumps({"format": 2}), "no 'kernels' object"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    (b"\xff\xfe{}", "cannot read it as JSON"),
 ])
 def test_unreadable_file_is_ignored_with_a_warning(files, as_on_gpu, content, match):
     _, shipped = files
-    (shipped / f"{tuning.device_slug(H100)}.json").write_text(content)
+    (shipped / f"{tuning.device_slug(H100)}.json").write_bytes(content.encode() if isinstance(content, str)
+                                                               else content)
     with pytest.warns(tuning.TuningConfigWarning, match=match):
         got, default = _pick_fwd()
     assert got is default
+
+
+def _special_file(kind, path):
+    """Make ``path`` a file that must never be read: a FIFO (opening it blocks until a writer comes), a link to
+    /dev/zero (endless), a folder, a file over the size limit."""
+    import os
+
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "folder":
+        path.mkdir()
+    elif kind == "huge":
+        with open(path, "wb") as f:
+            f.truncate(tuning.MAX_FILE_BYTES + 1)  # sparse: nothing is written
+    return {"fifo": "not a regular file", "dev-zero": "not a regular file", "folder": "not a regular file",
+            "huge": "over the .*-byte limit"}[kind]
+
+
+@pytest.mark.parametrize("where", ["user", "shipped"])
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "folder", "huge"])
+def test_a_file_that_is_not_a_bounded_regular_file_is_never_read(files, as_on_gpu, where, kind):
+    """The finding: a FIFO as the user file hung the first launch forever. Every source (user file, shipped file) is
+    checked before it is read; the launch gets the default with one warning, and another source still applies."""
+    user, shipped = files
+    folder, other = (user, shipped) if where == "user" else (shipped, user)
+    match = _special_file(kind, folder / f"{tuning.device_slug(H100)}.json")
+    _write(other, H100, {"attention_bwd_dq": {"dtype=fp16,d=64,causal=0,seq=256": {
+        "block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 1}}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, default = _pick_fwd()  # would block forever on the FIFO, or read /dev/zero until memory runs out
+    ours = [str(w.message) for w in caught if issubclass(w.category, tuning.TuningConfigWarning)]
+    assert len(ours) == 1 and re.search(match, ours[0]), ours
+    assert got is default
+    dq = tuning.pick("attention_bwd_dq", ATTN, tattn._Config(128, 32, 4, 3), like=torch.empty(1))
+    assert dq == tattn._Config(64, 64, 4, 1)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "folder"])
+def test_save_refuses_to_replace_or_read_a_special_file(tmp_path, kind):
+    path = tmp_path / "x.json"
+    _special_file(kind, path)
+    result = tuning.BucketResult("dtype=fp16,d=64,causal=0,seq=256", dict(FWD_CFG), 0.5, 1.0, 3, 9, {}, True)
+    with pytest.raises(OSError, match="not a regular file"):
+        tuning.save(path, H100, [("attention_fwd", result)])
+    assert path.is_symlink() or not path.is_file()  # left as it was
+
+
+@pytest.mark.parametrize("field,value", [("mmkernels", "0.0.1"), ("triton", "2.0.0"), ("torch", "1.13.0"),
+                                         ("source", "0123456789abcdef"), (None, None)])
+def test_entry_tuned_for_another_version_or_kernel_source_is_stale(files, as_on_gpu, field, value):
+    """Each stamp field alone makes an entry stale (ignored with one warning naming it); no stamp at all too. The
+    file's current entries still apply."""
+    _, shipped = files
+    fresh = {"dtype=fp16,d=64,causal=0,seq=256": {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 1}}
+    stamp = None if field is None else dict(tuning.tuned_for("attention_fwd"), **{field: value})
+    entry = dict(FWD_CFG) if stamp is None else dict(FWD_CFG, **{tuning.TUNED_FOR: stamp})
+    path = _write(shipped, H100, {"attention_fwd": {"dtype=fp16,d=64,causal=0,seq=256": entry}}, stamp=False)
+    raw = json.loads(path.read_text())
+    raw["kernels"]["attention_bwd_dq"] = {k: dict(v, **{tuning.TUNED_FOR: tuning.tuned_for("attention_bwd_dq")})
+                                          for k, v in fresh.items()}
+    path.write_text(json.dumps(raw))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got, default = _pick_fwd()
+    ours = [str(w.message) for w in caught if issubclass(w.category, tuning.TuningConfigWarning)]
+    assert len(ours) == 1 and "stale" in ours[0] and "[dtype=fp16,d=64,causal=0,seq=256]" in ours[0], ours
+    if field is not None:
+        label = "kernel source" if field == "source" else field
+        assert f"{label} {value!r}" in ours[0], ours
+    assert got is default
+    assert tuning.pick("attention_bwd_dq", ATTN, tattn._Config(128, 32, 4, 3), like=torch.empty(1)) == \
+        tattn._Config(64, 64, 4, 1)
+
+
+def test_tune_retunes_stale_buckets(tmp_path, monkeypatch):
+    """A bucket whose entry is stale counts as untuned: ``tune`` sweeps it again and the new stamp replaces it."""
+    out = tmp_path / "x.json"
+    shape = next(c for c in tuning.SPACES["qformer_fwd"].cases() if c["dtype"] == torch.float16)
+    key = tuning.bucket_key("qformer_fwd", shape)
+    cfg = {"block_n": 64, "num_warps": 4, "num_stages": 2}
+    stamp = dict(tuning.tuned_for("qformer_fwd"), triton="0.0.0")
+    out.write_text(json.dumps({"format": tuning.FORMAT, "device": H100, "kernels": {
+        "qformer_fwd": {key: dict(cfg, **{tuning.TUNED_FOR: stamp})}}}))
+    swept = []
+
+    def fake_sweep(space, shape, device, **kw):
+        swept.append(tuning.bucket_key(space.kernel, shape))
+        return tuning.BucketResult(swept[-1], kw["default"], 1.0, 1.0, 0, 1, {}, True)
+
+    monkeypatch.setattr(tuning, "sweep", fake_sweep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", tuning.TuningConfigWarning)
+        tuning.tune(["qformer_fwd"], device=torch.device("cpu"), budget=60, out=out, name=H100,
+                    dtypes=[torch.float16], report=lambda line: None)
+    assert key in swept
+    entry = json.loads(out.read_text())["kernels"]["qformer_fwd"][key]
+    assert entry[tuning.TUNED_FOR] == tuning.tuned_for("qformer_fwd")
+
+
+_WRITER = """
+import os, sys, time
+from pathlib import Path
+from mmkernels.kernels.triton import tuning
+path, first, count, go = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4])
+while not go.exists():
+    time.sleep(0.005)
+for d in range(first, first + count):
+    result = tuning.BucketResult(f"dtype=fp16,d={d},causal=0,seq=256", {"block_m": 64, "block_n": 32,
+                                 "num_warps": 4, "num_stages": 2}, 0.5, 1.0, 1, 1, {}, True)
+    tuning.save(path, "NVIDIA H100 80GB HBM3", [("attention_fwd", result)])
+"""
+
+
+def test_concurrent_writers_in_separate_processes_keep_every_entry(tmp_path):
+    """The finding: two processes saving at once lost entries (28 and 35 of 50 buckets survived). 4 writer processes
+    x 30 buckets each, released together, all into one file: all 120 entries survive, and the file loads clean."""
+    import os
+    import subprocess
+    import sys
+
+    path, go = tmp_path / "shared.json", tmp_path / "go"
+    writers, per_writer = 4, 30
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(path), str(1 + i * per_writer), str(per_writer),
+                               str(go)], env=env, stderr=subprocess.PIPE, text=True) for i in range(writers)]
+    go.touch()
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err
+    data = json.loads(path.read_text())
+    assert len(data["kernels"]["attention_fwd"]) == writers * per_writer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(tuning._entries(path)["attention_fwd"]) == writers * per_writer
+    assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]  # no temporary file left behind
 
 
 @pytest.mark.parametrize("kernels,match", [
@@ -295,11 +444,11 @@ def test_every_tuned_default_is_a_valid_file_entry():
 # ---- autotune switch ----------------------------------------------------------------------------------------------
 
 
-def test_no_tuning_unless_mmkernels_autotune_is_1(files, as_on_gpu, monkeypatch):
+def test_no_tuning_unless_mmkernels_autotune_is_on(files, as_on_gpu, monkeypatch):
     calls = []
     monkeypatch.setattr(tuning, "_can_autotune", lambda like: True)
     monkeypatch.setattr(tuning, "_autotune", lambda *a: calls.append(a) or dict(FWD_CFG))
-    for value in (None, "0", "true"):
+    for value in (None, "", "0", "false", "off"):
         if value is None:
             monkeypatch.delenv("MMKERNELS_AUTOTUNE", raising=False)
         else:
@@ -307,9 +456,14 @@ def test_no_tuning_unless_mmkernels_autotune_is_1(files, as_on_gpu, monkeypatch)
         got, default = _pick_fwd()
         assert got is default
     assert calls == []
-    monkeypatch.setenv("MMKERNELS_AUTOTUNE", "1")
-    got, _ = _pick_fwd()
-    assert got == tattn._Config(64, 32, 8, 2) and len(calls) == 1
+    for n, value in enumerate(("1", "true", "ON"), 1):
+        monkeypatch.setenv("MMKERNELS_AUTOTUNE", value)
+        got, _ = _pick_fwd()
+        assert got == tattn._Config(64, 32, 8, 2) and len(calls) == n
+    for value in ("2", "maybe", "-1"):  # a value the parser does not know is an error naming the variable
+        monkeypatch.setenv("MMKERNELS_AUTOTUNE", value)
+        with pytest.raises(ValueError, match=f"MMKERNELS_AUTOTUNE='{value}' is not valid"):
+            _pick_fwd()
 
 
 def test_autotune_never_runs_on_cpu_tensors_under_the_interpreter_or_while_tracing(files, monkeypatch):
@@ -477,7 +631,7 @@ def test_save_merges_into_an_existing_file(tmp_path):
     tuning.save(path, H100, [("attention_fwd", r1)])
     tuning.save(path, H100, [("attention_fwd", r2)])
     data = json.loads(path.read_text())
-    assert data["format"] == 1 and data["device"] == H100
+    assert data["format"] == tuning.FORMAT and data["device"] == H100
     assert set(data["kernels"]["attention_fwd"]) == {r1.key, r2.key}
     assert data["kernels"]["attention_fwd"][r1.key]["_default_ms"] == 1.0
     with warnings.catch_warnings():

@@ -158,5 +158,5 @@ def test_dropout_in_training_only(backend, device):
     torch.testing.assert_close(m(x), first, rtol=0, atol=0)
     assert not torch.allclose(first, plain(x))
     assert "dropout=0.3" in repr(m)
-    with pytest.raises(ValueError, match="dropout_p must be in"):
+    with pytest.raises(ValueError, match="Attention: dropout must be in"):
         Attention(32, 4, dropout=1.0)

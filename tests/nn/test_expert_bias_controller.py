@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import mmkernels
 from mmkernels.nn import ExpertBiasController
 from mmkernels.ops import expert_bias_update_
 
@@ -89,6 +90,26 @@ def test_state_dict_round_trip_resumes_exactly():
     a.update(counts)
     b.update(counts)
     assert torch.equal(a.bias, b.bias) and torch.equal(a.state, b.state)
+
+
+def test_old_checkpoints_with_a_dict_step_counter_still_load():
+    """Checkpoints written when the extra state was ``{"steps": n}`` load into today's tensor counter, through the
+    controller and through a ZeroComputeMoE; a malformed counter is a ValueError naming it."""
+    a = ExpertBiasController(8, 4, 3, 2.0, ki=0.1)
+    a.update(torch.tensor([5, 1, 0, 2, 7, 3, 1, 1, 4, 0, 2, 2], dtype=torch.int32))
+    sd = a.state_dict()
+    assert sd["_extra_state"].dtype == torch.int64 and int(sd["_extra_state"]) == 1
+    old = dict(sd, _extra_state={"steps": 5})
+    b = ExpertBiasController(8, 4, 3, 2.0, ki=0.1)
+    b.load_state_dict(old, strict=True)
+    assert b.steps == 5 and torch.equal(b.bias, a.bias)
+    moe = mmkernels.nn.ZeroComputeMoE(16, 8, 4, 3, 20, target_ffn_per_token=2.0)
+    moe_sd = dict(moe.state_dict(), **{"balancer._extra_state": {"steps": 9}})
+    moe.load_state_dict(moe_sd, strict=True)
+    assert moe.balancer.steps == 9
+    for bad in (torch.tensor(1.5), torch.tensor([1, 2]), torch.tensor(-3), {"steps": "x"}):
+        with pytest.raises((ValueError, TypeError), match="step counter"):
+            b.load_state_dict(dict(sd, _extra_state=bad))
 
 
 def test_gain_schedule_scales_the_gains():

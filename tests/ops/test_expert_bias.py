@@ -250,3 +250,103 @@ def test_gpu_backends_match_oracle(n, z, k, mode):
         assert_close(b.cpu(), want_b, torch.float32, msg=backend)
         if mode == "pid":
             assert_close(s.cpu(), want_s, torch.float32, msg=backend)
+
+
+# ---- every backend agrees on edge inputs (finding 11) ----------------------------------------------------------------
+
+F32_MAX = float(torch.finfo(torch.float32).max)
+F32_TINY = float(torch.finfo(torch.float32).smallest_normal)
+
+
+def _edge_cases():
+    """(name, counts, bias, state, kwargs): zero T_all, huge int64 counts (float32 rounding of T_i / T_all), clamps at
+    0 / a subnormal / FLT_MAX, subnormal and near-FLT_MAX gains (products overflow to inf, inf - inf = NaN), NaN and
+    inf already in bias and state, sign mode. Values the kernels take as float32 stay within float32's range (larger
+    ones are an error, ``test_values_beyond_float32_are_an_error``)."""
+    g = torch.Generator().manual_seed(11)
+    cases = []
+    for i in range(36):
+        n, z = int(torch.randint(1, 40, (1,), generator=g)), int(torch.randint(0, 9, (1,), generator=g))
+        k = int(torch.randint(1, n + z + 1, (1,), generator=g))
+        counts = [torch.zeros(n + z, dtype=torch.int32),
+                  torch.randint(0, 2**40, (n + z,), generator=g, dtype=torch.int64),
+                  torch.randint(0, 1000, (n + z,), generator=g, dtype=torch.int32),
+                  torch.full((n + z,), 7, dtype=torch.int32)][i % 4]
+        scale = 10.0 ** float(torch.randint(-42, 4, (1,), generator=g))
+        bias = torch.randn(n + z, generator=g) * scale
+        state = torch.randn(2, n, generator=g) * scale
+        if i % 5 == 0:
+            bias[0], bias[-1], state[0, -1] = float("nan"), float("-inf"), float("inf")
+        gains = [0.0, 1e-3, 1e-45, 1e-40, F32_TINY, 3e38, F32_MAX, 0.1, 1 / 3, 7.0]
+        kp, ki, kd = (gains[int(j)] for j in torch.randint(0, len(gains), (3,), generator=g))
+        kw = dict(num_ffn_experts=n, top_k=k, target_ffn_per_token=float(torch.rand(1, generator=g)) * k, kp=kp,
+                  ki=ki, kd=kd, mode=("pid", "sign")[i % 2], max_abs=(None, 0.0, 1e-45, 1e-3, F32_MAX, 0.1)[i % 6])
+        cases.append((f"case{i}", counts, bias, state, kw))
+    return cases
+
+
+EDGE_CASES = _edge_cases()
+
+
+@pytest.mark.parametrize("case", EDGE_CASES, ids=lambda c: c[0])
+def test_backends_agree_bitwise_on_edge_inputs(case):
+    """cpp, triton (interpreter) and reference give the same bits, signed zeros and NaN included, on every edge input
+    (the reference is the rule; the float64 oracle checks the finite results)."""
+    _, counts, bias0, state0, kw = case
+    results = {}
+    for backend in CPU_BACKENDS:
+        bias, state = bias0.clone(), state0.clone()
+        expert_bias_update_(bias, counts, state, backend=backend, **kw)
+        results[backend] = (bias, state)
+    want_b, want_s = results["reference"]
+    for backend, (b, s) in results.items():
+        assert torch.equal(b.view(torch.int32), want_b.view(torch.int32)), (backend, b, want_b)
+        assert torch.equal(s.view(torch.int32), want_s.view(torch.int32)), (backend, s, want_s)
+    n = kw["num_ffn_experts"]
+    assert torch.equal(want_b[n:].view(torch.int32), bias0[n:].view(torch.int32))  # zero experts never written
+    oracle_b, _ = oracle(bias0, counts, state0, n, kw["top_k"], kw["target_ffn_per_token"], kw["kp"], kw["ki"],
+                         kw["kd"], kw["mode"], kw["max_abs"])
+    finite = torch.isfinite(want_b) & torch.isfinite(oracle_b) & (oracle_b.abs() < 1e30)
+    torch.testing.assert_close(want_b[finite].double(), oracle_b[finite], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("arg", ["kp", "ki", "kd", "max_abs"])
+def test_values_beyond_float32_are_an_error(backend, arg):
+    """A gain or clamp past float32's range: C++ and Triton would read inf, PyTorch would raise its own overflow
+    error; every backend refuses it up front, naming the argument. FLT_MAX itself is accepted everywhere."""
+    tensors, args = _good()
+    for bad in (1e39, -1e39, 1e300):
+        if arg == "max_abs" and bad < 0:
+            continue
+        with pytest.raises(ValueError, match=f"{arg} must be finite as a float32"):
+            expert_bias_update_(**tensors, **args, **{arg: bad}, backend=backend)
+    expert_bias_update_(**tensors, **args, **{arg: F32_MAX}, backend=backend)
+
+
+@pytest.mark.parametrize("arg", ["kp", "ki", "kd", "max_abs"])
+def test_controller_refuses_values_beyond_float32(arg):
+    with pytest.raises(ValueError, match=f"ExpertBiasController: {arg} must be finite as a float32"):
+        mmkernels.nn.ExpertBiasController(8, 2, 2, 1.0, **{arg: 1e39})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", EDGE_CASES, ids=lambda c: c[0])
+def test_gpu_backends_agree_on_edge_inputs(case):
+    """On a GPU too, every backend gives the CPU reference's bits: the CUDA kernel rounds each product and sum on its
+    own (``__fmul_rn``/``__fadd_rn``, which nvcc never contracts into an FMA) and the Triton kernel is launched with
+    ``enable_fp_fusion=False``; both divide with ``div.rn`` and keep subnormals (no ``.ftz``). Checked in the PTX of
+    both (no ``fma.rn.f32``); this test is the check on a card."""
+    _, counts, bias0, state0, kw = case
+    dev = torch.device("cuda")
+    want_b, want_s = bias0.clone(), state0.clone()
+    expert_bias_update_(want_b, counts, want_s, backend="reference", **kw)
+    for backend in EXPERT_BIAS_BACKENDS.available(dev):
+        b, s = bias0.to(dev), state0.to(dev)
+        expert_bias_update_(b, counts.to(dev), s, backend=backend, **kw)
+        for got, want in ((b.cpu(), want_b), (s.cpu(), want_s)):
+            # NaN payloads differ between x86 and a GPU (each has its canonical NaN): NaN where the reference has
+            # NaN, every other value bit for bit (signed zeros, subnormals)
+            nan = torch.isnan(want)
+            assert torch.equal(torch.isnan(got), nan), backend
+            assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32)), (backend, got, want)

@@ -533,3 +533,62 @@ def test_gpu_composition_matches_moe_experts(dtype):
     for name, a, b in zip(["out", "hidden", "topk_weights", "zero_weight", "w_gate_up", "w_down"], split, fused):
         scale = max(b.abs().max().item(), 1.0)
         torch.testing.assert_close(a.float(), b.float(), rtol=5e-2, atol=5e-2 * scale, msg=lambda m, name=name: name)
+
+
+# ---- moe_unpermute: slots and offsets a caller hands in follow one rule on every backend (finding 10) --------------
+
+def _combine_oracle(expert_out, slots, end, weights, zero_weight, hidden):
+    """Row by row in float64: rows r < clamp(end, 0, M) whose slot is in [0, T*K) add w[slot] * row to token
+    slot // K; other rows are not read."""
+    t, k = weights.shape
+    out = hidden.double() * zero_weight.double()[:, None]
+    for r in range(min(max(end, 0), expert_out.shape[0])):
+        s = int(slots[r])
+        if 0 <= s < t * k:
+            out[s // k] += weights.reshape(-1)[s].double() * expert_out[r].double()
+    return out
+
+
+BAD_SLOTS = {
+    # name: (slot edits {row: value}, offsets[-1] or None to keep)
+    "int64 slot 2**32 (not slot 0)": ({0: 2**32, 3: 2**32 + 5}, None),
+    "negative slots": ({1: -1, 4: -7}, None),
+    "slots >= T*K": ({2: 14, 5: 2**31 - 1}, None),
+    "negative offsets[-1]": ({}, -3),
+    "offsets[-1] past M": ({}, 10**6),
+}
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("case", sorted(BAD_SLOTS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unpermute_out_of_range_slots_and_offsets_follow_one_rule(backend, case, deterministic):
+    """Rows whose slot is outside [0, T*K) are not read (NaN in them and in their weights stays out), int64 slots are
+    never narrowed, and offsets[-1] is clamped into [0, M]: the same values on every backend, no raw IndexError, and
+    the backward runs with zero gradient for rows not read."""
+    g = gen(5)
+    t, k, c = 7, 2, 5
+    edits, end = BAD_SLOTS[case]
+    slots = torch.randperm(t * k, generator=g).to(torch.int64)
+    for r, s in edits.items():
+        slots[r] = s
+    m = t * k
+    offsets = torch.tensor([0, 4, m if end is None else end], dtype=torch.int64)
+    expert_out = torch.randn(m, c, generator=g)
+    weights = torch.rand(t, k, generator=g)
+    zero_weight, hidden = torch.rand(t, generator=g), torch.randn(t, c, generator=g)
+    for r in edits:  # rows not read may hold anything
+        expert_out[r] = float("nan")
+    want = _combine_oracle(expert_out, slots, int(offsets[-1]), weights, zero_weight, hidden)
+    x = expert_out.clone().requires_grad_()
+    w = weights.clone().requires_grad_()
+    with mmkernels.deterministic(deterministic):
+        got = moe_unpermute(x, MoEPermutation(slots, offsets), w, zero_weight=zero_weight, hidden=hidden,
+                            backend=backend)
+        got.sum().backward()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for r in edits:
+        assert torch.equal(x.grad[r], torch.zeros(c)), r
+    assert torch.isfinite(x.grad).all() and torch.isfinite(w.grad).all()
+    if end is not None and end < 0:
+        assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(w.grad, torch.zeros_like(w))

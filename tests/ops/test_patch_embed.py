@@ -256,6 +256,30 @@ def test_bad_input(changes, exc, match):
                     cls_token=args["cls_token"], backend="reference")
 
 
+# Non-tensor values for each tensor argument. DESIGN.md types every argument as a Tensor (differentiable in each), so a
+# list, tuple or NumPy array is a TypeError naming the argument, before any backend runs: the same on every backend.
+NON_TENSORS = [
+    ("pos_embed", lambda t: t.tolist()),
+    ("pos_embed", lambda t: t[0].tolist()),
+    ("pos_embed", lambda t: tuple(t[0].tolist())),
+    ("pos_embed", lambda t: t.numpy()),
+    ("cls_token", lambda t: t.flatten().tolist()),
+    ("bias", lambda t: t.tolist()),
+    ("weight", lambda t: t.numpy()),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", None])
+@pytest.mark.parametrize("name,convert", NON_TENSORS,
+                         ids=[f"{n}-{i}" for i, (n, _) in enumerate(NON_TENSORS)])
+def test_non_tensor_arguments_are_a_type_error_on_every_backend(name, convert, backend, device):
+    args = {n: t.to(device) for n, t in _bad().items()}
+    args[name] = convert(args[name].cpu())
+    with pytest.raises(TypeError, match=f"patch_embed: {name} must be a torch.Tensor, got "):
+        patch_embed(args["pixels"], args["weight"], args["bias"], pos_embed=args["pos_embed"],
+                    cls_token=args["cls_token"], backend=backend)
+
+
 def test_pos_embed_without_cls_counts_patches_only():
     x, w = torch.randn(1, 3, 32, 32), torch.randn(8, 3, 16, 16)
     patch_embed(x, w, pos_embed=torch.randn(4, 8), backend="reference")

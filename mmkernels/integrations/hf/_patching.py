@@ -1,30 +1,49 @@
-"""The mechanics every Hugging Face patcher shares: swap a module's ``forward`` for ours, remember the original,
+"""The mechanics every Hugging Face patcher shares: swap a module's forward for ours, remember the original,
 restore it, and record what happened in a :class:`PatchReport`.
 
 Rules (they are what makes ``unpatch`` bit-exact and checkpoints unaffected):
-- Only ``forward`` is replaced, as an *instance* attribute; parameters, buffers, sub-modules and their order are
-  never touched, so ``state_dict()`` keys, ``parameters()`` order, optimisers, PEFT adapters and ``save_pretrained``
-  keep working.
-- The original is kept on the module (:data:`ORIGINAL_ATTR`): if the instance had its own ``forward`` attribute
-  (another library's patch) it is put back, else the instance attribute is deleted and the class's method shows
-  through again.
+- Only the forward is redirected; parameters, buffers, sub-modules and their order are never touched, so
+  ``state_dict()`` keys, ``parameters()`` order, optimisers, PEFT adapters and ``save_pretrained`` keep working.
+- The module's forward slot gets a *dispatcher*, ``functools.partial(_dispatch, module)``, that calls the
+  replacement stored on the module (:data:`IMPL_ATTR`). The slot is the instance's ``forward`` attribute, or, when an
+  accelerate hook already wraps the module (``_hf_hook`` + ``_old_forward``), the ``_old_forward`` its wrapper calls,
+  so accelerate's pre/post-forward (device placement, offloaded weights) still run around ours. A hook added after
+  the swap wraps the dispatcher as it wraps any forward.
+- Everything we store is picklable: the dispatcher is a partial of a module-level function, the replacement is held
+  by a :class:`_Impl` that pickles the function by reference; a replacement that cannot be pickled (a closure)
+  pickles as a *pending* marker, rebuilt on the module's first call after loading by the rebuilder registered for its
+  kind (:func:`register_rebuild`). ``torch.save``/``torch.load``, pickle and ``copy.deepcopy`` of a patched model give
+  a patched model, and ``unpatch`` works on it.
+- The original is kept on the module (:data:`ORIGINAL_ATTR`) and put back by :func:`restore` in whichever slot the
+  dispatcher sits at that time (``forward``, or ``_old_forward`` after an accelerate hook was added or removed).
 - Swapping an already swapped module is a no-op (patching twice changes nothing).
+
+Under accelerate, a swapped module that has a hook runs its replacement with the weights of every hooked
+sub-module loaded (:func:`materialized`), since a replacement may read a child's weights without calling the child
+(a fused op reading ``conv.weight``, a router reading its classifier's weight). Replacements that read a child's
+weights also check :func:`plain_forward` first (a child whose forward another library replaced is not ours to skip)
+and may wrap the read in :func:`materialized` themselves (a child hooked while its parent is not).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import pickle
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["ORIGINAL_ATTR", "PatchReport", "Replacement", "Skipped", "is_swapped", "op_backend", "original_forward",
-           "restore", "restore_all", "swap_forward"]
+__all__ = ["IMPL_ATTR", "ORIGINAL_ATTR", "PatchReport", "Replacement", "Skipped", "is_swapped", "materialized",
+           "op_backend", "original_forward", "plain_forward", "register_rebuild", "restore", "restore_all",
+           "swap_forward", "weights_recorded"]
 
-ORIGINAL_ATTR = "_mmkernels_original_forward"  # (had_instance_forward: bool, original forward or None)
+ORIGINAL_ATTR = "_mmkernels_original_forward"  # (slot, had the slot as an instance attribute, original or None)
+IMPL_ATTR = "_mmkernels_impl"  # _Impl: the replacement (or a pending marker after unpickling a closure)
 KIND_ATTR = "_mmkernels_patch_kind"
+_HOOK_SLOT = "_old_forward"  # accelerate's: its hooked wrapper calls ``module._old_forward``
 
 
 @dataclass(frozen=True)
@@ -94,46 +113,218 @@ class PatchReport:
         return "\n".join(lines)
 
 
+# ---- the replacement and its dispatcher ---------------------------------------------------------------------------
+
+_REBUILDERS: dict[str, Callable[[torch.nn.Module], None]] = {}
+
+
+def register_rebuild(kind: str, rebuild: Callable[[torch.nn.Module], None]) -> None:
+    """``rebuild(module)`` re-creates the replacement of a module of ``kind`` whose replacement could not be pickled
+    (a closure) after the model was unpickled: it must leave the module swapped again (e.g. :func:`restore` it, then
+    run the patcher on it). Called on the module's first call after loading."""
+    _REBUILDERS[kind] = rebuild
+
+
+def _picklable(fn) -> bool:
+    try:
+        pickle.dumps(fn)
+    except Exception:  # noqa: BLE001 - any failure means: rebuild after loading instead
+        return False
+    return True
+
+
+class _Impl:
+    """Holds a module's replacement forward ``fn(module, *args, **kwargs)``. Pickles ``fn`` itself when it can (a
+    module-level function, a partial of one), else as a pending marker that the kind's rebuilder replaces on the
+    first call after loading. ``copy.deepcopy`` keeps the function (functions are immutable)."""
+
+    __slots__ = ("fn", "kind")
+
+    def __init__(self, fn: Callable | None, kind: str):
+        self.fn, self.kind = fn, kind
+
+    def __reduce__(self):
+        return (_Impl, (self.fn if self.fn is not None and _picklable(self.fn) else None, self.kind))
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        return _Impl(copy.deepcopy(self.fn, memo), self.kind)
+
+
+def _dispatch(module: torch.nn.Module, *args, **kwargs):
+    impl = module.__dict__[IMPL_ATTR]
+    if impl.fn is None:
+        _rebuild(module, impl.kind)
+        impl = module.__dict__[IMPL_ATTR]
+    if "_hf_hook" in module.__dict__:
+        # Offloaded by accelerate: a replacement may read any sub-module's weights without calling it (a fused op),
+        # so every hooked sub-module's weights are loaded for the call (the module's own are, by its hook).
+        with materialized(*[m for m in module.modules() if m is not module and "_hf_hook" in m.__dict__]):
+            return impl.fn(module, *args, **kwargs)
+    return impl.fn(module, *args, **kwargs)
+
+
+def _rebuild(module: torch.nn.Module, kind: str) -> None:
+    rebuild = _REBUILDERS.get(kind)
+    if rebuild is None:
+        raise RuntimeError(f"mmkernels: this {type(module).__name__} was patched ({kind!r}) with a replacement that "
+                           "could not be pickled and no rebuilder is registered for it; call "
+                           "mmkernels.integrations.hf.unpatch(model) and patch it again")
+    rebuild(module)
+    impl = module.__dict__.get(IMPL_ATTR)
+    if impl is None or impl.fn is None:
+        raise RuntimeError(f"mmkernels: rebuilding the {kind!r} replacement of {type(module).__name__} failed; call "
+                           "mmkernels.integrations.hf.unpatch(model) and patch it again")
+
+
+def _is_dispatcher(fn, module) -> bool:
+    return isinstance(fn, functools.partial) and fn.func is _dispatch and fn.args[:1] == (module,)
+
+
 def is_swapped(module: torch.nn.Module) -> bool:
     """True when ``module``'s forward is currently one of ours."""
     return ORIGINAL_ATTR in module.__dict__
 
 
+def is_pending(module: torch.nn.Module) -> bool:
+    """True when ``module`` is swapped but its replacement awaits its rebuild (a closure, after unpickling)."""
+    impl = module.__dict__.get(IMPL_ATTR)
+    return impl is not None and impl.fn is None
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    return getattr(module, "_hf_hook", None) is not None and _HOOK_SLOT in module.__dict__
+
+
 def swap_forward(module: torch.nn.Module, forward: Callable, kind: str) -> bool:
-    """Make ``forward(module, *args, **kwargs)`` the module's forward (bound to it). Returns False, changing nothing,
-    when the module is already swapped. The original stays reachable as ``original_forward(module)``."""
+    """Make ``forward(module, *args, **kwargs)`` the module's forward. Returns False, changing nothing, when the
+    module is already swapped. The original stays reachable as ``original_forward(module)``. Under an accelerate hook
+    the hook's ``_old_forward`` is swapped, so the hook keeps running around ours."""
     if is_swapped(module):
         return False
-    had = "forward" in module.__dict__
-    module.__dict__[ORIGINAL_ATTR] = (had, module.__dict__.get("forward"))
+    slot = _HOOK_SLOT if _hooked(module) else "forward"
+    had = slot in module.__dict__
+    module.__dict__[ORIGINAL_ATTR] = (slot, had, module.__dict__.get(slot))
     module.__dict__[KIND_ATTR] = kind
-    module.forward = types.MethodType(forward, module)
+    module.__dict__[IMPL_ATTR] = _Impl(forward, kind)
+    module.__dict__[slot] = functools.partial(_dispatch, module)
     return True
 
 
 def original_forward(module: torch.nn.Module) -> Callable:
-    """The forward the module had before :func:`swap_forward` (bound), for fallbacks to the model's own code."""
-    had, fn = module.__dict__[ORIGINAL_ATTR]
+    """The forward the module had before :func:`swap_forward`, for fallbacks to the model's own code (the class's
+    forward bound to the module, or the instance forward another library had installed; never accelerate's hooked
+    wrapper: a fallback runs inside the hook already)."""
+    _, had, fn = module.__dict__[ORIGINAL_ATTR]
     # functools.partial rather than a bound method: torch.compile traces it (it cannot build a MethodType).
     return fn if had else functools.partial(type(module).forward, module)
 
 
 def restore(module: torch.nn.Module) -> bool:
-    """Undo :func:`swap_forward` on one module; False when it was not swapped."""
+    """Undo :func:`swap_forward` on one module; False when it was not swapped. The original goes back into whichever
+    slot holds our dispatcher now (``forward``, or accelerate's ``_old_forward`` when a hook was added since)."""
     if not is_swapped(module):
         return False
-    had, fn = module.__dict__.pop(ORIGINAL_ATTR)
+    slot, had, fn = module.__dict__.pop(ORIGINAL_ATTR)
     module.__dict__.pop(KIND_ATTR, None)
-    if had:
-        module.forward = fn
-    else:
-        del module.forward
+    module.__dict__.pop(IMPL_ATTR, None)
+    for where in ("forward", _HOOK_SLOT):
+        if not _is_dispatcher(module.__dict__.get(where), module):
+            continue
+        if had and fn is not None:
+            module.__dict__[where] = fn
+        elif where == "forward":
+            del module.__dict__["forward"]  # the class's method shows through again
+        else:  # accelerate wraps the class's forward, bound, as it does for any module
+            module.__dict__[where] = types.MethodType(type(module).forward, module)
     return True
 
 
 def restore_all(model: torch.nn.Module) -> int:
     """Undo every swap under ``model`` (itself included); returns how many modules were restored."""
     return sum(restore(m) for m in model.modules())
+
+
+# ---- helpers for replacements ---------------------------------------------------------------------------------------
+
+
+def _class_forward(fn, module: torch.nn.Module) -> bool:
+    """``fn`` is the module's class ``forward`` bound to it (what accelerate leaves after removing its hook)."""
+    return getattr(fn, "__func__", None) is type(module).forward and getattr(fn, "__self__", None) is module
+
+
+def plain_forward(module: torch.nn.Module) -> bool:
+    """True when calling ``module`` runs exactly its class's ``forward``: no torch hooks, no instance ``forward`` of
+    another library (the class's own, bound, is fine); an accelerate hook wrapping the class's own forward is allowed
+    (use :func:`materialized` to load its offloaded weights when reading them directly)."""
+    if module._forward_hooks or module._forward_pre_hooks:
+        return False
+    forward = module.__dict__.get("forward")
+    if forward is None or _class_forward(forward, module):
+        return True
+    return _hooked(module) and ORIGINAL_ATTR not in module.__dict__ and _class_forward(module.__dict__[_HOOK_SLOT],
+                                                                                       module)
+
+
+@contextlib.contextmanager
+def materialized(*modules: torch.nn.Module) -> Iterator[None]:
+    """Run each module's accelerate hook (``_hf_hook.pre_forward`` / ``post_forward``) around a block that reads the
+    module's parameters without calling the module: offloaded (meta) weights are loaded for the block and offloaded
+    again after it. A no-op for modules without a hook."""
+    entered = []
+    try:
+        for m in modules:
+            hook = getattr(m, "_hf_hook", None)
+            if hook is not None:
+                hook.pre_forward(m)
+                entered.append((m, hook))
+        yield
+    finally:
+        for m, hook in reversed(entered):
+            hook.post_forward(m, None)
+
+
+_COLLECTOR: list = []  # [transformers' active output collector, or None on releases without output recorders]
+
+
+def _collector():
+    if not _COLLECTOR:
+        try:
+            from transformers.utils.output_capturing import _active_collector
+        except ImportError:
+            _active_collector = None
+        _COLLECTOR.append(_active_collector)
+    return _COLLECTOR[0]
+
+
+def _recording_keys(module: torch.nn.Module) -> set | None:
+    """The keys HF's output recorders (transformers >= 5, ``capture_outputs``) record from this module's output in
+    the call in progress, or None when none is active."""
+    active = _collector()
+    collected = active.get() if active is not None else None
+    if not collected or not module._forward_hooks:
+        return None
+    keys = set()
+    for hook in module._forward_hooks.values():
+        if getattr(hook, "__name__", "") != "output_capturing_hook" or hook.__closure__ is None:
+            continue
+        cells = dict(zip(hook.__code__.co_freevars, (c.cell_contents for c in hook.__closure__)))
+        key = cells.get("key")
+        if key in collected:
+            keys.add(key)
+    return keys or None
+
+
+def weights_recorded(module: torch.nn.Module, kwargs: Mapping | None = None) -> bool:
+    """True when the caller wants this attention module's weights: ``output_attentions=True`` reached it (HF 4 and
+    the models that pass it down), or HF 5's output recorder records an attention-like output (``attentions``,
+    ``cross_attentions``, ...) of this module in this call (``output_attentions`` on the config or given at call
+    time to a model whose attention modules never see it)."""
+    if kwargs is not None and kwargs.get("output_attentions"):
+        return True
+    keys = _recording_keys(module)
+    return bool(keys and any(k != "hidden_states" for k in keys))
 
 
 def op_backend(backend: str | Mapping[str, str] | None, op: str) -> str | None:

@@ -12,57 +12,64 @@ We map each call onto :func:`mmkernels.ops.attention`:
   (e.g. left padding of a cache prefix), right-padded causal self-attention (a padded training batch: padding
   queries attend to every valid key of their sample, as HF's mask has them);
 - anything else (arbitrary additive biases, fully masked query rows, heads with different masks, ``softcap``,
-  ``position_bias``, sinks, ``output_attentions``, key and value head dims that differ, head dim > 256) runs the
-  implementation the model had before (SDPA or its eager code) for that call, and is counted in
+  ``position_bias``, sinks, attention weights asked for, key and value head dims that differ, head dim > 256) runs
+  the implementation the model's config names (SDPA or its eager code) for that call, and is counted in
   :data:`FALLBACKS` and in the ``PatchReport`` of the model (``report.fallbacks``). Never a silently wrong answer.
+
+Attention weights are "asked for" when ``output_attentions=True`` reaches the function (transformers 4, and models
+that pass it down) or when transformers 5's output recorder records this module's weights in the call in progress
+(``output_attentions`` on the config or at call time, which some models never pass to the attention function):
+the call then gives exactly what the unpatched model gives (eager: the weights; SDPA: none, as SDPA returns none).
+
+``patch`` does not change the model's configs: each covered attention module gets a private copy of its config
+whose ``_attn_implementation`` is ``"mmkernels"`` (the module's ``config`` attribute, put back by ``unpatch``), so
+``model.config`` keeps its implementation and accepts what it accepted before (``config.output_attentions = True``
+on an eager model), and a fallback runs what ``model.config`` names at the time of the call.
 
 The mask checks read the mask on the host (one sync per call that has a mask); vision towers pass no mask.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
-import weakref
 from collections import Counter
 
 import torch
 
 from ...ops.attention import MAX_HEAD_DIM, attention
-from ._patching import op_backend
+from ._patching import op_backend, weights_recorded
 
-__all__ = ["ATTN_NAME", "FALLBACKS", "attention_forward", "register"]
+__all__ = ["ATTN_NAME", "FALLBACKS", "attention_forward", "register", "switch", "unswitch"]
 
 ATTN_NAME = "mmkernels"
-# Fallback reasons that HF's SDPA path cannot compute either: these go to the modeling file's eager function.
-_SDPA_CANNOT = frozenset({"output_attentions=True needs the attention weights", "softcap", "position_bias",
-                          "attention sinks"})
+# Fallback reasons that HF's SDPA path cannot compute: for a config switched to "mmkernels" outside ``patch`` (no
+# implementation of its own to go back to) these go to the modeling file's eager function.
+_WEIGHTS = "output_attentions=True needs the attention weights"
+_SDPA_CANNOT = frozenset({_WEIGHTS, "softcap", "position_bias", "attention sinks"})
 FALLBACKS: Counter = Counter()  # reason -> calls handed back to the model's own implementation (all models)
-
-# id(config) -> (weakref to the config, the implementation it had before patch, report, backend). Written by
-# ``patch``; a config switched with ``attn_implementation="mmkernels"`` outside ``patch`` falls back to SDPA, or to
-# the eager code for what SDPA cannot compute (``_SDPA_CANNOT``).
-_CONFIGS: dict[int, tuple[weakref.ref, str | None, object, str | None]] = {}
+ENTRY_ATTR = "_mmkernels_attention"  # on a patched attention module: (the model's own config, report, backend)
 
 
 def _entry(module: torch.nn.Module):
-    config = getattr(module, "config", None)
-    hit = _CONFIGS.get(id(config)) if config is not None else None
-    if hit is not None and hit[0]() is config:
-        return hit
-    return None
+    """(the model's config, report, backend) of an attention module ``patch`` switched, else None (a config
+    switched with ``attn_implementation="mmkernels"`` outside ``patch``)."""
+    return module.__dict__.get(ENTRY_ATTR)
 
 
 def _fallback(module, query, key, value, attention_mask, reason: str, **kwargs):
-    """Run the model's previous implementation (SDPA or the modeling file's eager function) for this call."""
+    """Run the implementation the model's own config names (SDPA or the modeling file's eager function)."""
     FALLBACKS[reason] += 1
     hit = _entry(module)
-    previous = hit[1] if hit is not None else None
-    if hit is not None and hasattr(hit[2], "fallback"):
-        hit[2].fallback(reason)
-    if previous in (None, ATTN_NAME) or (previous == "sdpa" and reason in _SDPA_CANNOT):
-        # Unknown previous implementation (a config switched outside ``patch``): SDPA when it computes this call,
-        # else the modeling file's eager code (softcap, sinks, position bias and attention weights are eager-only).
+    previous = getattr(hit[0], "_attn_implementation", None) if hit is not None else None
+    if hit is not None and hasattr(hit[1], "fallback"):
+        hit[1].fallback(reason)
+    if previous in (None, ATTN_NAME):
+        # No implementation of its own (a config switched outside ``patch``): SDPA when it computes this call, else
+        # the modeling file's eager code (softcap, sinks, position bias and attention weights are eager-only).
         previous = "eager" if reason in _SDPA_CANNOT else "sdpa"
+    elif previous == "sdpa" and reason in _SDPA_CANNOT - {_WEIGHTS}:
+        previous = "eager"  # SDPA would silently drop these; attention weights: SDPA gives none, as unpatched
     if previous == "eager":
         fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
         if fn is not None:
@@ -195,8 +202,8 @@ def attention_forward(
     if is_causal is not None:
         every["is_causal"] = is_causal
     why = None
-    if kwargs.get("output_attentions"):
-        why = "output_attentions=True needs the attention weights"
+    if weights_recorded(module, kwargs):
+        why = _WEIGHTS
     elif kwargs.get("softcap") is not None:
         why = "softcap"
     elif kwargs.get("position_bias") is not None:
@@ -215,7 +222,7 @@ def attention_forward(
         return _fallback(module, query, key, value, attention_mask, why, **every)
 
     hit = _entry(module)
-    backend = op_backend(hit[3], "attention") if hit is not None else None
+    backend = op_backend(hit[2], "attention") if hit is not None else None
     B, lq, lk = query.shape[0], query.shape[2], key.shape[2]
     if key.shape[0] != B:  # learned queries of batch 1 over a batch of keys (Q-Former): SDPA broadcasts
         if B == 1:
@@ -267,21 +274,26 @@ def register() -> bool:
     return True
 
 
-def _set_config(config, report, backend) -> tuple[bool, object] | None:
-    """Switch one config to ``"mmkernels"``; returns what to restore (whether the internal attribute existed, its
-    value), or None when ``patch`` already switched this config."""
-    if id(config) in _CONFIGS and _CONFIGS[id(config)][0]() is config:
-        return None
-    had = "_attn_implementation_internal" in config.__dict__
-    previous = config.__dict__.get("_attn_implementation_internal", getattr(config, "_attn_implementation", None))
-    _CONFIGS[id(config)] = (weakref.ref(config), previous, report, backend)
-    config.__dict__["_attn_implementation_internal"] = ATTN_NAME
-    return had, previous
+def switch(module: torch.nn.Module, report, backend, views: dict) -> bool:
+    """Route one attention module to ``"mmkernels"``: its ``config`` attribute becomes a private copy of its config
+    (one per config, kept in ``views``) whose ``_attn_implementation`` is ``"mmkernels"``; the model's config is not
+    touched. False when it is switched already."""
+    if ENTRY_ATTR in module.__dict__:
+        return False
+    config = module.config
+    view = views.get(id(config))
+    if view is None:
+        view = views[id(config)] = copy.copy(config)
+        view.__dict__["_attn_implementation_internal"] = ATTN_NAME
+    module.__dict__[ENTRY_ATTR] = (config, report, backend)
+    module.__dict__["config"] = view
+    return True
 
 
-def _restore_config(config, had: bool, previous) -> None:
-    _CONFIGS.pop(id(config), None)
-    if had:
-        config.__dict__["_attn_implementation_internal"] = previous
-    else:
-        config.__dict__.pop("_attn_implementation_internal", None)
+def unswitch(module: torch.nn.Module) -> bool:
+    """Undo :func:`switch`: the module reads the model's config again. False when it was not switched."""
+    hit = module.__dict__.pop(ENTRY_ATTR, None)
+    if hit is None:
+        return False
+    module.__dict__["config"] = hit[0]
+    return True

@@ -1,13 +1,18 @@
 """``patch(model)`` / ``unpatch(model)``: put mmkernels ops into an existing Hugging Face model, reversibly.
 
 What ``patch`` changes, and nothing else:
-- ``attention``: the ``_attn_implementation`` of every *config* that a covered attention module reads (vision towers
-  and Q-Formers: ViT, CLIP vision, SigLIP vision, BLIP-2 / InstructBLIP vision and Q-Former) becomes
-  ``"mmkernels"``; the previous value is remembered and put back by ``unpatch`` (set on the config's internal
-  attribute, so the sub-configs of a composite config are not touched). A language model inside (LLaVA's, BLIP-2's
+- ``attention``: every covered attention module (vision towers and Q-Formers: ViT, CLIP vision, SigLIP vision,
+  BLIP-2 / InstructBLIP vision and Q-Former) gets a private copy of its config whose ``_attn_implementation`` is
+  ``"mmkernels"`` (its ``config`` attribute; ``unpatch`` puts the model's config back). The model's configs are not
+  changed, so they save, validate and accept flags (``config.output_attentions = True``) exactly as before, and a
+  call our kernels cannot take runs what the model's config names. A language model inside (LLaVA's, BLIP-2's
   OPT/T5) keeps its attention.
-- ``patch_embed`` / ``qformer`` / ``moe``: the ``forward`` of the covered modules is swapped (an instance attribute,
-  see ``_patching``); parameters, buffers and sub-modules are never touched.
+- ``patch_embed`` / ``qformer`` / ``moe``: the forward of the covered modules is redirected (see ``_patching``);
+  parameters, buffers and sub-modules are never touched.
+
+A patched model pickles (``torch.save``/``torch.load``, ``copy.deepcopy``) as a patched model, and ``unpatch`` works
+on the copy; ``save_pretrained`` and state dicts are the plain HF ones. accelerate hooks (``cpu_offload``,
+``device_map`` with offload) added before or after ``patch`` keep running around our replacements.
 
 The family tables name transformers classes; a class this transformers version does not have is skipped and named
 in the report (only for the families the model uses).
@@ -23,7 +28,7 @@ from torch import nn
 from ... import ops as _ops  # noqa: F401  (registers every op's backends before names are checked)
 from ..._backends import BACKENDS, BackendError, resolve_backends
 from . import attention as _attention
-from ._patching import PatchReport, restore_all
+from ._patching import KIND_ATTR, ORIGINAL_ATTR, PatchReport, register_rebuild, restore, restore_all
 from .qformer import patch_qformer
 from .vision import patch_vision_embeddings
 
@@ -45,7 +50,9 @@ COVERED: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
 PATCH_OPS = ("attention", "patch_embed", "qformer_cross_attention", "moe_route", "moe_experts")
 _KIND_OPS = {"attention": "attention", "patch_embed": "patch_embed", "qformer": "qformer_cross_attention"}
 _OWNER = "mmkernels.integrations.hf.patch"
-_STATE = "_mmkernels_hf_patch"  # on the root module: {"report", "configs": [(module path, had, previous)]}
+_STATE = "_mmkernels_hf_patch"  # on the root module: {"report", "backend", "moe"}
+_ROOT = "_mmkernels_root"  # on each module whose forward is swapped: the root's state (rebuilds after unpickling)
+_BLOCK = "_mmkernels_block"  # on a MoE block's swapped router / experts: the block
 _DETAIL = "ops.attention via attn_implementation='mmkernels' (padding -> varlen; other masks fall back)"
 
 
@@ -108,7 +115,7 @@ def patch(model: nn.Module, *, attention: bool = True, patch_embed: bool = True,
         return state["report"]
     config = getattr(model, "config", None)
     report = PatchReport(model_type=getattr(config, "model_type", "") or type(model).__name__)
-    state = {"report": report, "configs": []}
+    state = {"report": report, "backend": backend}
     model.__dict__[_STATE] = state
     try:
         _patch(model, state, attention=attention, patch_embed=patch_embed, qformer=qformer, moe=moe, backend=backend)
@@ -118,6 +125,7 @@ def patch(model: nn.Module, *, attention: bool = True, patch_embed: bool = True,
     except BaseException:
         unpatch(model)  # all or nothing: an error (e.g. a BackendError from the MoE part) leaves the model as it was
         raise
+    _tag(model, state)
     return report
 
 
@@ -147,7 +155,7 @@ def _patch(model: nn.Module, state: dict, *, attention: bool, patch_embed: bool,
         attn_classes: dict[str, type] = {}
         for module_name, (attn, _, _) in families.items():
             attn_classes.update(_classes(module_name, attn, report, "attention"))
-        switched: dict[int, bool] = {}
+        views: dict[int, object] = {}
         for path, module in model.named_modules():
             cls = attn_classes.get(type(module).__name__)
             if cls is None or type(module) is not cls:
@@ -157,12 +165,7 @@ def _patch(model: nn.Module, state: dict, *, attention: bool, patch_embed: bool,
                 continue  # e.g. an older release's wrapper around the module that calls the attention function
             if not _is_vision_or_qformer(cfg):
                 continue  # a text encoder's attention (CLIP text): not covered
-            if id(cfg) not in switched:
-                saved = _attention._set_config(cfg, report, backend)
-                switched[id(cfg)] = saved is not None
-                if saved is not None:  # by module path, so a deepcopy of the model restores its own configs
-                    state["configs"].append((path, *saved))
-            if switched[id(cfg)]:
+            if _attention.switch(module, report, backend, views):
                 report.add(path, "attention", module, _DETAIL)
         for module_name in families:
             if attn_classes and not any(type(m).__module__ == module_name and type(m) in attn_classes.values()
@@ -196,25 +199,58 @@ def _patch(model: nn.Module, state: dict, *, attention: bool, patch_embed: bool,
 
 
 def unpatch(model: nn.Module) -> int:
-    """Undo :func:`patch` bit for bit: every swapped forward is restored and every config gets back its previous
-    ``_attn_implementation``, for patches of ``model`` or of any of its sub-modules.
+    """Undo :func:`patch` bit for bit: every swapped forward is restored and every switched attention module reads
+    the model's config again, for patches of ``model`` or of any of its sub-modules (and of a pickled or deep-copied
+    patched model).
 
-    Returns the number of modules whose ``forward`` was restored (patch embeddings, Q-Former layers, MoE blocks and
-    routers); attention is switched through configs and not counted. An unpatched model is left alone (0). A
-    ``set_attn_implementation`` call made on the model while patched is undone too: the configs get back what they
-    had before ``patch``."""
+    Returns the number of modules whose ``forward`` was restored (patch embeddings, Q-Former layers, MoE blocks,
+    experts and routers); attention is switched through configs and not counted. An unpatched model is left alone
+    (0). The model's configs were never changed: a ``set_attn_implementation`` call made while patched takes effect
+    for the attention modules at ``unpatch`` (and for fallbacks at once)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"unpatch: model must be a torch.nn.Module, got {type(model).__name__}")
     # ``patch`` may have been called on a part (``patch(model.vision_model)``): undo every patch found below.
-    roots = [(m, m.__dict__.pop(_STATE)) for m in model.modules() if _STATE in m.__dict__]
+    for m in model.modules():
+        m.__dict__.pop(_STATE, None)
     n = restore_all(model)
     for module in model.modules():
+        _attention.unswitch(module)
         for key in [k for k in module.__dict__ if k.startswith("_mmkernels_")]:
             del module.__dict__[key]
-    for root, state in roots:
-        for path, had, previous in reversed(state["configs"]):
-            config = getattr(root.get_submodule(path), "config", None) if path else getattr(root, "config", None)
-            if config is not None:
-                _attention._restore_config(config, had, previous)
     return n
 
+
+def _rebuild_moe(module: nn.Module) -> None:
+    """After unpickling, re-create the MoE replacements of the block ``module`` belongs to (their forwards are
+    closures, which do not pickle): every swap inside the block is restored and the block is patched again with the
+    backend and the report of the original ``patch`` (the report keeps its entries; new fallbacks are counted in it)."""
+    from .moe import patch_moe
+
+    state = module.__dict__[_ROOT]
+    report = state["report"]
+    block = module.__dict__.get(_BLOCK, module)
+    for part in block.modules():
+        restore(part)
+        part.__dict__.pop(_ROOT, None)
+        part.__dict__.pop(_BLOCK, None)
+    replaced, skipped = len(report.replaced), len(report.skipped)
+    patch_moe(block, report, backend=state["backend"])
+    del report.replaced[replaced:], report.skipped[skipped:]
+    _tag(block, state)
+
+
+def _tag(model: nn.Module, state: dict) -> None:
+    """Give every swapped module under ``model`` the root's state, and each part of a MoE block its block (what
+    :func:`_rebuild_moe` needs after unpickling)."""
+    for module in model.modules():
+        if ORIGINAL_ATTR not in module.__dict__:
+            continue
+        module.__dict__.setdefault(_ROOT, state)
+        if module.__dict__.get(KIND_ATTR) == "moe":
+            for part in module.modules():
+                if part is not module and part.__dict__.get(KIND_ATTR, "").startswith("moe"):
+                    part.__dict__[_BLOCK] = module
+
+
+for _kind in ("moe", "moe_router", "moe_experts"):
+    register_rebuild(_kind, _rebuild_moe)

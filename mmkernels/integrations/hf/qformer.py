@@ -4,8 +4,10 @@ The forward of each cross-attention ``*QFormerMultiHeadAttention`` (the ``crossa
 layers with ``has_cross_attention``) is swapped: its own ``query``/``key``/``value`` Linears project the learned
 queries and the image tokens, and one kernel per (batch, head) holds all the queries. ``encoder_attention_mask``
 (HF turns the 2-D image mask into a 4-D one) maps onto ``kv_lens`` when it is right padding (each sample's valid
-image tokens are a prefix); any other mask, more than 128 queries, a head dim above 128 or ``output_attentions``
-runs the model's own forward for that call (counted in the report). Self-attention of the Q-Former is the
+image tokens are a prefix); any other mask, more than 128 queries or a head dim above 128 runs the model's own
+forward for that call (counted in the report), and so does a call whose attention weights are asked for
+(``output_attentions`` given, or recorded by transformers 5's output recorder: see ``_patching.weights_recorded``),
+so the cross-attention weights are the unpatched model's. Self-attention of the Q-Former is the
 ``"mmkernels"`` attention implementation's job (``attention=True``).
 """
 
@@ -15,7 +17,7 @@ import torch
 from torch import nn
 
 from ...ops.qformer_attention import MAX_HEAD_DIM, MAX_QUERIES, qformer_cross_attention
-from ._patching import PatchReport, op_backend, original_forward, swap_forward
+from ._patching import PatchReport, op_backend, original_forward, swap_forward, weights_recorded
 from .attention import _bool_mask
 
 __all__ = ["QFORMER_LAYERS", "patch_qformer"]
@@ -54,7 +56,7 @@ def _forward(self, hidden_states, attention_mask=None, encoder_hidden_states=Non
 
     if encoder_hidden_states is None:  # used as self-attention: not ours
         return own()
-    if kwargs.get("output_attentions"):
+    if weights_recorded(self, kwargs):
         return fallback("output_attentions=True needs the attention weights")
     heads, dim = self.num_attention_heads, self.attention_head_size
     B, lq = hidden_states.shape[:2]

@@ -12,8 +12,10 @@ Covered embedding classes (each reads its own parameters; nothing is copied or r
 
 A call the fused op cannot take runs the model's own forward (and is counted in the report): ViT's
 ``bool_masked_pos`` (mask tokens), an image size that is not a multiple of the patch size, a projection that is not
-a plain stride-P Conv2d any more (e.g. wrapped by an adapter after patching), a wrong channel count or image size
-(the model's own code raises its usual error). Under autocast the GEMM runs in the autocast dtype, as Conv2d would,
+a plain stride-P Conv2d any more (e.g. a PEFT LoRA layer put in its place, a hook or another library's forward on
+it: the model's own forward runs it, adapter included), a wrong channel count or image size (the model's own code
+raises its usual error). Under accelerate (``cpu_offload``, ``device_map`` with offload) the conv's own hook loads its
+offloaded weight around our read of it. Under autocast the GEMM runs in the autocast dtype, as Conv2d would,
 and the result is cast back to the parameters' dtype, as HF's sum with the fp32 position embedding is.
 """
 
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from ...ops.patch_embed import patch_embed
-from ._patching import PatchReport, op_backend, original_forward, swap_forward
+from ._patching import PatchReport, materialized, op_backend, original_forward, plain_forward, swap_forward
 
 __all__ = ["EMBEDDING_FAMILIES", "patch_vision_embeddings"]
 
@@ -47,10 +49,12 @@ def _get(module: nn.Module, path: str):
 
 
 def _plain_conv(conv) -> bool:
-    """A Conv2d our op computes exactly: square kernel == stride, no padding/dilation/groups, no hooks."""
+    """A Conv2d our op computes exactly: square kernel == stride, no padding/dilation/groups, and calling it runs
+    ``nn.Conv2d.forward`` itself (no hooks, no adapter or other library's forward; an accelerate hook is allowed: its
+    offloaded weight is loaded around our read)."""
     return (type(conv) is nn.Conv2d and conv.kernel_size[0] == conv.kernel_size[1] and conv.stride == conv.kernel_size
             and conv.padding in ((0, 0), "valid") and conv.dilation == (1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros" and not conv._forward_hooks and not conv._forward_pre_hooks)
+            and conv.padding_mode == "zeros" and plain_forward(conv))
 
 
 def _pos_embed(self, style: str, n_tokens: int, dim: int, height: int, width: int, interpolate: bool,
@@ -64,10 +68,6 @@ def _pos_embed(self, style: str, n_tokens: int, dim: int, height: int, width: in
         return self.position_embedding(self.position_ids)
     pos = self.interpolate_pos_encoding(proxy, height, width) if interpolate else self.position_embedding
     return pos[:, :n_tokens, :]
-
-
-def _unhooked(module: nn.Module) -> bool:
-    return not module._forward_hooks and not module._forward_pre_hooks and "forward" not in module.__dict__
 
 
 def _forward(self, pixel_values: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -84,7 +84,7 @@ def _forward(self, pixel_values: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
     if bool_masked_pos is not None:
         return fallback("bool_masked_pos (mask tokens)")
-    if not _plain_conv(conv) or (style == "vit" and not _unhooked(self.patch_embeddings)):
+    if not _plain_conv(conv) or (style == "vit" and not plain_forward(self.patch_embeddings)):
         return fallback("the patch projection is not a plain stride-P Conv2d any more")
     if pixel_values.dim() != 4 or pixel_values.shape[1] != conv.in_channels:
         return original_forward(self)(pixel_values, *args, **kwargs)  # the model raises its own error
@@ -96,21 +96,23 @@ def _forward(self, pixel_values: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return original_forward(self)(pixel_values, *args, **kwargs)  # the model raises its own error
     if h % p or w % p:
         return fallback(f"image size {h}x{w} is not a multiple of the patch size {p}")
-    dtype = conv.weight.dtype
     cls = getattr(self, cls_attr) if cls_attr is not None else None
     n_tokens = (1 if cls is not None else 0) + (h // p) * (w // p)
-    pos = _pos_embed(self, style, n_tokens, conv.out_channels, h, w, interpolate, conv.weight)
-    if pos.shape[-2] != n_tokens:
-        # More patches than positions: the model raises its own error.
-        return original_forward(self)(pixel_values, *args, **kwargs)
-    compute = dtype
-    device = pixel_values.device.type
-    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device) and dtype in (torch.float32, torch.float64):
-        compute = torch.get_autocast_dtype(device)  # what Conv2d would run in
+    skipped = (self.patch_embeddings, conv) if style == "vit" else (conv,)  # modules whose forward we do not call
+    with materialized(*skipped):  # accelerate: their offloaded weights, loaded around our read (their hooks)
+        dtype = conv.weight.dtype
+        pos = _pos_embed(self, style, n_tokens, conv.out_channels, h, w, interpolate, conv.weight)
+        if pos.shape[-2] != n_tokens:
+            # More patches than positions: the model raises its own error.
+            return original_forward(self)(pixel_values, *args, **kwargs)
+        compute = dtype
+        device = pixel_values.device.type
+        if device in ("cpu", "cuda") and torch.is_autocast_enabled(device) and dtype in (torch.float32, torch.float64):
+            compute = torch.get_autocast_dtype(device)  # what Conv2d would run in
+        weight, bias = conv.weight.to(compute), None if conv.bias is None else conv.bias.to(compute)
     out = patch_embed(
-        pixel_values.to(compute), conv.weight.to(compute), None if conv.bias is None else conv.bias.to(compute),
-        pos_embed=pos.to(compute), cls_token=None if cls is None else cls.to(compute),
-        backend=op_backend(backend, "patch_embed"),
+        pixel_values.to(compute), weight, bias, pos_embed=pos.to(compute),
+        cls_token=None if cls is None else cls.to(compute), backend=op_backend(backend, "patch_embed"),
     )
     if out.dtype != dtype:
         out = out.to(dtype)

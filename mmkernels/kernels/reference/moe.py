@@ -80,8 +80,19 @@ def moe_route_reference(
     weights = weights * routed_scaling_factor
     # where, not a product with the mask: a NaN weight on an FFN slot must not leak into zero_weight.
     zero_weight = torch.where(ids >= num_ffn_experts, weights, 0.0).sum(-1)
-    counts = torch.bincount(ids.flatten(), minlength=logits.shape[-1]).to(torch.int32)
+    # scatter_add, not bincount: no host sync, and it runs on the meta device (shape-only forwards, to_empty set-ups).
+    counts = torch.zeros(logits.shape[-1], dtype=torch.int32, device=logits.device).scatter_add_(
+        0, ids.flatten(), torch.ones(ids.numel(), dtype=torch.int32, device=logits.device))
     return ids.to(torch.int32), weights, zero_weight, counts
+
+
+def keep_weights_in_graph(out: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+    """``out`` + 0 with every weight in autograd's graph: a weight that no row reached gets a zero gradient, never
+    None (DDP without ``find_unused_parameters`` needs every parameter's gradient every step). An empty slice's sum,
+    not ``0 * w``, so NaN / inf in a weight never reaches ``out``."""
+    if not torch.is_grad_enabled() or not any(w.requires_grad for w in weights):
+        return out
+    return out + sum(w.reshape(-1)[:0].sum().to(out.dtype) for w in weights)
 
 
 def moe_experts_reference(
@@ -105,13 +116,16 @@ def moe_experts_reference(
     flat_w = topk_weights.reshape(-1).to(compute)
     token = torch.arange(hidden.shape[0], device=hidden.device).repeat_interleave(topk_ids.shape[1])
     valid = (flat_ids >= 0) & (flat_ids < n)  # a negative id must not index w_gate_up[-1]
-    for e in torch.unique(flat_ids[valid]).tolist():
+    present = torch.unique(flat_ids[valid]).tolist()
+    for e in present:
         slots = (flat_ids == e).nonzero().squeeze(1)
         rows = x[token[slots]]
         gu = rows @ w_gate_up[e].to(compute).t()
         h = F.silu(gu[:, :di]) * gu[:, di:]
         y = (h @ w_down[e].to(compute).t()) * flat_w[slots, None]
         out = out.index_add(0, token[slots], y)
+    if not present:  # no slot reached an expert: zero weight gradients, not None
+        out = keep_weights_in_graph(out, w_gate_up, w_down)
     return out.to(hidden.dtype)
 
 
@@ -172,6 +186,10 @@ def moe_permute_reference(
     ``[expert_offset, expert_offset + E)``, grouped by expert, each expert's slots in slot order (slot = t*K + k),
     then zero rows for the other slots (listed in slot order after ``offsets[E]``). One expert at a time."""
     t, k = topk_ids.shape
+    if hidden.is_meta or topk_ids.is_meta:  # shapes only (no data to sort): the op's output shapes, a shape-only graph
+        rows = hidden.index_select(0, torch.zeros(t * k, dtype=torch.long, device=hidden.device))
+        return (rows, torch.empty(t * k, dtype=torch.int32, device=hidden.device),
+                torch.empty(num_local_experts + 1, dtype=torch.int32, device=hidden.device))
     local = topk_ids.reshape(-1).long() - expert_offset
     valid = (local >= 0) & (local < num_local_experts)
     groups = [(valid & (local == e)).nonzero().squeeze(1) for e in range(num_local_experts)]
@@ -192,6 +210,11 @@ def moe_grouped_swiglu_reference(
     compute = torch.float64 if rows.dtype == torch.float64 else torch.float32
     m, dm = rows.shape
     di = w_gate_up.shape[1] // 2
+    if rows.is_meta or offsets.is_meta:  # shapes only: every row through expert 0 (a graph to every input)
+        if w_gate_up.shape[0] == 0:
+            return rows * 0
+        gu = rows.to(compute) @ w_gate_up[0].to(compute).t()
+        return ((F.silu(gu[:, :di]) * gu[:, di:]) @ w_down[0].to(compute).t()).to(rows.dtype)
     offs = offsets.long().clamp(0, m).cummax(0).values.tolist()
     pieces = [rows[:0].to(compute), rows.new_zeros((offs[0], dm), dtype=compute)]  # [:0]: in the graph if E = 0
     for e in range(len(offs) - 1):
@@ -210,14 +233,27 @@ def moe_unpermute_reference(
     zero_weight: torch.Tensor | None = None,
     hidden: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``y_t = sum over the dispatched rows r of token t (r < min(offsets[-1], M), slots[r] = t*K + k) of
-    w_tk * expert_out[r]`` (+ ``zero_weight_t * hidden_t``). Rows past the dispatched ones and the weights of
-    undispatched slots are never read. Math in fp32 for half inputs; output in ``expert_out``'s dtype."""
+    """``y_t = sum over the dispatched rows r of token t (0 <= r < min(offsets[-1], M), slots[r] = t*K + k in
+    [0, T*K)) of w_tk * expert_out[r]`` (+ ``zero_weight_t * hidden_t``). Rows past the dispatched ones, rows whose
+    slot is out of range and the weights of undispatched slots are never read. Math in fp32 for half inputs;
+    output in ``expert_out``'s dtype."""
     compute = torch.float64 if expert_out.dtype == torch.float64 else torch.float32
     t, k = topk_weights.shape
-    end = min(int(offsets[-1]), expert_out.shape[0])
+    if expert_out.is_meta or offsets.is_meta:  # shapes only: every row added to token 0
+        m = expert_out.shape[0]
+        y = expert_out.to(compute) * topk_weights.reshape(-1)[:m].to(compute)[:, None]
+        out = y.new_zeros((t, expert_out.shape[1])).index_add(0, torch.zeros(m, dtype=torch.long, device=y.device), y)
+        if hidden is not None:
+            out = out + hidden.to(compute) * zero_weight.to(compute)[:, None]
+        return out.to(expert_out.dtype)
+    end = max(0, min(int(offsets[-1]), expert_out.shape[0]))  # a negative offsets[-1] reads no row
     slot = slots[:end].long()
-    y = expert_out[:end].to(compute) * topk_weights.reshape(-1)[slot].to(compute)[:, None]
+    read = (slot >= 0) & (slot < t * k)  # a slot outside [0, T*K) names no token: its row is not read
+    slot = torch.where(read, slot, 0)
+    # where on both factors (not on their product): NaN in a row not read stays out of the output and of the
+    # weights' gradient (0 * NaN would reach it through the product's backward)
+    rows = torch.where(read[:, None], expert_out[:end].to(compute), 0.0)
+    y = rows * torch.where(read, topk_weights.reshape(-1)[slot].to(compute), 0.0)[:, None]
     out = y.new_zeros((t, expert_out.shape[1])).index_add(0, slot // k, y)
     if hidden is not None:
         out = out + hidden.to(compute) * zero_weight.to(compute)[:, None]

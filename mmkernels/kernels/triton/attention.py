@@ -19,8 +19,11 @@ caller memory is never padded. Causal masks are bottom-right aligned (query ``i`
 NaN) is zeroed before the dK product. Key blocks that every row of a query block sees entirely run without masks;
 only the boundary blocks pay for them.
 
-Invalid values never leak: rows past a sequence are masked loads (zeros), so NaN/inf there reach nothing; varlen
-rows past ``cu_seqlens[-1]`` belong to no program, so out/dq/dk/dv start from zeros there (lse from ``+inf``).
+Invalid values never leak: rows past a sequence and head-dim padding are masked loads (zeros), so NaN/inf there
+reach nothing; varlen rows past ``cu_seqlens[-1]`` belong to no program, so out/dq/dk/dv start from zeros there (lse
+from ``+inf``). Keys read as zeros still score 0, and ``exp(0 - lse)`` overflows for a row whose lse is low (logits
+~ -1e4): so in every kernel and branch (causal or not, whole or partial blocks) the score of a key past ``seqlen_k``
+or hidden by the causal mask is set to ``-inf`` before the exp, p = 0 there and dS = p (dP - delta) = 0.
 
 Grid: one axis, ``(row block, head, sequence)`` folded into ``program_id(0)`` (:func:`_tile`), so more than 65535
 sequences x heads launch (CUDA axes 1 and 2 stop at 65535; axis 0 takes 2**31 - 1).
@@ -308,10 +311,16 @@ def _attn_bwd_preprocess_kernel(
 @triton.jit
 def _bwd_kv_inner(
     dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_ql, stride_dol, stride_dql,
-    offs_n, offs_d, lo, hi, seqlen_q, diag, qk_scale, sm_scale, seed, drop_base, LK, dropout_p, drop_scale,
+    offs_n, key_ok, offs_d, lo, hi, seqlen_q, diag, qk_scale, sm_scale, seed, drop_base, LK, dropout_p, drop_scale,
     MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
 ):
+    """dK/dV (and, ATOMIC_DQ, dQ) contributions of the query rows ``[lo, hi)`` to the program's key block. MASKED: the
+    causal boundary (rows that see part of the block). Keys past ``seqlen_k`` (``~key_ok``, a partial last block)
+    are loaded as zeros, so their score is 0 and ``exp2(0 - lse)`` overflows for a row whose lse is low (scores
+    ~ -1e4): their scores are set to -inf before the exp in every branch, so p = 0 there and dS = p (dP - delta)
+    = 0 (dP is finite: V and dO rows outside the sequence are zeros); nothing outside the block's valid keys
+    reaches dV, dK or the atomic dQ (FlashAttention-2's ``test_flash_attn_bwd_overflow``)."""
     mask_d = offs_d < HEAD_DIM
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
@@ -328,9 +337,10 @@ def _bwd_kv_inner(
             # would reach dK through 0 * NaN in dS^T Q.
             q = tl.where((rows + diag >= 0)[:, None], q, 0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
-        p_t = tl.exp2(s_t - lse2[None, :])
+        visible = key_ok[:, None]
         if MASKED:
-            p_t = tl.where(offs_n[:, None] <= rows[None, :] + diag, p_t, 0.0)
+            visible = visible & (offs_n[:, None] <= rows[None, :] + diag)
+        p_t = tl.exp2(tl.where(visible, s_t, float("-inf")) - lse2[None, :])
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         if DROPOUT:
             keep_t = dropout_keep(seed, drop_base, rows[None, :], offs_n[:, None], LK, dropout_p)
@@ -379,7 +389,9 @@ def _attn_bwd_dkdv_kernel(
                 mask=mask_kv, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # Key rows past the sequence are zeros: their dK/dV rows are not stored and they add nothing to dQ.
+    # Key rows past the sequence are zeros, their scores -inf (p = 0): their dK/dV rows are not stored and they add
+    # nothing to dQ.
+    key_ok = offs_n < seqlen_k
     diag, lo, mid = _query_range(start_n, seqlen_q, seqlen_k, BLOCK_M, BLOCK_N, CAUSAL)
     seed = dropout_seed(SEED, DROPOUT)
     for g in range(0, GROUP):
@@ -392,11 +404,11 @@ def _attn_bwd_dkdv_kernel(
         drop_base = (b64 * HKV * GROUP + h) * LQ
         if CAUSAL:
             dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_ql,
-                                   stride_dol, stride_dql, offs_n, offs_d, lo, mid, seqlen_q, diag, qk_scale,
+                                   stride_dol, stride_dql, offs_n, key_ok, offs_d, lo, mid, seqlen_q, diag, qk_scale,
                                    sm_scale, seed, drop_base, LK, dropout_p, drop_scale,
                                    True, HEAD_DIM, BLOCK_M, ATOMIC_DQ, PRECISION, DROPOUT)
         dk, dv = _bwd_kv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, stride_ql,
-                               stride_dol, stride_dql, offs_n, offs_d, mid, seqlen_q, seqlen_q, diag, qk_scale,
+                               stride_dol, stride_dql, offs_n, key_ok, offs_d, mid, seqlen_q, seqlen_q, diag, qk_scale,
                                sm_scale, seed, drop_base, LK, dropout_p, drop_scale,
                                False, HEAD_DIM, BLOCK_M, ATOMIC_DQ, PRECISION, DROPOUT)
     dk = dk * sm_scale
@@ -419,9 +431,9 @@ def _bwd_q_inner(
         kt = _load_kv(k_base, cols, stride_kl, offs_d, seqlen_k, HEAD_DIM, MASKED, EVEN_D, True)
         vt = _load_kv(v_base, cols, stride_vl, offs_d, seqlen_k, HEAD_DIM, MASKED, EVEN_D, True)
         s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        if MASKED:  # keys past seqlen_k (read as zeros) and causal-hidden keys: -inf before the exp, so p = 0
+            s = tl.where(_visible(offs_m, cols, seqlen_k, diag, CAUSAL), s, float("-inf"))
         p = tl.exp2(s - lse2[:, None])
-        if MASKED:
-            p = tl.where(_visible(offs_m, cols, seqlen_k, diag, CAUSAL), p, 0.0)
         dp = tl.dot(do, vt, input_precision=PRECISION)
         if DROPOUT:
             keep = dropout_keep(seed, drop_base, offs_m[:, None], cols[None, :], LK, dropout_p)
@@ -531,9 +543,9 @@ def _bwd_configs(block_d: int, dtype: torch.dtype, max_q: int, max_k: int, inter
     # tutorial's shapes (dK/dV 32 x 128, dQ 128 x 32) spilled in every dK/dV config, up to 1,740 bytes per thread:
     # the dK/dV program holds K, V, dK, dV for its BLOCK_N keys plus 64-bit dQ atomic addresses, so BLOCK_N shrinks
     # with the head dim. Exceptions, allowed by name in tests/triton_gpu_compile.py with the configs swept: fp32
-    # dK/dV at D <= 128 (<= 64 bytes, causal only) and at D <= 64 (<= 48 bytes, varlen only), and causal varlen
-    # specialisations of dQ at D <= 128 (8 bytes, sm_90a), of fp16/bf16 dK/dV at D > 128 (<= 112 bytes, sm_80) and
-    # of fp32 dQ at D > 128 (56 bytes, sm_80).
+    # dK/dV at D <= 128 (<= 64 bytes, causal only; 84 on sm_90a in causal varlen since the key mask of issue 19)
+    # and at D <= 64 (<= 48 bytes, varlen only), and causal varlen specialisations of dQ at D <= 128 (8 bytes,
+    # sm_90a), of fp16/bf16 dK/dV at D > 128 (<= 112 bytes, sm_80) and of fp32 dQ at D > 128 (56 bytes, sm_80).
     if dtype == torch.float32:
         if block_d <= 64:
             kv, q = _Config(16, 32, 4, 1), _Config(32, 32, 4, 1)

@@ -314,7 +314,7 @@ def _packed_bwd_dkdv_kernel(
                 do1 = _load_rows(do_base, rows64, seen, stride_dol, offs_d1, HEAD_DIM)
                 s_t = tl.dot(k1, tl.trans(q1), s_t, input_precision=PRECISION)
                 dp_t = tl.dot(v1, tl.trans(do1), dp_t, input_precision=PRECISION)
-            p_t = tl.where(visible, tl.exp2(s_t * qk_scale - lse2[None, :]), 0.0)
+            p_t = tl.exp2(tl.where(visible, s_t * qk_scale, float("-inf")) - lse2[None, :])  # p = 0 off the mask
             if DROPOUT:
                 keep_t = dropout_keep(seed, drop_base[:, None], rows[None, :], pos[:, None], LK, dropout_p)
                 pd_t = tl.where(keep_t, p_t * drop_scale, 0.0)
@@ -393,7 +393,7 @@ def _packed_bwd_dq_kernel(
             s = tl.dot(q1, kt1, s, input_precision=PRECISION)
             dp = tl.dot(do1, vt1, dp, input_precision=PRECISION)
         visible = (cols[None, :] >= k_first[:, None]) & (cols[None, :] < k_last[:, None])
-        p = tl.where(visible, tl.exp2(s * qk_scale - lse2[:, None]), 0.0)
+        p = tl.exp2(tl.where(visible, s * qk_scale, float("-inf")) - lse2[:, None])  # p = 0 off the mask
         if DROPOUT:
             keep = dropout_keep(seed, drop_base[:, None], pos[:, None], cols[None, :] - k_first[:, None], LK,
                                 dropout_p)

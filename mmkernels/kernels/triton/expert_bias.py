@@ -1,7 +1,8 @@
 """Triton kernel for the expert-bias update: one program reduces the counts and updates every FFN bias.
 
 The problem is tiny (a few thousand floats), so the goal is one launch with no host synchronisation, not
-bandwidth. Arithmetic follows csrc/expert_bias.h in the same float32 order.
+bandwidth. Arithmetic follows csrc/expert_bias.h in the same float32 order: correctly rounded division
+(``div_rn``), the clamp as comparisons (NaN kept, as C++ and ``torch.clamp``).
 """
 
 from __future__ import annotations
@@ -52,13 +53,17 @@ def _expert_bias_update_kernel(
         else:
             e1 = tl.load(state_ptr + idx, mask=mask, other=0.0)
             e2 = tl.load(state_ptr + num_ffn + idx, mask=mask, other=0.0)
-            e = target_share - c.to(tl.float32) / tl.maximum(total, 1).to(tl.float32)  # total=0: discarded below
+            # div_rn: the correctly rounded quotient of C++ and PyTorch (a plain `/` is approximate on GPUs).
+            e = target_share - tl.math.div_rn(c.to(tl.float32), tl.maximum(total, 1).to(tl.float32))
             delta = ki * e + kp * (e - e1) + kd * (e - 2.0 * e1 + e2)
             new_b = b + delta
             tl.store(state_ptr + idx, tl.where(observed, e, e1), mask=mask)
             tl.store(state_ptr + num_ffn + idx, tl.where(observed, e1, e2), mask=mask)
-        if CLAMP:
-            new_b = tl.minimum(tl.maximum(new_b, -max_abs), max_abs)
+        if CLAMP:  # C++'s comparisons: NaN stays NaN (tl.maximum drops it on GPUs). The lower bound as a tensor times
+            # -1.0: Triton's `-x` is `0 - x` and turns a scalar -0.0 into +0.0, where C++ and torch.clamp give -0.0.
+            hi = tl.zeros_like(new_b) + max_abs
+            lo = hi * -1.0
+            new_b = tl.where(new_b < lo, lo, tl.where(new_b > hi, hi, new_b))
         tl.store(bias_ptr + idx, tl.where(observed, new_b, b), mask=mask)
 
 
@@ -98,4 +103,7 @@ def expert_bias_update_triton(
         CLAMP=max_abs is not None,
         BLOCK=block,
         num_warps=4,
+        # No FMA contraction: C++ (ISO, no -ffp-contract), CUDA (_rn intrinsics) and the reference round every
+        # product and sum on its own, so every backend gives the same bits.
+        enable_fp_fusion=False,
     )

@@ -279,8 +279,13 @@ def patch_embed_fwd(
     launch=None,
 ) -> torch.Tensor:
     """``y [B, L, D]`` from pixels ``[B, C, H, W]``, weight ``[D, C, P, P]``, bias ``[D]``, pos_embed ``[L, D]``,
-    cls_token ``[D]`` (shapes already validated)."""
-    pos, cls = pos_embed, cls_token
+    cls_token ``[D]`` (shapes already validated). Pixels, weight and pos_embed are read through their strides; the
+    kernel reads bias and cls_token as unit-stride vectors, so a strided one (every other element of a buffer) is
+    copied first instead of reading the elements between its own."""
+    pos = pos_embed
+    cls = cls_token if cls_token is None or cls_token.stride(0) == 1 else cls_token.contiguous()
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
     bsz, c, h, w = pixels.shape
     d, _, p, _ = weight.shape
     hp, wp = h // p, w // p

@@ -212,8 +212,9 @@ def _qf_bwd_kernel(
         k = tl.load(k_base + offs[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        p = tl.exp2(s - lse2[:, None])
-        p = tl.where(mask_m[:, None] & mask_n[None, :], p, 0.0)  # [BLOCK_M, BLOCK_N]
+        # keys past kv_len (read as zeros) and query rows past Lq: -inf before the exp, so p = 0 and dS = 0 there
+        s = tl.where(mask_m[:, None] & mask_n[None, :], s, float("-inf"))
+        p = tl.exp2(s - lse2[:, None])  # [BLOCK_M, BLOCK_N]
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
         if DROPOUT:
             keep = dropout_keep(seed, drop_base, offs_m[:, None], offs[None, :], Lk, dropout_p)

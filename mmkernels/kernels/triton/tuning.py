@@ -13,10 +13,19 @@ How a launcher gets its configuration (:func:`pick`, host-side Python on ints, s
    (not while tracing, not during CUDA-graph capture) tune a bucket that has no exact entry, once per process, and
    save it to the user file: a training step never pauses to tune unless asked to.
 
-A file that cannot be read, has another format, or holds an entry for an unknown kernel, bucket fields that no longer
-exist, a malformed bucket (a size that is not a positive integer, an unknown dtype, whitespace), a parameter the
-kernel no longer takes or an invalid value (a block larger than the space's largest), is skipped (that entry or the
-whole file) at load time with a :class:`TuningConfigWarning`, never an error: the default config then runs.
+Files are read only when they are regular files of at most :data:`MAX_FILE_BYTES` (a FIFO, a device such as a link to
+``/dev/zero``, or a huge file is never opened for reading past that check). A file that cannot be read (any reason:
+not regular, too large, an OS error, not JSON, nested too deeply), has another format, or holds an entry for an
+unknown kernel, bucket fields that no longer exist, a malformed bucket (a size that is not a positive integer, an
+unknown dtype, whitespace), a parameter the kernel no longer takes, an invalid value (a block larger than the space's
+largest), or a *stale* entry (its ``_tuned_for`` stamp names another mmkernels, Triton or torch version, or another
+kernel source hash: :func:`tuned_for`), is skipped (that entry or the whole file) at load time with one
+:class:`TuningConfigWarning` per file, never an error: the default config then runs.
+
+Writers (:func:`save`: ``tune`` after every bucket, ``MMKERNELS_AUTOTUNE=1`` launches) take an inter-process lock
+on ``<file>.lock``, re-read the file, merge their entries and replace it atomically: concurrent writers keep every
+entry. The environment variables (``MMKERNELS_AUTOTUNE``, ``MMKERNELS_TUNING_DIR``, ``MMKERNELS_TUNING_DEVICE``) are
+read through their parsers in ``mmkernels._env``; a bad value raises ``EnvVarError`` naming the variable.
 
 Search spaces (:data:`SPACES`): per kernel, the tunable parameters and their candidate values, pruned *before
 anything is timed* by estimates against the target (shared memory per block, registers per thread, blocks wider than
@@ -41,6 +50,7 @@ import logging
 import math
 import os
 import re
+import stat
 import threading
 import time
 import warnings
@@ -50,6 +60,7 @@ from typing import Any
 
 import torch
 
+from ... import _env
 from . import _common
 
 __all__ = [
@@ -80,7 +91,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # the JSON layout below; a file with another "format" is ignored with a warning
+FORMAT = 2  # the JSON layout (docs/tuning.md); a file with another "format" is ignored with a warning. 2: per-entry
+# "_tuned_for" stamps (format-1 files had none, so nothing said which versions they were tuned for)
+MAX_FILE_BYTES = 8 << 20  # a tuning file larger than this is not read (the shipped ones are a few KB)
+LOCK_TIMEOUT_S = 60.0  # how long a writer waits for another process's lock on the same file
 CONFIG_DIR = Path(__file__).with_name("configs")  # shipped files: <device slug>.json
 AUTOTUNE_ENV = "MMKERNELS_AUTOTUNE"  # "1": tune a bucket with no entry on its first launch (off by default)
 DEVICE_ENV = "MMKERNELS_TUNING_DEVICE"  # look configs up as if on this device name (checks from another machine)
@@ -696,7 +710,7 @@ def device_slug(name: str) -> str:
 def device_name(device: torch.device | None = None) -> str | None:
     """The name configs are looked up under: ``$MMKERNELS_TUNING_DEVICE`` when set, else the CUDA device's name, else
     None (a CPU device has no configs)."""
-    override = os.environ.get(DEVICE_ENV, "")
+    override = _env.tuning_device()
     if override:
         return override
     if device is None:
@@ -718,9 +732,9 @@ def shipped_path(name: str) -> Path:
 
 
 def user_dir() -> Path:
-    explicit = os.environ.get(DIR_ENV, "")
-    if explicit:
-        return Path(explicit).expanduser()
+    explicit = _env.tuning_dir()  # raises EnvVarError for a path that exists and is not a folder
+    if explicit is not None:
+        return explicit
     base = os.environ.get("XDG_CACHE_HOME", "") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "mmkernels" / "tuning"
 
@@ -776,37 +790,148 @@ def _key_problem(space: Space, key: str) -> str | None:
     return None
 
 
-def _entries(path: Path) -> dict[str, dict[str, dict]]:
-    """``{kernel: {bucket string: config}}`` of one file: only valid entries; everything skipped is warned about."""
+class _Unreadable(Exception):
+    """A tuning file that is there but cannot be used as a whole (the message says why)."""
+
+
+def _read_json(path: Path) -> Any:
+    """The parsed JSON of the tuning file at ``path``; ``FileNotFoundError`` when there is none, :class:`_Unreadable`
+    for anything else that stops it being read: not a regular file (a FIFO would block the first launch forever, a
+    link to ``/dev/zero`` never ends), larger than :data:`MAX_FILE_BYTES`, an OS error, not UTF-8 JSON, nested past
+    the parser's recursion limit."""
     try:
-        raw = json.loads(path.read_text())
+        # O_NONBLOCK: opening a FIFO for reading must not wait for a writer (regular files ignore the flag)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        _warn(f"mmkernels tuning: ignoring {path}: cannot read it as JSON ({exc})")
+        raise
+    except OSError as exc:
+        raise _Unreadable(f"cannot open it ({exc.strerror or exc})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _Unreadable("not a regular file (a FIFO, device, socket or folder is never read)")
+        if info.st_size > MAX_FILE_BYTES:
+            raise _Unreadable(f"{info.st_size} bytes, over the {MAX_FILE_BYTES}-byte limit for tuning files")
+        chunks, size = [], 0
+        while True:  # bounded even if the file grows while it is read
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > MAX_FILE_BYTES:
+                raise _Unreadable(f"over the {MAX_FILE_BYTES}-byte limit for tuning files")
+            chunks.append(chunk)
+    except OSError as exc:
+        raise _Unreadable(f"cannot read it ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+    try:
+        return json.loads(b"".join(chunks).decode("utf-8"))
+    except RecursionError:
+        raise _Unreadable("cannot read it as JSON (nested too deeply)") from None
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        raise _Unreadable(f"cannot read it as JSON ({exc})") from None
+
+
+_WARN_LISTED = 5  # entry problems spelled out in a file's one warning (the rest are counted)
+
+
+def _entries(path: Path) -> dict[str, dict[str, dict]]:
+    """``{kernel: {bucket string: config}}`` of one file: only valid, current entries. Whatever is skipped (the whole
+    file, or some of its entries) is said in one :class:`TuningConfigWarning` per file; nothing here raises."""
+    try:
+        return _load_entries(path)
+    except _Unreadable as exc:
+        _warn(f"mmkernels tuning: ignoring {path}: {exc}; the default configs run")
+    except Exception as exc:  # noqa: BLE001  (a tuning file must never stop a launch: the default runs)
+        _warn(f"mmkernels tuning: ignoring {path}: {type(exc).__name__}: {exc}; the default configs run")
+    return {}
+
+
+def _load_entries(path: Path) -> dict[str, dict[str, dict]]:
+    try:
+        raw = _read_json(path)
+    except FileNotFoundError:
         return {}
     problem = _file_problem(raw)
     if problem:
-        _warn(f"mmkernels tuning: ignoring {path}: {problem}")
-        return {}
+        raise _Unreadable(problem)
     out: dict[str, dict[str, dict]] = {}
+    skipped: list[str] = []
+    stale = 0
     for kernel, table in raw["kernels"].items():
         space = SPACES.get(kernel)
         if space is None:
-            _warn(f"mmkernels tuning: {path}: no kernel {kernel!r} in this version (stale file?): its entries are "
-                  "ignored")
+            skipped.append(f"no kernel {kernel!r} in this version (stale file?): its entries are ignored")
             continue
         if not isinstance(table, dict):
-            _warn(f"mmkernels tuning: {path}: kernels.{kernel} is a {_json_type(table)}, not an object of bucket -> "
-                  "config: its entries are ignored")
+            skipped.append(f"kernels.{kernel} is a {_json_type(table)}, not an object of bucket -> config: its "
+                           "entries are ignored")
             continue
         for key, cfg in table.items():
             problem = _entry_problem(space, key, cfg)
+            if problem is None:
+                problem = _stale(space, cfg)
+                stale += problem is not None
             if problem:
-                _warn(f"mmkernels tuning: {path}: {kernel} [{key}]: {problem}: entry ignored, the default runs")
+                skipped.append(f"{kernel} [{key}]: {problem}")
                 continue
             out.setdefault(kernel, {})[key] = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    if skipped:
+        listed = "; ".join(skipped[:_WARN_LISTED])
+        more = f"; and {len(skipped) - _WARN_LISTED} more" if len(skipped) > _WARN_LISTED else ""
+        hint = (" (stale entries: retune with `mmkernels-bench tune ... --retune`, or delete the file)"
+                if stale else "")
+        _warn(f"mmkernels tuning: {path}: {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} ignored, the "
+              f"default config runs for them{hint}: {listed}{more}")
     return out
+
+
+# ---- what an entry was tuned for ----------------------------------------------------------------------------------
+
+TUNED_FOR = "_tuned_for"  # the entry field: {"mmkernels", "triton", "torch", "source"}; all must match this install
+
+
+@functools.cache
+def _source_hash(module: str) -> str:
+    """The first 16 hex digits of the SHA-256 of the kernel module's source file (the ``@triton.jit`` kernels, their
+    helpers and launchers): a config tuned for other kernel code is stale even within one version number."""
+    import hashlib
+    import importlib.util
+
+    try:
+        origin = importlib.util.find_spec(module).origin
+        return hashlib.sha256(Path(origin).read_bytes()).hexdigest()[:16]
+    except (OSError, AttributeError, ImportError, ValueError, TypeError):
+        return "unknown"
+
+
+@functools.cache
+def _versions() -> dict[str, str]:
+    import triton
+
+    from ... import __version__
+
+    return {"mmkernels": __version__, "triton": triton.__version__, "torch": torch.__version__.split("+")[0]}
+
+
+def tuned_for(kernel: str) -> dict[str, str]:
+    """The stamp every entry of ``kernel`` carries in a tuning file: the mmkernels, Triton and torch versions and the
+    kernel source hash it was tuned with. An entry whose stamp differs from this install's is stale: ignored with a
+    warning (the default runs, and ``tune`` tunes that bucket again)."""
+    return {**_versions(), "source": _source_hash(SPACES[kernel].module)}
+
+
+def _stale(space: Space, cfg: Mapping) -> str | None:
+    stamp = cfg.get(TUNED_FOR)
+    if not isinstance(stamp, dict):
+        return f"no {TUNED_FOR} stamp (versions and kernel source hash it was tuned for): stale"
+    now = tuned_for(space.kernel)
+    label = {"source": "kernel source"}
+    diff = [f"{label.get(k, k)} {stamp.get(k)!r} (this install: {v!r})" for k, v in now.items() if stamp.get(k) != v]
+    if diff:
+        return "tuned for another " + ", ".join(diff) + ": stale"
+    return None
 
 
 def _json_type(value: Any) -> str:
@@ -967,7 +1092,9 @@ def forced(kernel: str, cfg: Mapping | None):
 
 
 def autotune_enabled() -> bool:
-    return os.environ.get(AUTOTUNE_ENV, "") == "1"
+    """``MMKERNELS_AUTOTUNE`` through its one parser (``mmkernels._env.autotune``): a value other than 1/0 (or
+    true/false, yes/no, on/off) raises ``EnvVarError`` naming the variable."""
+    return _env.autotune()
 
 
 def pick(kernel: str, shape: Mapping, default, *, like: torch.Tensor):
@@ -1190,29 +1317,88 @@ def sweep(space: Space, shape: Mapping, device: torch.device, *, default: Mappin
         _local.tuning = prev
 
 
-def save(path: Path, name: str, results: Iterable[tuple[str, BucketResult]]) -> Path:
-    """Merge ``(kernel, result)`` entries into the tuning file at ``path`` (created if missing; an unreadable one is
-    replaced) and write it atomically."""
-    path = Path(path)
-    data: dict = {}
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive inter-process lock on ``<path>.lock`` (``filelock``, which torch depends on; ``fcntl.flock``
+    where it is missing), held while a writer reads, merges and replaces the file, so concurrent writers (several
+    ``MMKERNELS_AUTOTUNE=1`` ranks, two ``tune`` runs) never lose each other's entries. Waits at most
+    :data:`LOCK_TIMEOUT_S` (then ``TimeoutError``, an ``OSError``)."""
+    lock_path = path.with_name(path.name + ".lock")
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        data = {}
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("kernels"), dict):
-        data = {}
-    import triton
+        import filelock
+    except ImportError:
+        filelock = None
+    if filelock is not None:
+        try:
+            with filelock.FileLock(str(lock_path), timeout=LOCK_TIMEOUT_S):
+                yield
+        except filelock.Timeout as exc:
+            raise TimeoutError(f"another process holds {lock_path} for over {LOCK_TIMEOUT_S:.0f} s") from exc
+        return
+    import fcntl
 
-    data = {"format": FORMAT, "device": name, "kernels": data.get("kernels", {}),
-            "_meta": {"triton": triton.__version__, "torch": torch.__version__.split("+")[0],
-                      "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
-    for kernel, result in results:
-        data["kernels"].setdefault(kernel, {})[result.key] = result.entry()
-    data["kernels"] = {k: dict(sorted(v.items())) for k, v in sorted(data["kernels"].items())}
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another process holds {lock_path} for over {LOCK_TIMEOUT_S:.0f} s") from None
+                time.sleep(0.01)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def save(path: Path, name: str, results: Iterable[tuple[str, BucketResult]]) -> Path:
+    """Merge ``(kernel, result)`` entries into the tuning file at ``path`` (created if missing) and replace it
+    atomically, under an inter-process lock (:func:`_file_lock`): entries other writers saved meanwhile survive.
+
+    Each entry is stamped with what it was tuned for (:func:`tuned_for`). The file's other entries are kept as they
+    are (including stale ones, which readers skip); a file that cannot be read as a tuning file is replaced with a
+    warning. Raises ``OSError`` when ``path`` exists and is not a regular file (a FIFO or device is never read or
+    replaced), or when the folder is not writable or the lock cannot be had."""
+    path = Path(path)
+    results = list(results)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    with _file_lock(path):
+        if path.exists() and not path.is_file():
+            raise OSError(f"{path} exists and is not a regular file; not replacing it")
+        kernels: dict = {}
+        try:
+            raw = _read_json(path)
+        except FileNotFoundError:
+            raw = None
+        except _Unreadable as exc:
+            _warn(f"mmkernels tuning: replacing {path}: {exc}")
+            raw = None
+        if raw is not None:
+            problem = _file_problem(raw)
+            if problem:
+                _warn(f"mmkernels tuning: replacing {path}: {problem}")
+            else:
+                kernels = {k: dict(v) for k, v in raw["kernels"].items() if isinstance(v, dict)}
+        for kernel, result in results:
+            kernels.setdefault(kernel, {})[result.key] = {**result.entry(), TUNED_FOR: tuned_for(kernel)}
+        data = {"format": FORMAT, "device": name,
+                "kernels": {k: dict(sorted(v.items())) for k, v in sorted(kernels.items())},
+                "_meta": {**_versions(), "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}.{threading.get_ident()}")
+        try:
+            with open(tmp, "w") as f:
+                f.write(json.dumps(data, indent=1) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
     with _lock:  # the next lookup sees the new file
         if name in _tables:
             _tables[name].refresh()

@@ -2,8 +2,12 @@
 
 HF layout (transformers/models/longcat_flash): ``router.classifier.weight`` [N+Z, Dm] (used in fp32; a
 classifier bias, if the config asks for one, is ignored by HF's forward and so here), ``router.
-e_score_correction_bias`` [N+Z], ``experts.gate_up_proj`` [N+Z, 2*Di, Dm] (allocated for N+Z experts but only
-the first N are FFNs: rows N.. are never used), ``experts.down_proj`` [N, Dm, Di].
+e_score_correction_bias`` [N+Z], ``experts.gate_up_proj`` [N, 2*Di, Dm] (transformers >= 5.25) or [N+Z, 2*Di, Dm]
+(5.17 .. 5.24 allocate rows for the zero experts too; they are never used), ``experts.down_proj`` [N, Dm, Di].
+
+Sizes are read by :func:`mmkernels.models.convert._hf_moe.moe_layout` (config first, then the modules' attributes of
+every supported release, checked against the tensors' shapes), so a release that moved or renamed them is no
+``AttributeError``.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ from torch import nn
 
 from ...nn.moe import ZeroComputeMoE
 from ._common import ConversionError, check_keys, strip_prefix
+from ._hf_moe import moe_layout
 
-__all__ = ["hf_to_mmkernels", "mmkernels_to_hf", "moe_from_hf"]
+__all__ = ["hf_allocates_zero_expert_rows", "hf_to_mmkernels", "mmkernels_to_hf", "moe_from_hf"]
 
 _HF_KEYS = ("router.classifier.weight", "router.e_score_correction_bias", "experts.gate_up_proj",
             "experts.down_proj")
@@ -39,40 +44,85 @@ def hf_to_mmkernels(state_dict: dict[str, torch.Tensor], *, num_ffn_experts: int
     }
 
 
-def mmkernels_to_hf(state_dict: dict[str, torch.Tensor], *, num_zero_experts: int, prefix: str = "") -> dict:
-    """A ``ZeroComputeMoE`` state dict -> ``LongcatFlashMoE``'s, padding ``gate_up_proj`` with zeros for the Z
-    zero experts as HF allocates it."""
+def hf_allocates_zero_expert_rows() -> bool:
+    """Whether the installed transformers allocates ``gate_up_proj`` rows for LongCat's zero experts (5.17 .. 5.24:
+    ``[N+Z, 2*Di, Dm]``) or not (5.25 and later: ``[N, 2*Di, Dm]``); False when transformers is not installed. Found
+    by building a tiny ``LongcatFlashExperts`` on the meta device (no memory, nothing downloaded)."""
+    global _ZERO_ROWS
+    if _ZERO_ROWS is None:
+        try:
+            from transformers.models.longcat_flash.configuration_longcat_flash import LongcatFlashConfig
+            from transformers.models.longcat_flash.modeling_longcat_flash import LongcatFlashExperts
+
+            cfg = LongcatFlashConfig(hidden_size=4, n_routed_experts=2, zero_expert_num=1, moe_topk=1,
+                                     expert_ffn_hidden_size=2)
+            with torch.device("meta"):
+                experts = LongcatFlashExperts(cfg)
+            _ZERO_ROWS = experts.gate_up_proj.shape[0] == 3
+        except Exception:  # noqa: BLE001 - no (usable) transformers: the newest layout
+            _ZERO_ROWS = False
+    return _ZERO_ROWS
+
+
+_ZERO_ROWS: bool | None = None
+
+
+def mmkernels_to_hf(state_dict: dict[str, torch.Tensor], *, num_zero_experts: int, prefix: str = "",
+                    zero_expert_rows: bool | None = None) -> dict:
+    """A ``ZeroComputeMoE`` state dict -> ``LongcatFlashMoE``'s.
+
+    ``zero_expert_rows``: pad ``gate_up_proj`` with zero rows for the Z zero experts (the layout of transformers
+    5.17 .. 5.24) or not (5.25 and later); ``None`` (default): as the installed transformers allocates it
+    (:func:`hf_allocates_zero_expert_rows`), so the result loads into a ``LongcatFlashMoE`` built here.
+    """
+    if zero_expert_rows is None:
+        zero_expert_rows = hf_allocates_zero_expert_rows()
     w = state_dict["experts.w_gate_up"]
-    pad = torch.zeros((num_zero_experts, *w.shape[1:]), dtype=w.dtype, device=w.device)
+    gate_up = w.clone()
+    if zero_expert_rows:
+        pad = torch.zeros((num_zero_experts, *w.shape[1:]), dtype=w.dtype, device=w.device)
+        gate_up = torch.cat([w, pad])
     return {
         prefix + "router.classifier.weight": state_dict["router.weight"].clone(),
         prefix + "router.e_score_correction_bias": state_dict["balancer.bias"].clone(),
-        prefix + "experts.gate_up_proj": torch.cat([w, pad]),
+        prefix + "experts.gate_up_proj": gate_up,
         prefix + "experts.down_proj": state_dict["experts.w_down"].clone(),
     }
 
 
-def moe_from_hf(hf_moe: nn.Module, **kwargs):
+def moe_from_hf(hf_moe: nn.Module, *, config=None, **kwargs):
     """``ZeroComputeMoE`` with the config and weights of an HF ``LongcatFlashMoE`` (same device and dtype).
 
-    The HF bias is loaded and kept fixed unless ``target_ffn_per_token`` is passed to enable the balancer.
+    ``config``: the ``LongcatFlashConfig`` when the block does not carry one (transformers >= 5.25 blocks have no
+    ``config``; their sizes are then read from the modules and the tensors' shapes). The HF bias is loaded and kept
+    fixed unless ``target_ffn_per_token`` is passed to enable the balancer.
+
+    Raises:
+        ConversionError: not a LongCat-Flash MoE block (no router / experts, sizes that cannot be found or do not
+            match the tensors), or experts with an activation other than SiLU.
     """
-    config = hf_moe.config
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise ConversionError(f"LongcatFlashMoE: only SiLU experts are supported, got {config.hidden_act!r}")
+    if not isinstance(hf_moe, nn.Module):
+        raise TypeError(f"moe_from_hf: hf_moe must be an HF LongcatFlashMoE module, got {type(hf_moe).__name__}")
+    layout = moe_layout(hf_moe, "longcat_flash", config=config)
+    if layout.hidden_act not in (None, "silu"):
+        raise ConversionError(f"LongcatFlashMoE: only SiLU experts are supported, got {layout.hidden_act!r}")
+    if layout.num_ffn_experts < 1:
+        raise ConversionError("LongcatFlashMoE: no FFN experts (only zero experts): ZeroComputeMoE needs N >= 1")
+    if layout.transposed:
+        raise ConversionError("LongcatFlashMoE: transposed expert weights are not supported")
     weight = hf_moe.experts.down_proj
     moe = ZeroComputeMoE(
-        config.hidden_size,
-        config.n_routed_experts,
-        config.zero_expert_num or 0,
-        config.moe_topk,
-        config.expert_ffn_hidden_size,
-        routed_scaling_factor=config.routed_scaling_factor,
+        layout.hidden_size,
+        layout.num_ffn_experts,
+        layout.num_zero_experts,
+        layout.top_k,
+        layout.intermediate_size,
+        routed_scaling_factor=layout.routed_scaling_factor,
         device=weight.device,
         dtype=weight.dtype,
         **kwargs,
     )
-    sd = hf_to_mmkernels(hf_moe.state_dict(), num_ffn_experts=config.n_routed_experts)
+    sd = hf_to_mmkernels(hf_moe.state_dict(), num_ffn_experts=layout.num_ffn_experts)
     missing, unexpected = moe.load_state_dict(sd, strict=False)
     allowed_missing = {"balancer.state", "balancer._extra_state"}
     if set(missing) - allowed_missing or unexpected:

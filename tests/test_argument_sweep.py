@@ -1,0 +1,363 @@
+"""Every value a caller hands us is checked, with an error naming the caller's argument, on every backend.
+
+Finding 10's kind. For each public function of ``mmkernels.ops`` a valid call is written out once (every argument by
+name); the sweep then replaces one argument at a time with a bad value of its kind and requires a ``TypeError`` or
+``ValueError`` whose message names that argument (never a raw ``RuntimeError``/``IndexError``/``AttributeError`` from
+deep inside, never a silent answer), on every backend that runs here and on auto:
+
+- a tensor argument: a Python list, the wrong dtype family, three leading dimensions too many (one or two can be a
+  documented layout, e.g. ``pos_embed`` [1, L, D]), another device (meta);
+- an int: a float, a bool, a string, a negative number;
+- a float: a string, a tensor (a host sync), NaN, inf;
+- a bool: an int, a string;
+- a choice string: an unknown name, an int.
+
+Arguments with a right answer for an odd value (for instance out-of-range routing ids or slots, which are "not
+dispatched") are covered by their op's tests. The module/model half: every constructor rejects bad values naming its
+parameter, and every forward rejects bad inputs naming the module and its argument (a half-precision input to a
+float32 module says ``"ZeroComputeMoE: input x is float16 but the module's weights are float32"``, not an inner op's
+``w_gate_up``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import mmkernels
+from mmkernels import ops
+from mmkernels._backends import registered_ops
+from mmkernels.models import QFormer, ScMoEConfig, ScMoEDecoder, ScMoEDecoderLayer, VisionLanguageModel, ViT, VLMConfig
+from mmkernels.models.qformer import QFormerConfig
+from mmkernels.models.vit import ViTConfig
+from mmkernels.nn import (
+    Attention,
+    ExpertBiasController,
+    PatchEmbed,
+    QFormerCrossAttention,
+    SwiGLUExperts,
+    ZeroComputeMoE,
+)
+
+CPU = torch.device("cpu")
+
+
+def _r(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _routing():
+    return ops.moe_route(_r(9, 7, seed=4), top_k=2, num_ffn_experts=5, backend="reference")
+
+
+def _good_args(op: str) -> dict:
+    """One valid call of ``op``, every argument by name (the registry's op name; the function is ``ops.<op>``)."""
+    if op == "attention":
+        return dict(q=_r(2, 5, 4, 8), k=_r(2, 7, 2, 8, seed=1), v=_r(2, 7, 2, 8, seed=2), causal=True,
+                    softmax_scale=0.3, dropout_p=0.0)
+    if op == "qformer_cross_attention":
+        return dict(q=_r(2, 3, 2, 8), k=_r(2, 6, 2, 8, seed=1), v=_r(2, 6, 2, 8, seed=2),
+                    kv_lens=torch.tensor([6, 2], dtype=torch.int32), softmax_scale=0.4, validate_kv_lens=True,
+                    dropout_p=0.0)
+    if op == "patch_embed":
+        return dict(pixels=_r(2, 3, 8, 8), weight=_r(10, 3, 4, 4, seed=1), bias=_r(10, seed=2),
+                    pos_embed=_r(5, 10, seed=3), cls_token=_r(10, seed=4))
+    if op == "moe_route":
+        return dict(logits=_r(9, 8), top_k=2, num_ffn_experts=6, bias=_r(8, seed=1) * 0.1, scoring="softmax",
+                    routed_scaling_factor=1.5, renormalize=False, n_groups=2, topk_groups=2)
+    if op == "moe_experts":
+        return dict(hidden=_r(9, 12), routing=_routing(), w_gate_up=_r(5, 2 * 6, 12, seed=1),
+                    w_down=_r(5, 12, 6, seed=2))
+    if op == "moe_permute":
+        return dict(hidden=_r(9, 12), topk_ids=_routing().topk_ids, num_local_experts=3, expert_offset=1)
+    if op == "moe_grouped_swiglu":
+        rows, perm = ops.moe_permute(_r(9, 12), _routing().topk_ids, num_local_experts=5, backend="reference")
+        return dict(rows=rows, offsets=perm.offsets, w_gate_up=_r(5, 2 * 6, 12, seed=1), w_down=_r(5, 12, 6, seed=2))
+    if op == "moe_unpermute":
+        routing = _routing()
+        rows, perm = ops.moe_permute(_r(9, 12), routing.topk_ids, num_local_experts=5, backend="reference")
+        return dict(expert_out=rows, permutation=perm, topk_weights=routing.topk_weights,
+                    zero_weight=routing.zero_weight, hidden=_r(9, 12))
+    if op == "expert_bias_update_":
+        return dict(bias=torch.zeros(12), counts=torch.tensor([9, 1, 0, 4, 7, 2, 2, 5, 3, 0, 1, 2], dtype=torch.int32),
+                    state=torch.zeros(2, 8), num_ffn_experts=8, top_k=3, target_ffn_per_token=2.0, kp=0.1, ki=0.3,
+                    kd=0.01, mode="pid", max_abs=0.5)
+    raise AssertionError(f"no valid call for op {op!r}: add one")
+
+
+CHOICES = {"scoring", "mode"}  # string arguments with a fixed set of values
+
+
+def _bad_values(name: str, good) -> list[tuple[str, object]]:
+    """(label, value) pairs that are wrong for an argument whose valid value is ``good``."""
+    if isinstance(good, torch.Tensor):
+        wrong_dtype = torch.int64 if good.is_floating_point() else torch.float32
+        return [("a list", good.tolist()), (f"dtype {wrong_dtype}", good.to(wrong_dtype)),
+                ("three dims too many", good[None, None, None]), ("on meta", good.to("meta"))]
+    if isinstance(good, bool):
+        return [("int 1", 1), ("string", "yes")]
+    if isinstance(good, int):
+        return [("float", 2.5), ("bool", True), ("string", "3"), ("negative", -1)]
+    if isinstance(good, float):
+        return [("string", "0.5"), ("tensor", torch.tensor(good)), ("nan", float("nan")), ("inf", float("inf"))]
+    if isinstance(good, str) and name in CHOICES:
+        return [("unknown name", "bogus"), ("int", 3)]
+    return []
+
+
+def _cases():
+    out = []
+    for op in sorted(registered_ops()):
+        good = _good_args(op)
+        for name, value in good.items():
+            for label, _ in _bad_values(name, value):
+                out.append(pytest.param(op, name, label, id=f"{op}-{name}-{label}"))
+    return out
+
+
+def _call(op: str, kwargs: dict, backend):
+    return getattr(ops, op)(**kwargs, backend=backend)
+
+
+def test_every_public_op_has_a_valid_call():
+    public = {n for n in ops.__all__ if callable(getattr(ops, n)) and not inspect.isclass(getattr(ops, n))}
+    assert public == set(registered_ops()), "every public op is registered (and swept here)"
+    for op in sorted(public):
+        for backend in [None, *registered_ops()[op].available(CPU)]:
+            _call(op, _good_args(op), backend)
+
+
+@pytest.mark.parametrize("op,name,label", _cases())
+def test_bad_argument_is_an_error_naming_it(op, name, label):
+    bad = dict(_bad_values(name, _good_args(op)[name]))[label]
+    for backend in [None, *registered_ops()[op].available(CPU)]:
+        kwargs = _good_args(op)
+        kwargs[name] = bad
+        with pytest.raises((TypeError, ValueError)) as info:
+            _call(op, kwargs, backend)
+        assert re.search(rf"\b{name}\b", str(info.value)), (
+            f"{op}(backend={backend!r}) with {name} = {label}: the error does not name {name!r}: {info.value!r}")
+        assert str(info.value).startswith(f"{op}:"), f"the error does not name the op: {info.value!r}"
+        if label == "on meta":  # the odd one out is named as such, not only listed among the others
+            assert f"{name} is on meta" in str(info.value) or f"{name} must be on" in str(info.value), info.value
+
+
+# The composite arguments: a MoERouting / MoEPermutation whose pieces are wrong names the piece.
+COMPOSITE = [
+    ("moe_experts", "routing", lambda r: r._replace(topk_ids=r.topk_ids.float()), "topk_ids"),
+    ("moe_experts", "routing", lambda r: r._replace(topk_weights=r.topk_weights.double()), "topk_weights"),
+    ("moe_experts", "routing", lambda r: r._replace(zero_weight=r.zero_weight[:-1]), "zero_weight"),
+    ("moe_experts", "routing", lambda r: tuple(r)[:2], "routing"),
+    ("moe_experts", "routing", lambda r: r.topk_ids, "routing"),
+    ("moe_unpermute", "permutation", lambda p: p._replace(slots=p.slots.float()), "slots"),
+    ("moe_unpermute", "permutation", lambda p: p._replace(offsets=p.offsets[None]), "offsets"),
+    ("moe_unpermute", "permutation", lambda p: p._replace(slots=p.slots[:-1]), "slots"),
+    ("moe_unpermute", "permutation", lambda p: p.slots, "permutation"),
+]
+
+
+@pytest.mark.parametrize("op,arg,change,name", COMPOSITE, ids=lambda x: x if isinstance(x, str) else "")
+def test_bad_piece_of_a_composite_argument_names_the_piece(op, arg, change, name):
+    for backend in [None, *registered_ops()[op].available(CPU)]:
+        kwargs = _good_args(op)
+        kwargs[arg] = change(kwargs[arg])
+        with pytest.raises((TypeError, ValueError), match=rf"^{op}: .*\b{name}\b"):
+            _call(op, kwargs, backend)
+
+
+@pytest.mark.parametrize("arg,bad", [("num_local_experts", 2**40), ("expert_offset", 2**70)])
+def test_permute_sizes_past_the_plan_are_errors(arg, bad):
+    """Too large for the int32 plan or the int64 id arithmetic: a ValueError naming the argument, not an
+    OverflowError from torch (or a reference loop over 2**40 experts)."""
+    for backend in [None, *registered_ops()["moe_permute"].available(CPU)]:
+        with pytest.raises(ValueError, match=rf"^moe_permute: {arg} must be in"):
+            _call("moe_permute", _good_args("moe_permute") | {arg: bad}, backend)
+
+
+def test_unknown_backend_names_the_op():
+    for op in sorted(registered_ops()):
+        with pytest.raises(mmkernels.BackendError, match=rf"^{op}: backend='bogus' is not implemented"):
+            _call(op, _good_args(op), "bogus")
+
+
+# ---- modules and models: constructors and forwards ------------------------------------------------------------------
+
+TINY_VIT = ViTConfig(image_size=8, patch_size=4, hidden_size=12, num_layers=1, num_heads=2, mlp_dim=16)
+TINY_QF = QFormerConfig(hidden_size=12, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                        encoder_hidden_size=10, hidden_dropout_prob=0.0)
+H = torch.float16
+
+# name: (build, [(argument, call(module) that passes a bad value for it, error type), ...])
+MODULE_INPUTS: dict[str, tuple[Callable, list[tuple[str, Callable, type]]]] = {
+    "ZeroComputeMoE": (lambda: ZeroComputeMoE(12, 4, 2, 2, 8), [
+        ("x", lambda m: m(_r(3, 12).to(H)), TypeError),
+        ("x", lambda m: m(_r(3, 12).double()), TypeError),
+        ("x", lambda m: m(torch.ones(3, 12, dtype=torch.long)), TypeError),
+        ("x", lambda m: m(_r(3, 12).to("meta")), ValueError),
+        ("x", lambda m: m(_r(3, 11)), ValueError),
+        ("x", lambda m: m([0.0] * 12), TypeError),
+        ("padding_mask", lambda m: m(_r(3, 12), padding_mask=torch.zeros(3)), TypeError),
+        ("padding_mask", lambda m: m(_r(3, 12), padding_mask=torch.zeros(4, dtype=torch.bool)), ValueError),
+        ("return_router_logits", lambda m: m(_r(3, 12), return_router_logits=1), TypeError),
+    ]),
+    "SwiGLUExperts": (lambda: SwiGLUExperts(5, 12, 6), [
+        ("hidden", lambda m: m(_r(9, 12).to(H), _routing()), TypeError),
+        ("hidden", lambda m: m(_r(9, 12).to("meta"), _routing()), ValueError),
+        ("routing", lambda m: m(_r(9, 12), _routing().topk_ids), TypeError),
+    ]),
+    "Attention": (lambda: Attention(16, 4), [
+        ("x", lambda m: m(_r(2, 5, 16).to(H)), TypeError),
+        ("x", lambda m: m(_r(2, 5, 16).to("meta")), ValueError),
+        ("x", lambda m: m(_r(5, 16)), ValueError),
+        ("x", lambda m: m(_r(2, 5, 15)), ValueError),
+    ]),
+    "Attention(cross)": (lambda: Attention(16, 4, cross=True, kv_dim=10), [
+        ("context", lambda m: m(_r(2, 5, 16), _r(2, 3, 10).to(H)), TypeError),
+        ("context", lambda m: m(_r(2, 5, 16), _r(2, 3, 9)), ValueError),
+    ]),
+    "QFormerCrossAttention": (lambda: QFormerCrossAttention(16, 2, 12), [
+        ("hidden_states", lambda m: m(_r(2, 3, 16).to(H), _r(2, 7, 12)), TypeError),
+        ("encoder_hidden_states", lambda m: m(_r(2, 3, 16), _r(2, 7, 12).to(H)), TypeError),
+        ("encoder_hidden_states", lambda m: m(_r(2, 3, 16), _r(2, 7, 11)), ValueError),
+    ]),
+    "PatchEmbed": (lambda: PatchEmbed(8, 4, 3, 16), [
+        ("pixels", lambda m: m(_r(1, 2, 8, 8)), ValueError),
+        ("pixels", lambda m: m(torch.zeros(1, 3, 8, 8, dtype=torch.uint8)), TypeError),
+        ("pixels", lambda m: m(_r(1, 3, 8, 8).to("meta")), ValueError),
+        ("pixels", lambda m: m(_r(3, 8, 8)), ValueError),
+    ]),
+    "ExpertBiasController": (lambda: ExpertBiasController(8, 4, 4, 3.0), [
+        ("counts", lambda m: m.update(torch.ones(12)), TypeError),
+        ("counts", lambda m: m.update(torch.ones(11, dtype=torch.int32)), ValueError),
+    ]),
+    "ViT": (lambda: ViT(TINY_VIT), [
+        ("pixels", lambda m: m(_r(3, 8, 8)), ValueError),
+        ("pixels", lambda m: m(_r(1, 2, 8, 8)), ValueError),
+    ]),
+    "QFormer": (lambda: QFormer(TINY_QF), [
+        ("image_attention_mask", lambda m: m(_r(2, 3, 12), _r(2, 5, 10), torch.ones(2, 4, dtype=torch.bool)),
+         ValueError),
+        ("image_embeds", lambda m: m(_r(2, 3, 12), _r(2, 5, 9)), ValueError),
+        ("image_embeds", lambda m: m(_r(2, 3, 12), torch.ones(2, 5, 10, dtype=torch.long)), TypeError),
+        ("query_embeds", lambda m: m(_r(2, 3, 12).to("meta"), _r(2, 5, 10)), ValueError),
+    ]),
+    "ScMoEDecoderLayer": (lambda: ScMoEDecoderLayer(ScMoEConfig.preset("tiny")), [
+        ("hidden", lambda m: m(_r(1, 5, 32).to(H)), TypeError),
+        ("hidden", lambda m: m(_r(5, 32)), ValueError),
+    ]),
+    "ScMoEDecoder": (lambda: ScMoEDecoder(ScMoEConfig.preset("tiny")), [
+        ("input_ids", lambda m: m(torch.zeros(1, 5)), TypeError),
+        ("input_ids", lambda m: m(torch.full((1, 5), 10**6)), ValueError),
+        ("inputs_embeds", lambda m: m(inputs_embeds=_r(1, 5, 32).to(H)), TypeError),
+    ]),
+    "VisionLanguageModel": (lambda: VisionLanguageModel("tiny"), [
+        ("input_ids", lambda m: m(_r(1, 3, 16, 16), torch.zeros(1, 4)), TypeError),
+        ("pixel_values", lambda m: m(_r(3, 16, 16), torch.zeros(1, 4, dtype=torch.long)), ValueError),
+        ("max_new_tokens", lambda m: m.generate(_r(1, 3, 16, 16), torch.zeros(1, 4, dtype=torch.long), -1),
+         ValueError),
+    ]),
+}
+
+
+def _module_name(key: str) -> str:
+    return key.split("(")[0]
+
+
+@pytest.mark.parametrize("key,arg,call,error", [(k, *c) for k, (_, cs) in MODULE_INPUTS.items() for c in cs],
+                         ids=lambda x: x if isinstance(x, str) else "")
+def test_module_forward_errors_name_the_module_and_its_argument(key, arg, call, error):
+    torch.manual_seed(0)
+    m = MODULE_INPUTS[key][0]()
+    with pytest.raises(error, match=rf"^{_module_name(key)}(\.\w+)?: .*\b{arg}\b"):
+        call(m)
+
+
+def test_every_exported_module_has_forward_cases():
+    names = {_module_name(k) for k in MODULE_INPUTS}
+    for pkg in (mmkernels.nn, mmkernels.models):
+        for name in pkg.__all__:
+            obj = getattr(pkg, name)
+            if inspect.isclass(obj) and issubclass(obj, torch.nn.Module):
+                assert name in names, f"add forward cases for {name}"
+
+
+def test_half_input_to_a_float32_moe_names_the_module_argument():
+    """The finding's example, word for word: not ``moe_experts: w_gate_up must be float16``."""
+    with pytest.raises(TypeError, match=r"^ZeroComputeMoE: input x is float16 but the module's weights are float32"):
+        ZeroComputeMoE(12, 4, 2, 2, 8)(_r(3, 12).to(H))
+
+
+def test_autocast_still_takes_half_inputs():
+    """The dtype check steps aside under autocast (the module casts per op, as nn.Linear does)."""
+    m = ZeroComputeMoE(12, 4, 2, 2, 8)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = m(_r(3, 12).to(torch.bfloat16))
+    assert y.shape == (3, 12)
+
+
+# Constructors: every keyword with a bad value of its kind names itself (the integer arguments are swept in
+# tests/test_usage_sweeps.py; here floats, bools, strings and objects).
+CONSTRUCTORS = [
+    (ZeroComputeMoE, dict(hidden_size=12, num_ffn_experts=4, num_zero_experts=2, top_k=2, expert_intermediate_size=8),
+     [("routed_scaling_factor", float("nan"), ValueError), ("routed_scaling_factor", "2", TypeError),
+      ("target_ffn_per_token", 5.0, ValueError), ("target_ffn_per_token", float("inf"), ValueError),
+      ("scoring", "relu", ValueError), ("renormalize", 1, TypeError), ("backend", "bogus", mmkernels.BackendError)]),
+    (ExpertBiasController, dict(num_ffn_experts=8, num_zero_experts=4, top_k=4, target_ffn_per_token=3.0),
+     [("kp", float("nan"), ValueError), ("ki", "0.1", TypeError), ("kd", 1e39, ValueError),
+      ("max_abs", -1.0, ValueError), ("max_abs", 1e39, ValueError), ("mode", "integral", ValueError),
+      ("target_ffn_per_token", -0.5, ValueError)]),
+    (Attention, dict(dim=16, num_heads=4),
+     [("softmax_scale", float("nan"), ValueError), ("dropout", 1.5, ValueError), ("backend", "bogus",
+                                                                                  mmkernels.BackendError)]),
+    (PatchEmbed, dict(image_size=8, patch_size=4, in_channels=3, embed_dim=16),
+     [("backend", "bogus", mmkernels.BackendError)]),
+    (ViT, dict(config=TINY_VIT), [("config", {}, TypeError), ("config", "vit_nonexistent", ValueError)]),
+    (QFormer, dict(config=TINY_QF), [("config", {}, TypeError)]),
+    (ScMoEDecoder, dict(config=ScMoEConfig.preset("tiny")), [("config", {}, TypeError)]),
+    (ScMoEDecoderLayer, dict(config=ScMoEConfig.preset("tiny")), [("config", {}, TypeError)]),
+    (VisionLanguageModel, dict(config="tiny"), [("config", {}, TypeError), ("config", None, TypeError),
+                                                ("config", "huge", ValueError)]),
+    (VLMConfig, dict(VLMConfig.preset("tiny").__dict__),
+     [("decoder", {}, TypeError), ("vision", {}, TypeError), ("qformer", None, TypeError),
+      ("num_query_tokens", 0, ValueError)]),
+]
+
+
+@pytest.mark.parametrize("cls,good,arg,bad,error",
+                         [(c, g, *b) for c, g, bads in CONSTRUCTORS for b in bads],
+                         ids=lambda x: getattr(x, "__name__", None) or (x if isinstance(x, str) else ""))
+def test_constructor_errors_name_the_parameter(cls, good, arg, bad, error):
+    cls(**good)
+    with pytest.raises(error, match=rf"\b{arg}\b|preset"):
+        cls(**(good | {arg: bad}))
+
+
+# ---- converters: VisionLanguageModel.from_hf_blip2 -----------------------------------------------------------------
+
+def _blip2_parts():
+    transformers = pytest.importorskip("transformers")
+    vc = transformers.Blip2VisionConfig(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=2)
+    return transformers, vc
+
+
+def test_from_hf_blip2_rejects_what_is_not_a_blip2_model():
+    transformers, vc = _blip2_parts()
+    op = "VisionLanguageModel.from_hf_blip2"
+    with pytest.raises(TypeError, match=rf"^{op}: model must be a HF Blip2Model.*Blip2VisionModel"):
+        VisionLanguageModel.from_hf_blip2(transformers.Blip2VisionModel(vc))
+    with pytest.raises(TypeError, match=rf"^{op}: hf_config must be a Blip2Config.*dict"):
+        VisionLanguageModel.from_hf_blip2({}, hf_config={})
+    with pytest.raises(TypeError, match=rf"^{op}: hf_config must be a Blip2Config.*Blip2VisionConfig"):
+        VisionLanguageModel.from_hf_blip2({}, hf_config=vc)
+    with pytest.raises(TypeError, match=rf"^{op}: a state dict needs hf_config="):
+        VisionLanguageModel.from_hf_blip2({})
+    with pytest.raises(TypeError, match=rf"^{op}: model must be a HF BLIP-2 model or its state dict, got int"):
+        VisionLanguageModel.from_hf_blip2(3)
+    for bad in ({}, "tiny", 0):  # an empty dict is not "no decoder": it is an error, not the tiny preset
+        with pytest.raises(TypeError, match=rf"^{op}: decoder must be a ScMoEConfig"):
+            VisionLanguageModel.from_hf_blip2({}, decoder=bad)
