@@ -59,6 +59,11 @@ def _good_args(op: str) -> dict:
     if op == "attention":
         return dict(q=_r(2, 5, 4, 8), k=_r(2, 7, 2, 8, seed=1), v=_r(2, 7, 2, 8, seed=2), causal=True,
                     softmax_scale=0.3, dropout_p=0.0)
+    if op == "attention[varlen]":  # the varlen form: its cu_seqlens and max_seqlen arguments are swept too
+        return dict(q=_r(9, 4, 8), k=_r(11, 2, 8, seed=1), v=_r(11, 2, 8, seed=2),
+                    cu_seqlens_q=torch.tensor([0, 4, 9], dtype=torch.int32),
+                    cu_seqlens_k=torch.tensor([0, 5, 11], dtype=torch.int32), max_seqlen_q=5, max_seqlen_k=6,
+                    causal=True, softmax_scale=0.3, dropout_p=0.0)
     if op == "qformer_cross_attention":
         return dict(q=_r(2, 3, 2, 8), k=_r(2, 6, 2, 8, seed=1), v=_r(2, 6, 2, 8, seed=2),
                     kv_lens=torch.tensor([6, 2], dtype=torch.int32), softmax_scale=0.4, validate_kv_lens=True,
@@ -109,9 +114,16 @@ def _bad_values(name: str, good) -> list[tuple[str, object]]:
     return []
 
 
+VARIANTS = ["attention[varlen]"]  # a second valid call of an op whose other form has arguments of its own
+
+
+def _op(call: str) -> str:
+    return call.split("[")[0]
+
+
 def _cases():
     out = []
-    for op in sorted(registered_ops()):
+    for op in sorted(registered_ops()) + VARIANTS:
         good = _good_args(op)
         for name, value in good.items():
             for label, _ in _bad_values(name, value):
@@ -120,28 +132,28 @@ def _cases():
 
 
 def _call(op: str, kwargs: dict, backend):
-    return getattr(ops, op)(**kwargs, backend=backend)
+    return getattr(ops, _op(op))(**kwargs, backend=backend)
 
 
 def test_every_public_op_has_a_valid_call():
     public = {n for n in ops.__all__ if callable(getattr(ops, n)) and not inspect.isclass(getattr(ops, n))}
     assert public == set(registered_ops()), "every public op is registered (and swept here)"
-    for op in sorted(public):
-        for backend in [None, *registered_ops()[op].available(CPU)]:
+    for op in sorted(public) + VARIANTS:
+        for backend in [None, *registered_ops()[_op(op)].available(CPU)]:
             _call(op, _good_args(op), backend)
 
 
 @pytest.mark.parametrize("op,name,label", _cases())
 def test_bad_argument_is_an_error_naming_it(op, name, label):
     bad = dict(_bad_values(name, _good_args(op)[name]))[label]
-    for backend in [None, *registered_ops()[op].available(CPU)]:
+    for backend in [None, *registered_ops()[_op(op)].available(CPU)]:
         kwargs = _good_args(op)
         kwargs[name] = bad
         with pytest.raises((TypeError, ValueError)) as info:
             _call(op, kwargs, backend)
         assert re.search(rf"\b{name}\b", str(info.value)), (
             f"{op}(backend={backend!r}) with {name} = {label}: the error does not name {name!r}: {info.value!r}")
-        assert str(info.value).startswith(f"{op}:"), f"the error does not name the op: {info.value!r}"
+        assert str(info.value).startswith(f"{_op(op)}:"), f"the error does not name the op: {info.value!r}"
         if label == "on meta":  # the odd one out is named as such, not only listed among the others
             assert f"{name} is on meta" in str(info.value) or f"{name} must be on" in str(info.value), info.value
 
@@ -361,3 +373,133 @@ def test_from_hf_blip2_rejects_what_is_not_a_blip2_model():
     for bad in ({}, "tiny", 0):  # an empty dict is not "no decoder": it is an error, not the tiny preset
         with pytest.raises(TypeError, match=rf"^{op}: decoder must be a ScMoEConfig"):
             VisionLanguageModel.from_hf_blip2({}, decoder=bad)
+
+
+# ---- values past what the tensors hold (a size that would size a grid or a buffer) ----------------------------------
+
+@pytest.mark.parametrize("name,rows", [("max_seqlen_q", 9), ("max_seqlen_k", 11)])
+@pytest.mark.parametrize("excess", [1, 2**31, 2**40])
+def test_max_seqlen_past_the_rows_is_an_error_on_every_backend(name, rows, excess):
+    """A sequence is never longer than its tensor's rows: one ValueError naming the argument on every backend (not a
+    grid-limit error on one, an 8.8 TB allocation on another); the rows themselves are still accepted."""
+    op = "attention[varlen]"
+    for backend in [None, *registered_ops()["attention"].available(CPU)]:
+        _call(op, _good_args(op) | {name: rows}, backend)
+        with pytest.raises(ValueError, match=rf"^attention: {name} must be in \[0, {rows}\], got {rows + excess}"):
+            _call(op, _good_args(op) | {name: rows + excess}, backend)
+
+
+# ---- expert_bias_update_: counts whose int64 sum would wrap around --------------------------------------------------
+
+_I64 = 2**63 - 1
+
+
+@pytest.mark.parametrize("mode", ["pid", "sign"])
+@pytest.mark.parametrize("counts", [[2**62] * 4 + [1], [_I64] * 2 + [0] * 3, [0, 0, 0, 0, _I64 // 5 + 1]],
+                         ids=["sum-wraps", "two-max", "one-past-the-cap-on-a-zero-expert"])
+def test_counts_whose_sum_wraps_are_an_error_on_every_backend(counts, mode):
+    """Before: a bias of -4.6e17 (or silently unchanged) on every backend. Now the same RuntimeError naming counts
+    everywhere (torch._assert_async: no host sync), and nothing is written."""
+    for backend in [None, *registered_ops()["expert_bias_update_"].available(CPU)]:
+        bias, state = torch.full((5,), 0.25), torch.full((2, 3), 0.5)
+        with pytest.raises(RuntimeError, match=rf"^expert_bias_update_: counts must be <= {_I64 // 5} "):
+            ops.expert_bias_update_(bias, torch.tensor(counts), state, num_ffn_experts=3, top_k=2,
+                                    target_ffn_per_token=1.0, ki=0.1, kp=0.1, mode=mode, backend=backend)
+        assert torch.equal(bias, torch.full((5,), 0.25)) and torch.equal(state, torch.full((2, 3), 0.5))
+
+
+@pytest.mark.parametrize("mode", ["pid", "sign"])
+def test_counts_at_the_cap_still_update_alike_on_every_backend(mode):
+    """The limit is exactly INT64_MAX // numel: at it the sum fits, and every backend gives the same bias."""
+    results = []
+    for backend in [None, *registered_ops()["expert_bias_update_"].available(CPU)]:
+        bias, state = torch.zeros(5), torch.zeros(2, 3)
+        counts = torch.tensor([_I64 // 5, 3, 0, 7, _I64 // 5])
+        ops.expert_bias_update_(bias, counts, state, num_ffn_experts=3, top_k=2, target_ffn_per_token=1.0, ki=0.1,
+                                mode=mode, backend=backend)
+        results.append(bias)
+    assert results[0].isfinite().all() and results[0][:3].abs().max() > 0
+    for r in results[1:]:
+        assert torch.equal(r, results[0])
+
+
+# ---- Q-Former masks: values other than 0/1 ------------------------------------------------------------------------
+
+_BAD_MASK_VALUES = [-1, 2, 0.5, float("nan"), float("inf"), -0.5]
+
+
+@pytest.mark.parametrize("bad", _BAD_MASK_VALUES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int64, torch.int32])
+@pytest.mark.parametrize("compiling", [False, True], ids=["eager", "compiled-path"])
+def test_mask_values_other_than_0_1_are_rejected(bad, dtype, compiling, monkeypatch):
+    """HF masks a -1 token (and treats 0.5 / 2 / NaN its own way); we never turn such a mask into lengths. Eagerly a
+    ValueError naming the argument; on the torch.compile path (no host read) torch._assert_async's RuntimeError."""
+    from mmkernels.ops.qformer_attention import kv_lens_from_mask
+
+    if not dtype.is_floating_point and bad != int(bad) if bad == bad and abs(bad) != float("inf") else \
+            not dtype.is_floating_point:
+        pytest.skip("an integer mask cannot hold this value")
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=dtype)
+    mask[0, 2] = bad
+    if compiling:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(RuntimeError if compiling else ValueError,
+                       match=r"^QFormer: image_attention_mask must be a prefix mask .*values 0/1 or bool"):
+        kv_lens_from_mask(mask, op="QFormer", name="image_attention_mask")
+    good = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=dtype)
+    assert kv_lens_from_mask(good, op="QFormer", name="image_attention_mask").tolist() == [3, 5]
+
+
+@pytest.mark.parametrize("bad", [-1, 0.5, 2, float("nan")])
+def test_qformer_module_rejects_a_mask_with_values_other_than_0_1(bad):
+    """The trial's repro: a -1 inside the prefix was attended (a prefix of length 3); now an error naming it."""
+    torch.manual_seed(0)
+    m = QFormer(TINY_QF)
+    mask = torch.tensor([[1.0, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    mask[0, 2] = bad
+    with pytest.raises(ValueError, match=r"^QFormer: image_attention_mask .*not 0 or 1"):
+        m(_r(2, 3, 12), _r(2, 5, 10), image_attention_mask=mask)
+    m(_r(2, 3, 12), _r(2, 5, 10), image_attention_mask=mask.clamp(0, 1).nan_to_num(0.0).round().bool())
+
+
+# ---- from_hf_blip2: the state dict's values ---------------------------------------------------------------------
+
+def _blip2_state():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Blip2Config(
+        vision_config=dict(image_size=16, patch_size=4, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2),
+        qformer_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                            encoder_hidden_size=32),
+        text_config=dict(model_type="opt", hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64,
+                         vocab_size=100, max_position_embeddings=64, word_embed_proj_dim=32),
+        num_query_tokens=4)
+    torch.manual_seed(0)
+    return transformers.Blip2Model(cfg).eval().state_dict(), cfg
+
+
+_QFORMER_KEY = "qformer.encoder.layer.0.attention.attention.query.weight"
+_VISION_KEY = "vision_model.embeddings.patch_embedding.weight"
+BLIP2_VALUES = [
+    ("query_tokens", lambda t: t[:, :2], r"must have shape \(1, 4, 32\), got \(1, 2, 32\)"),  # was: a 2-query model
+    ("query_tokens", lambda t: t[..., :16], r"must have shape \(1, 4, 32\)"),
+    ("query_tokens", lambda t: t[0], r"must have shape \(1, 4, 32\)"),
+    ("query_tokens", lambda t: t.long(), "must be a floating-point tensor"),
+    ("query_tokens", lambda t: t.numpy(), "must be a torch.Tensor, got ndarray"),
+    ("query_tokens", lambda t: t.tolist(), "must be a torch.Tensor, got list"),
+    (_QFORMER_KEY, lambda t: t.numpy(), "must be a torch.Tensor, got ndarray"),
+    (_QFORMER_KEY, lambda t: t.int(), "must be a floating-point tensor"),
+    (_VISION_KEY, lambda t: t.tolist(), "must be a torch.Tensor, got list"),
+    (_VISION_KEY, lambda t: t.to(torch.int16), "must be a floating-point tensor"),
+]
+
+
+@pytest.mark.parametrize("key,change,message", BLIP2_VALUES, ids=lambda x: x if isinstance(x, str) else "")
+def test_from_hf_blip2_checks_every_value_naming_its_key(key, change, message):
+    from mmkernels.models.convert import ConversionError
+
+    sd, cfg = _blip2_state()
+    assert VisionLanguageModel.from_hf_blip2(dict(sd), hf_config=cfg).config.num_query_tokens == 4
+    bad = dict(sd) | {key: change(sd[key])}
+    with pytest.raises(ConversionError, match=rf"^VisionLanguageModel.from_hf_blip2: {re.escape(key)} {message}"):
+        VisionLanguageModel.from_hf_blip2(bad, hf_config=cfg)

@@ -239,12 +239,15 @@ class VisionLanguageModel(nn.Module):
         Raises ``TypeError`` naming the argument for a ``model`` that is neither a BLIP-2 model (an ``nn.Module``
         whose ``config`` has ``vision_config`` and ``qformer_config``; e.g. a bare ``Blip2VisionModel`` is not) nor a
         state dict, a state dict without ``hf_config`` or with one that is not a ``Blip2Config``, and a ``decoder``
-        that is not a :class:`ScMoEConfig`; :class:`ConversionError` for keys that do not match.
+        that is not a :class:`ScMoEConfig`; :class:`ConversionError` naming the key for keys that do not match and
+        for values that are not floating-point tensors or have the wrong shape (``query_tokens`` must be
+        ``[1, hf_config.num_query_tokens, qformer hidden_size]``).
         """
         from collections.abc import Mapping
 
         from .convert import qformer as qconv
         from .convert import vit as vconv
+        from .convert._common import check_value
 
         op = f"{_NAME}.from_hf_blip2"
         if decoder is not None and not isinstance(decoder, ScMoEConfig):
@@ -274,16 +277,26 @@ class VisionLanguageModel(nn.Module):
             raise vconv.ConversionError(f"{_NAME}.from_hf_blip2: no query_tokens in the state dict (not a BLIP-2 "
                                         "model?)")
         queries = state_dict["query_tokens"]
+        # Every value we read is a floating-point tensor; the queries' shape comes from hf_config (not the tensor).
+        check_value(op, "query_tokens", queries)
+        nq = getattr(hf_config, "num_query_tokens", None)
+        nq = nq if isinstance(nq, int) and not isinstance(nq, bool) else queries.shape[1]
+        for key, value in state_dict.items():
+            if key == "query_tokens" or key.startswith(("vision_model.", "qformer.")):
+                check_value(op, key, value, (1, nq, q_cfg.hidden_size) if key == "query_tokens" else None)
         config = VLMConfig(vision=vision_cfg, qformer=q_cfg,
                            decoder=decoder if decoder is not None else ScMoEConfig.preset("tiny"),
-                           num_query_tokens=queries.shape[1])
+                           num_query_tokens=nq)
         vision_sd = vconv.hf_to_mmkernels({k: t for k, t in state_dict.items() if k.startswith("vision_model.")},
                                           num_layers=vision_cfg.num_layers, prefix="vision_model.")
         q_sd = qconv.hf_to_mmkernels({k: t for k, t in state_dict.items() if k.startswith("qformer.")}, q_cfg,
                                      prefix="qformer.")
         out = cls(config, backend=backend, device=queries.device, dtype=queries.dtype)
-        out.vision.load_state_dict(vision_sd, strict=True)
-        out.qformer.load_state_dict(q_sd, strict=True)
+        for name, module, sd in (("vision_model.", out.vision, vision_sd), ("qformer.", out.qformer, q_sd)):
+            try:
+                module.load_state_dict(sd, strict=True)
+            except RuntimeError as e:  # a size mismatch: a weight's shape does not match hf_config
+                raise vconv.ConversionError(f"{op}: the {name}* weights do not match hf_config: {e}") from None
         with torch.no_grad():
             out.query_tokens.copy_(queries)
         return out.train(training)

@@ -149,7 +149,9 @@ def attention(
       input dtype. float64 runs on the reference backend (auto picks it; an explicit other backend raises
       :class:`mmkernels.BackendError`). Differentiable in q, k and v (once; the reference also twice).
     - ``softmax_scale`` (any real number: Python or NumPy scalar) defaults to ``D ** -0.5``.
-    - ``max_seqlen_q/k`` (varlen only) default to the longest sequence; computing them, and checking the
+    - ``max_seqlen_q/k`` (varlen only, ints in ``[0, total_q]`` / ``[0, total_k]``: a sequence is never longer
+      than its tensor's rows; checked from the shapes, also under ``torch.compile``) default to the longest
+      sequence; computing them, and checking the
       ``cu_seqlens`` values, reads ``cu_seqlens`` on the host. Under ``torch.compile`` those value checks are
       skipped and ``max_seqlen_q/k`` must be given.
     - ``dropout_p`` in ``[0, 1)``: attention dropout on the probabilities (inverted: kept with probability
@@ -174,6 +176,8 @@ def attention(
     varlen = cu_seqlens_q is not None
     tensors = {"q": q, "k": k, "v": v}
     if varlen:
+        for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+            check.tensor(name, cu, op=OP)  # a list names itself here, before the device comparison reads .device
         tensors.update(cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     device = check.same_device(OP, **tensors)
 
@@ -204,9 +208,11 @@ def attention(
         if cu_seqlens_q.numel() != cu_seqlens_k.numel():
             raise ValueError(f"{OP}: cu_seqlens_q and cu_seqlens_k must both have B + 1 entries, got "
                              f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
-        for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        # A sequence is never longer than its tensor's rows: the bound keeps every backend from sizing a grid or
+        # a buffer by an absurd max_seqlen (no host read: the rows are q's and k's shapes).
+        for name, m, rows in (("max_seqlen_q", max_seqlen_q, q.shape[0]), ("max_seqlen_k", max_seqlen_k, k.shape[0])):
             if m is not None:
-                check.integer(name, m, op=OP, low=0)
+                check.integer(name, m, op=OP, low=0, high=rows)
         cu_seqlens_q = cu_seqlens_q.contiguous()
         cu_seqlens_k = cu_seqlens_k.contiguous()
         if torch.compiler.is_compiling():

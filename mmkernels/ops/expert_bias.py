@@ -42,19 +42,36 @@ def _native_fake(bias, counts, state, num_ffn_experts, top_k, target_ffn_per_tok
 EXPERT_BIAS_BACKENDS = OpBackends(OP)
 
 
+INT64_MAX = 2**63 - 1
+
+
 def check_non_negative_counts(op: str, counts: torch.Tensor) -> None:
-    """Selection counts are histograms: a negative entry means the caller passed something else (e.g. a difference of
-    counts). ``torch._assert_async`` checks without a host sync: on CPU it raises ``RuntimeError`` at once; on CUDA it
-    is a device-side assertion that fails the next synchronising call."""
-    if counts.numel():
-        torch._assert_async(counts.min() >= 0, f"{op}: counts must be >= 0 (selections per expert)")
+    """The value rule for ``counts``, the same on every backend, checked without a host sync.
+
+    - Selection counts are histograms: a negative entry means the caller passed something else (e.g. a difference of
+      counts): ``counts must be >= 0``.
+    - The kernels sum the counts in int64 (and the sign rule multiplies one count by ``N``): an int64 count above
+      ``INT64_MAX // numel`` could wrap that sum around, giving a nonsense bias or none. Such a count (far past any
+      real batch: 2**63 / 1024 experts is ~9e15 selections) is an error: ``counts must be <= ...``. int32 counts
+      never reach the limit.
+
+    ``torch._assert_async`` checks without a host sync: on CPU it raises ``RuntimeError`` at once; on CUDA it is a
+    device-side assertion that fails the next synchronising call."""
+    if not counts.numel():
+        return
+    torch._assert_async(counts.min() >= 0, f"{op}: counts must be >= 0 (selections per expert)")
+    if counts.dtype == torch.int64:  # int32 values stay below the cap (numel < 2**32)
+        cap = INT64_MAX // counts.numel()
+        torch._assert_async(counts.max() <= cap, f"{op}: counts must be <= {cap} (INT64_MAX // {counts.numel()} "
+                            "experts) so that their sum fits in int64 (it would wrap around)")
 
 
-# Negative counts are an error on every backend: the C++ kernel checks them while it sums them; the others check
-# with torch._assert_async (no host sync) before they write anything.
+# The counts rule is the same on every backend: each checks with torch._assert_async (no host sync) before it
+# writes anything (the C++ kernel also checks negatives itself while it sums them).
 @EXPERT_BIAS_BACKENDS.register("cpp")
-def _cpp(*args) -> None:
-    torch.ops.mmkernels.expert_bias_update_(*args)
+def _cpp(bias, counts, *args) -> None:
+    check_non_negative_counts(OP, counts)
+    torch.ops.mmkernels.expert_bias_update_(bias, counts, *args)
 
 
 @EXPERT_BIAS_BACKENDS.register("cuda")
@@ -128,7 +145,8 @@ def expert_bias_update_(
 
     Raises:
         TypeError / ValueError: wrong dtypes, shapes, devices, or arguments out of range (naming the argument).
-        RuntimeError: a negative count (on CPU at once; on CUDA a device-side assertion, checked without a host
+        RuntimeError: a negative count, or an int64 count above ``INT64_MAX // counts.numel()`` (their int64 sum
+            could wrap around; a documented limit, far past any real batch) (on CPU at once; on CUDA a device-side assertion, checked without a host
             sync, that fails the next synchronising call).
     """
     v.tensor("bias", bias, dtypes=(torch.float32,), dim=1, contiguous=True, op=OP)

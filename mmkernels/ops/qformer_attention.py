@@ -108,7 +108,8 @@ def _check_kv_lens(kv_lens, B: int, Lk: int, device: torch.device, *, check_rang
 
 def kv_lens_from_mask(mask: torch.Tensor, *, op: str = OP, name: str = "mask",
                       none_if_full: bool = False) -> torch.Tensor | None:
-    """int32 ``[B]`` key counts (``kv_lens``) of a right-padding key mask ``[B, Lk]`` (nonzero / True = attend).
+    """int32 ``[B]`` key counts (``kv_lens``) of a right-padding key mask ``[B, Lk]`` (1 / True = attend,
+    0 / False = padding; any other value, e.g. -1, 0.5 or NaN, is an error).
 
     Every row must be a prefix (ones, then zeros: the valid image tokens first) with at least one attended key. A
     mask with holes is never turned into lengths, on every path:
@@ -129,13 +130,17 @@ def kv_lens_from_mask(mask: torch.Tensor, *, op: str = OP, name: str = "mask",
         return lens
     prefix = torch.arange(lk, device=keep.device)[None, :] < lens[:, None]
     is_prefix = (keep == prefix).all()
+    # Only 0/1 (or bool): HF masks anything else (-1, 0.5, 2, NaN) in its own way, so such a mask is an error here.
+    binary = keep.new_ones(()) if mask.dtype == torch.bool else ((mask == 0) | (mask == 1)).all()
     lo = lens.min()
     message = (f"{op}: {name} must be a prefix mask per row (ones, then zeros for the padded tokens) with at least one "
-               "attended token; arbitrary masks are not supported")
+               "attended token, with values 0/1 or bool; arbitrary masks are not supported")
     if torch.compiler.is_compiling():
-        torch._assert_async(is_prefix & (lo > 0), message)
+        torch._assert_async(binary & is_prefix & (lo > 0), message)
         return lens
-    good, lo = torch.stack([is_prefix.to(torch.int32), lo]).tolist()
+    is_binary, good, lo = torch.stack([binary.to(torch.int32), is_prefix.to(torch.int32), lo]).tolist()
+    if not is_binary:
+        raise ValueError(message + " (a value is not 0 or 1)")
     if not good or lo < 1:
         raise ValueError(message + (f" (a row has {lo} attended tokens)" if good else " (a row has holes)"))
     return None if none_if_full and lo == lk else lens

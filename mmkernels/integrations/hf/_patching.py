@@ -9,11 +9,10 @@ Rules (they are what makes ``unpatch`` bit-exact and checkpoints unaffected):
   accelerate hook already wraps the module (``_hf_hook`` + ``_old_forward``), the ``_old_forward`` its wrapper calls,
   so accelerate's pre/post-forward (device placement, offloaded weights) still run around ours. A hook added after
   the swap wraps the dispatcher as it wraps any forward.
-- Everything we store is picklable: the dispatcher is a partial of a module-level function, the replacement is held
-  by a :class:`_Impl` that pickles the function by reference; a replacement that cannot be pickled (a closure)
-  pickles as a *pending* marker, rebuilt on the module's first call after loading by the rebuilder registered for its
-  kind (:func:`register_rebuild`). ``torch.save``/``torch.load``, pickle and ``copy.deepcopy`` of a patched model give
-  a patched model, and ``unpatch`` works on it.
+- Everything we store is picklable: the dispatcher is a partial of a module-level function, and a replacement must be
+  a module-level function or a partial of one (pickled by reference; :func:`swap_forward` refuses anything else,
+  e.g. a closure). ``torch.save``/``torch.load``, pickle and ``copy.deepcopy`` of a patched model give a patched
+  model, and ``unpatch`` works on it.
 - The original is kept on the module (:data:`ORIGINAL_ATTR`) and put back by :func:`restore` in whichever slot the
   dispatcher sits at that time (``forward``, or ``_old_forward`` after an accelerate hook was added or removed).
 - Swapping an already swapped module is a no-op (patching twice changes nothing).
@@ -37,11 +36,11 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["IMPL_ATTR", "ORIGINAL_ATTR", "PatchReport", "Replacement", "Skipped", "is_swapped", "materialized",
-           "op_backend", "original_forward", "plain_forward", "register_rebuild", "restore", "restore_all",
+           "op_backend", "original_forward", "plain_forward", "restore", "restore_all",
            "swap_forward", "weights_recorded"]
 
 ORIGINAL_ATTR = "_mmkernels_original_forward"  # (slot, had the slot as an instance attribute, original or None)
-IMPL_ATTR = "_mmkernels_impl"  # _Impl: the replacement (or a pending marker after unpickling a closure)
+IMPL_ATTR = "_mmkernels_impl"  # the replacement forward, fn(module, *args, **kwargs)
 KIND_ATTR = "_mmkernels_patch_kind"
 _HOOK_SLOT = "_old_forward"  # accelerate's: its hooked wrapper calls ``module._old_forward``
 
@@ -115,67 +114,22 @@ class PatchReport:
 
 # ---- the replacement and its dispatcher ---------------------------------------------------------------------------
 
-_REBUILDERS: dict[str, Callable[[torch.nn.Module], None]] = {}
-
-
-def register_rebuild(kind: str, rebuild: Callable[[torch.nn.Module], None]) -> None:
-    """``rebuild(module)`` re-creates the replacement of a module of ``kind`` whose replacement could not be pickled
-    (a closure) after the model was unpickled: it must leave the module swapped again (e.g. :func:`restore` it, then
-    run the patcher on it). Called on the module's first call after loading."""
-    _REBUILDERS[kind] = rebuild
-
-
 def _picklable(fn) -> bool:
     try:
         pickle.dumps(fn)
-    except Exception:  # noqa: BLE001 - any failure means: rebuild after loading instead
+    except Exception:  # noqa: BLE001 - any failure means: a patched model holding it could not be saved
         return False
     return True
 
 
-class _Impl:
-    """Holds a module's replacement forward ``fn(module, *args, **kwargs)``. Pickles ``fn`` itself when it can (a
-    module-level function, a partial of one), else as a pending marker that the kind's rebuilder replaces on the
-    first call after loading. ``copy.deepcopy`` keeps the function (functions are immutable)."""
-
-    __slots__ = ("fn", "kind")
-
-    def __init__(self, fn: Callable | None, kind: str):
-        self.fn, self.kind = fn, kind
-
-    def __reduce__(self):
-        return (_Impl, (self.fn if self.fn is not None and _picklable(self.fn) else None, self.kind))
-
-    def __deepcopy__(self, memo):
-        import copy
-
-        return _Impl(copy.deepcopy(self.fn, memo), self.kind)
-
-
 def _dispatch(module: torch.nn.Module, *args, **kwargs):
-    impl = module.__dict__[IMPL_ATTR]
-    if impl.fn is None:
-        _rebuild(module, impl.kind)
-        impl = module.__dict__[IMPL_ATTR]
+    fn = module.__dict__[IMPL_ATTR]
     if "_hf_hook" in module.__dict__:
         # Offloaded by accelerate: a replacement may read any sub-module's weights without calling it (a fused op),
         # so every hooked sub-module's weights are loaded for the call (the module's own are, by its hook).
         with materialized(*[m for m in module.modules() if m is not module and "_hf_hook" in m.__dict__]):
-            return impl.fn(module, *args, **kwargs)
-    return impl.fn(module, *args, **kwargs)
-
-
-def _rebuild(module: torch.nn.Module, kind: str) -> None:
-    rebuild = _REBUILDERS.get(kind)
-    if rebuild is None:
-        raise RuntimeError(f"mmkernels: this {type(module).__name__} was patched ({kind!r}) with a replacement that "
-                           "could not be pickled and no rebuilder is registered for it; call "
-                           "mmkernels.integrations.hf.unpatch(model) and patch it again")
-    rebuild(module)
-    impl = module.__dict__.get(IMPL_ATTR)
-    if impl is None or impl.fn is None:
-        raise RuntimeError(f"mmkernels: rebuilding the {kind!r} replacement of {type(module).__name__} failed; call "
-                           "mmkernels.integrations.hf.unpatch(model) and patch it again")
+            return fn(module, *args, **kwargs)
+    return fn(module, *args, **kwargs)
 
 
 def _is_dispatcher(fn, module) -> bool:
@@ -185,12 +139,6 @@ def _is_dispatcher(fn, module) -> bool:
 def is_swapped(module: torch.nn.Module) -> bool:
     """True when ``module``'s forward is currently one of ours."""
     return ORIGINAL_ATTR in module.__dict__
-
-
-def is_pending(module: torch.nn.Module) -> bool:
-    """True when ``module`` is swapped but its replacement awaits its rebuild (a closure, after unpickling)."""
-    impl = module.__dict__.get(IMPL_ATTR)
-    return impl is not None and impl.fn is None
 
 
 def _hooked(module: torch.nn.Module) -> bool:
@@ -203,11 +151,14 @@ def swap_forward(module: torch.nn.Module, forward: Callable, kind: str) -> bool:
     the hook's ``_old_forward`` is swapped, so the hook keeps running around ours."""
     if is_swapped(module):
         return False
+    if not _picklable(forward):
+        raise TypeError(f"swap_forward: the replacement for {type(module).__name__} must be a module-level function or "
+                        f"a functools.partial of one (a patched model must pickle), got {forward!r}")
     slot = _HOOK_SLOT if _hooked(module) else "forward"
     had = slot in module.__dict__
     module.__dict__[ORIGINAL_ATTR] = (slot, had, module.__dict__.get(slot))
     module.__dict__[KIND_ATTR] = kind
-    module.__dict__[IMPL_ATTR] = _Impl(forward, kind)
+    module.__dict__[IMPL_ATTR] = forward
     module.__dict__[slot] = functools.partial(_dispatch, module)
     return True
 

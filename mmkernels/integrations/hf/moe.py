@@ -498,7 +498,7 @@ def patch_moe(model: torch.nn.Module, report: PatchReport, *, backend=None) -> i
         if is_swapped(block) or is_swapped(router):
             report.skip(path, KIND, "already patched")
             continue
-        if is_swapped(experts):  # ours, left over without its block (e.g. a block restored for a rebuild): redo it
+        if is_swapped(experts):  # ours, left over without its block (e.g. only the block was restored): redo it
             restore(experts)
         lay = _check(family, block, router, experts, _model_config(model, family))
         conventions = _probe(block, router, lay) if isinstance(lay, MoELayout) else lay

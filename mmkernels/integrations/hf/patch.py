@@ -28,7 +28,7 @@ from torch import nn
 from ... import ops as _ops  # noqa: F401  (registers every op's backends before names are checked)
 from ..._backends import BACKENDS, BackendError, resolve_backends
 from . import attention as _attention
-from ._patching import KIND_ATTR, ORIGINAL_ATTR, PatchReport, register_rebuild, restore, restore_all
+from ._patching import PatchReport, restore_all
 from .qformer import patch_qformer
 from .vision import patch_vision_embeddings
 
@@ -51,8 +51,6 @@ PATCH_OPS = ("attention", "patch_embed", "qformer_cross_attention", "moe_route",
 _KIND_OPS = {"attention": "attention", "patch_embed": "patch_embed", "qformer": "qformer_cross_attention"}
 _OWNER = "mmkernels.integrations.hf.patch"
 _STATE = "_mmkernels_hf_patch"  # on the root module: {"report", "backend", "moe"}
-_ROOT = "_mmkernels_root"  # on each module whose forward is swapped: the root's state (rebuilds after unpickling)
-_BLOCK = "_mmkernels_block"  # on a MoE block's swapped router / experts: the block
 _DETAIL = "ops.attention via attn_implementation='mmkernels' (padding -> varlen; other masks fall back)"
 
 
@@ -125,7 +123,6 @@ def patch(model: nn.Module, *, attention: bool = True, patch_embed: bool = True,
     except BaseException:
         unpatch(model)  # all or nothing: an error (e.g. a BackendError from the MoE part) leaves the model as it was
         raise
-    _tag(model, state)
     return report
 
 
@@ -218,39 +215,3 @@ def unpatch(model: nn.Module) -> int:
         for key in [k for k in module.__dict__ if k.startswith("_mmkernels_")]:
             del module.__dict__[key]
     return n
-
-
-def _rebuild_moe(module: nn.Module) -> None:
-    """After unpickling, re-create the MoE replacements of the block ``module`` belongs to (their forwards are
-    closures, which do not pickle): every swap inside the block is restored and the block is patched again with the
-    backend and the report of the original ``patch`` (the report keeps its entries; new fallbacks are counted in it)."""
-    from .moe import patch_moe
-
-    state = module.__dict__[_ROOT]
-    report = state["report"]
-    block = module.__dict__.get(_BLOCK, module)
-    for part in block.modules():
-        restore(part)
-        part.__dict__.pop(_ROOT, None)
-        part.__dict__.pop(_BLOCK, None)
-    replaced, skipped = len(report.replaced), len(report.skipped)
-    patch_moe(block, report, backend=state["backend"])
-    del report.replaced[replaced:], report.skipped[skipped:]
-    _tag(block, state)
-
-
-def _tag(model: nn.Module, state: dict) -> None:
-    """Give every swapped module under ``model`` the root's state, and each part of a MoE block its block (what
-    :func:`_rebuild_moe` needs after unpickling)."""
-    for module in model.modules():
-        if ORIGINAL_ATTR not in module.__dict__:
-            continue
-        module.__dict__.setdefault(_ROOT, state)
-        if module.__dict__.get(KIND_ATTR) == "moe":
-            for part in module.modules():
-                if part is not module and part.__dict__.get(KIND_ATTR, "").startswith("moe"):
-                    part.__dict__[_BLOCK] = module
-
-
-for _kind in ("moe", "moe_router", "moe_experts"):
-    register_rebuild(_kind, _rebuild_moe)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-__all__ = ["ConversionError", "check_keys", "strip_prefix"]
+__all__ = ["ConversionError", "check_keys", "check_value", "strip_prefix"]
 
 
 class ConversionError(ValueError):
@@ -28,6 +28,19 @@ def check_keys(source: str, unknown: Iterable[str], missing: Iterable[str]) -> N
     if missing:
         parts.append(f"{len(missing)} missing key(s): {_listing(missing)}")
     raise ConversionError(f"{source}: the state dict does not match; " + "; ".join(parts))
+
+
+def check_value(source: str, key: str, value: object, shape: Sequence[int] | None = None) -> None:
+    """Raise :class:`ConversionError` naming ``key`` unless ``value`` is a floating-point ``torch.Tensor`` (of
+    ``shape`` when given): a NumPy array, a list, an integer tensor or a wrong shape in a checkpoint."""
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        raise ConversionError(f"{source}: {key} must be a torch.Tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise ConversionError(f"{source}: {key} must be a floating-point tensor, got {value.dtype}")
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise ConversionError(f"{source}: {key} must have shape {tuple(shape)}, got {tuple(value.shape)}")
 
 
 def strip_prefix(state_dict: Mapping[str, object], prefix: str | None, *, candidates: Sequence[str] = (),
