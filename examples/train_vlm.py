@@ -27,15 +27,14 @@ import json
 import math
 import os
 import random
-import sys
-import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from mmkernels.bench import _args
 from mmkernels.models import VisionLanguageModel, VLMConfig
 
 # ---- the synthetic task -------------------------------------------------------------------------------------------
@@ -105,6 +104,7 @@ class TrainConfig:
     ckpt: str | None = None  # checkpoint file written every save_every steps and at the end
     save_every: int = 0
     resume: str | None = None
+    resume_state: dict | None = field(default=None, repr=False, compare=False)  # --resume, already read (main)
     progress: bool = True
 
     def replace(self, **changes) -> TrainConfig:
@@ -154,22 +154,55 @@ def build(cfg: TrainConfig):
 # ---- checkpoints --------------------------------------------------------------------------------------------------
 
 
+CHECKPOINT_KEYS = ("model", "optimizer", "step", "records", "rng")
+
+
+class CheckpointError(ValueError):
+    """A --resume file that is not a checkpoint of this script, or not one of this model (one line)."""
+
+
 def save_checkpoint(path: str, model, opt, step: int, records: list) -> None:
-    """Model (balancer bias, state and step counters included), optimiser, RNG states, step and the log so far."""
+    """Model (balancer bias, state and step counters included), optimiser, RNG states, step and the log so far.
+
+    Written to a temporary file in the same folder, then moved over ``path`` (never a half-written checkpoint); only
+    a missing path or a regular file is replaced: a FIFO, device node or folder there is an ``OSError``, untouched."""
     state = {
         "model": model.state_dict(), "optimizer": opt.state_dict(), "step": step, "records": records,
         "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
     }
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # never leave a half-written checkpoint
+    _args.replace_file(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: str, model, opt) -> tuple[int, list]:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
-    opt.load_state_dict(state["optimizer"])
+def read_checkpoint(path: str) -> dict:
+    """The checkpoint at ``path`` as :func:`save_checkpoint` wrote it; :class:`CheckpointError` (one line) when it
+    is not a readable regular non-empty file or not such a checkpoint."""
+    try:
+        _args.in_file(path, "--resume")
+    except _args.UsageError as exc:
+        raise CheckpointError(str(exc)) from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated, not a torch file, unpickling errors: all one line
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(f"--resume {path}: not a readable checkpoint ({type(exc).__name__}"
+                              f"{': ' + first if first else ''})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"--resume {path}: not a checkpoint of this script (missing {', '.join(missing)})")
+    return state
+
+
+def load_checkpoint(path: str | dict, model, opt) -> tuple[int, list]:
+    """Restore ``model``, ``opt`` and the RNG states from a checkpoint (a path, or the dict
+    :func:`read_checkpoint` returned); :class:`CheckpointError` when it does not fit this model."""
+    state = read_checkpoint(path) if not isinstance(path, dict) else path
+    try:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"--resume: the checkpoint does not fit this model and flags ({first})") from None
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
     if state["rng"]["cuda"] is not None and torch.cuda.is_available():
@@ -206,8 +239,8 @@ def train(cfg: TrainConfig) -> list[dict]:
     model.train()
     start, records = 0, []
     if cfg.resume:
-        start, records = load_checkpoint(cfg.resume, model, opt)
-    log = open(cfg.log, "w") if cfg.log and rank == 0 else None  # noqa: SIM115
+        start, records = load_checkpoint(cfg.resume_state if cfg.resume_state is not None else cfg.resume, model, opt)
+    log = _args.open_log(cfg.log) if cfg.log and rank == 0 else None  # never blocks on a FIFO or writes a device
     if log is not None:  # a resumed run rewrites the log up to its checkpoint: steps after it are not logged twice
         for record in records:
             log.write(json.dumps(record) + "\n")
@@ -303,7 +336,9 @@ def plot(records: list[dict], path: str) -> None:
     ax[1].legend()
     ax[2].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # PNG at exactly ``path`` (matplotlib would add ".png" to a name without it), through a temporary file
+    _args.replace_file(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -326,35 +361,18 @@ def _number(low: float, *, strict: bool = False, kind=float):
     return parse
 
 
-def _writable_file(flag: str, path: str) -> str | None:
-    """Why ``path`` cannot be written as a file (None: it can; its folder must exist)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        return f"{flag} {path}: is a folder"
-    try:  # a real write (os.access says yes to root anywhere, /proc included), removed at once
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        return f"{flag} {path}: cannot write in {folder} ({exc.strerror or exc})"
-    return None
-
-
 def _check(a, p: argparse.ArgumentParser) -> None:
     """Everything that can be wrong with the flags, checked before any model is built (one line, exit 2): a run
-    must not train to the end and then fail to plot."""
+    must not train to the end and then fail to plot, hang on a FIFO, or replace a device node with a checkpoint."""
     from mmkernels._env import check
 
     problems = check()
     if problems:
         p.error(f"environment: {problems[0]}")
     try:
-        dev = torch.device(a.device)
-    except (RuntimeError, ValueError):
-        p.error(f"--device {a.device!r} is not a device (expected cpu, cuda or cuda:N)")
-    if dev.type not in ("cpu", "cuda"):
-        p.error(f"--device {a.device}: this example runs on cpu or cuda")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {a.device}: no CUDA device here")
+        dev = _args.device(a.device)
+    except _args.UsageError as exc:
+        p.error(str(exc))
     if a.backend is not None:  # every op of the model must have it (the model checks at construction: on meta, free)
         from mmkernels import BackendError
         from mmkernels._backends import backend_unavailable_reason
@@ -369,17 +387,31 @@ def _check(a, p: argparse.ArgumentParser) -> None:
     if a.plot is not None:
         if importlib.util.find_spec("matplotlib") is None:
             p.error("--plot needs matplotlib (pip install matplotlib)")
-        problem = _writable_file("--plot", a.plot)
+        problem = _args.matplotlib_problem()
         if problem:
-            p.error(problem)
-    for flag, path in (("--jsonl", a.jsonl), ("--ckpt", a.ckpt)):
-        problem = path and _writable_file(flag, path)
-        if problem:
-            p.error(problem)
-    if a.resume is not None and not os.path.isfile(a.resume):
-        p.error(f"--resume {a.resume}: no such file")
+            p.error(f"--plot {problem}")
+    try:  # every output file: a regular file or a new one in an existing, writable folder
+        for flag, path in (("--plot", a.plot), ("--jsonl", a.jsonl), ("--ckpt", a.ckpt)):
+            if path is not None:
+                _args.out_file(path, flag)
+    except _args.UsageError as exc:
+        p.error(str(exc))
     if a.save_every and a.ckpt is None:
         p.error("--save-every needs --ckpt FILE")
+    if a.ep > 1:
+        missing = [v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+        if missing:
+            p.error(f"--ep {a.ep}: run under torchrun (torchrun --nproc-per-node {a.ep} examples/train_vlm.py "
+                    f"--ep {a.ep} ...); {', '.join(missing)} not set")
+        if os.environ["WORLD_SIZE"] != str(a.ep):
+            p.error(f"--ep {a.ep} needs torchrun with {a.ep} processes, got WORLD_SIZE={os.environ['WORLD_SIZE']}")
+        if a.batch % a.ep:
+            p.error(f"--batch ({a.batch}) must be divisible by --ep ({a.ep})")
+    if a.resume is not None:  # read now: a bad file is one line before anything is built
+        try:
+            a.resume_state = read_checkpoint(a.resume)
+        except CheckpointError as exc:
+            p.error(str(exc))
 
 
 def main(argv=None) -> None:
@@ -406,30 +438,32 @@ def main(argv=None) -> None:
     p.add_argument("--jsonl", default="train_vlm.jsonl", help="JSON-lines log file")
     p.add_argument("--ckpt", default=None)
     p.add_argument("--save-every", type=_number(0, kind=int), default=0)
-    p.add_argument("--resume", default=None)
-    p.add_argument("--plot", default=None, nargs="?", const="train_vlm.png", help="write the curves to this PNG")
+    p.add_argument("--resume", default=None, help="a checkpoint --ckpt wrote: continue from it exactly")
+    p.add_argument("--plot", default=None, nargs="?", const="train_vlm.png",
+                   help="write the curves to this PNG file (PNG whatever the name ends with)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--threads", type=_number(1, kind=int), default=None,
-                   help="torch intra-op threads (1 is fastest for tiny on a busy CPU)")
+    p.add_argument("--threads", type=_args.threads, default=None,
+                   help="torch intra-op threads, at most 4 per CPU (1 is fastest for tiny on a busy CPU)")
     a = p.parse_args(argv)
+    a.resume_state = None
     _check(a, p)
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.ep > 1:
         dist.init_process_group("nccl" if a.device.startswith("cuda") else "gloo")
-        if dist.get_world_size() != a.ep:
-            sys.exit(f"--ep {a.ep} needs torchrun with {a.ep} processes, got {dist.get_world_size()}")
-        if a.batch % a.ep:
-            sys.exit(f"--batch ({a.batch}) must be divisible by --ep ({a.ep})")
         if a.device.startswith("cuda"):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             a.device = f"cuda:{torch.cuda.current_device()}"
     cfg = TrainConfig(preset=a.preset, steps=a.steps, batch=a.batch, lr=a.lr, router_lr=a.router_lr, seed=a.seed,
                       device=a.device, backend=a.backend, ki=a.ki, kp=a.kp, ki_decay=a.ki_decay, ki_floor=a.ki_floor,
                       max_abs=a.max_abs, balance_loss=a.balance_loss, router_init_std=a.router_init_std, ep=a.ep,
-                      log=a.jsonl, ckpt=a.ckpt, save_every=a.save_every, resume=a.resume, progress=not a.no_progress)
+                      log=a.jsonl, ckpt=a.ckpt, save_every=a.save_every, resume=a.resume,
+                      resume_state=a.resume_state, progress=not a.no_progress)
     t0 = time.time()
-    records = train(cfg)
+    try:
+        records = train(cfg)
+    except CheckpointError as exc:  # the checkpoint does not fit the model these flags build: still one line
+        p.error(str(exc))
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         target = VLMConfig.preset(cfg.preset).decoder.target_ffn_per_token

@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from mmkernels.bench import _args
 from mmkernels.nn import ZeroComputeMoE, update_expert_biases
 
 
@@ -45,6 +46,8 @@ def _device(text: str) -> torch.device:
         raise argparse.ArgumentTypeError(f"{text!r} is not a device (expected cpu, cuda or cuda:N)") from None
     if dev.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"{text}: this example runs on cpu or cuda")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise argparse.ArgumentTypeError(f"{text}: there is one CPU device (cpu); an index picks a CUDA device")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{text}: no CUDA device here")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
@@ -57,9 +60,10 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=_positive_int, default=200)
     parser.add_argument("--tokens", type=_positive_int, default=2048, help="tokens per step")
     parser.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=_positive_int, default=None,
-                        help="torch intra-op threads on a CPU (default 1: this block's matrices are small, and more "
-                             "threads cost more in synchronisation than they give, many times slower on a busy CPU)")
+    parser.add_argument("--threads", type=_args.threads, default=None,
+                        help="torch intra-op threads on a CPU, at most 4 per CPU (default 1: this block's matrices are "
+                             "small, and more threads cost more in synchronisation than they give, many times slower "
+                             "on a busy CPU)")
     args = parser.parse_args(argv)
     from mmkernels._env import check
 

@@ -22,6 +22,7 @@ float32 module says ``"ZeroComputeMoE: input x is float16 but the module's weigh
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from collections.abc import Callable
 
@@ -181,13 +182,26 @@ def test_bad_piece_of_a_composite_argument_names_the_piece(op, arg, change, name
             _call(op, kwargs, backend)
 
 
-@pytest.mark.parametrize("arg,bad", [("num_local_experts", 2**40), ("expert_offset", 2**70)])
+@pytest.mark.parametrize("arg,bad", [("num_local_experts", 2**40), ("num_local_experts", 2**31 - 2),
+                                     ("num_local_experts", 2**30), ("num_local_experts", 2**24 + 1),
+                                     ("expert_offset", 2**70)])
 def test_permute_sizes_past_the_plan_are_errors(arg, bad):
     """Too large for the int32 plan or the int64 id arithmetic: a ValueError naming the argument, not an
     OverflowError from torch (or a reference loop over 2**40 experts)."""
     for backend in [None, *registered_ops()["moe_permute"].available(CPU)]:
         with pytest.raises(ValueError, match=rf"^moe_permute: {arg} must be in"):
             _call("moe_permute", _good_args("moe_permute") | {arg: bad}, backend)
+
+
+def test_permute_at_the_expert_cap_agrees_on_every_backend():
+    """num_local_experts = 2**24 (the cap) still runs on every backend, in seconds (the reference sorts the slots
+    instead of a pass per expert: before, 150 s here), and the backends agree exactly."""
+    kwargs = _good_args("moe_permute") | {"num_local_experts": 2**24}
+    outs = [_call("moe_permute", kwargs, b) for b in registered_ops()["moe_permute"].available(CPU)]
+    for rows, perm in outs[1:]:
+        assert torch.equal(rows, outs[0][0]) and torch.equal(perm.slots, outs[0][1].slots)
+        assert torch.equal(perm.offsets, outs[0][1].offsets)
+    assert outs[0][1].offsets.shape == (2**24 + 1,) and int(outs[0][1].offsets[-1]) > 0
 
 
 def test_unknown_backend_names_the_op():
@@ -428,17 +442,15 @@ def test_counts_at_the_cap_still_update_alike_on_every_backend(mode):
 _BAD_MASK_VALUES = [-1, 2, 0.5, float("nan"), float("inf"), -0.5]
 
 
-@pytest.mark.parametrize("bad", _BAD_MASK_VALUES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.int64, torch.int32])
+@pytest.mark.parametrize("bad,dtype", [(b, d) for b in _BAD_MASK_VALUES
+                                       for d in (torch.float32, torch.float16, torch.int64, torch.int32)
+                                       if d.is_floating_point or (math.isfinite(b) and b == int(b))])  # what fits
 @pytest.mark.parametrize("compiling", [False, True], ids=["eager", "compiled-path"])
 def test_mask_values_other_than_0_1_are_rejected(bad, dtype, compiling, monkeypatch):
     """HF masks a -1 token (and treats 0.5 / 2 / NaN its own way); we never turn such a mask into lengths. Eagerly a
     ValueError naming the argument; on the torch.compile path (no host read) torch._assert_async's RuntimeError."""
     from mmkernels.ops.qformer_attention import kv_lens_from_mask
 
-    if not dtype.is_floating_point and bad != int(bad) if bad == bad and abs(bad) != float("inf") else \
-            not dtype.is_floating_point:
-        pytest.skip("an integer mask cannot hold this value")
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=dtype)
     mask[0, 2] = bad
     if compiling:
@@ -496,10 +508,221 @@ BLIP2_VALUES = [
 
 @pytest.mark.parametrize("key,change,message", BLIP2_VALUES, ids=lambda x: x if isinstance(x, str) else "")
 def test_from_hf_blip2_checks_every_value_naming_its_key(key, change, message):
-    from mmkernels.models.convert import ConversionError
+    from mmkernels.models.convert._common import ConversionError
 
     sd, cfg = _blip2_state()
     assert VisionLanguageModel.from_hf_blip2(dict(sd), hf_config=cfg).config.num_query_tokens == 4
     bad = dict(sd) | {key: change(sd[key])}
     with pytest.raises(ConversionError, match=rf"^VisionLanguageModel.from_hf_blip2: {re.escape(key)} {message}"):
         VisionLanguageModel.from_hf_blip2(bad, hf_config=cfg)
+
+
+# ---- ScMoE position_ids: past what RoPE's fp32 angles hold -------------------------------------------------------
+
+@pytest.mark.parametrize("shift,dtype", [(2**24 + 1, torch.int64), (2**31, torch.int64), (2**62, torch.int64),
+                                         (-(2**24) - 6, torch.int64), (2**24 + 1, torch.int32),
+                                         (-(2**24) - 6, torch.int32)])
+def test_position_ids_past_fp32_rope_are_an_error(shift, dtype):
+    """Before: silently different logits (0.085 at 2**24, 0.11 past 2**31). The decoder raises ValueError naming
+    position_ids (one host read, as for input_ids); a layer alone raises torch._assert_async's RuntimeError."""
+    m = ScMoEDecoder(ScMoEConfig.preset("tiny")).eval()
+    ids = torch.randint(0, 100, (1, 5), generator=torch.Generator().manual_seed(0))
+    pos = (torch.arange(5) + shift).to(dtype)
+    with pytest.raises(ValueError, match=r"^ScMoEDecoder: position_ids must lie in \[-16777216, 16777216\]"):
+        m(ids, position_ids=pos)
+    with pytest.raises(RuntimeError, match=r"^ScMoEDecoderLayer: position_ids must lie in"):
+        m.layers[0](m.embed_tokens(ids), position_ids=pos)
+    edge = (torch.arange(5) + 2**24 - 4).to(dtype)  # the largest positions still taken
+    assert m(ids, position_ids=edge).isfinite().all()
+
+
+# ---- ExpertBiasController: the gain schedule and the checkpoint's step counter ---------------------------------------
+
+def _controller(**kw):
+    return ExpertBiasController(8, 4, 4, 3.0, kp=0.1, ki=0.2, kd=0.05, reduce_counts=False, **kw)
+
+
+_COUNTS = torch.tensor([9, 1, 0, 4, 7, 2, 2, 5, 3, 0, 1, 2])
+
+
+@pytest.mark.parametrize("bad", [3, "linear", 0.5])
+def test_gain_schedule_that_is_not_callable_is_rejected_at_construction(bad):
+    with pytest.raises(TypeError, match=r"^ExpertBiasController: gain_schedule must be a callable"):
+        _controller(gain_schedule=bad)
+
+
+@pytest.mark.parametrize("value,error", [(None, TypeError), ("0.5", TypeError), (torch.tensor(0.5), TypeError),
+                                         (float("nan"), ValueError), (float("inf"), ValueError),
+                                         (1e40, ValueError)])
+def test_gain_schedule_values_are_checked_naming_it(value, error):
+    """Before: a raw float() TypeError for None, "kp must be finite" for NaN, a tensor taken silently. Nothing is
+    updated when the schedule's value is rejected."""
+    c = _controller(gain_schedule=lambda step: value)
+    with pytest.raises(error, match=r"^ExpertBiasController: .*gain_schedule"):
+        c.update(_COUNTS)
+    assert c.steps == 0 and torch.equal(c.bias, torch.zeros(12))
+
+
+def test_gain_schedule_scales_the_gains_with_numpy_numbers():
+    np = pytest.importorskip("numpy")
+    a = _controller(gain_schedule=lambda step: np.float32(0.5))
+    b = ExpertBiasController(8, 4, 4, 3.0, kp=0.05, ki=0.1, kd=0.025, reduce_counts=False)
+    assert a.gains() == pytest.approx((0.05, 0.1, 0.025))
+    a.update(_COUNTS)
+    b.update(_COUNTS)
+    torch.testing.assert_close(a.bias, b.bias)
+
+
+@pytest.mark.parametrize("steps", [2**63 - 1, 2**62 + 1, -1])
+def test_checkpoint_step_counter_out_of_range_is_rejected_on_load(steps):
+    """Before: tensor(2**63 - 1) loaded, then update_bias() raised "Overflow when unpacking long long"."""
+    c = _controller()
+    sd = c.state_dict() | {"_extra_state": torch.tensor(steps, dtype=torch.int64)}
+    with pytest.raises(ValueError,
+                       match=r"^ExpertBiasController: _extra_state .* must be in \[0, 4611686018427387904\]"):
+        _controller().load_state_dict(sd)
+    ok = _controller()
+    ok.load_state_dict(c.state_dict() | {"_extra_state": torch.tensor(2**62)})
+    ok.update(_COUNTS)
+    assert ok.steps == 2**62 + 1 and ok.state_dict()["_extra_state"].item() == 2**62 + 1
+
+
+# ---- every module with a backend argument takes `module.backend = ...` ----------------------------------------------
+
+@pytest.mark.parametrize("key", sorted(k for k in MODULE_INPUTS if "(" not in k))
+def test_backend_can_be_assigned_on_every_module(key):
+    """docs/training.md: a module's backend is checked when it is built or when ``module.backend`` is assigned, and
+    reaches every op inside it. Before: VisionLanguageModel had no setter (AttributeError)."""
+    m = MODULE_INPUTS[key][0]()
+    if "backend" not in inspect.signature(type(m).__init__).parameters:
+        pytest.skip(f"{key} takes no backend")
+    m.backend = "reference"
+    assert m.backend == "reference"
+    inner = [s._backends for s in m.modules() if "_backends" in s.__dict__]
+    assert inner, f"{key}: no op backends inside"
+    for backends in inner:
+        assert set(backends.values()) == {"reference"}, backends
+    plain = {s.__dict__["backend"] for s in m.modules() if "backend" in s.__dict__}  # inner layers' plain attribute
+    assert plain <= {"reference"}, plain
+    with pytest.raises(mmkernels.BackendError, match="bogus"):
+        m.backend = "bogus"
+    assert m.backend == "reference"
+    m.backend = None
+    assert all(set(s._backends.values()) == {None} for s in m.modules() if "_backends" in s.__dict__)
+
+
+# ---- integer arguments take any numbers.Integral (NumPy ints), never a bool -----------------------------------------
+
+def _int_args(op: str) -> list[str]:
+    return [n for n, val in _good_args(op).items() if isinstance(val, int) and not isinstance(val, bool)]
+
+
+@pytest.mark.parametrize("op", [op for op in sorted(registered_ops()) + VARIANTS if _int_args(op)])
+def test_numpy_integers_are_taken_like_ints(op):
+    """Before: moe_route(top_k=np.int64(2)) was "must be an int, got int64" while softmax_scale took NumPy reals. Every
+    int argument of every op, with NumPy ints, gives the same result as with Python ints; a NumPy bool is rejected."""
+    np = pytest.importorskip("numpy")
+    names = _int_args(op)
+    backend = "reference"
+    for name in names:
+        for kind in (np.int64, np.int32, np.uint8):
+            results = []
+            for value in (_good_args(op)[name], kind(_good_args(op)[name])):
+                kwargs = _good_args(op) | {name: value}
+                torch.manual_seed(0)
+                out = _call(op, kwargs, backend)  # the result and the tensors updated in place
+                leaves = torch.utils._pytree.tree_leaves((out, kwargs))
+                results.append([x for x in leaves if isinstance(x, torch.Tensor)])
+            assert len(results[0]) == len(results[1])
+            for a, b in zip(*results):
+                assert torch.equal(a, b), (op, name, kind)
+        with pytest.raises(TypeError, match=rf"^{_op(op)}: {name} must be an int, got bool"):
+            _call(op, _good_args(op) | {name: np.bool_(True)}, backend)
+
+
+def test_numpy_integers_in_module_constructors():
+    np = pytest.importorskip("numpy")
+    assert ZeroComputeMoE(np.int64(12), np.int32(4), np.int64(2), np.int64(2), np.int16(8))(_r(3, 12)).shape == (3, 12)
+    assert PatchEmbed((np.int64(8), 8), np.int64(4), np.int32(3), 16)(_r(1, 3, 8, 8)).shape[-1] == 16
+    with pytest.raises(TypeError, match="top_k"):
+        ZeroComputeMoE(12, 4, 2, np.bool_(True), 8)
+
+
+# ---- every module constructor's dtype ------------------------------------------------------------------------------
+
+DTYPE_BUILDS = {
+    ZeroComputeMoE: dict(hidden_size=12, num_ffn_experts=4, num_zero_experts=2, top_k=2, expert_intermediate_size=8),
+    SwiGLUExperts: dict(num_experts=5, hidden_size=12, intermediate_size=6),
+    Attention: dict(dim=16, num_heads=4),
+    QFormerCrossAttention: dict(hidden_size=16, num_heads=2, kv_dim=12),
+    PatchEmbed: dict(image_size=8, patch_size=4, in_channels=3, embed_dim=16),
+    ViT: dict(config=TINY_VIT),
+    QFormer: dict(config=TINY_QF),
+    ScMoEDecoder: dict(config=ScMoEConfig.preset("tiny")),
+    ScMoEDecoderLayer: dict(config=ScMoEConfig.preset("tiny")),
+    VisionLanguageModel: dict(config="tiny"),
+}
+
+
+def test_every_module_with_a_dtype_is_in_the_dtype_sweep():
+    for pkg in (mmkernels.nn, mmkernels.models):
+        for name in pkg.__all__:
+            obj = getattr(pkg, name)
+            if inspect.isclass(obj) and issubclass(obj, torch.nn.Module) and \
+                    "dtype" in inspect.signature(obj.__init__).parameters:
+                assert obj in DTYPE_BUILDS, f"add {name} to DTYPE_BUILDS"
+
+
+@pytest.mark.parametrize("cls", list(DTYPE_BUILDS), ids=lambda c: c.__name__)
+def test_module_dtype_must_be_a_floating_dtype(cls):
+    """Before: ZeroComputeMoE(..., dtype=torch.int64) gave PyTorch's "Only Tensors of floating point ... can require
+    gradients". Now a TypeError naming the module and dtype, for every module; float dtypes still build."""
+    kw = DTYPE_BUILDS[cls]
+    for bad in (torch.int64, torch.int32, torch.bool, torch.complex64, "float32", torch.float32.is_floating_point):
+        with pytest.raises(TypeError, match=rf"^{cls.__name__}: dtype must be a"):
+            cls(**kw, dtype=bad)
+    m = cls(**kw, dtype=torch.float64)
+    assert {p.dtype for p in m.parameters()} <= {torch.float64, torch.float32}  # fp32 where a part is kept in fp32
+    assert any(p.dtype == torch.float64 for p in m.parameters())
+
+
+# ---- in-place arguments that share memory --------------------------------------------------------------------------
+
+def _shared_storage_cases():
+    """(label, build) -> bias, counts, state for 12 experts, 8 FFN, where two of them overlap."""
+    def bias_in_state():
+        state = torch.zeros(2, 8)
+        return state.view(-1)[:12], torch.ones(12, dtype=torch.int32), state
+
+    def state_in_bias():
+        bias = torch.zeros(28)
+        return bias[:12], torch.ones(12, dtype=torch.int32), bias[10:26].view(2, 8)
+
+    def counts_is_bias():
+        bias = torch.zeros(12)
+        return bias, bias.view(torch.int32), torch.zeros(2, 8)
+
+    def counts_in_state():
+        state = torch.zeros(2, 8)
+        return torch.zeros(12), state.view(torch.int32).view(-1)[4:16], state
+
+    return {"bias-in-state": bias_in_state, "state-overlaps-bias": state_in_bias, "counts-is-bias": counts_is_bias,
+            "counts-in-state": counts_in_state}
+
+
+@pytest.mark.parametrize("label", list(_shared_storage_cases()))
+def test_overlapping_in_place_arguments_are_rejected_on_every_backend(label):
+    build = _shared_storage_cases()[label]
+    for backend in [None, *registered_ops()["expert_bias_update_"].available(CPU)]:
+        bias, counts, state = build()
+        with pytest.raises(ValueError, match=r"^expert_bias_update_: \w+ and \w+ share memory"):
+            ops.expert_bias_update_(bias, counts, state, num_ffn_experts=8, top_k=3, target_ffn_per_token=2.0,
+                                    ki=0.1, backend=backend)
+
+
+def test_adjacent_views_of_one_buffer_are_not_an_overlap():
+    buf = torch.zeros(12 + 16)
+    bias, state = buf[:12], buf[12:].view(2, 8)
+    ops.expert_bias_update_(bias, torch.tensor([9, 1, 0, 4, 7, 2, 2, 5, 3, 0, 1, 2]), state, num_ffn_experts=8, top_k=3,
+                            target_ffn_per_token=2.0, ki=0.1)
+    assert bias[:8].abs().sum() > 0 and torch.equal(buf[:12], bias)

@@ -17,8 +17,9 @@ from a CUDA graph. An L2 flush precedes each timed call of memory-bound rows on 
 --shapes default is sized for the device: on a CPU each op's CPU-sized shapes (a line says which); --shapes full
 runs the GPU-sized default shapes anywhere. Progress: a rich bar on a terminal, one line per provider otherwise.
 Exit status: 0 done, 1 a case failed, 2 a usage error (one line; checked before anything is timed: an unknown op,
-device or preset, a --backends entry that cannot run here, an --out that cannot be written, a time that is not a
-finite number >= 0, a bad MMKERNELS_* environment variable).
+device or preset, `list` with op names, a --backends entry that cannot run here, an --out that is empty or cannot
+be written or holds a results.json/results.csv/plot that is not a regular file (a FIFO or device is never opened),
+--plot without an importable matplotlib, a time outside 0 ms...1 hour, a bad MMKERNELS_* environment variable).
 See docs/benchmarks.md.
 """
 
@@ -35,7 +36,7 @@ import torch
 from .. import BACKENDS
 from .._backends import backend_unavailable_reason
 from . import _args
-from .results import Row, run_metadata, write_results
+from .results import RESULTS, Row, run_metadata, write_results
 from .runner import run_cases
 from .suite import BenchConfig, has_module, registered_suites
 
@@ -224,10 +225,11 @@ def _device(text: str | None) -> torch.device:
         _usage_error(str(exc))
 
 
-def _check_out(out: str) -> None:
-    """--out must be a folder we can write in (created if missing), checked before anything is timed."""
+def _check_out(out: str, files: Sequence[str]) -> None:
+    """--out must be a folder we can write in (created if missing) and each file the run writes there a regular file
+    or a new one (never a FIFO, device, socket or folder), checked before anything is timed."""
     try:
-        _args.out_dir(out)
+        _args.out_dir(out, files=files)
     except _args.UsageError as exc:
         _usage_error(str(exc))
 
@@ -389,6 +391,9 @@ def _main(argv: Sequence[str] | None) -> int:
     if not targets:
         parser.print_help()
         return 2
+    if "list" in targets and targets != ["list"]:
+        _usage_error(f"`list` takes no op names (got {' '.join(t for t in targets if t != 'list')}); run "
+                     "`mmkernels-bench list` alone")
     if targets == ["list"]:
         _device(args.device)  # flags that make no difference to `list` are still checked, never ignored when wrong
         for name, s in sorted(all_suites.items()):
@@ -418,12 +423,19 @@ def _main(argv: Sequence[str] | None) -> int:
         plan.append((s, dataclasses.replace(config, preset=suite_preset)))
     preset_note = _preset_note(preset, device, plan)
     note = _check_backends(args.backends, device, plan, "all" not in targets) if args.backends else None
-    if args.plot and not args.out:
+    if args.plot and args.out is None:
         _usage_error("--plot needs --out DIR")
     if args.plot and not has_module("matplotlib"):
         _usage_error("--plot needs matplotlib: pip install 'mmkernels[bench]'")
-    if args.out:
-        _check_out(args.out)
+    if args.plot:
+        problem = _args.matplotlib_problem()
+        if problem:
+            _usage_error(f"--plot {problem}")
+    if args.out is not None:
+        from .plot import plot_name
+
+        _check_out(args.out, [f"{RESULTS}.json", f"{RESULTS}.csv"] + ([plot_name(s.name) for s in chosen]
+                                                                      if args.plot else []))
 
     plan_cases = [(s, s.build(c)) for s, c in plan]
     total = sum(len(cases) for _, cases in plan_cases)
@@ -454,11 +466,11 @@ def _main(argv: Sequence[str] | None) -> int:
                                       on_provider=progress.provider)
                 except Exception as exc:  # keep timing the other cases; report and fail at the end
                     failures.append(f"{s.name} {case.name} [{case.mode}]: {type(exc).__name__}: {exc}")
-                if args.out:  # after every case, so a run cut short by a time limit keeps what it measured
+                if args.out is not None:  # after every case, so a run cut short by a time limit keeps what it measured
                     write_results(args.out, rows, metadata)
                 progress.advance()
     _print_table(rows, f"mmkernels-bench — {device_name(device)}", ceilings)
-    if args.out:
+    if args.out is not None:
         paths = write_results(args.out, rows, metadata)
         if args.plot:
             from .plot import plot_speedups

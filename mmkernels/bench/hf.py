@@ -13,9 +13,9 @@ real shape with random weights):
   mixtral-moe     MixtralSparseMoeBlock       realistic: Mixtral-8x7B's block (8 experts, top-2), 4096 tokens
 
 Nothing is downloaded. Exit status 0 done, 2 a usage error (one line on stderr, checked before the model is built: an
-unknown model, device, backend, a backend this model's ops lack or that cannot run on the device, an --out that
-cannot be written, a time that is not a finite number >= 0, a bad MMKERNELS_* variable).
-"""
+unknown model, device (cpu or cuda[:N]), backend, a backend this model's ops lack or that cannot run on the device,
+an --out that is empty or cannot be written or whose hf_<model>.json is not a regular file (a FIFO or device there is
+never opened), a time outside 0 ms...1 hour, --threads outside 1...4 per CPU, a bad MMKERNELS_* variable)."""
 
 from __future__ import annotations
 
@@ -137,8 +137,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None, choices=BACKENDS,
                    help="mmkernels backend for every op of the patched model (default: auto); one that this model's "
                         "ops lack or that cannot run on the device is a usage error")
-    p.add_argument("--threads", type=_args.positive_int, default=None,
-                   help="CPU threads for torch (default: torch's); 1 gives steady numbers on a shared machine")
+    p.add_argument("--threads", type=_args.threads, default=None,
+                   help="CPU threads for torch (default: torch's; at most 4 per CPU); 1 gives steady numbers on a "
+                        "shared machine")
     p.add_argument("--out", default=None, help="also write hf_<model>.json to this folder")
     p.add_argument("--warmup-ms", type=_args.milliseconds, default=25.0, help="warm-up per provider (default 25)")
     p.add_argument("--rep-ms", type=_args.milliseconds, default=100.0, help="timed time per provider (default 100)")
@@ -195,7 +196,7 @@ def _main(argv: list[str]) -> int:
         _args.check_env()
         device = _args.device(args.device)
         if args.out is not None:
-            _args.out_dir(args.out)
+            _args.out_dir(args.out, files=[_out_name(args.model)])
     except _args.UsageError as exc:
         parser.error(str(exc))
     if args.backend is not None:
@@ -249,11 +250,17 @@ def _main(argv: list[str]) -> int:
     print("ratio = unpatched median / patched median, same run, same inputs")
     if device.type == "cpu":
         print("note: on CPU the patched model runs our plain-PyTorch references (the Triton kernels need a GPU).")
-    if args.out:
-        path = Path(args.out)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / f"hf_{args.model}.json").write_text(json.dumps({"rows": rows, "report": str(report)}, indent=1))
+    if args.out is not None:
+        path = Path(args.out) / _out_name(args.model)
+        text = json.dumps({"rows": rows, "report": str(report)}, indent=1)
+        _args.replace_file(path, lambda tmp: Path(tmp).write_text(text))
+        print(f"wrote {path}")
     return 0
+
+
+def _out_name(model: str) -> str:
+    """The file ``--out`` gets for ``model``."""
+    return f"hf_{model}.json"
 
 
 if __name__ == "__main__":

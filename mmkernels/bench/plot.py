@@ -5,9 +5,15 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from ._args import replace_file
 from .results import Row
 
-__all__ = ["plot_speedups"]
+__all__ = ["plot_name", "plot_speedups"]
+
+
+def plot_name(op: str) -> str:
+    """The file name of ``op``'s speed-up plot in the output folder."""
+    return f"speedup_{op}.png"
 
 
 def plot_speedups(rows: list[Row], out_dir: str | Path) -> list[Path]:
@@ -35,8 +41,8 @@ def plot_speedups(rows: list[Row], out_dir: str | Path) -> list[Path]:
         ax.set_xlabel("speed-up over the case's baseline (higher is better)")
         ax.set_title(f"{op} on {op_rows[0].device}")
         fig.tight_layout()
-        path = Path(out_dir) / f"speedup_{op}.png"
-        fig.savefig(path, dpi=120)
+        path = Path(out_dir) / plot_name(op)
+        replace_file(path, lambda tmp, fig=fig: fig.savefig(tmp, dpi=120, format="png"))
         plt.close(fig)
         paths.append(path)
     return paths

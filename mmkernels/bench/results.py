@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import platform
 from dataclasses import asdict, dataclass, fields
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Row", "run_metadata", "write_results"]
+__all__ = ["RESULTS", "Row", "run_metadata", "write_results"]
+
+RESULTS = "results"  # the default stem of the result files: results.json and results.csv
 
 
 @dataclass
@@ -69,15 +72,22 @@ def run_metadata(device: torch.device, ceilings: dict) -> dict:
     }
 
 
-def write_results(out_dir: str | Path, rows: list[Row], metadata: dict, stem: str = "results") -> list[Path]:
+def write_results(out_dir: str | Path, rows: list[Row], metadata: dict, stem: str = RESULTS) -> list[Path]:
+    """``<stem>.json`` (metadata and rows) and ``<stem>.csv`` in ``out_dir`` (created if missing), each written to a
+    temporary file and moved over the old one (:func:`~mmkernels.bench._args.replace_file`): a FIFO or device there
+    is an ``OSError`` naming it, never opened."""
+    from ._args import replace_file
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / f"{stem}.json"
-    json_path.write_text(json.dumps({"metadata": metadata, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+    text = json.dumps({"metadata": metadata, "rows": [asdict(r) for r in rows]}, indent=2) + "\n"
+    replace_file(json_path, lambda tmp: Path(tmp).write_text(text))
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=[fl.name for fl in fields(Row)])
+    writer.writeheader()
+    for r in rows:
+        writer.writerow(asdict(r))
     csv_path = out / f"{stem}.csv"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(Row)])
-        writer.writeheader()
-        for r in rows:
-            writer.writerow(asdict(r))
+    replace_file(csv_path, lambda tmp: Path(tmp).write_text(buf.getvalue(), newline=""))
     return [json_path, csv_path]

@@ -24,6 +24,7 @@ import torch
 
 from . import _args
 
+MAX_BUDGET_S = 86400.0  # --budget stops at one day
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}  # the dtypes with buckets (fp32: fixed default configs)
 _NOT_TUNED = {"fp32": "fp32 is not tuned: no kernel has fp32 buckets (fp32 launches run fixed default configs); "
                       "tune fp16 or bf16"}
@@ -45,8 +46,9 @@ def _budget(text: str) -> float:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite positive number of seconds, got {text!r}")
+    if not (math.isfinite(value) and 0 < value <= MAX_BUDGET_S):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds in (0, {MAX_BUDGET_S:.0f}] (one day), "
+                                         f"got {text!r}")
     return value
 
 
@@ -129,8 +131,15 @@ def _check_flags(args, parser: argparse.ArgumentParser) -> None:
             parser.error(f"--device {args.device!r} is not a device (expected cuda or cuda:N)")
         if device.type != "cuda":
             parser.error(f"--device {args.device}: tuning runs on CUDA devices only")
+    if args.out == "":
+        parser.error("--out '': an empty path (name a file or a folder)")
     if args.out is not None:
         out = Path(args.out)
+        if not out.is_dir() and not args.out.endswith(("/", "\\")) and out.parent.is_dir():
+            try:  # a file in an existing folder: the check every writer makes (regular or new, folder writable)
+                _args.out_file(args.out, "--out")
+            except _args.UsageError as exc:
+                parser.error(str(exc))
         if out.exists() and not (out.is_dir() or out.is_file()):
             parser.error(f"--out {args.out}: exists and is neither a regular file nor a folder")
         folder = out if out.is_dir() or args.out.endswith(("/", "\\")) else out.parent

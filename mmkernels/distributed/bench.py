@@ -110,6 +110,12 @@ def _validate(args) -> None:
         raise _UsageError(f"--timeout must be a positive number of seconds, got {args.timeout}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise _UsageError(f"--out must be a folder, {args.out!r} is a file")
+    from ..bench import _args
+
+    try:  # the folder, and ep.json / ep_timeline.png in it: regular or new files (a FIFO there would hang rank 0)
+        _args.out_dir(args.out, files=("ep.json", "ep_timeline.png"))
+    except _args.UsageError as exc:
+        raise _UsageError(str(exc)) from None
     if args.device == "cuda":
         import torch
 
@@ -283,8 +289,12 @@ def _worker(args) -> int:
         dist.all_gather_object(everyone, mine)
         if rank == 0:
             report = _report(args, cfg, everyone, device)
-            with open(os.path.join(args.out, "ep.json"), "w") as f:
-                json.dump(report, f, indent=1)
+            from pathlib import Path
+
+            from ..bench._args import replace_file
+
+            text = json.dumps(report, indent=1)
+            replace_file(os.path.join(args.out, "ep.json"), lambda tmp: Path(tmp).write_text(text))
     finally:
         dist.destroy_process_group()
     return 0

@@ -208,10 +208,11 @@ class QFormer(nn.Module):
     def __init__(self, config: QFormerConfig = PRESETS["blip2"], *, backend: BackendChoice = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        check.module_dtype(_NAME, dtype)
         if not isinstance(config, QFormerConfig):
             raise TypeError(f"{_NAME}: config must be a QFormerConfig, got {type(config).__name__}")
         self.config = config
-        self.backend = backend
+        self._backend_choice = backend
         backend = resolve_backends(_NAME, backend, ("qformer_cross_attention",))["qformer_cross_attention"]
         factory = dict(device=device, dtype=dtype)
         d = config.hidden_size
@@ -224,6 +225,20 @@ class QFormer(nn.Module):
         self.layers = nn.ModuleList(
             _QFormerLayer(config, index.get(i), backend, factory) for i in range(config.num_hidden_layers)
         )
+
+    @property
+    def backend(self) -> BackendChoice:
+        """The backend choice; assigning it checks it (``BackendError``) and passes it to every layer's attention."""
+        return self._backend_choice
+
+    @backend.setter
+    def backend(self, value: BackendChoice) -> None:
+        backend = resolve_backends(_NAME, value, ("qformer_cross_attention",))["qformer_cross_attention"]
+        for layer in self.layers:
+            layer.backend = backend
+            if layer.cross_index is not None:
+                layer.cross.backend = backend
+        self._backend_choice = value
 
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> QFormer:

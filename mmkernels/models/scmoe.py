@@ -140,6 +140,26 @@ SCMOE_PRESETS: dict[str, ScMoEConfig] = {
 # ---- building blocks ----------------------------------------------------------------------------------------------
 
 
+MAX_POSITION = 2**24  # RoPE angles are fp32: positions past 2**24 are not even exact integers there
+
+
+def check_positions(name: str, position_ids: torch.Tensor, *, eager: bool) -> None:
+    """``position_ids`` must lie in ``[-2**24, 2**24]``: RoPE computes ``position * inv_freq`` in fp32, whose rounding
+    grows with the position (a shift by 2**20 already moves logits by ~1e-4, by 2**24 by ~0.1), and past 2**24 the
+    positions themselves are no longer exact. ``eager``: one host read and a ``ValueError``; otherwise (a layer, or
+    inside ``torch.compile``) ``torch._assert_async`` (no host sync: ``RuntimeError`` on CPU at once, a device-side
+    assertion on CUDA)."""
+    if not position_ids.numel() or position_ids.is_meta:
+        return
+    message = f"{name}: position_ids must lie in [-{MAX_POSITION}, {MAX_POSITION}] (RoPE's fp32 angles)"
+    if eager and not torch.compiler.is_compiling():
+        lo, hi = (int(x) for x in torch.aminmax(position_ids))
+        if lo < -MAX_POSITION or hi > MAX_POSITION:
+            raise ValueError(f"{message}, got values in [{lo}, {hi}]")
+        return
+    torch._assert_async(position_ids.abs().max() <= MAX_POSITION, message)
+
+
 def apply_rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
     """Rotary position embedding (RoFormer; the "rotate half" layout of HF Llama) of ``x`` [B, L, H, D] at integer
     ``positions`` [B, L] or [1, L]. Angles and products in fp32, result in ``x``'s dtype."""
@@ -267,6 +287,7 @@ class ScMoEDecoderLayer(nn.Module):
     def __init__(self, config: ScMoEConfig, *, overlap: bool = True, ep_group=None, backend: BackendChoice = None,
                  device=None, dtype=None) -> None:
         super().__init__()
+        v.module_dtype("ScMoEDecoderLayer", dtype)
         if not isinstance(config, ScMoEConfig):
             raise TypeError(f"ScMoEDecoderLayer: config must be a ScMoEConfig, got {type(config).__name__}")
         self.config = config
@@ -339,6 +360,7 @@ class ScMoEDecoderLayer(nn.Module):
             if positions.dim() != 2 or positions.shape[-1] != length or positions.shape[0] not in (1, b):
                 raise ValueError(f"{name}: position_ids must be [B, L] or [L] with L = {length}, got "
                                  f"{tuple(position_ids.shape)}")
+            check_positions(name, positions, eager=False)
 
         mark = self._mark
         mark("attn0")
@@ -508,6 +530,7 @@ class ScMoEDecoder(nn.Module):
     def __init__(self, config: ScMoEConfig, *, overlap: bool = True, ep_group=None, backend: BackendChoice = None,
                  device=None, dtype=None) -> None:
         super().__init__()
+        v.module_dtype("ScMoEDecoder", dtype)
         if not isinstance(config, ScMoEConfig):
             raise TypeError(f"ScMoEDecoder: config must be a ScMoEConfig, got {type(config).__name__}")
         self.config = config
@@ -614,6 +637,8 @@ class ScMoEDecoder(nn.Module):
                                                                          .any()):
                 raise ValueError(f"{name}: padding_mask must be right padding (each row: tokens, then padding)")
             x = torch.where(padding_mask[..., None], 0.0, x)  # padding may hold NaN: keep it out of every product
+        if isinstance(position_ids, torch.Tensor) and position_ids.dtype in (torch.int32, torch.int64):
+            check_positions(name, position_ids, eager=True)  # one host read, like input_ids (layers check again)
         for layer in self.layers:
             x = layer(x, padding_mask=padding_mask, position_ids=position_ids, kv_cache=kv_cache)
         return self.norm(x)

@@ -152,6 +152,7 @@ class ViT(nn.Module):
     def __init__(self, config: ViTConfig | str = "vit_b_16", *, backend: BackendChoice = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
+        check.module_dtype("ViT", dtype)
         if isinstance(config, str):
             if config not in PRESETS:
                 raise ValueError(f"ViT: unknown preset {config!r}; presets: {sorted(PRESETS)}")
@@ -159,7 +160,7 @@ class ViT(nn.Module):
         if not isinstance(config, ViTConfig):
             raise TypeError(f"ViT: config must be a ViTConfig or a preset name, got {type(config).__name__}")
         self.config = config
-        self.backend = backend
+        self._backend_choice = backend
         backends = resolve_backends("ViT", backend, ("patch_embed", "attention"))
         factory = {"device": device, "dtype": dtype}
         self.patch_embed = PatchEmbed(
@@ -173,6 +174,20 @@ class ViT(nn.Module):
                                      for _ in range(config.num_layers)])
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **factory)
         self._init_weights()
+
+    @property
+    def backend(self) -> BackendChoice:
+        """The backend choice; assigning it checks it (``BackendError``) and passes it to the patch embedding and
+        every block's attention."""
+        return self._backend_choice
+
+    @backend.setter
+    def backend(self, value: BackendChoice) -> None:
+        backends = resolve_backends("ViT", value, ("patch_embed", "attention"))
+        self.patch_embed.backend = backends["patch_embed"]
+        for block in self.blocks:
+            block.attn.backend = backends["attention"]
+        self._backend_choice = value
 
     @classmethod
     def preset(cls, name: str, **overrides) -> ViT:

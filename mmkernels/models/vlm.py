@@ -119,6 +119,7 @@ class VisionLanguageModel(nn.Module):
     def __init__(self, config: VLMConfig | str, *, overlap: bool = True, ep_group=None,
                  backend: BackendChoice = None, device=None, dtype=None) -> None:
         super().__init__()
+        v.module_dtype(_NAME, dtype)
         if isinstance(config, str):
             config = VLMConfig.preset(config)
         if not isinstance(config, VLMConfig):
@@ -140,8 +141,18 @@ class VisionLanguageModel(nn.Module):
 
     @property
     def backend(self) -> BackendChoice:
-        """The backend choice given at construction (build a new model, or load a state dict, to change it)."""
+        """The backend choice: ``None``, a name or ``{op: name}``. Assigning it (``vlm.backend = "reference"``)
+        checks it against every op of the model (``BackendError`` naming the op) and passes it on to the vision
+        tower, the Q-Former and the decoder, as for :class:`ViT`, :class:`QFormer` and :class:`ScMoEDecoder`."""
         return self._backend_choice
+
+    @backend.setter
+    def backend(self, value: BackendChoice) -> None:
+        backends = resolve_backends(_NAME, value, _VLM_OPS)  # all checked before any part changes
+        self.vision.backend = {op: backends[op] for op in ("patch_embed", "attention")}
+        self.qformer.backend = {"qformer_cross_attention": backends["qformer_cross_attention"]}
+        self.decoder.backend = {op: backends[op] for op in _LAYER_OPS}
+        self._backend_choice = value
 
     @property
     def num_query_tokens(self) -> int:

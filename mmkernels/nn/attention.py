@@ -66,6 +66,7 @@ class Attention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check.module_dtype("Attention", dtype)
         self.dropout = check.probability("dropout", dropout, op=_NAME)
         self.dim = check.integer("dim", dim, op=_NAME, low=1)
         self.num_heads = check.integer("num_heads", num_heads, op=_NAME, low=1)

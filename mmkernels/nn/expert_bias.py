@@ -20,6 +20,7 @@ from ._fp32 import keep_fp32
 
 __all__ = ["ExpertBiasController", "PendingBiasUpdate"]
 
+MAX_STEPS = 2**62  # the step counter a checkpoint may hold (_extra_state)
 _NAME = "ExpertBiasController"
 
 
@@ -52,9 +53,11 @@ class ExpertBiasController(nn.Module):
         kp, ki, kd: PID gains (``ki`` is gamma in ``mode="sign"``).
         mode: ``"pid"`` (LongCat-Flash, velocity form) or ``"sign"`` (DeepSeek-V3).
         max_abs: optional clamp on the FFN biases (anti-windup).
-        gain_schedule: optional ``step -> scale``; the gains used at step ``t`` are ``scale(t) * (kp, ki, kd)``
-            (e.g. a decay of mu over training). Computed on the host from a step counter: no device read. Under
-            CUDA-graph replay the gains captured are reused.
+        gain_schedule: optional callable ``step -> scale``; the gains used at step ``t`` are
+            ``scale(t) * (kp, ki, kd)`` (e.g. a decay of mu over training). ``scale(t)`` must be a finite Python
+            (or NumPy) number, not a tensor, and the scaled gains finite as float32; otherwise the update raises
+            ``TypeError``/``ValueError`` naming ``gain_schedule``. Computed on the host from a step counter: no
+            device read. Under CUDA-graph replay the gains captured are reused.
         process_group: group to sum counts over; ``None`` uses the default group when torch.distributed is
             initialised with more than one rank.
         reduce_counts: set False when the counts you pass are already global.
@@ -63,6 +66,7 @@ class ExpertBiasController(nn.Module):
     Buffers ``bias`` ``[N+Z]`` and ``state`` ``[2, N]`` and the step counter (``_extra_state``, an int64 0-d
     tensor) are in ``state_dict()``, so a checkpoint restores the controller exactly; the state dict holds tensors
     only (safetensors, ``weights_only`` loading). Checkpoints with the older ``{"steps": n}`` extra state still load.
+    A checkpoint's step counter must be an integer in ``[0, 2**62]`` (``ValueError`` naming ``_extra_state`` on load).
     """
 
     backend = ModuleBackend("expert_bias_update_")
@@ -95,6 +99,9 @@ class ExpertBiasController(nn.Module):
                                                                                          ("kd", kd)))
         self.mode = v.choice("mode", mode, MODES, op=_NAME)
         self.max_abs = None if max_abs is None else v.real("max_abs", max_abs, op=_NAME, low=0.0, float32=True)
+        if gain_schedule is not None and not callable(gain_schedule):
+            raise TypeError(f"{_NAME}: gain_schedule must be a callable step -> scale (or None), got "
+                            f"{type(gain_schedule).__name__}")
         self.gain_schedule = gain_schedule
         self.process_group = process_group
         self.reduce_counts = reduce_counts
@@ -130,12 +137,22 @@ class ExpertBiasController(nn.Module):
                 raise ValueError(f"{_NAME}: the checkpoint's step counter (_extra_state) must be one integer, got "
                                  f"a {state.dtype} tensor of shape {tuple(state.shape)}")
             state = state.item()
-        self.steps = v.integer("_extra_state (the step counter)", state, op=_NAME, low=0)
+        # Bounded well inside int64, so that counting on (and get_extra_state's int64 tensor) never overflows.
+        self.steps = v.integer("_extra_state (the step counter)", state, op=_NAME, low=0, high=MAX_STEPS)
 
     def gains(self, step: int | None = None) -> tuple[float, float, float]:
         """The (kp, ki, kd) used at ``step`` (default: the next update)."""
-        scale = 1.0 if self.gain_schedule is None else float(self.gain_schedule(self.steps if step is None else step))
-        return self.kp * scale, self.ki * scale, self.kd * scale
+        if self.gain_schedule is None:
+            return self.kp, self.ki, self.kd
+        step = self.steps if step is None else step
+        # A Python number (a tensor would be a host read), finite, and the scaled gains finite as float32.
+        scale = v.real(f"gain_schedule (its value at step {step})", self.gain_schedule(step), op=_NAME)
+        out = (self.kp * scale, self.ki * scale, self.kd * scale)
+        for name, g in zip(("kp", "ki", "kd"), out):
+            if not abs(g) <= v.FLOAT32_MAX:
+                raise ValueError(f"{_NAME}: gain_schedule (its value at step {step}) = {scale} makes {name} * scale = "
+                                 f"{g}, not finite as a float32 (the kernels compute in float32)")
+        return out
 
     def _group(self):
         if not self.reduce_counts or not dist.is_available() or not dist.is_initialized():

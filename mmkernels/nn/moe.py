@@ -28,6 +28,7 @@ class SwiGLUExperts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *, device=None, dtype=None,
                  backend: BackendChoice = None) -> None:
         super().__init__()
+        v.module_dtype("SwiGLUExperts", dtype)
         name = "SwiGLUExperts"
         self.num_experts = v.integer("num_experts", num_experts, op=name, low=0)
         self.hidden_size = v.integer("hidden_size", hidden_size, op=name, low=1)
@@ -206,6 +207,7 @@ class ZeroComputeMoE(RoutedMoE):
         backend: BackendChoice = None,
     ) -> None:
         super().__init__()
+        v.module_dtype("ZeroComputeMoE", dtype)
         name = "ZeroComputeMoE"
         self.hidden_size = v.integer("hidden_size", hidden_size, op=name, low=1)
         self.num_ffn_experts = v.integer("num_ffn_experts", num_ffn_experts, op=name, low=1)

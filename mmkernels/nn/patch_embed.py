@@ -15,6 +15,7 @@ Position embeddings for other image sizes are resized with one of two convention
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -30,10 +31,14 @@ POS_INTERPOLATIONS = ("hf", "timm")
 _NAME = "PatchEmbed"
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)  # numpy.int64 too, never a bool
+
+
 def _pair(x, name: str) -> tuple[int, int]:
-    if isinstance(x, int) and not isinstance(x, bool):
-        return (x, x)
-    if isinstance(x, (tuple, list)) and len(x) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in x):
+    if _is_int(x):
+        return (int(x), int(x))
+    if isinstance(x, (tuple, list)) and len(x) == 2 and all(_is_int(i) for i in x):
         return (int(x[0]), int(x[1]))
     raise TypeError(f"{_NAME}: {name} must be an int or a pair of ints, got {x!r}")
 
@@ -109,6 +114,7 @@ class PatchEmbed(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        v.module_dtype(_NAME, dtype)
         self.patch_size = v.integer("patch_size", patch_size, op=_NAME, low=1)
         self.in_channels = v.integer("in_channels", in_channels, op=_NAME, low=1)
         self.embed_dim = v.integer("embed_dim", embed_dim, op=_NAME, low=1)

@@ -63,6 +63,7 @@ class QFormerCrossAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check.module_dtype("QFormerCrossAttention", dtype)
         self.dropout = check.probability("dropout", dropout, op=_NAME)
         check.integer("hidden_size", hidden_size, op=_NAME, low=1)
         check.integer("num_heads", num_heads, op=_NAME, low=1)

@@ -47,9 +47,46 @@ def _device_message(op: str, tensors: dict[str, torch.Tensor]) -> str:
     return f"{op}: all tensors must be on one device: {odd}, while {rest} {verb} on {common}"
 
 
+def _byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last) bytes of ``t``'s storage that it can touch (conservative for strided views)."""
+    if t.numel() == 0:
+        return (0, 0)
+    size = t.element_size()
+    start = t.storage_offset() * size
+    extent = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 1) * size + size
+    return (start, start + extent)
+
+
+def no_overlap(op: str, written: Iterable[str], **tensors: torch.Tensor) -> None:
+    """``ValueError`` naming both arguments when a tensor the op writes in place (a name in ``written``) shares memory
+    with another argument: the kernels read one while writing the other, so the result would depend on the
+    backend's order. Compares storages and byte ranges (no device read); skipped inside ``torch.compile``."""
+    if torch.compiler.is_compiling():
+        return
+    written = tuple(written)
+    names = list(tensors)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            if a not in written and b not in written:
+                continue
+            x, y = tensors[a], tensors[b]
+            if x.is_meta or y.is_meta or x.numel() == 0 or y.numel() == 0:
+                continue
+            if x.untyped_storage().data_ptr() != y.untyped_storage().data_ptr():
+                continue
+            (x0, x1), (y0, y1) = _byte_range(x), _byte_range(y)
+            if x0 < y1 and y0 < x1:
+                raise ValueError(f"{op}: {a} and {b} share memory ({a} is updated in place); pass separate tensors "
+                                 f"(e.g. {b}.clone())")
+
+
 def integer(name: str, value, *, op: str, low: int | None = None, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    """An integer as a Python int: ``int`` or any ``numbers.Integral`` (``numpy.int64(2)``), never a bool (nor a
+    NumPy bool) or a float, even an integral one (``2.0``)."""
+    if type(value) is not int:  # the common case passes straight through
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+        value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
         if high is None:
             bounds = f">= {low}"
@@ -156,6 +193,20 @@ def module_input(module: str, name: str, x: torch.Tensor, weight: torch.Tensor) 
         raise TypeError(f"{module}: input {name} is {_dtype_name(x.dtype)} but the module's weights are "
                         f"{_dtype_name(weight.dtype)}; cast the input ({name}.to({weight.dtype})) or the module "
                         f"(module.to({x.dtype})), or run under torch.autocast")
+
+
+def module_dtype(module: str, dtype, name: str = "dtype") -> torch.dtype | None:
+    """A module constructor's ``dtype``: ``None`` or a floating-point ``torch.dtype`` (its parameters are trained;
+    an integer or bool dtype would fail later inside ``nn.Parameter`` with PyTorch's own message)."""
+    if dtype is None:
+        return None
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{module}: {name} must be a torch.dtype (e.g. torch.float32) or None, got "
+                        f"{type(dtype).__name__}")
+    if not dtype.is_floating_point:
+        raise TypeError(f"{module}: {name} must be a floating-point dtype (the parameters are trained), got "
+                        f"{_dtype_name(dtype)}")
+    return dtype
 
 
 def probability(name: str, value, *, op: str) -> float:

@@ -128,8 +128,8 @@ def expert_bias_update_(
     after the step (anti-windup). A step whose counts are all zero changes nothing.
 
     Every backend computes in float32 in the order of ``csrc/expert_bias.h``: on CPU cpp, triton and reference agree
-    bit for bit (signed zeros and NaN included); on a GPU the compiled kernels may fuse a multiply-add (one rounding
-    instead of two), docs/ops/expert_bias.md states the tolerance.
+    bit for bit (signed zeros included; NaN at the same places, its sign/payload may differ); on a GPU the compiled
+    kernels may fuse a multiply-add (one rounding instead of two), docs/ops/expert_bias.md states the tolerance.
 
     Args:
         bias: float32 ``[N+Z]``, contiguous, updated in place.
@@ -144,15 +144,17 @@ def expert_bias_update_(
         backend: ``None`` (auto), ``"cuda"``, ``"cpp"``, ``"triton"`` or ``"reference"``.
 
     Raises:
-        TypeError / ValueError: wrong dtypes, shapes, devices, or arguments out of range (naming the argument).
+        TypeError / ValueError: wrong dtypes, shapes, devices, or arguments out of range (naming the argument);
+            ``bias`` or ``state`` sharing memory with another argument (both are updated in place).
         RuntimeError: a negative count, or an int64 count above ``INT64_MAX // counts.numel()`` (their int64 sum
-            could wrap around; a documented limit, far past any real batch) (on CPU at once; on CUDA a device-side assertion, checked without a host
-            sync, that fails the next synchronising call).
+            could wrap around; a documented limit, far past any real batch): on CPU at once; on CUDA a device-side
+            assertion, checked without a host sync, that fails the next synchronising call.
     """
     v.tensor("bias", bias, dtypes=(torch.float32,), dim=1, contiguous=True, op=OP)
     v.tensor("counts", counts, dtypes=(torch.int32, torch.int64), dim=1, op=OP)
     v.tensor("state", state, dtypes=(torch.float32,), dim=2, contiguous=True, op=OP)
     device = v.same_device(OP, bias=bias, counts=counts, state=state)
+    v.no_overlap(OP, ("bias", "state"), bias=bias, counts=counts, state=state)
     n_total = bias.numel()
     if counts.numel() != n_total:
         raise ValueError(f"{OP}: counts must have one entry per expert like bias ({n_total}), got {counts.numel()}")

@@ -40,6 +40,7 @@ __all__ = ["MoEPermutation", "MoERouting", "moe_experts", "moe_grouped_swiglu", 
            "moe_unpermute"]
 
 SCORINGS = ("softmax", "sigmoid")
+MAX_LOCAL_EXPERTS = 2**24  # moe_permute's num_local_experts: its int32 plan offsets [E+1] (64 MiB) on every call
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 FLOAT_DTYPES = (*KERNEL_DTYPES, torch.float64)  # float64 runs on the reference backend (tests' truth, CPU users)
 _KERNEL_ONLY = v.first_arg_dtype_in(KERNEL_DTYPES)
@@ -724,7 +725,9 @@ def moe_permute(
     Args:
         hidden: [T, Dm] fp32 / fp16 / bf16.
         topk_ids: int32 or int64 [T, K] global expert ids (``MoERouting.topk_ids``, or received ids with K = 1).
-        num_local_experts: E, 0 <= E < 2**31 - 1 (the offsets are int32).
+        num_local_experts: E, 0 <= E <= 2**24 (``MAX_LOCAL_EXPERTS``: the plan ``offsets`` [E+1] is allocated on
+            every call, so E is capped at 64 MiB of it, far past any real model's experts per rank; larger is a
+            ``ValueError`` naming the argument, not an out-of-memory error).
         expert_offset: global id of local expert 0, 0 <= offset <= 2**62.
 
     Returns:
@@ -741,8 +744,9 @@ def moe_permute(
     v.tensor("topk_ids", topk_ids, dtypes=(torch.int32, torch.int64), dim=2, op=op)
     if topk_ids.shape[0] != hidden.shape[0]:
         raise ValueError(f"{op}: topk_ids must be [T={hidden.shape[0]}, K], got {tuple(topk_ids.shape)}")
-    # Bounds of the int32 plan (offsets [E+1]) and of int64 id arithmetic (id - expert_offset).
-    e = v.integer("num_local_experts", num_local_experts, op=op, low=0, high=2**31 - 2)
+    # Bounds of the plan (offsets [E+1], allocated per call: MAX_LOCAL_EXPERTS keeps it <= 64 MiB) and of int64 id
+    # arithmetic (id - expert_offset).
+    e = v.integer("num_local_experts", num_local_experts, op=op, low=0, high=MAX_LOCAL_EXPERTS)
     offset = v.integer("expert_offset", expert_offset, op=op, low=0, high=2**62)
     v.same_device(op, hidden=hidden, topk_ids=topk_ids)
     _, impl = PERMUTE_BACKENDS.select(hidden.device, backend, (hidden,))

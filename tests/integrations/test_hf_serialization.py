@@ -149,7 +149,8 @@ def test_unpicklable_replacement_is_refused_at_swap_time(no_backend_env):
 
 
 def test_torch_load_in_a_fresh_process(hf_models, tmp_path, no_backend_env):
-    """``torch.load`` in a new Python process that never imported mmkernels: the pickle brings it in; the loaded Mixtral runs patched, and ``unpatch`` gives the unpatched logits."""
+    """``torch.load`` in a new Python process that never imported mmkernels: the pickle brings it in; the loaded
+    Mixtral runs patched, and ``unpatch`` gives the unpatched logits."""
     import os
     import subprocess
     import sys

@@ -184,7 +184,8 @@ def moe_permute_reference(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows [T*K, Dm], slots int32 [T*K], offsets int32 [E+1]): the token rows of the slots whose id is in
     ``[expert_offset, expert_offset + E)``, grouped by expert, each expert's slots in slot order (slot = t*K + k),
-    then zero rows for the other slots (listed in slot order after ``offsets[E]``). One expert at a time."""
+    then zero rows for the other slots (listed in slot order after ``offsets[E]``). A stable sort of the slots by
+    local expert (the undispatched ones keyed E, so last): O(T*K log + E), not one pass per expert."""
     t, k = topk_ids.shape
     if hidden.is_meta or topk_ids.is_meta:  # shapes only (no data to sort): the op's output shapes, a shape-only graph
         rows = hidden.index_select(0, torch.zeros(t * k, dtype=torch.long, device=hidden.device))
@@ -192,11 +193,12 @@ def moe_permute_reference(
                 torch.empty(num_local_experts + 1, dtype=torch.int32, device=hidden.device))
     local = topk_ids.reshape(-1).long() - expert_offset
     valid = (local >= 0) & (local < num_local_experts)
-    groups = [(valid & (local == e)).nonzero().squeeze(1) for e in range(num_local_experts)]
-    slots = torch.cat([*groups, (~valid).nonzero().squeeze(1)])
-    counts = torch.tensor([0] + [g.numel() for g in groups], dtype=torch.long)
-    offsets = counts.cumsum(0).to(torch.int32).to(hidden.device)
-    end = int(counts.sum())
+    key = torch.where(valid, local, num_local_experts)
+    slots = torch.sort(key, stable=True).indices
+    counts = torch.zeros(num_local_experts + 1, dtype=torch.long, device=hidden.device)
+    counts[1:] = torch.bincount(local[valid], minlength=num_local_experts)
+    offsets = counts.cumsum(0).to(torch.int32)
+    end = int(valid.sum())
     rows = torch.cat([hidden[slots[:end] // k], hidden.new_zeros((t * k - end, hidden.shape[1]))])
     return rows, slots.to(torch.int32), offsets
 

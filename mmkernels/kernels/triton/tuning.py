@@ -1324,6 +1324,18 @@ def _file_lock(path: Path):
     ``MMKERNELS_AUTOTUNE=1`` ranks, two ``tune`` runs) never lose each other's entries. Waits at most
     :data:`LOCK_TIMEOUT_S` (then ``TimeoutError``, an ``OSError``)."""
     lock_path = path.with_name(path.name + ".lock")
+    # Open (create) the lock file ourselves first: filelock takes any error opening it (a read-only folder, a folder
+    # in its place) for another process's lock and waits the whole timeout before blaming one.
+    try:
+        probe = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK, 0o644)
+    except OSError as exc:
+        raise type(exc)(exc.errno, f"cannot create or open the lock file {lock_path} ({exc.strerror or exc})") \
+            from None
+    try:
+        if not stat.S_ISREG(os.fstat(probe).st_mode):
+            raise OSError(f"the lock file {lock_path} exists and is not a regular file")
+    finally:
+        os.close(probe)
     try:
         import filelock
     except ImportError:
@@ -1362,10 +1374,25 @@ def save(path: Path, name: str, results: Iterable[tuple[str, BucketResult]]) -> 
 
     Each entry is stamped with what it was tuned for (:func:`tuned_for`). The file's other entries are kept as they
     are (including stale ones, which readers skip); a file that cannot be read as a tuning file is replaced with a
-    warning. Raises ``OSError`` when ``path`` exists and is not a regular file (a FIFO or device is never read or
-    replaced), or when the folder is not writable or the lock cannot be had."""
+    warning. Raises ``OSError`` naming ``path`` when it exists and is not a regular file (a FIFO or device is never
+    read or replaced), when the folder is not writable, at once when the lock file cannot be created (the real
+    error, not a wait), or when another process holds the lock past :data:`LOCK_TIMEOUT_S` (``TimeoutError``)."""
     path = Path(path)
     results = list(results)
+    try:
+        _save(path, name, results)
+    except OSError as exc:  # every error names the file being saved
+        if str(path) in str(exc):
+            raise
+        raise type(exc)(exc.errno, f"cannot save {path}: {exc.strerror or exc}") if exc.errno else \
+            OSError(f"cannot save {path}: {exc}") from exc
+    with _lock:  # the next lookup sees the new file
+        if name in _tables:
+            _tables[name].refresh()
+    return path
+
+
+def _save(path: Path, name: str, results: list[tuple[str, BucketResult]]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with _file_lock(path):
         if path.exists() and not path.is_file():
@@ -1399,10 +1426,6 @@ def save(path: Path, name: str, results: Iterable[tuple[str, BucketResult]]) -> 
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-    with _lock:  # the next lookup sees the new file
-        if name in _tables:
-            _tables[name].refresh()
-    return path
 
 
 def tune(kernels: Sequence[str], *, device: torch.device, budget: float, out: Path, name: str | None = None,
