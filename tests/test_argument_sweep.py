@@ -726,3 +726,61 @@ def test_adjacent_views_of_one_buffer_are_not_an_overlap():
     ops.expert_bias_update_(bias, torch.tensor([9, 1, 0, 4, 7, 2, 2, 5, 3, 0, 1, 2]), state, num_ffn_experts=8, top_k=3,
                             target_ffn_per_token=2.0, ki=0.1)
     assert bias[:8].abs().sum() > 0 and torch.equal(buf[:12], bias)
+
+
+# ---- every converter: each value it reads is a floating-point tensor, named by its key when it is not --------------
+
+def _converter_cases():
+    """(name, state dict, convert(state dict)) for each state-dict converter, on tiny random models."""
+    transformers = pytest.importorskip("transformers")
+    from mmkernels.models.convert import longcat as lconv
+    from mmkernels.models.convert import qformer as qconv
+    from mmkernels.models.convert import vit as vconv
+
+    torch.manual_seed(0)
+    vit = transformers.ViTModel(transformers.ViTConfig(image_size=16, patch_size=8, hidden_size=32,
+                                                       num_hidden_layers=1, num_attention_heads=2,
+                                                       intermediate_size=40))
+    blip = transformers.Blip2VisionModel(transformers.Blip2VisionConfig(image_size=16, patch_size=8, hidden_size=32,
+                                                                        num_hidden_layers=1, num_attention_heads=2,
+                                                                        intermediate_size=40))
+    q_hf = transformers.Blip2QFormerConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                           intermediate_size=40, encoder_hidden_size=24)
+    qformer = transformers.Blip2QFormerModel(q_hf)
+    from transformers.models.longcat_flash.configuration_longcat_flash import LongcatFlashConfig
+    from transformers.models.longcat_flash.modeling_longcat_flash import LongcatFlashMoE
+
+    moe = LongcatFlashMoE(LongcatFlashConfig(hidden_size=16, n_routed_experts=4, zero_expert_num=2, moe_topk=2,
+                                             expert_ffn_hidden_size=8))
+    cases = [("ViTModel", vit.state_dict(), vconv.hf_to_mmkernels),
+             ("Blip2VisionModel", blip.state_dict(), vconv.hf_to_mmkernels),
+             ("Blip2QFormerModel", qformer.state_dict(),
+              lambda sd: qconv.hf_to_mmkernels(sd, QFormerConfig.from_hf(q_hf))),
+             ("LongcatFlashMoE", moe.state_dict(), lambda sd: lconv.hf_to_mmkernels(sd, num_ffn_experts=4))]
+    timm_vit = pytest.importorskip("timm.models.vision_transformer")
+    timm = timm_vit.VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, mlp_ratio=2.0,
+                                      num_classes=0)
+    cases.append(("timm VisionTransformer", timm.state_dict(), vconv.timm_to_mmkernels))
+    return cases
+
+
+@pytest.mark.parametrize("change,message", [(lambda t: t.tolist(), "must be a torch.Tensor, got list"),
+                                            (lambda t: t.numpy(), "must be a torch.Tensor, got ndarray"),
+                                            (lambda t: t.to(torch.int32), "must be a floating-point tensor")],
+                         ids=["list", "numpy", "int32"])
+def test_every_converter_names_the_key_of_a_value_that_is_not_a_float_tensor(change, message):
+    """Every key every converter reads, replaced in turn: a ConversionError naming that key (before: AttributeError or
+    a raw ``requires_grad`` error from deep inside, or an integer weight taken silently)."""
+    from mmkernels.models.convert._common import ConversionError
+
+    for name, sd, convert in _converter_cases():
+        convert(dict(sd))  # the untouched state dict converts
+        for key, value in sd.items():
+            if not value.is_floating_point() or value.dim() == 0:
+                continue
+            try:
+                convert(dict(sd) | {key: change(value.detach())})
+            except ConversionError as exc:
+                assert re.search(rf"{re.escape(key)} {message}", str(exc)), (name, key, str(exc))
+            else:  # only a part the encoder does not use may pass unread: HF ViT's pooler
+                assert name == "ViTModel" and key.startswith("pooler."), (name, key)

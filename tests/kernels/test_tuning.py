@@ -802,3 +802,34 @@ def test_shipped_configs_reach_every_kernel_launch(files, tmp_path, monkeypatch)
     assert has("_grouped_wgrad_kernel", 4, 2, BLOCK_M=128, BLOCK_N=64, BLOCK_R=32)
     # and the defaults elsewhere (no fp32 entries): the fp32 forward keeps its hand config
     assert has("_attn_fwd_kernel", 4, 2, BLOCK_M=32, BLOCK_N=32)
+
+
+@pytest.mark.parametrize("blocker", ["lock-is-a-folder", "parent-is-a-file", "proc"])
+def test_save_reports_the_real_error_at_once_naming_the_path(tmp_path, monkeypatch, blocker):
+    """A folder that cannot take the lock file used to wait LOCK_TIMEOUT_S and then blame "another process": the real
+    error comes at once, and every save error names the file being saved."""
+    import os
+    import time
+    from pathlib import Path
+
+    monkeypatch.setattr(tuning, "LOCK_TIMEOUT_S", 30.0)
+    if blocker == "lock-is-a-folder":
+        path = tmp_path / "x.json"
+        (tmp_path / "x.json.lock").mkdir()
+        match = "lock file .*x.json.lock"
+    elif blocker == "proc":  # a folder no file can be created in: filelock retried ENOENT until its timeout
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("needs Linux /proc")
+        path = Path("/proc/self/mmkernels_x.json")
+        match = "lock file /proc/self/mmkernels_x.json.lock"
+    else:
+        (tmp_path / "a_file").write_text("x")
+        path = tmp_path / "a_file" / "x.json"
+        match = "cannot save .*a_file/x.json"
+    result = tuning.BucketResult("dtype=fp16,d=64,causal=0,seq=256", dict(FWD_CFG), 0.5, 1.0, 3, 9, {}, True)
+    start = time.monotonic()
+    with pytest.raises(OSError, match=match) as exc:
+        tuning.save(path, H100, [("attention_fwd", result)])
+    assert time.monotonic() - start < 5, "waited for a lock no process holds"
+    assert "another process" not in str(exc.value)
+    assert not path.exists()

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...nn.moe import ZeroComputeMoE
-from ._common import ConversionError, check_keys, strip_prefix
+from ._common import ConversionError, check_keys, check_value, strip_prefix
 from ._hf_moe import moe_layout
 
 __all__ = ["hf_allocates_zero_expert_rows", "hf_to_mmkernels", "mmkernels_to_hf", "moe_from_hf"]
@@ -30,6 +30,8 @@ def hf_to_mmkernels(state_dict: dict[str, torch.Tensor], *, num_ffn_experts: int
     """A ``LongcatFlashMoE`` state dict (keys under ``prefix``) -> a ``ZeroComputeMoE`` state dict."""
     sd, _ = strip_prefix(state_dict, prefix)
     check_keys("LongcatFlashMoE", set(sd) - set(_HF_KEYS) - set(_HF_OPTIONAL), set(_HF_KEYS) - set(sd))
+    for key in (*_HF_KEYS, *(k for k in _HF_OPTIONAL if k in sd)):
+        check_value("LongcatFlashMoE", prefix + key, sd[key])
     gate_up = sd["experts.gate_up_proj"]
     if gate_up.shape[0] < num_ffn_experts or sd["experts.down_proj"].shape[0] != num_ffn_experts:
         raise ConversionError(

@@ -30,7 +30,7 @@ from collections.abc import Mapping
 import torch
 
 from ..qformer import QFormerConfig
-from ._common import ConversionError, check_keys, strip_prefix
+from ._common import ConversionError, check_keys, check_value, strip_prefix
 
 __all__ = ["ConversionError", "hf_to_mmkernels"]
 
@@ -84,6 +84,8 @@ def hf_to_mmkernels(state_dict: Mapping[str, torch.Tensor], config: QFormerConfi
     unknown = [k for k in sd if k not in expected and not _TEXT_ONLY.match(k)]
     missing = [k for k in expected if k not in sd]
     check_keys(_SOURCE, unknown, missing)
+    for k in expected:
+        check_value(_SOURCE, k, sd[k])
     bad = [f"{k}: {tuple(sd[k].shape)} (expected {shape})" for k, shape in expected.items()
            if tuple(sd[k].shape) != shape]
     if bad:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..vit import ViTConfig
-from ._common import ConversionError, check_keys, strip_prefix
+from ._common import ConversionError, check_keys, check_value, strip_prefix
 
 __all__ = [
     "ConversionError",
@@ -48,15 +48,19 @@ _TIMM_IGNORED = ("head.", "fc_norm.", "attn_pool.")
 
 
 class _Taker:
-    """Pops keys from a copy of the source state dict and records the ones that are missing."""
+    """Pops keys from a copy of the source state dict and records the ones that are missing. Every value taken must
+    be a floating-point tensor (:class:`ConversionError` naming the key otherwise)."""
 
-    def __init__(self, state_dict: dict[str, torch.Tensor]) -> None:
+    def __init__(self, state_dict: dict[str, torch.Tensor], source: str, prefix: str = "") -> None:
         self.remaining = dict(state_dict)
         self.missing: list[str] = []
+        self.source, self.prefix = source, prefix
 
     def take(self, key: str) -> torch.Tensor | None:
         if key in self.remaining:
-            return self.remaining.pop(key)
+            value = self.remaining.pop(key)
+            check_value(self.source, self.prefix + key, value)
+            return value
         self.missing.append(key)
         return None
 
@@ -100,7 +104,7 @@ def hf_to_mmkernels(
     sd, prefix = _split_prefix(state_dict, prefix)
     keys = list(sd)
     out: dict[str, torch.Tensor] = {}
-    t = _Taker(sd)
+    t = _Taker(sd, "hf_to_mmkernels (ViT)", prefix)
     blip2 = any(".self_attn.qkv." in k for k in keys) or "embeddings.class_embedding" in sd
     if blip2:
         source = "Blip2VisionModel"
@@ -174,7 +178,7 @@ def timm_to_mmkernels(state_dict: dict[str, torch.Tensor], *, num_layers: int | 
     """
     keys = list(state_dict)
     n = num_layers if num_layers is not None else _num_layers(keys, r"blocks\.(\d+)\.")
-    t = _Taker(state_dict)
+    t = _Taker(state_dict, "timm_to_mmkernels (VisionTransformer)")
     out: dict[str, torch.Tensor] = {}
     for dst, src in {"cls_token": "cls_token", "pos_embed": "pos_embed", "weight": "patch_embed.proj.weight"}.items():
         if dst == "cls_token" and not t.has(src):
