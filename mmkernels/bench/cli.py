@@ -467,16 +467,23 @@ def _main(argv: Sequence[str] | None) -> int:
                 except Exception as exc:  # keep timing the other cases; report and fail at the end
                     failures.append(f"{s.name} {case.name} [{case.mode}]: {type(exc).__name__}: {exc}")
                 if args.out is not None:  # after every case, so a run cut short by a time limit keeps what it measured
-                    write_results(args.out, rows, metadata)
+                    try:
+                        write_results(args.out, rows, metadata)
+                    except OSError as exc:  # e.g. a FIFO put there during the run: never opened; one line
+                        print(f"mmkernels-bench: cannot write results: {exc}", file=sys.stderr, flush=True)
                 progress.advance()
     _print_table(rows, f"mmkernels-bench — {device_name(device)}", ceilings)
     if args.out is not None:
-        paths = write_results(args.out, rows, metadata)
-        if args.plot:
-            from .plot import plot_speedups
+        try:
+            paths = write_results(args.out, rows, metadata)
+            if args.plot:
+                from .plot import plot_speedups
 
-            paths += plot_speedups(rows, args.out)
-        print("wrote " + ", ".join(str(p) for p in paths))
+                paths += plot_speedups(rows, args.out)
+        except OSError as exc:  # exit 1, the reason on one line
+            failures.append(f"writing --out {args.out}: {exc}")
+        else:
+            print("wrote " + ", ".join(str(p) for p in paths))
     for failure in failures:
         print(f"mmkernels-bench: FAILED {failure}", file=sys.stderr)
     return 1 if failures else 0

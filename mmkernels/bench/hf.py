@@ -253,7 +253,11 @@ def _main(argv: list[str]) -> int:
     if args.out is not None:
         path = Path(args.out) / _out_name(args.model)
         text = json.dumps({"rows": rows, "report": str(report)}, indent=1)
-        _args.replace_file(path, lambda tmp: Path(tmp).write_text(text))
+        try:
+            _args.replace_file(path, lambda tmp: Path(tmp).write_text(text))
+        except OSError as exc:  # e.g. a FIFO put there during the run: never opened; one line, exit 1
+            print(f"mmkernels-bench hf: cannot write {path}: {exc}", file=sys.stderr)
+            return 1
         print(f"wrote {path}")
     return 0
 

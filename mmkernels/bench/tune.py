@@ -47,8 +47,8 @@ def _budget(text: str) -> float:
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and 0 < value <= MAX_BUDGET_S):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds in (0, {MAX_BUDGET_S:.0f}] (one day), "
-                                         f"got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a finite positive number of seconds, at most {MAX_BUDGET_S:.0f} "
+                                         f"(one day), got {text!r}")
     return value
 
 
@@ -216,6 +216,10 @@ def _main(argv: list[str]) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         parser.error(f"--out {out}: cannot create its folder ({exc.strerror or exc})")
+    try:  # the device's file, now that its name is known: a regular file or a new one (never a FIFO or device)
+        _args.out_file(out, "--out")
+    except _args.UsageError as exc:
+        parser.error(str(exc))
     torch.cuda.set_device(device)
     print(f"tuning {', '.join(kernels)} on {name} ({device}) for at most ~{args.budget:.0f} s; writing {out}",
           flush=True)

@@ -58,6 +58,8 @@ __all__ = ["main"]
 PHASES = ("route", "permute", "counts", "dispatch", "experts", "combine", "unpermute", "dense")
 
 
+_MAX_TIMEOUT_S = 86400.0  # --timeout: one day; beyond that a typo, not a plan
+
 class _UsageError(Exception):
     """A bad flag: one line on stderr, exit status 2, nothing started."""
 
@@ -104,13 +106,17 @@ def _validate(args) -> None:
                              ("--warmup", args.warmup, 0)):
         if value < low:
             raise _UsageError(f"{flag} must be >= {low}, got {value}")
-    if args.threads is not None and args.threads < 1:
-        raise _UsageError(f"--threads must be >= 1, got {args.threads}")
-    if not math.isfinite(args.timeout) or args.timeout <= 0:
-        raise _UsageError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    from ..bench import _args
+
+    max_threads = _args.MAX_THREADS_PER_CPU * (os.cpu_count() or 1)
+    if args.threads is not None and not 1 <= args.threads <= max_threads:
+        raise _UsageError(f"--threads must be in 1...{max_threads} ({_args.MAX_THREADS_PER_CPU} per CPU of this "
+                          f"machine), got {args.threads}")
+    if not math.isfinite(args.timeout) or not 0 < args.timeout <= _MAX_TIMEOUT_S:
+        raise _UsageError(f"--timeout must be a number of seconds in (0, {_MAX_TIMEOUT_S:.0f}] (one day), got "
+                          f"{args.timeout}")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise _UsageError(f"--out must be a folder, {args.out!r} is a file")
-    from ..bench import _args
 
     try:  # the folder, and ep.json / ep_timeline.png in it: regular or new files (a FIFO there would hang rank 0)
         _args.out_dir(args.out, files=("ep.json", "ep_timeline.png"))

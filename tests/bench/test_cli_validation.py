@@ -537,3 +537,43 @@ def test_train_vlm_ckpt_fifo_as_a_process(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "--ckpt" in lines[0] and "FIFO" in lines[0], out.stderr
     assert Path(fifo).is_fifo()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "devnull", "dir"])
+def test_tune_refuses_the_device_file_in_an_out_folder_before_tuning(capsys, tmp_path, monkeypatch, kind):
+    """``tune --out FOLDER`` writes FOLDER/<device>.json: once the card is known, that file is checked like every
+    output file (here on a faked CUDA device; nothing is tuned)."""
+    import mmkernels._env
+    from mmkernels.kernels.triton import tuning
+
+    name = "NVIDIA H100 80GB HBM3"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("selected a device"))
+    monkeypatch.setattr(mmkernels._env, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(tuning, "device_name", lambda device=None: name)
+    monkeypatch.setattr(tuning, "tune", lambda *a, **k: pytest.fail("tuned"))
+    folder = _folder_with(tmp_path, "configs", f"{tuning.device_slug(name)}.json", kind)
+    rc = bench_main(["tune", "attention", "--out", folder])
+    _one_line_exit_2(capsys, rc, "--out", f"{tuning.device_slug(name)}.json", "not a regular file")
+
+
+def test_bench_a_fifo_appearing_during_the_run_is_never_opened(capsys, tmp_path, monkeypatch):
+    """The up-front check cannot see a FIFO made after it: the writer refuses it (no hang), the run ends with exit 1
+    and a line naming the file, and the FIFO is left as it was."""
+    from mmkernels.bench import cli
+
+    real_run = cli.run_cases
+    fifo = tmp_path / "results.json"
+
+    def run_then_mkfifo(*args, **kwargs):
+        if not fifo.exists():
+            os.mkfifo(fifo)
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "run_cases", run_then_mkfifo)
+    rc = bench_main(["expert_bias_update", "--quick", "--warmup-ms", "1", "--rep-ms", "2", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc == 1 and fifo.is_fifo()
+    assert f"FAILED writing --out {tmp_path}: {fifo} is a FIFO, not a regular file" in err, err

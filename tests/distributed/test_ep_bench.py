@@ -72,6 +72,9 @@ def test_cpu_bound_is_work_conservation():
     (["--seq-len", "0"], "--seq-len"),
     (["--warmup", "-1"], "--warmup"),
     (["--threads", "0"], "--threads"),
+    (["--threads", "1000000"], "--threads"),  # once a segfault in hf; capped per CPU everywhere
+    (["--timeout", "1e300"], "--timeout"),
+    (["--timeout", "inf"], "--timeout"),
     (["--nproc", "two"], "--nproc"),
     (["--device", "tpu"], "--device"),
     (["--frobnicate"], "--frobnicate"),
