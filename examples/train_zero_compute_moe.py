@@ -29,36 +29,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
-
-
 def _device(text: str) -> torch.device:
     try:
-        dev = torch.device(text)
-    except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device (expected cpu, cuda or cuda:N)") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"{text}: this example runs on cpu or cuda")
-    if dev.type == "cpu" and dev.index not in (None, 0):
-        raise argparse.ArgumentTypeError(f"{text}: there is one CPU device (cpu); an index picks a CUDA device")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text}: no CUDA device here")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return dev
+        return _args.device(text)
+    except _args.UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--device ")) from None
 
 
 def main(argv=None) -> None:
     parser = _Parser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=_positive_int, default=200)
-    parser.add_argument("--tokens", type=_positive_int, default=2048, help="tokens per step")
+    parser.add_argument("--steps", type=_args.positive_int, default=200)
+    parser.add_argument("--tokens", type=_args.positive_int, default=2048, help="tokens per step")
     parser.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=_args.threads, default=None,
                         help="torch intra-op threads on a CPU, at most 4 per CPU (default 1: this block's matrices are "
