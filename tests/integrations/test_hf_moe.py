@@ -379,3 +379,57 @@ def test_public_patch_is_all_or_nothing_on_a_bad_backend():
     assert not any(k.startswith("_mmkernels") for m in model.modules() for k in m.__dict__)
     assert hf.patch(model).kinds().get("moe") == 2
     assert hf.unpatch(model) >= 2
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_torch_func_transforms_run_as_unpatched(name):
+    """``torch.func.vmap`` and per-sample gradients (``vmap(grad(functional_call))``) give what the unpatched model
+    gives: our MoE ops have data-dependent shapes and no batching rules, so inside a transform the block, router and
+    experts run HF's own code, counted as a fallback (before: ``RuntimeError`` on every family)."""
+    from torch.func import functional_call, grad, vmap
+
+    model = _build(name)
+    ids = _ids()
+
+    def logits(m):
+        return vmap(lambda row: m(input_ids=row[None]).logits, randomness="same")(ids)
+
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def per_sample(m):
+        def loss(p, row):
+            return functional_call(m, p, (row[None],)).logits.float().square().mean()
+
+        return vmap(grad(loss), in_dims=(None, 0))(params, ids)
+
+    with torch.no_grad():
+        ref_logits = logits(model)
+    ref_grads = per_sample(model)
+    report = PatchReport()
+    assert patch_moe(model, report) == len(_blocks(model)) > 0
+    with torch.no_grad():
+        torch.testing.assert_close(logits(model), ref_logits, atol=0, rtol=0)
+    for n, g in per_sample(model).items():
+        torch.testing.assert_close(g, ref_grads[n], atol=0, rtol=0, msg=lambda m, n=n: f"{n}: {m}")
+    assert report.fallbacks.get(hf_moe._FUNCTORCH_FALLBACK, 0) > 0
+    with torch.no_grad():  # outside a transform our ops run again
+        before = report.fallbacks.get(hf_moe._FUNCTORCH_FALLBACK, 0)
+        model(input_ids=ids)
+        assert report.fallbacks.get(hf_moe._FUNCTORCH_FALLBACK, 0) == before
+
+
+def test_torch_func_transforms_with_experts_implementation_by_name():
+    """The same through transformers' ``ExpertsInterface`` (``experts_implementation="mmkernels"``, no ``patch``)."""
+    from torch.func import vmap
+
+    model = _build("mixtral")
+    if not hasattr(model, "set_experts_implementation"):
+        pytest.skip("this transformers has no ExpertsInterface")
+    ids = _ids()
+    with torch.no_grad():
+        ref = vmap(lambda row: model(input_ids=row[None]).logits, randomness="same")(ids)
+        model.set_experts_implementation(hf_moe.EXPERTS_NAME)
+        before = hf_moe.EXPERTS_FALLBACKS[hf_moe._FUNCTORCH_FALLBACK]
+        got = vmap(lambda row: model(input_ids=row[None]).logits, randomness="same")(ids)
+    torch.testing.assert_close(got, ref, atol=0, rtol=0)
+    assert hf_moe.EXPERTS_FALLBACKS[hf_moe._FUNCTORCH_FALLBACK] > before

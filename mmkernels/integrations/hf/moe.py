@@ -186,11 +186,18 @@ def _compute_dtype(hidden: torch.Tensor, experts: torch.nn.Module) -> torch.dtyp
 
 
 _DTYPE_FALLBACK = "moe: hidden states and expert weights in different dtypes outside autocast"
+_FUNCTORCH_FALLBACK = "moe: inside a torch.func transform (vmap / grad / jacrev): our MoE ops have no batching rules"
+
+
+def _functorch_active() -> bool:
+    """True inside ``torch.func.vmap`` / ``grad`` / ``jacrev`` ...: our routing and expert ops have data-dependent
+    shapes and no batching rules, so such calls run HF's own code (which the transforms can batch)."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def _experts_call(experts, hidden_states, top_k_index, top_k_weights, backend, report, fallback: Callable):
     """``moe_experts`` with HF's experts arguments, or ``fallback`` (counted) when it cannot compute this call."""
-    reason = _experts_reason(experts)
+    reason = _FUNCTORCH_FALLBACK if _functorch_active() else _experts_reason(experts)
     dtype = _compute_dtype(hidden_states, experts) if reason is None else None
     if reason is None and dtype is None:
         reason = _DTYPE_FALLBACK
@@ -221,8 +228,22 @@ def experts_forward(self: torch.nn.Module, hidden_states: torch.Tensor, top_k_in
     ``[T, Dm]``, ``top_k_index`` ``[T, K]`` (ids outside ``[0, N)`` are not dispatched), ``top_k_weights`` ``[T, K]``
     -> ``[T, Dm]`` in ``hidden_states``' dtype, through :func:`mmkernels.ops.moe_experts` (auto backend). A layout
     ``moe_experts`` cannot take, or weights in another dtype than the hidden states outside autocast, runs HF's eager
-    experts code for that call, counted in :data:`EXPERTS_FALLBACKS`."""
-    return _experts_call(self, hidden_states, top_k_index, top_k_weights, None, None, _eager_experts(self))
+    experts code for that call, counted in :data:`EXPERTS_FALLBACKS`; inside a ``torch.func`` transform, HF's default
+    ``grouped_mm`` experts (also counted)."""
+    fallback = _default_experts(self) if _functorch_active() else _eager_experts(self)
+    return _experts_call(self, hidden_states, top_k_index, top_k_weights, None, None, fallback)
+
+
+def _default_experts(experts: torch.nn.Module) -> Callable:
+    """HF's default experts implementation (``grouped_mm``, which ``torch.func.vmap`` can batch; its eager code calls
+    ``nonzero`` and cannot be), or its eager code where this transformers has no ``grouped_mm``."""
+    try:
+        from transformers.integrations.moe import ExpertsInterface
+
+        fn = ExpertsInterface._global_mapping.get("grouped_mm")
+    except Exception:  # noqa: BLE001 - a release without the interface or the mapping
+        fn = None
+    return functools.partial(fn, experts) if fn is not None else _eager_experts(experts)
 
 
 def _patched_experts_forward(backend, report, self, hidden_states, top_k_index, top_k_weights):
@@ -291,6 +312,8 @@ def _deepseek_route(owners, logits, lay: MoELayout, backend):
 def _router_forward(logits_fn, route_fn, lay: MoELayout, backend, with_logits: bool, self, hidden_states):
     """The router's forward for HF's ``(router_logits, topk_weights, topk_indices)`` convention (``with_logits``) or
     transformers 5.17 LongCat's ``(topk_weights, topk_indices)``. Bound with ``functools.partial`` (picklable)."""
+    if _functorch_active():  # HF's own routing (the experts module counts the fallback)
+        return original_forward(self)(hidden_states)
     x = hidden_states.reshape(-1, hidden_states.shape[-1])
     router_logits = logits_fn(self, x)
     r = route_fn((self,), router_logits, lay, backend)
@@ -306,7 +329,7 @@ def _block_forward(spec: _Spec, route_backend, self, hidden_states):
     router returns logits only), call the experts module, add the family's extra terms. Bound with
     ``functools.partial`` (picklable: ``torch.save`` / deepcopy of a patched model keep it)."""
     router, experts = getattr(self, spec.family.router_attr), self.experts
-    if _compute_dtype(hidden_states, base_module(experts)) is None:
+    if _functorch_active() or _compute_dtype(hidden_states, base_module(experts)) is None:
         # Before routing and jitter: HF's forward sees the call untouched. It calls the (patched) experts module, which
         # hands the call to HF's own experts code and counts it there, once.
         return original_forward(self)(hidden_states)
