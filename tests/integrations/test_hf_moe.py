@@ -433,3 +433,15 @@ def test_torch_func_transforms_with_experts_implementation_by_name():
         got = vmap(lambda row: model(input_ids=row[None]).logits, randomness="same")(ids)
     torch.testing.assert_close(got, ref, atol=0, rtol=0)
     assert hf_moe.EXPERTS_FALLBACKS[hf_moe._FUNCTORCH_FALLBACK] > before
+
+
+def test_report_of_a_model_with_nothing_covered_says_what_to_do():
+    """A model ``patch`` covers nothing of (here a Llama) gets a report that says so and names the by-name route for
+    MoE families that use transformers' ExpertsInterface (before: "0 modules replaced" and nothing else)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=20, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    report = mmkernels.integrations.hf.patch(model)
+    assert not report.replaced and "experts_implementation=\"mmkernels\"" in str(report)
+    mmkernels.integrations.hf.unpatch(model)

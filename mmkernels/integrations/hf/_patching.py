@@ -101,6 +101,10 @@ class PatchReport:
     def __str__(self) -> str:
         lines = [f"mmkernels patch report ({self.model_type or 'model'}): {len(self.replaced)} modules replaced"
                  + (f", {len(self.skipped)} parts skipped" if self.skipped else "")]
+        if not self.replaced and not self.skipped:
+            lines.append("  nothing here is a part patch() covers (docs/integrations/hf.md lists the families); a MoE "
+                         "model whose experts use transformers' ExpertsInterface (e.g. Qwen3-MoE, OLMoE) takes "
+                         "from_pretrained(..., experts_implementation=\"mmkernels\") instead")
         for kind, n in sorted(self.kinds().items()):
             lines.append(f"  {kind}: {n}")
         for r in self.replaced:
