@@ -8,6 +8,8 @@ only the outputs.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -402,10 +404,16 @@ def test_torch_func_transforms_run_as_unpatched(name):
 
         return vmap(grad(loss), in_dims=(None, 0))(params, ids)
 
-    with torch.no_grad():
-        ref_logits = logits(model)
-    ref_grads = per_sample(model)
     report = PatchReport()
+    try:
+        with torch.no_grad():
+            ref_logits = logits(model)
+        ref_grads = per_sample(model)
+    except RuntimeError as exc:  # e.g. transformers 5.17's LongCat experts call nonzero: vmap fails unpatched too
+        assert patch_moe(model, report) == len(_blocks(model)) > 0
+        with pytest.raises(RuntimeError, match=re.escape(str(exc).splitlines()[0][:60])), torch.no_grad():
+            logits(model)
+        return
     assert patch_moe(model, report) == len(_blocks(model)) > 0
     with torch.no_grad():
         torch.testing.assert_close(logits(model), ref_logits, atol=0, rtol=0)
