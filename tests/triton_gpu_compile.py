@@ -51,13 +51,14 @@ ALLOWED_SPILLS: dict[tuple[str, str, str], str] = {
     ("_attn_bwd_dkdv_kernel", "fp32", "D=128 M=32 N=16 CAUSAL HEAD_DIM=80 VARLEN w8s1"):
         "the same fp32 dK/dV config as above, causal varlen (64 bytes, sm_90a): see above.",
     **{("_attn_bwd_dkdv_kernel", "fp32", spec):
-       "fp32 dK/dV at D <= 64, varlen only (20-48 bytes): 16x16 w4/w8, 16x32 w4/w8 and 32x16 w8 swept over its 8 "
+       "fp32 dK/dV at D <= 64, varlen only (8-48 bytes): 16x16 w4/w8, 16x32 w4/w8 and 32x16 w8 swept over its 8 "
        "launched specialisations x 2 targets, none clean (3-10 of 16 spill); the default spills in the 4 varlen ones."
        for spec in ("ATOMIC_DQ D=64 M=16 N=32 HEAD_DIM=64 VARLEN w4s1",
                     "ATOMIC_DQ D=64 M=16 N=32 CAUSAL HEAD_DIM=40 VARLEN w4s1",
                     "D=64 M=16 N=32 CAUSAL HEAD_DIM=40 VARLEN w4s1")},
     **{("_attn_bwd_dkdv_kernel", dtype, f"{atomic}D=256 M=16 N=16 CAUSAL HEAD_DIM=160 VARLEN w8s1"):
-       "fp16/bf16 dK/dV at 128 < D <= 256, causal varlen on sm_80 only (36-112 bytes): 16x16 w4/w8, 16x32 w8 and "
+       "fp16/bf16 dK/dV at 128 < D <= 256, causal varlen on sm_80 only (36-120 bytes; 112 before the key mask of "
+       "issue 19): 16x16 w4/w8, 16x32 w8 and "
        "32x16 w8 swept over its 8 launched specialisations x 2 targets; this default fails 4 of 32, the others 12-24."
        for dtype in ("fp16", "bf16") for atomic in ("", "ATOMIC_DQ ")},
     **{("_attn_bwd_dq_kernel", dtype, "D=128 M=16 N=32 CAUSAL HEAD_DIM=80 VARLEN w4s2"):
