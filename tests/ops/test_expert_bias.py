@@ -306,15 +306,22 @@ def test_backends_agree_on_special_values_nan_positions_included():
         kw = dict(num_ffn_experts=n, top_k=k, target_ffn_per_token=(0.0, 1.0, 2.0, 3.0, 2.5)[trial % 5],
                   kp=gains[trial % 6], ki=gains[trial // 6 % 6], kd=gains[trial // 2 % 6],
                   mode=("pid", "sign")[trial % 2], max_abs=(None, 0.0, 1e-45, 3.4e38, 0.01)[trial % 5])
-        results = {}
-        for backend in CPU_BACKENDS:
-            b, st = bias.clone(), state.clone()
-            expert_bias_update_(b, counts, st, backend=backend, **kw)
-            results[backend] = (b, st)
+        results = _update_on_every_backend(bias, counts, state, CPU, **kw)
         want_b, want_s = results["reference"]
         for backend, (b, st) in results.items():
             assert _same_bits_but_nan_payload(b, want_b), (trial, backend, b, want_b)
             assert _same_bits_but_nan_payload(st, want_s), (trial, backend, st, want_s)
+
+
+def _update_on_every_backend(bias0, counts, state0, device, **kw) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """backend -> (bias, state) on CPU after one update of copies of ``bias0``/``state0`` on ``device``, for every
+    backend available there."""
+    results = {}
+    for backend in EXPERT_BIAS_BACKENDS.available(device):
+        bias, state = bias0.to(device, copy=True), state0.to(device, copy=True)
+        expert_bias_update_(bias, counts.to(device), state, backend=backend, **kw)
+        results[backend] = (bias.cpu(), state.cpu())
+    return results
 
 
 def _same_bits_but_nan_payload(got: torch.Tensor, want: torch.Tensor) -> bool:
@@ -334,11 +341,7 @@ def test_backends_agree_bitwise_on_edge_inputs(case):
     NaN at the same places (a NaN's sign/payload may differ); the reference is the rule; the float64 oracle checks
     the finite results."""
     _, counts, bias0, state0, kw = case
-    results = {}
-    for backend in CPU_BACKENDS:
-        bias, state = bias0.clone(), state0.clone()
-        expert_bias_update_(bias, counts, state, backend=backend, **kw)
-        results[backend] = (bias, state)
+    results = _update_on_every_backend(bias0, counts, state0, CPU, **kw)
     want_b, want_s = results["reference"]
     for backend, (b, s) in results.items():
         assert _same_bits_but_nan_payload(b, want_b), (backend, b, want_b)
@@ -379,15 +382,8 @@ def test_gpu_backends_agree_on_edge_inputs(case):
     ``enable_fp_fusion=False``; both divide with ``div.rn`` and keep subnormals (no ``.ftz``). Checked in the PTX of
     both (no ``fma.rn.f32``); this test is the check on a card."""
     _, counts, bias0, state0, kw = case
-    dev = torch.device("cuda")
-    want_b, want_s = bias0.clone(), state0.clone()
-    expert_bias_update_(want_b, counts, want_s, backend="reference", **kw)
-    for backend in EXPERT_BIAS_BACKENDS.available(dev):
-        b, s = bias0.to(dev), state0.to(dev)
-        expert_bias_update_(b, counts.to(dev), s, backend=backend, **kw)
-        for got, want in ((b.cpu(), want_b), (s.cpu(), want_s)):
-            # NaN payloads differ between x86 and a GPU (each has its canonical NaN): NaN where the reference has
-            # NaN, every other value bit for bit (signed zeros, subnormals)
-            nan = torch.isnan(want)
-            assert torch.equal(torch.isnan(got), nan), backend
-            assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32)), (backend, got, want)
+    want_b, want_s = _update_on_every_backend(bias0, counts, state0, CPU, **kw)["reference"]
+    # NaN payloads differ between x86 and a GPU too (each has its canonical NaN): the CPU rule applies
+    for backend, (b, s) in _update_on_every_backend(bias0, counts, state0, torch.device("cuda"), **kw).items():
+        assert _same_bits_but_nan_payload(b, want_b), (backend, b, want_b)
+        assert _same_bits_but_nan_payload(s, want_s), (backend, s, want_s)
