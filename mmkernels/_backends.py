@@ -32,6 +32,7 @@ __all__ = [
     "ModuleBackend",
     "OpBackends",
     "available_backends",
+    "backend_parts",
     "registered_ops",
     "resolve_backends",
     "triton_available",
@@ -263,19 +264,65 @@ class ModuleBackend:
     construction too); ``module._backends[op]`` is what the module passes to each op.
 
     Use as a class attribute, ``backend = ModuleBackend("patch_embed")``, and assign ``self.backend = backend`` in
-    ``__init__``.
+    ``__init__``. A composite module (a model, a decoder layer, an MoE block) declares the union of its parts' ops,
+    ``backend = ModuleBackend("patch_embed", "attention")``, and writes no setter of its own: setting it checks the
+    whole choice first, then hands each part that carries a ``ModuleBackend`` (the nearest ones below it, found by
+    walking its submodules) the share of the choice for that part's ops: the same name or ``None`` as given, or the
+    mapping restricted to the part's ops (a part of one op gets that op's entry). Parts added after the assignment
+    (in ``__init__``, after ``self.backend = ...``) get it the next time it is set; composites assign it last.
     """
 
     def __init__(self, *ops: str) -> None:
+        if not ops:
+            raise TypeError("ModuleBackend: name at least one op")
         self.ops = ops
         self.owner = ""
 
     def __set_name__(self, owner: type, name: str) -> None:
+        if name != "backend":
+            raise TypeError(f"{owner.__name__}.{name}: a ModuleBackend must be the class attribute 'backend'")
         self.owner = owner.__name__
 
     def __get__(self, obj, objtype=None):
         return self if obj is None else obj.__dict__["_backend_choice"]
 
     def __set__(self, obj, value: BackendChoice) -> None:
-        obj.__dict__["_backends"] = resolve_backends(self.owner, value, self.ops)
+        chosen = resolve_backends(self.owner, value, self.ops)  # the whole choice, before any part changes
+        parts = list(backend_parts(obj))
+        for part in parts:
+            extra = sorted(set(_descriptor(part).ops) - set(self.ops))
+            if extra:
+                raise TypeError(f"{self.owner}: part {type(part).__name__} runs ops {extra} that {self.owner}'s "
+                                f"ModuleBackend does not declare")
+        obj.__dict__["_backends"] = chosen
         obj.__dict__["_backend_choice"] = value
+        for part in parts:
+            part.backend = _share(value, chosen, _descriptor(part).ops)
+
+
+def _descriptor(module) -> ModuleBackend | None:
+    found = getattr(type(module), "backend", None)
+    return found if isinstance(found, ModuleBackend) else None
+
+
+def backend_parts(module):
+    """The nearest submodules of ``module`` that carry a :class:`ModuleBackend` (not ``module`` itself; the walk
+    stops at each one found, which passes the choice further down itself)."""
+    stack = list(reversed(list(getattr(module, "_modules", {}).values())))
+    while stack:
+        child = stack.pop()
+        if child is None:
+            continue
+        if _descriptor(child) is not None:
+            yield child
+        else:
+            stack.extend(reversed(list(child._modules.values())))
+
+
+def _share(value: BackendChoice, chosen: Mapping[str, str | None], ops: Sequence[str]) -> BackendChoice:
+    """A part's share of a composite's choice: a name or None as given; a mapping restricted to the part's ops."""
+    if value is None or isinstance(value, str):
+        return value
+    if len(ops) == 1:
+        return chosen[ops[0]]
+    return {op: chosen[op] for op in ops}

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["TOLERANCES", "assert_all_within_ref_error", "assert_close", "assert_within_ref_error", "ref_error_floor",
-           "rel_error", "run_opcheck", "tolerance"]
+__all__ = ["TOLERANCES", "HostSyncs", "assert_all_within_ref_error", "assert_close", "assert_within_ref_error",
+           "count_host_syncs", "ref_error_floor", "rel_error", "run_opcheck", "tolerance"]
 
 # (rtol, atol) per input dtype. fp32 math can be reassociated (FMA, block reductions): a few ulps of headroom.
 TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
@@ -107,3 +107,102 @@ def run_opcheck(op, args: tuple, kwargs: dict | None = None) -> None:
     results = torch.library.opcheck(op, args, kwargs or {})
     failed = {k: v for k, v in results.items() if v != "SUCCESS"}
     assert not failed, f"opcheck failed for {op}: {failed}"
+
+
+# ---- host-sync counting ---------------------------------------------------------------------------------------------
+
+# Tensor methods and torch functions whose result needs the tensor's values on the host: on CUDA each one waits for
+# the device (torch.cuda.set_sync_debug_mode flags most of them). Counted at the Python level, so the count is the
+# same on CPU, under Triton's interpreter, as on a GPU: the sync budget tests run on the Triton path without a card.
+_SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy",
+                 "unique", "masked_select")
+_SYNC_FUNCTIONS = ("nonzero", "unique", "masked_select", "equal", "argwhere")
+
+
+class HostSyncs:
+    """What :func:`count_host_syncs` saw: ``count`` and, per call, ``"<function> at <file>:<line>"``."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.calls)
+
+    def __repr__(self) -> str:
+        return f"HostSyncs({self.count}: {self.calls})"
+
+
+def _caller(skip_prefixes: tuple[str, ...]) -> str | None:
+    """``file:line`` of the first frame outside this module, or None when that frame is in a skipped package."""
+    import sys
+
+    frame = sys._getframe(2)
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame = frame.f_back
+    if frame is None:
+        return "?"
+    module = frame.f_globals.get("__name__", "") or ""
+    if module.startswith(skip_prefixes):
+        return None
+    return f"{frame.f_code.co_filename}:{frame.f_lineno}"
+
+
+class count_host_syncs:  # noqa: N801 - used as a context manager, like torch's lower-case ones
+    """Count the calls that read tensor values on the host (``item``, ``tolist``, ``bool(t)``, ``int(t)``,
+    ``nonzero``, ``unique``, ``masked_select``, ``torch.equal``, ``.cpu()``, ``.numpy()``, boolean-mask indexing)
+    made inside the ``with`` block, by anyone but Triton's interpreter (its launch reads arguments on the host by
+    design; on a GPU that is the kernel launch itself)::
+
+        with count_host_syncs() as syncs:
+            attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=16, max_seqlen_k=16)
+        assert syncs.count == 0, syncs.calls
+
+    A tensor that lives on the host on purpose (a CPU tensor of split sizes under the gloo backend) still counts:
+    the budget is about the code path, which on CUDA would wait. Not thread-safe; not for use under torch.compile.
+    """
+
+    def __init__(self, *, skip: tuple[str, ...] = ("triton",)) -> None:
+        self.skip = tuple(skip)
+        self._saved: list[tuple[object, str, object]] = []
+
+    def __enter__(self) -> HostSyncs:
+        found = HostSyncs()
+        skip = self.skip
+
+        def wrap(owner, name):
+            original = getattr(owner, name, None)
+            if original is None:
+                return
+
+            def counted(*args, **kwargs):
+                where = _caller(skip)
+                if where is not None:
+                    found.calls.append(f"{name} at {where}")
+                return original(*args, **kwargs)
+
+            self._saved.append((owner, name, original))
+            setattr(owner, name, counted)
+
+        for name in _SYNC_METHODS:
+            wrap(torch.Tensor, name)
+        for name in _SYNC_FUNCTIONS:
+            wrap(torch, name)
+        getitem = torch.Tensor.__getitem__
+
+        def indexed(t, index):
+            items = index if isinstance(index, tuple) else (index,)
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items):
+                where = _caller(skip)
+                if where is not None:
+                    found.calls.append(f"boolean-mask index at {where}")
+            return getitem(t, index)
+
+        self._saved.append((torch.Tensor, "__getitem__", getitem))
+        torch.Tensor.__getitem__ = indexed
+        return found
+
+    def __exit__(self, *exc) -> None:
+        while self._saved:
+            owner, name, original = self._saved.pop()
+            setattr(owner, name, original)
