@@ -256,6 +256,13 @@ MODULE_INPUTS: dict[str, tuple[Callable, list[tuple[str, Callable, type]]]] = {
         ("pixels", lambda m: m(_r(1, 3, 8, 8).to("meta")), ValueError),
         ("pixels", lambda m: m(_r(3, 8, 8)), ValueError),
     ]),
+    "MultiHeadLatentAttention": (lambda: mmkernels.nn.MultiHeadLatentAttention(
+            16, 2, q_lora_rank=8, kv_lora_rank=6, qk_nope_head_dim=4, qk_rope_head_dim=2, v_head_dim=4), [
+        ("hidden_states", lambda m: m(_r(2, 5, 16).to(H)), TypeError),
+        ("hidden_states", lambda m: m(_r(2, 5, 16).to("meta")), ValueError),
+        ("hidden_states", lambda m: m(_r(2, 5, 15)), ValueError),
+        ("padding_mask", lambda m: m(_r(2, 5, 16), padding_mask=torch.zeros(2, 5)), TypeError),
+    ]),
     "ExpertBiasController": (lambda: ExpertBiasController(8, 4, 4, 3.0), [
         ("counts", lambda m: m.update(torch.ones(12)), TypeError),
         ("counts", lambda m: m.update(torch.ones(11, dtype=torch.int32)), ValueError),
@@ -656,6 +663,8 @@ DTYPE_BUILDS = {
     Attention: dict(dim=16, num_heads=4),
     QFormerCrossAttention: dict(hidden_size=16, num_heads=2, kv_dim=12),
     PatchEmbed: dict(image_size=8, patch_size=4, in_channels=3, embed_dim=16),
+    mmkernels.nn.MultiHeadLatentAttention: dict(hidden_size=16, num_heads=2, q_lora_rank=8, kv_lora_rank=6,
+                                                qk_nope_head_dim=4, qk_rope_head_dim=2, v_head_dim=4),
     ViT: dict(config=TINY_VIT),
     QFormer: dict(config=TINY_QF),
     ScMoEDecoder: dict(config=ScMoEConfig.preset("tiny")),

@@ -74,6 +74,10 @@ CASES: dict[str, Case] = {
                                                                target_ffn_per_token=3.0),
                            lambda dt: (_randn(2, 5, 16, dtype=dt),),
                            fp32_state=("router.weight", "balancer.bias", "balancer.state")),
+    "MultiHeadLatentAttention": Case(
+        lambda: mmkernels.nn.MultiHeadLatentAttention(16, 2, q_lora_rank=8, kv_lora_rank=6, qk_nope_head_dim=4,
+                                                      qk_rope_head_dim=2, v_head_dim=3, attention_bias=True),
+        lambda dt: (_randn(2, 5, 16, dtype=dt),)),
     "ExpertBiasController": Case(lambda: mmkernels.nn.ExpertBiasController(8, 4, 4, 3.0, kp=0.01, ki=0.1),
                                  _counts, call=_controller_call, fp32_state=("bias", "state")),
     "ViT": Case(lambda: mmkernels.models.ViT(TINY_VIT), lambda dt: (_randn(2, 3, 12, 8, dtype=dt),)),

@@ -156,6 +156,8 @@ VALID_KWARGS = {
     SwiGLUExperts: dict(num_experts=3, hidden_size=16, intermediate_size=20),
     ZeroComputeMoE: dict(hidden_size=16, num_ffn_experts=8, num_zero_experts=4, top_k=4, expert_intermediate_size=32),
     ExpertBiasController: dict(num_ffn_experts=8, num_zero_experts=4, top_k=4, target_ffn_per_token=3.0),
+    mmkernels.nn.MultiHeadLatentAttention: dict(hidden_size=16, num_heads=2, q_lora_rank=8, kv_lora_rank=6,
+                                                qk_nope_head_dim=4, qk_rope_head_dim=2, v_head_dim=4),
     ViTConfig: dict(image_size=16, patch_size=4, in_channels=3, hidden_size=12, num_layers=1, num_heads=2, mlp_dim=8),
     QFormerConfig: dict(hidden_size=12, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
                         encoder_hidden_size=10, cross_attention_frequency=1),

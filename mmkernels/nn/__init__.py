@@ -2,6 +2,7 @@
 
 from .attention import Attention
 from .expert_bias import ExpertBiasController
+from .mla import MultiHeadLatentAttention
 from .moe import SwiGLUExperts, ZeroComputeMoE, mask_padding, update_expert_biases
 from .moe_losses import device_balance_loss, load_balancing_loss, sequence_balance_loss
 from .patch_embed import PatchEmbed
@@ -10,6 +11,7 @@ from .qformer_attention import QFormerCrossAttention
 __all__ = [
     "Attention",
     "ExpertBiasController",
+    "MultiHeadLatentAttention",
     "PatchEmbed",
     "QFormerCrossAttention",
     "SwiGLUExperts",
