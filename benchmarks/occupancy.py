@@ -4,7 +4,7 @@ kernels, today's GPU blocks, head dim padded to a power of two) and after (packe
 
     python benchmarks/occupancy.py [--batch 32] [--causal] [--dtype fp16]
 
-Analytic (``mmkernels.kernels.triton.attention_packed.occupancy``): no kernel runs, no GPU needed.
+Analytic (``mmkernels.kernels.triton.attention_varlen.occupancy``): no kernel runs, no GPU needed.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from mmkernels.kernels.triton.attention_packed import occupancy
+from mmkernels.kernels.triton.attention_varlen import occupancy
 
 TOKENS = (197, 257, 577, 1025)  # ViT-B/16 @224, ViT-g/14 & CLIP-L/14 @224, ViT-L/14 @336, ViT @448/14
 HEAD_DIMS = (64, 72, 80, 88)

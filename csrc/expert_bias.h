@@ -1,5 +1,7 @@
-// The expert-bias update rule of specs/longcat_moe.md, shared by the CPU and CUDA kernels so both compute the
-// same float32 arithmetic in the same order. The Triton kernel and the PyTorch reference follow the same order.
+// The expert-bias update rule of specs/longcat_moe.md in float32, each operation rounded on its own, in the order
+// the CPU kernel (csrc/cpu/expert_bias.cpp), the Triton kernel (the CUDA backend) and the PyTorch reference share.
+// The helpers stay host/device-callable (the _rn intrinsics under nvcc), so a CUDA C++ kernel could include them
+// again; the one that did (csrc/cuda/expert_bias.cu) was removed for the Triton kernel, docs/ops/expert_bias.md.
 #pragma once
 
 #include <cstdint>

@@ -8,12 +8,20 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from ._backends import BACKENDS, BackendError, available_backends, registered_ops
-from ._config import deterministic, is_deterministic, set_deterministic
+from ._config import (
+    debug_checks,
+    debug_checks_enabled,
+    deterministic,
+    is_deterministic,
+    set_debug_checks,
+    set_deterministic,
+)
 from ._extension import ExtensionWarning, extension_status
 
 extension_status()  # load mmkernels._C (if built) before the ops, so its kernels are registered
 
-from . import nn, ops  # noqa: E402
+# distributed plugs expert parallelism into nn.moe_dispatch (models never import it): docs/distributed.md
+from . import distributed, nn, ops  # noqa: E402
 from ._info import info  # noqa: E402
 
 __all__ = [
@@ -22,12 +30,16 @@ __all__ = [
     "ExtensionWarning",
     "__version__",
     "available_backends",
+    "debug_checks",
+    "debug_checks_enabled",
     "deterministic",
+    "distributed",
     "extension_status",
     "info",
     "is_deterministic",
     "nn",
     "ops",
     "registered_ops",
+    "set_debug_checks",
     "set_deterministic",
 ]

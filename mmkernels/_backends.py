@@ -132,35 +132,32 @@ class OpBackends:
     def available(self, device: torch.device) -> list[str]:
         return [n for n in self.impls if backend_unavailable_reason(n, device) is None]
 
-    def _unsupported(self, name: str, device: torch.device, args: tuple | None) -> str | None:
-        reason = backend_unavailable_reason(name, device)
-        if reason is None and args is not None and name in self.supports:
-            reason = self.supports[name](*args)
-        return reason
-
     def select(self, device: torch.device, backend: str | None = None, args: tuple | None = None
                ) -> tuple[str, Callable]:
         """Resolve ``backend`` (None = auto) for tensors on ``device``; returns (name, implementation).
 
         ``args``: the arguments the implementation will be called with, checked against each backend's declared
         limits (``register(..., supports=...)``).
+
+        What does not depend on ``args`` (the environment override, which backends exist and can run on this device
+        type, in which order) is resolved once per (device type, backend, ``MMKERNELS_BACKEND``, interpreter) and
+        cached, as every op call resolves its backend; a call then evaluates only the declared limits of the
+        cached candidates. Not cached while compiling (the trace resolves it once anyway).
         """
         device = torch.device(device)
-        if args is None or not self.supports:
-            # The answer depends only on these (and on the extension and triton, fixed once loaded): cache it, as
-            # every op call resolves its backend. Not while compiling (the trace resolves it once anyway).
-            key = (device.type, backend, os.environ.get("MMKERNELS_BACKEND", ""), triton_interpreting())
-            compiling = torch.compiler.is_compiling()
-            hit = None if compiling else self._resolved.get(key)
-            if hit is None:
-                hit = self._resolve(device, backend, None)
-                if not compiling:
-                    self._resolved[key] = hit
-            return hit[0], _outside_autocast(hit[1], device)
-        name, impl = self._resolve(device, backend, args)
-        return name, _outside_autocast(impl, device)
+        key = (device.type, backend, *_env_key())
+        compiling = torch.compiler.is_compiling()
+        plan = None if compiling else self._resolved.get(key)
+        if plan is None:
+            plan = self._plan(device, backend)
+            if not compiling:
+                self._resolved[key] = plan
+        name = self._pick(plan, args, device)
+        return name, _outside_autocast(self.impls[name], device)
 
-    def _resolve(self, device: torch.device, backend: str | None, args: tuple | None) -> tuple[str, Callable]:
+    def _plan(self, device: torch.device, backend: str | None) -> tuple[str | None, tuple[str, ...]]:
+        """(source of an explicit choice or None for auto, the candidate backends in order): everything that does not
+        depend on the call's arguments. Raises ``BackendError`` for an explicit choice that cannot run here."""
         source = "backend="
         if backend is None:
             try:
@@ -176,20 +173,53 @@ class OpBackends:
                 raise BackendError(
                     f"{self.op}: {source}{backend!r} is not implemented; this op has {sorted(self.impls)}"
                 )
-            reason = self._unsupported(backend, device, args)
+            reason = backend_unavailable_reason(backend, device)
             if reason is not None:
                 raise BackendError(f"{self.op}: {source}{backend!r} cannot run: {reason}")
-            return backend, self.impls[backend]
+            return source, (backend,)
+        candidates = []
         for name in self.auto_order.get(device.type, ("reference",)):
             if name not in self.impls:
                 continue
-            reason = self._unsupported(name, device, args)
+            reason = backend_unavailable_reason(name, device)
             if reason is None:
-                return name, self.impls[name]
+                candidates.append(name)
+            else:
+                _debug("%s: auto skips %r: %s", self.op, name, reason)
+        if not candidates and "reference" not in self.impls:
+            raise BackendError(f"{self.op}: no backend can run on {device}")
+        return None, tuple(candidates)
+
+    def _pick(self, plan: tuple[str | None, tuple[str, ...]], args: tuple | None, device: torch.device) -> str:
+        """The first candidate of ``plan`` whose declared limits take ``args`` (an explicit choice must take them);
+        auto falls back to the reference, whatever it declares."""
+        source, candidates = plan
+        for name in candidates:
+            check = self.supports.get(name) if args is not None else None
+            reason = check(*args) if check is not None else None
+            if reason is None:
+                return name
+            if source is not None:
+                raise BackendError(f"{self.op}: {source}{name!r} cannot run: {reason}")
             _debug("%s: auto skips %r: %s", self.op, name, reason)
         if "reference" in self.impls:
-            return "reference", self.impls["reference"]
+            return "reference"
         raise BackendError(f"{self.op}: no backend can run on {device}")
+
+
+# os.environ's own mapping on POSIX (bytes names): what os.environ.get reads, without encoding the name on every call.
+_ENVIRON = getattr(os.environ, "_data", None) if os.name == "posix" else None
+_ENVIRON = _ENVIRON if isinstance(_ENVIRON, dict) else None
+
+
+def _env_key() -> tuple:
+    """(``MMKERNELS_BACKEND``, ``TRITON_INTERPRET``) as set now: the part of :meth:`OpBackends.select`'s cache key
+    that the environment decides. Every op call builds it, so it is read without ``os.environ.get``'s per-call name
+    encoding (2 x ~1 us on a 2-core CPU, more than the cached resolution saves); same values, same updates
+    (``os.environ[...] = ...``, ``monkeypatch.setenv``)."""
+    if _ENVIRON is not None:
+        return _ENVIRON.get(b"MMKERNELS_BACKEND"), _ENVIRON.get(b"TRITON_INTERPRET")
+    return os.environ.get("MMKERNELS_BACKEND"), os.environ.get("TRITON_INTERPRET")
 
 
 def _outside_autocast(impl: Callable, device: torch.device) -> Callable:

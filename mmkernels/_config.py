@@ -1,4 +1,4 @@
-"""Process-wide switches: deterministic kernels."""
+"""Process-wide switches: deterministic kernels, and debug checks of index values."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["deterministic", "is_deterministic", "set_deterministic"]
+from . import _env
+
+__all__ = ["debug_checks", "debug_checks_enabled", "deterministic", "is_deterministic", "set_debug_checks",
+           "set_deterministic"]
 
 _DETERMINISTIC = False
 
@@ -37,3 +40,50 @@ def deterministic(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         set_deterministic(previous)
+
+
+# ---- debug checks -----------------------------------------------------------------------------------------------
+# None: follow MMKERNELS_DEBUG_CHECKS, parsed on the first question and kept (an op call must not parse the
+# environment); True/False: set_debug_checks' override.
+_DEBUG_CHECKS: bool | None = None
+_DEBUG_FROM_ENV: bool | None = None
+
+
+def set_debug_checks(enabled: bool | None) -> None:
+    """Turn the host-side value checks of the ops' index tensors on (``True``) or off (``False``), or back to what
+    ``MMKERNELS_DEBUG_CHECKS`` says (``None``; the variable is read again).
+
+    On: ``attention`` reads ``cu_seqlens_*`` on the host and raises ``ValueError`` for values that are not
+    monotone, not within the tensors or longer than ``max_seqlen_*``; ``qformer_cross_attention`` raises for
+    ``kv_lens`` outside ``[1, Lk]``. One device-to-host read per call (a synchronisation on CUDA).
+    Off (the default): no host read for them when the caller gives the sizes (``max_seqlen_*``); bad values cannot
+    crash the process or read out of bounds (they are clamped on the device), but they give unspecified results.
+    The test suite runs with them on. Raises ``TypeError`` unless ``enabled`` is a bool or None.
+    """
+    global _DEBUG_CHECKS, _DEBUG_FROM_ENV
+    if enabled is not None and not isinstance(enabled, bool):
+        raise TypeError(f"set_debug_checks: enabled must be a bool or None, got {type(enabled).__name__} {enabled!r}")
+    _DEBUG_CHECKS = enabled
+    if enabled is None:
+        _DEBUG_FROM_ENV = None
+
+
+def debug_checks_enabled() -> bool:
+    """Whether the ops check index values on the host (see :func:`set_debug_checks`)."""
+    global _DEBUG_FROM_ENV
+    if _DEBUG_CHECKS is not None:
+        return _DEBUG_CHECKS
+    if _DEBUG_FROM_ENV is None:
+        _DEBUG_FROM_ENV = _env.debug_checks()  # EnvVarError naming the variable for a bad value
+    return _DEBUG_FROM_ENV
+
+
+@contextlib.contextmanager
+def debug_checks(enabled: bool = True) -> Iterator[None]:
+    """Context manager form of :func:`set_debug_checks`: restores the previous setting on exit."""
+    previous = _DEBUG_CHECKS
+    set_debug_checks(enabled)
+    try:
+        yield
+    finally:
+        set_debug_checks(previous)

@@ -23,6 +23,7 @@ __all__ = [
     "autotune",
     "backend_override",
     "check",
+    "debug_checks",
     "no_extension",
     "triton_interpreting",
     "tuning_device",
@@ -65,14 +66,14 @@ def triton_interpreting() -> bool:
 
     The one source of this answer: the backend registry (triton runs on CPU tensors only then), the op registration
     (an opaque ``custom_op`` instead of a traceable ``triton_op``) and the launchers (interpreter-sized tiles, via
-    ``kernels.triton._common.interpreted``) all call it. Triton owns this variable (it reads it itself), so any
+    ``kernels.triton.tuning.target_of``) all call it. Triton owns this variable (it reads it itself), so any
     value other than ``1`` means "not interpreting" here, as it does for Triton."""
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
 def attention_packed_override() -> bool | None:
     """``MMKERNELS_ATTENTION_PACKED``: ``1`` forces the packed varlen attention kernels, ``0`` the per-sequence ones;
-    unset, empty or ``auto`` leaves the choice to the launchers' rule (``kernels/triton/attention_packed.packed_pays``).
+    unset, empty or ``auto`` leaves the choice to the launchers' rule (``kernels/triton/attention_varlen.packed_pays``).
     Any other value raises :class:`EnvVarError`."""
     value = _raw("MMKERNELS_ATTENTION_PACKED")
     if value in ("", "auto"):
@@ -86,6 +87,15 @@ def autotune() -> bool:
     """``MMKERNELS_AUTOTUNE``: on (``1``), a Triton launch whose shape bucket has no tuned entry tunes it once per
     process and saves it to the user file (docs/tuning.md); off (``0`` or unset) by default."""
     return _flag("MMKERNELS_AUTOTUNE")
+
+
+def debug_checks() -> bool:
+    """``MMKERNELS_DEBUG_CHECKS``: on (``1``), the public ops also check the *values* of their index tensors on the
+    host (``cu_seqlens`` monotone, within the tensor, ``max_seqlen_*`` at least the longest sequence; ``kv_lens`` in
+    ``[1, Lk]``), one device-to-host read per call; off (``0`` or unset, the default) they take no host sync for them
+    and guard on the device instead (docs/ops/attention.md, "Host syncs and debug checks"). Parsed once per process
+    by :func:`mmkernels.debug_checks_enabled` (:func:`mmkernels.set_debug_checks` overrides it at run time)."""
+    return _flag("MMKERNELS_DEBUG_CHECKS")
 
 
 def no_extension() -> bool:
@@ -137,6 +147,7 @@ VARIABLES: dict[str, Callable[[], object]] = {
     "MMKERNELS_BACKEND": backend_override,
     "MMKERNELS_ATTENTION_PACKED": attention_packed_override,
     "MMKERNELS_AUTOTUNE": autotune,
+    "MMKERNELS_DEBUG_CHECKS": debug_checks,
     "MMKERNELS_NO_EXTENSION": no_extension,
     "MMKERNELS_TUNING_DEVICE": tuning_device,
     "MMKERNELS_TUNING_DIR": tuning_dir,

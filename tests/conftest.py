@@ -13,6 +13,10 @@ assert "triton" not in sys.modules, "triton was imported before tests/conftest.p
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# The whole suite runs with the ops' host-side value checks on (every bad-input test expects its ValueError); the
+# sync-budget tests (tests/test_sync_budget.py) switch them off with mmkernels.debug_checks(False). Set in the
+# environment, so spawned test processes (distributed, CLI) check too.
+os.environ.setdefault("MMKERNELS_DEBUG_CHECKS", "1")
 
 import pytest  # noqa: E402
 

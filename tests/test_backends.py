@@ -121,3 +121,32 @@ def test_float64_patch_embed_takes_the_reference():
     torch.testing.assert_close(mmkernels.ops.patch_embed(x, w), want)
     with pytest.raises(BackendError, match="float64"):
         mmkernels.ops.patch_embed(x, w, backend="triton")
+
+
+def test_ops_with_limits_use_the_cache_and_check_limits_per_call(no_backend_env, monkeypatch):
+    """The resolution that does not depend on the arguments (which backends can run on the device, in which order) is
+    cached for ops that declare limits too; each call evaluates only the limits."""
+    from mmkernels import _backends
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    op = OpBackends("toy_cached_limits_for_tests", auto_order={"cpu": ("triton", "reference")})
+    limits = []
+    try:
+        op.register("reference")(lambda n: "reference")
+        op.register("triton", supports=lambda n: limits.append(n) or (None if n <= 8 else f"n <= 8, got {n}"))(
+            lambda n: "triton")
+        probes = []
+        real = _backends.backend_unavailable_reason
+        monkeypatch.setattr(_backends, "backend_unavailable_reason", lambda *a: probes.append(a) or real(*a))
+        cpu = torch.device("cpu")
+        assert [op.select(cpu, None, (n,))[0] for n in (4, 9, 4, 9)] == ["triton", "reference"] * 2
+        assert len(probes) == 2 and limits == [4, 9, 4, 9]  # device checks once (triton, reference); limits per call
+        with pytest.raises(BackendError, match="'triton' cannot run: n <= 8, got 9"):
+            op.select(cpu, "triton", (9,))
+        assert op.select(cpu, "triton", (8,))[1](8) == "triton"
+        seen = len(probes)
+        assert op.select(cpu, "triton", (3,))[0] == "triton" and len(probes) == seen  # the explicit choice cached
+        monkeypatch.setenv("MMKERNELS_BACKEND", "reference")  # a new key: resolved again
+        assert op.select(cpu, None, (4,))[0] == "reference" and len(probes) > seen
+    finally:
+        _REGISTRY.pop("toy_cached_limits_for_tests")

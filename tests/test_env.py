@@ -18,6 +18,7 @@ CASES = {
     "MMKERNELS_AUTOTUNE": ({"": False, "0": False, "1": True, "true": True, "OFF": False, "yes": True},
                            ["2", "maybe", "-1", "1.0"]),
     "MMKERNELS_NO_EXTENSION": ({"": False, "1": True, "no": False, "On": True}, ["2", "perhaps"]),
+    "MMKERNELS_DEBUG_CHECKS": ({"": False, "0": False, "1": True, "on": True, "False": False}, ["2", "debug"]),
     "MMKERNELS_TUNING_DEVICE": ({"": None, "NVIDIA H100 80GB HBM3": "NVIDIA H100 80GB HBM3"}, ["H100\x07", "a\nb"]),
     "MMKERNELS_TUNING_DIR": ({"": None}, ["FILE"]),
 }
@@ -76,3 +77,35 @@ def test_info_reports_the_environment_and_what_auto_runs(monkeypatch):
     report = mmkernels.info(as_dict=True)
     for op, per_device in report["auto"].items():
         assert per_device["cpu"] == registered_ops()[op].select(torch.device("cpu"))[0]
+
+
+def test_debug_checks_follow_the_variable_once_and_the_python_switch_overrides_it(monkeypatch):
+    """MMKERNELS_DEBUG_CHECKS is parsed once (an op call must not parse the environment), set_debug_checks(None)
+    reads it again, True/False override it, the context manager restores the previous setting, and a bad value is
+    an EnvVarError naming the variable at the first question."""
+    from mmkernels import _config
+
+    monkeypatch.setattr(_config, "_DEBUG_CHECKS", None)
+    monkeypatch.setattr(_config, "_DEBUG_FROM_ENV", None)
+    monkeypatch.setenv("MMKERNELS_DEBUG_CHECKS", "1")
+    assert mmkernels.debug_checks_enabled() is True
+    monkeypatch.setenv("MMKERNELS_DEBUG_CHECKS", "0")
+    assert mmkernels.debug_checks_enabled() is True  # parsed once
+    mmkernels.set_debug_checks(None)
+    assert mmkernels.debug_checks_enabled() is False  # read again
+    with mmkernels.debug_checks():
+        assert mmkernels.debug_checks_enabled() is True
+        with mmkernels.debug_checks(False):
+            assert mmkernels.debug_checks_enabled() is False
+        assert mmkernels.debug_checks_enabled() is True
+    assert mmkernels.debug_checks_enabled() is False
+    for bad in ("yes please", 1, "1"):
+        with pytest.raises(TypeError, match="set_debug_checks: enabled must be a bool or None"):
+            mmkernels.set_debug_checks(bad)
+    monkeypatch.setenv("MMKERNELS_DEBUG_CHECKS", "maybe")
+    mmkernels.set_debug_checks(None)
+    with pytest.raises(_env.EnvVarError, match="MMKERNELS_DEBUG_CHECKS='maybe' is not valid"):
+        mmkernels.debug_checks_enabled()
+    monkeypatch.setenv("MMKERNELS_DEBUG_CHECKS", "1")
+    mmkernels.set_debug_checks(None)
+    assert mmkernels.debug_checks_enabled() is True  # the suite's setting, as tests/conftest.py makes it

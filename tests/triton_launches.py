@@ -67,20 +67,21 @@ def record_launches(path: str, *, execute: bool = True) -> None:
     InterpretedFunction.run = run
 
 
-def _as_if_on_gpu(sm_count: int = 132) -> None:
-    """Make the launchers pick their GPU configurations for CPU tensors (an H100 has 132 SMs): every launcher asks
-    ``kernels.triton._common`` whether it runs in the interpreter and how many SMs the device has."""
-    from mmkernels.kernels.triton import _common
-
-    _common.interpreted = lambda t: False
-    _common.sm_count = lambda device: sm_count
-
-
-def record_gpu_configs(path: str) -> None:
-    """Call every Triton launcher with representative model shapes, recording (not running) its kernels."""
+def record_gpu_configs(path: str, sm_count: int = 132) -> None:
+    """Call every Triton launcher with representative model shapes, recording (not running) its kernels. The
+    launchers pick their GPU configurations for the CPU tensors: they see an H100 target (``tuning.SM90``, 132 SMs)
+    through ``tuning.assume_target`` while this runs (the interpreter's ``run`` stays patched to record)."""
     record_launches(path, execute=False)
-    _as_if_on_gpu()
-    from mmkernels.kernels.triton.attention import attention_bwd_triton, attention_fwd_triton
+    import dataclasses
+
+    from mmkernels.kernels.triton import tuning
+
+    with tuning.assume_target(dataclasses.replace(tuning.SM90, sm_count=sm_count)):
+        _record_gpu_configs()
+
+
+def _record_gpu_configs() -> None:
+    from mmkernels.kernels.triton.attention_varlen import attention_bwd_triton, attention_fwd_triton
     from mmkernels.kernels.triton.patch_embed import (
         patch_embed_bwd_input,
         patch_embed_bwd_tokens,

@@ -1,8 +1,9 @@
 """Benchmark harness and the ``mmkernels-bench`` CLI.
 
-``time_fn`` (CUDA events or perf_counter; median, p20, p80; warm-up; a pool of fresh inputs; peak memory),
-``measure_ceilings`` (the device's real copy bandwidth and matmul rate per dtype), suites of cases per op (a
-suite declares shapes, providers and analytic FLOPs/bytes; the base owns modes, probes and backends), and writers for
+``time_fn`` (the clock borrowed: ``triton.testing.do_bench`` on CUDA, ``timeit`` on CPUs; ours: a pool of fresh
+inputs, the L2-flush policy, median/p20/p80, peak memory), ``measure_ceilings`` (the device's real copy bandwidth and
+matmul rate per dtype), suites of cases per op (a suite declares shapes, providers and analytic FLOPs/bytes; the base
+owns modes, probes and backends; every module of ``bench/suites`` is found and registers itself), and writers for
 JSON/CSV results and plots. Every row names the device.
 """
 

@@ -352,6 +352,22 @@ def _timing_note(device: torch.device, config: BenchConfig, ceilings: dict, suit
     return "\n".join(lines)
 
 
+# The flags that only change what is timed or written, as the user spells them: `list` rejects them (it does neither).
+_RUN_ONLY_FLAGS = (("out", "--out"), ("plot", "--plot"), ("warmup_ms", "--warmup-ms"), ("rep_ms", "--rep-ms"),
+                   ("l2_flush", "--l2-flush/--no-l2-flush"), ("cuda_graph", "--cuda-graph/--no-cuda-graph"),
+                   ("backends", "--backends"), ("dtype", "--dtype"), ("shapes", "--shapes"))
+
+
+def _list_ignores(args: argparse.Namespace) -> list[str]:
+    """The run-only flags given to `list` (``--device`` is checked, ``--quick`` changes nothing and is accepted)."""
+    given = []
+    for attr, flag in _RUN_ONLY_FLAGS:
+        value = getattr(args, attr)
+        if (value is True) if attr == "plot" else (value is not None):  # --no-l2-flush is False: given, too
+            given.append(flag)
+    return given
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The CLI. Returns the exit status: 0 done, 1 some case failed, 2 a usage error (one line on stderr, nothing
     timed)."""
@@ -396,6 +412,11 @@ def _main(argv: Sequence[str] | None) -> int:
                      "`mmkernels-bench list` alone")
     if targets == ["list"]:
         _device(args.device)  # flags that make no difference to `list` are still checked, never ignored when wrong
+        ignored = _list_ignores(args)
+        if ignored:  # `list` writes no files and times nothing: a flag that would do either is a mistake, said so
+            _usage_error(f"`list` times nothing and writes no files: {', '.join(ignored)} "
+                         f"{'does' if len(ignored) == 1 else 'do'} not apply (run an op to use "
+                         f"{'it' if len(ignored) == 1 else 'them'})")
         for name, s in sorted(all_suites.items()):
             print(f"{name:28s} {s.description}  [presets: {', '.join(s.presets)}]")
         return 0

@@ -1,5 +1,7 @@
 """The device under test: its name, its measured ceilings (copy bandwidth, matmul rate per dtype) and the lower bound
-they give each row, and its L2 size (for the flush between timed calls)."""
+they give each row, and its L2 size (for the flush between timed calls; :func:`l2_cache_bytes` lives in
+:mod:`.timing`, which owns the flush, and is re-exported here). This module imports :mod:`.timing` (its ceilings
+are timed calls); :mod:`.timing` imports nothing of the harness."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import platform
 
 import torch
 
-from .timing import time_fn
+from .timing import l2_cache_bytes, time_fn
 
 __all__ = ["Ceilings", "device_name", "l2_cache_bytes", "measure_ceilings"]
 
@@ -145,11 +147,3 @@ def measure_ceilings(device: torch.device | str, quick: bool = False,
         source="measured",
         method=f"fastest copy and matmul calls over a few sizes, {where}",
     )
-
-
-def l2_cache_bytes(device: torch.device | str) -> int | None:
-    """The GPU's L2 cache size in bytes, from its device properties; None on CPUs or when the property is 0."""
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return None
-    return int(getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0)) or None

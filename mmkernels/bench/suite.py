@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -173,7 +173,8 @@ class Suite:
     ``reference_is_baseline``: a baseline already is our reference, so ``mmkernels[reference]`` is timed only
     when asked for. ``tags``: :data:`MICROSECOND` for ops whose calls take microseconds (CUDA-graph timing on by
     default). ``backend_limits(backend, config)`` (``config.dtype`` resolved): why the suite cannot time one
-    of our backends for this config although the device runs it (e.g. a dtype), or None.
+    of our backends for this config although the device runs it (e.g. a dtype), or None. ``tune_cases``: the
+    problems ``mmkernels-bench tune`` sweeps for the family's Triton kernels (see :mod:`mmkernels.bench.tune_cases`).
     """
 
     name: str
@@ -189,6 +190,10 @@ class Suite:
     backend_limits: Callable[[str, BenchConfig], str | None] | None = None
     model: bool = False
     tags: tuple[str, ...] = ()  # e.g. MICROSECOND
+    # Triton kernel name (``tuning.SPACES``) -> its representative problems for ``mmkernels-bench tune``: launch
+    # shapes (the dicts the launchers pass to ``tuning.pick``), most important first. A family's tune problems live
+    # in its suite, next to the shapes it is timed at.
+    tune_cases: Mapping[str, Callable[[], list[dict]]] = field(default_factory=dict)
 
     def dtype(self, config: BenchConfig) -> torch.dtype:
         """The dtype the suite's inputs have for ``config`` (``--dtype``, else the suite's default there)."""

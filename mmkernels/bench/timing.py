@@ -1,28 +1,45 @@
-"""Timing primitives: CUDA events on GPUs, ``perf_counter`` on CPUs; median with p20/p80; peak memory; an L2 flush
-between timed calls; per-call times from CUDA-graph replays.
+"""Timing: launch-inclusive per-call times from the standard timing cores, graph-replayed per-call times from CUDA
+graphs; median with p20/p80; peak memory; an L2 flush between timed calls.
+
+What the harness adds is the policy, not the clock: a pool of fresh inputs used in turn, a flush hook outside the
+timed region, a floor on the number of timed calls, peak memory, and the :class:`Timing` record the rows are made
+from. The clock is borrowed:
+
+- CUDA: :func:`triton.testing.do_bench` (CUDA events around each call, its warm-up and rep count from ``warmup_ms``
+  / ``rep_ms`` over an estimated call time). Its per-call L2 clear is routed to this harness's flush policy: the
+  ``flush`` given (e.g. :func:`l2_flusher`'s) followed by a synchronize, or nothing, so each timed call starts on an
+  idle device with its own launch latency inside its time and the flush never inside it.
+- CPU: :mod:`timeit` (the core ``torch.utils.benchmark.Timer`` wraps; garbage collection off while a call is
+  timed): one call per sample, its ``setup`` (the flush and the next input) untimed. torch.utils.benchmark's own
+  ``blocked_autorange`` times blocks of many calls and reports block means, which would change what p20/p80 and
+  ``reps`` mean, so it is not used for the rows.
 
 Two times per call on a GPU, for two questions:
 - launch-inclusive (:func:`time_fn`): events around each call as a user makes it, host launch cost included where
-  the device waits for it. With an L2 flush, each call starts on an idle device (flush, synchronize, then the
-  events and the call), so the call's own launch latency is always inside its time and the flush never is.
+  the device waits for it.
 - graph-replayed (:func:`time_graph`): ``calls`` calls captured in one CUDA graph and replayed; events around each
   replay, divided by ``calls``: the device time of a call with the launch gaps gone (what a captured training step
-  would see). The calls inside one replay run back to back (no flush between them).
+  would see). The calls inside one replay run back to back (no flush between them). Ours rather than
+  ``triton.testing.do_bench_cudagraph``: the rows report the calls per graph and the replays, rotate fresh inputs
+  inside the graph, and turn a capture that cannot work into a reason (:class:`GraphUnavailable`), none of which
+  ``do_bench_cudagraph`` exposes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import statistics
 import time
+import timeit
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["GraphUnavailable", "Timing", "l2_flusher", "time_fn", "time_graph"]
+__all__ = ["GraphUnavailable", "Timing", "l2_cache_bytes", "l2_flusher", "time_fn", "time_graph"]
 
 
 @dataclass(frozen=True)
@@ -42,13 +59,12 @@ class GraphUnavailable(RuntimeError):
     stands alone)."""
 
 
-def _quantile(sorted_xs: Sequence[float], q: float) -> float:
-    if len(sorted_xs) == 1:
-        return sorted_xs[0]
-    pos = q * (len(sorted_xs) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_xs) - 1)
-    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+def _summary(times: Sequence[float], **fields) -> Timing:
+    """Median, p20 and p80 (linear interpolation between the sorted samples, as ``torch.quantile``), the fastest."""
+    times = sorted(times)
+    p20, _, _, p80 = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
+    return Timing(median_ms=statistics.median(times), p20_ms=p20, p80_ms=p80, reps=len(times), min_ms=times[0],
+                  **fields)
 
 
 def _peak_memory_mb(fn: Callable[[object], object], inputs: object, device: torch.device) -> float | None:
@@ -77,65 +93,102 @@ def time_fn(
     """Time ``fn(inputs)``. Inputs come from a pool of ``pool`` fresh sets, used in turn, so repeated calls do not
     measure a warm cache over one buffer (and in-place ops do not keep updating one tensor forever).
 
-    Warm-up runs until ``warmup_ms`` has passed (compilation, autotuning, allocator growth stay out of the
-    numbers); then as many timed calls as fit in ``rep_ms`` (between ``min_reps`` and ``max_reps``).
+    Warm-up first (compilation, autotuning, allocator growth stay out of the numbers), then as many timed calls as
+    fit in ``rep_ms``, at least ``min_reps``: on CUDA :func:`triton.testing.do_bench` picks both counts from its
+    estimate of the call time (re-run with a longer ``rep`` when it would time fewer than ``min_reps`` calls); on a
+    CPU the warm-up runs for ``warmup_ms`` and the timed calls number ``rep_ms`` over the warm-up's mean, between
+    ``min_reps`` and ``max_reps``. (A CUDA device without Triton installed is timed the CPU way, a synchronize
+    after each call.)
 
-    ``flush`` (e.g. :func:`l2_flusher`'s): called before every warm-up and timed call, outside the timed region
-    (on CUDA the device is synchronized after it, so the call's events time the call alone, from an idle device).
-    The warm-up includes it so that the rep count keeps the run within about ``rep_ms`` of calls plus flushes.
+    ``flush`` (e.g. :func:`l2_flusher`'s): called before every timed call (and the CPU warm-up's), outside the timed
+    region; on CUDA the device is synchronized after it, so the call's events time the call alone, from an idle
+    device.
     """
     device = torch.device(device)
     inputs = [make_inputs() for _ in range(max(1, pool))]
-    cuda = device.type == "cuda"
-    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    rotation = itertools.cycle(inputs)
+    if device.type == "cuda" and _has_triton():
+        times = _do_bench(lambda: fn(next(rotation)), device, warmup_ms, rep_ms, min_reps, flush)
+    else:
+        times = _timeit_calls(fn, rotation, device, warmup_ms, rep_ms, min_reps, max_reps, flush)
+    return _summary(times, peak_mem_mb=_peak_memory_mb(fn, inputs[0], device), flushed=flush is not None)
 
-    def before_call() -> None:
+
+def _has_triton() -> bool:
+    from .._backends import triton_available
+
+    return triton_available()
+
+
+@contextlib.contextmanager
+def _l2_policy(flush: Callable[[], object] | None, device: torch.device) -> Iterator[None]:
+    """Route ``do_bench``'s per-call L2 clear to ``flush`` then a synchronize (or to nothing), and skip its own
+    256 MiB buffer; restored on exit."""
+    import triton
+    from triton.runtime import driver
+
+    active = driver.active
+    missing = [name for name in ("clear_cache", "get_empty_cache_for_benchmark") if not hasattr(active, name)]
+    if missing:  # a Triton whose do_bench clears L2 another way: refuse rather than time with the wrong flush policy
+        raise RuntimeError(f"triton {triton.__version__}: its driver has no {missing}; "
+                           "the harness cannot route do_bench's L2 clear to its flush policy")
+    saved = {name: active.__dict__[name] for name in ("clear_cache", "get_empty_cache_for_benchmark")
+             if name in active.__dict__}
+
+    def before_call(_cache) -> None:
         if flush is not None:
             flush()
-            sync()
+            torch.cuda.synchronize(device)
 
-    before_call()
-    fn(inputs[0])
-    sync()
-    start = time.perf_counter()
-    i = 0
-    while (time.perf_counter() - start) * 1e3 < warmup_ms or i < 2:
-        before_call()
-        fn(inputs[i % len(inputs)])
-        i += 1
-        sync()
-    per_call_ms = max((time.perf_counter() - start) * 1e3 / i, 1e-4)
+    active.clear_cache = before_call
+    active.get_empty_cache_for_benchmark = lambda: None
+    try:
+        yield
+    finally:
+        for name in ("clear_cache", "get_empty_cache_for_benchmark"):
+            if name in saved:
+                setattr(active, name, saved[name])
+            else:
+                delattr(active, name)
+
+
+def _do_bench(call: Callable[[], object], device: torch.device, warmup_ms: float, rep_ms: float, min_reps: int,
+              flush: Callable[[], object] | None) -> list[float]:
+    from triton.testing import do_bench
+
+    with torch.cuda.device(device), _l2_policy(flush, device):
+        times = do_bench(call, warmup=warmup_ms, rep=rep_ms, return_mode="all")
+        if len(times) < min_reps:  # a call slower than rep_ms / min_reps: time enough of them for p20/p80
+            longer = rep_ms * min_reps / max(len(times), 1) * 1.25
+            times = max(times, do_bench(call, warmup=0, rep=longer, return_mode="all"), key=len)
+    return list(times)
+
+
+def _timeit_calls(fn: Callable[[object], object], rotation: Iterator[object], device: torch.device,
+                  warmup_ms: float, rep_ms: float, min_reps: int, max_reps: int,
+                  flush: Callable[[], object] | None) -> list[float]:
+    """Per-call times in ms from :mod:`timeit`: the setup (flush, next input) untimed, one call timed per sample,
+    a synchronize inside the timed region on a CUDA device (only when Triton is missing there)."""
+
+    def take():
+        if flush is not None:
+            flush()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        return next(rotation)
+
+    stmt = "fn(x); sync()" if device.type == "cuda" else "fn(x)"
+    sync = functools.partial(torch.cuda.synchronize, device) if device.type == "cuda" else None
+    timer = timeit.Timer(stmt, setup="x = take()", timer=time.perf_counter,
+                         globals={"fn": fn, "take": take, "sync": sync})
+    timer.timeit(1)  # the first call (compilation, autotuning) stays out of the estimate
+    start, warm = time.perf_counter(), 0
+    while (time.perf_counter() - start) * 1e3 < warmup_ms or warm < 2:
+        timer.timeit(1)
+        warm += 1
+    per_call_ms = max((time.perf_counter() - start) * 1e3 / warm, 1e-4)  # flushes included: rep_ms bounds both
     reps = int(min(max_reps, max(min_reps, rep_ms / per_call_ms)))
-
-    times: list[float] = []
-    if cuda:
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-        for r in range(reps):
-            x = inputs[r % len(inputs)]
-            before_call()
-            starts[r].record()
-            fn(x)
-            ends[r].record()
-        sync()
-        times = [s.elapsed_time(e) for s, e in zip(starts, ends)]
-    else:
-        for r in range(reps):
-            x = inputs[r % len(inputs)]
-            before_call()
-            t0 = time.perf_counter()
-            fn(x)
-            times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return Timing(
-        median_ms=statistics.median(times),
-        p20_ms=_quantile(times, 0.2),
-        p80_ms=_quantile(times, 0.8),
-        reps=reps,
-        peak_mem_mb=_peak_memory_mb(fn, inputs[0], device),
-        min_ms=times[0],
-        flushed=flush is not None,
-    )
+    return [timer.timeit(1) * 1e3 for _ in range(reps)]
 
 
 @functools.cache
@@ -147,8 +200,6 @@ def l2_flusher(device: torch.device | str) -> Callable[[], object] | None:
     """A function that evicts the GPU's L2 cache by writing a buffer twice its size (the size from the device
     properties; 256 MiB when they give none), for :func:`time_fn`'s ``flush``. None on CPUs: there the flush is a
     no-op (a CPU's caches cannot be emptied this way, and the pool of fresh inputs is what keeps them honest)."""
-    from .device import l2_cache_bytes
-
     device = torch.device(device)
     if device.type != "cuda":
         return None
@@ -157,6 +208,14 @@ def l2_flusher(device: torch.device | str) -> Callable[[], object] | None:
     l2 = l2_cache_bytes(device)
     buf = _flush_buffer(device, 2 * l2 if l2 else 256 * 2**20)
     return buf.zero_
+
+
+def l2_cache_bytes(device: torch.device | str) -> int | None:
+    """The GPU's L2 cache size in bytes, from its device properties; None on CPUs or when the property is 0."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return None
+    return int(getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0)) or None
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -249,19 +308,11 @@ def time_graph(
                 graph.replay()
                 ends[r].record()
             torch.cuda.synchronize(device)
-            times = sorted(s.elapsed_time(e) / calls for s, e in zip(starts, ends))
+            times = [s.elapsed_time(e) / calls for s, e in zip(starts, ends)]
     except Exception as exc:  # noqa: BLE001
         raise GraphUnavailable(f"replay failed: {_root_cause(exc)}") from exc
     finally:
         del graph
     if statistics.median(times) < _NO_WORK_MS:  # the empty-graph warning is the first check; this one backs it up
         raise GraphUnavailable("the replayed graph did no measurable device work (the call runs on the host)")
-    return Timing(
-        median_ms=statistics.median(times),
-        p20_ms=_quantile(times, 0.2),
-        p80_ms=_quantile(times, 0.8),
-        reps=reps,
-        peak_mem_mb=None,
-        min_ms=times[0],
-        calls_per_rep=calls,
-    )
+    return _summary(times, peak_mem_mb=None, calls_per_rep=calls)

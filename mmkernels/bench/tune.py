@@ -11,14 +11,21 @@ so a run cut short keeps what it finished; buckets already in the file are skipp
 Exit status: 0 done, 2 a usage error or no GPU to tune on (one line on stderr). See docs/tuning.md.
 """
 
+# The tuning core (kernels/triton/tuning.py) knows no kernel: the spaces come from the kernel modules, the problems
+# are declared by the suites (Suite.tune_cases, gathered in tune_cases.py), and :func:`tune` (here) drives
+# tuning.sweep over them.
+
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import sys
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -91,7 +98,8 @@ def _kernels(targets: Sequence[str], parser: argparse.ArgumentParser) -> list[st
 
 
 def _dry_run(kernels: Sequence[str], target, dtypes) -> int:
-    from ..kernels.triton.tuning import SPACES, bucket_key, candidates
+    from ..kernels.triton.tuning import SPACES, _prune_reason, bucket_key, candidates
+    from .tune_cases import cases
 
     print(f"pruned configuration spaces for {target.name} (shared memory <= {target.shared_per_block} bytes per "
           f"block, <= {target.regs_per_thread} registers per thread; estimates, before any compile)")
@@ -99,7 +107,7 @@ def _dry_run(kernels: Sequence[str], target, dtypes) -> int:
     for kernel in kernels:
         space = SPACES[kernel]
         seen = set()
-        for shape in space.cases():
+        for shape in cases(kernel):
             if dtypes is not None and shape["dtype"] not in dtypes:
                 continue
             key = bucket_key(kernel, shape)
@@ -108,8 +116,6 @@ def _dry_run(kernels: Sequence[str], target, dtypes) -> int:
             seen.add(key)
             default = space.default_params(shape)
             kept, dropped, total = candidates(kernel, shape, target, default)
-            from ..kernels.triton.tuning import _prune_reason
-
             reason = _prune_reason(space, default, space.bucket(shape), target)
             why = ", ".join(f"{n} {r}" for r, n in sorted(dropped.items())) or "-"
             rows.append((kernel, key, str(total), str(len(kept)), "yes" if reason is None else f"no ({reason})",
@@ -223,11 +229,62 @@ def _main(argv: list[str]) -> int:
     torch.cuda.set_device(device)
     print(f"tuning {', '.join(kernels)} on {name} ({device}) for at most ~{args.budget:.0f} s; writing {out}",
           flush=True)
-    results = tuning.tune(kernels, device=device, budget=args.budget, out=out, name=name, dtypes=dtypes,
-                          retune=args.retune, report=lambda line: print(line, flush=True))
+    results = tune(kernels, device=device, budget=args.budget, out=out, name=name, dtypes=dtypes,
+                   retune=args.retune, report=lambda line: print(line, flush=True))
     better = sum(r.ms < r.default_ms for _, r in results)
     print(f"tuned {len(results)} bucket(s), {better} faster than the default; wrote {out}")
     return 0
+
+
+def tune(kernels: Sequence[str], *, device: torch.device, budget: float, out: Path, name: str | None = None,
+         dtypes: Sequence[torch.dtype] | None = None, retune: bool = False,
+         timer: Callable[[Callable[[], Any]], float] | None = None, small: bool = False,
+         report: Callable[[str], None] = print) -> list:
+    """Sweep ``kernels`` on ``device`` for at most about ``budget`` seconds, writing ``out`` after every bucket (a run
+    cut short keeps what it finished). Buckets (the problems of :mod:`.tune_cases`) go round-robin over the kernels,
+    each kernel's most important case first, so a short budget still gives every kernel its main bucket; a bucket's
+    share of the time left is the time left over the buckets left. Buckets already in ``out`` are skipped unless
+    ``retune``. Each bucket is one ``tuning.sweep`` (timer: ``timer``, default ``do_bench``). Returns the
+    ``(kernel, tuning.BucketResult)`` pairs."""
+    from ..kernels.triton import tuning
+    from .tune_cases import CASES
+
+    name = name or tuning.device_name(device) or "cpu"
+    existing = tuning.entries(Path(out)) if Path(out).exists() and not retune else {}
+    per_kernel = []
+    for kernel in kernels:
+        if kernel not in CASES:
+            report(f"{kernel}: no tune cases in any suite (Suite.tune_cases): skipped")
+            continue
+        shapes = [s for s in CASES[kernel]() if dtypes is None or s["dtype"] in dtypes]
+        seen, todo = set(), []
+        for s in shapes:
+            key = tuning.bucket_key(kernel, s)
+            if key in seen or key in existing.get(kernel, {}):
+                continue
+            seen.add(key)
+            todo.append(s)
+        per_kernel.append([(kernel, s) for s in todo])
+    plan = [item for rnd in itertools.zip_longest(*per_kernel) for item in rnd if item is not None]
+    if device.type == "cuda" and plan and not hasattr(tuning.SPACES[plan[0][0]].jit, "device_caches"):
+        report("note: this Triton keeps no JITFunction.device_caches: spilling candidates are not detected")
+    end = time.monotonic() + budget
+    results: list = []
+    target = tuning.Target.of(device) if device.type == "cuda" else tuning.SM90
+    for i, (kernel, shape) in enumerate(plan):
+        now = time.monotonic()
+        if now >= end:
+            report(f"budget spent: {len(plan) - i} bucket(s) left untuned")
+            break
+        space = tuning.SPACES[kernel]
+        share = (end - now) / (len(plan) - i)
+        default = space.default_params(shape)
+        result = tuning.sweep(space, shape, device, default=default, target=target, deadline=now + share,
+                              timer=timer, small=small)
+        results.append((kernel, result))
+        tuning.save(out, name, [(kernel, result)])
+        report(f"{kernel:22s} {result.key:40s} {result.describe()}")
+    return results
 
 
 if __name__ == "__main__":

@@ -9,15 +9,18 @@ with ``overlap=False``, ``overlap=True`` and a calibration run (below), interlea
 ``ep.json`` (and ``ep_timeline.png`` when matplotlib is installed) to ``--out``. Every flag is checked before any
 process starts (a bad one: one line on stderr, exit status 2).
 
-Measured per rank and iteration from the layer's phase marks (host clock; on CUDA each mark synchronises the device,
-so the CUDA per-phase numbers describe the sequential schedule only):
+Measured per rank and iteration from the layer's timeline, read from ``torch.profiler`` (the ``record_function``
+ranges ``mmkernels.scmoe.*`` of the layer and ``mmkernels.moe.*`` of the MoE step, user scopes only; nothing in the
+model waits for the device to mark a phase, so on CUDA the per-phase numbers are host times, the totals end with a
+device sync):
 
 - ``route``: router + ``moe_route``; ``permute``: ``moe_permute``; ``counts``: the count all-to-all and the one host
   copy of the split sizes; ``dispatch``: the row all-to-all (issue to done); ``experts``: local grouped SwiGLU;
   ``combine``: the inverse all-to-all; ``unpermute``: weights and zero-expert term; ``dense``: Attn_0, FFN_0, Attn_1,
   FFN_1 and the norms;
-- ``t_comm`` = counts + dispatch + combine of the **calibration run**: the sequential schedule with the ranks lined up
-  by a barrier right before the count exchange and before the combine, so it is the transport's own time. In the
+- ``t_comm`` = counts + dispatch + combine of the **calibration run**: the layer's MoE step on its own input with the
+  ranks lined up by a barrier right before the count exchange and before the combine (and the device synchronised
+  between the steps), so it is the transport's own time. In the
   plain sequential schedule those phases also hold a fast rank waiting for a slow one (load imbalance: no schedule
   can hide it, the slowest rank sets the layer's time either way); that larger number is ``t_comm_with_waits_ms``.
   ``t_compute`` = sequential total - ``t_comm``;
@@ -165,30 +168,107 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ---- one rank -----------------------------------------------------------------------------------------------------
 
 
-class _Recorder:
-    def __init__(self, sync, barrier) -> None:
-        self.marks: list[tuple[str, float]] = []
-        self.cpu: dict[str, float] = {}  # mark -> process CPU seconds (every thread: gloo's transport threads too)
-        self.sync = sync
-        self.barrier = barrier
-        self.barrier_before: frozenset[str] = frozenset()  # marks that first line the ranks up (calibration run)
-
-    def __call__(self, name: str) -> None:
-        self.sync()
-        if name in self.barrier_before:
-            self.barrier()
-        self.marks.append((name, time.perf_counter()))
-        self.cpu[name] = time.process_time()
+# The layer's timeline is read from the torch.profiler ranges its modules open (``record_function``; no hook, no
+# device sync): ``mmkernels.scmoe.*`` in ScMoEDecoderLayer, ``mmkernels.moe.*`` in the MoE step. A mark is the start
+# of a range, or the end of one where the old point marks sat at the end of a step.
+_STARTS = {
+    "attn0": "scmoe.attn0", "moe_dispatch": "scmoe.moe_dispatch", "route": "moe.route", "permute": "moe.permute",
+    "counts": "moe.counts", "counts_wait": "moe.counts_wait", "dispatch_issue": "moe.dispatch_issue",
+    "ffn0": "scmoe.ffn0", "send_rows": "scmoe.send_rows", "attn1_proj": "scmoe.attn1_proj", "attn1": "scmoe.attn1",
+    "wait_dispatch": "scmoe.wait_dispatch", "experts": "moe.experts", "combine_issue": "moe.combine_issue",
+    "wait_combine": "scmoe.wait_combine", "combine_done": "moe.unpermute", "ffn1": "scmoe.ffn1",
+}
+_ENDS = {"dispatch_done": "moe.dispatch_wait", "unpermute_done": "moe.unpermute", "end": "scmoe.layer"}
 
 
-def _cpu_phases(cpu: dict[str, float], overlap: bool) -> dict[str, float]:
-    """CPU seconds this process (all its threads) spent in the whole forward and, sequential only, in its
-    communication phases (count exchange + both row all-to-alls). gloo blocks, it does not spin, so CPU burnt inside
-    a communication phase is the transport's own work (copies, sockets), which competes with compute for the cores."""
-    out = {"cpu_total": cpu["end"] - cpu["attn0"]}
-    if not overlap:
-        out["cpu_comm"] = (cpu["dispatch_done"] - cpu["counts"]) + (cpu["combine_done"] - cpu["combine_issue"])
-    return out
+class _Timeline:
+    """``with _Timeline() as t: layer(x)`` records the ``record_function`` ranges opened inside, as ``t.spans``
+    ``[(name, start_s, end_s)]``. torch's profiler restricted to user scopes (``RecordScope.USER_SCOPE``): the ranges
+    only, not every aten op, so profiling adds about 1% to the layer instead of about 20%; where that private entry
+    point is missing, the public ``torch.profiler.profile`` (every op recorded)."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[str, float, float]] = []
+        self._public = None
+
+    def __enter__(self) -> _Timeline:
+        import torch
+
+        try:
+            from torch._C._profiler import RecordScope, _ExperimentalConfig
+            from torch.autograd import (
+                ProfilerActivity,
+                ProfilerConfig,
+                ProfilerState,
+                _enable_profiler,
+                _prepare_profiler,
+            )
+
+            config = ProfilerConfig(ProfilerState.KINETO, False, False, False, False, False, _ExperimentalConfig())
+            _prepare_profiler(config, {ProfilerActivity.CPU})
+            _enable_profiler(config, {ProfilerActivity.CPU}, {RecordScope.USER_SCOPE})
+        except (ImportError, AttributeError, TypeError, RuntimeError):
+            self._public = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            self._public.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._public is not None:
+            self._public.__exit__(*exc)
+            self.spans = [(e.name, e.time_range.start * 1e-6, e.time_range.end * 1e-6) for e in self._public.events()]
+            return
+        from torch.autograd import _disable_profiler
+
+        result = _disable_profiler()
+        self.spans = [(e.name(), e.start_ns() * 1e-9, e.end_ns() * 1e-9) for e in result.events()]
+
+
+def _marks(spans: list[tuple[str, float, float]]) -> list[tuple[str, float]]:
+    """The phase marks of one profiled forward, ``[(name, seconds)]`` in time order, from its ``mmkernels.*`` ranges
+    (the first occurrence of each; a range the schedule did not open gives no mark)."""
+    first: dict[str, tuple[float, float]] = {}
+    for name, start, end in sorted(spans, key=lambda span: span[1]):
+        if name.startswith("mmkernels.") and name[len("mmkernels."):] not in first:
+            first[name[len("mmkernels."):]] = (start, end)
+    at = {mark: first[r][0] for mark, r in _STARTS.items() if r in first}
+    at |= {mark: first[r][1] for mark, r in _ENDS.items() if r in first}
+    return sorted(at.items(), key=lambda item: item[1])
+
+
+def _calibrate(layer, u, sync, barrier) -> dict[str, float]:
+    """The transport's own time: the MoE step of the layer on its input ``u``, with the ranks lined up (a barrier)
+    right before the count exchange and before the combine, and the device synchronised between the steps. Wall
+    seconds of ``counts`` (exchange issued -> rows issued), ``dispatch`` (rows issued -> arrived) and ``combine``
+    (issued -> arrived, before the weights are applied), and the process CPU seconds (every thread: gloo's transport
+    threads too) spent in them (``cpu_comm``)."""
+    import torch
+
+    mlp = layer.mlp
+    dispatcher = mlp.dispatcher
+    with torch.no_grad():
+        routed = mlp._route_tokens(u, None)
+        plan = dispatcher._plan(mlp, routed)
+        sync()
+        barrier()
+        t0, c0 = time.perf_counter(), time.process_time()
+        handle = dispatcher._exchange(mlp, routed, plan).send()
+        sync()
+        t1 = time.perf_counter()
+        dispatched = handle.wait()
+        sync()
+        t2, c2 = time.perf_counter(), time.process_time()
+        out = mlp.run_experts(dispatched)
+        sync()
+        barrier()
+        t3, c3 = time.perf_counter(), time.process_time()
+        combine = mlp.combine(out, dispatched)
+        combine._work.wait()  # the rows are home; the weights are applied in wait() below
+        sync()
+        t4, c4 = time.perf_counter(), time.process_time()
+        combine.wait()
+    p = {"counts": t1 - t0, "dispatch": t2 - t1, "combine": t4 - t3, "cpu_comm": (c2 - c0) + (c4 - c3)}
+    p["t_comm"] = p["counts"] + p["dispatch"] + p["combine"]
+    return p
 
 
 def _phases(marks: list[tuple[str, float]], overlap: bool) -> dict[str, float]:
@@ -254,33 +334,32 @@ def _worker(args) -> int:
             layer.mlp.router.weight.normal_(0.0, 0.02 * cfg.hidden_size ** 0.5)
         g = torch.Generator(device="cpu").manual_seed(1000 + rank)
         x = torch.randn(args.batch, args.seq_len, cfg.hidden_size, generator=g).to(device)
-        rec = _Recorder(sync, dist.barrier)
-        layer.phase_hook = rec
-        layer.mlp.phase_hook = rec
+        with torch.no_grad():
+            u = layer.post_attention_layernorm[0](x)  # what the MoE sees (eval, no grad: the same every run)
         runs: dict[bool, list[dict]] = {False: [], True: []}
         timelines: dict[bool, list] = {False: [], True: []}
         synced: list[dict] = []
         bytes_out = None
         for i in range(args.warmup + args.iters):
-            # sequential, overlapped, then the calibration run: sequential with the ranks lined up (a barrier) right
-            # before the count exchange and before the combine, so its communication phases are the transport's
-            # own time, not a rank waiting for a slower one (load imbalance, which no schedule can hide).
-            for overlap, calibrate in ((False, False), (True, False), (False, True)):
+            # sequential, overlapped, then the calibration run: the MoE step with the ranks lined up (a barrier)
+            # right before the count exchange and before the combine, so its communication phases are the
+            # transport's own time, not a rank waiting for a slower one (load imbalance, which no schedule can hide).
+            for overlap in (False, True):
                 layer.overlap = overlap
-                rec.marks, rec.cpu = [], {}
-                rec.barrier_before = frozenset({"counts", "combine_issue"}) if calibrate else frozenset()
                 dist.barrier()
-                with torch.no_grad():
+                cpu0 = time.process_time()
+                with torch.no_grad(), _Timeline() as timeline:
                     layer(x)
-                sync()
+                    sync()
+                cpu1 = time.process_time()
                 if i < args.warmup:
                     continue
-                if calibrate:
-                    synced.append(_phases(rec.marks, False) | _cpu_phases(rec.cpu, False))
-                else:
-                    runs[overlap].append(_phases(rec.marks, overlap) | _cpu_phases(rec.cpu, overlap))
-                    timelines[overlap].append(list(rec.marks))
-            rec.barrier_before = frozenset()
+                marks = _marks(timeline.spans)
+                runs[overlap].append(_phases(marks, overlap) | {"cpu_total": cpu1 - cpu0})
+                timelines[overlap].append(marks)
+            calibration = _calibrate(layer, u, sync, dist.barrier)
+            if i >= args.warmup:
+                synced.append(calibration)
         # Bytes sent to other ranks by dispatch (the combine sends the same rows back).
         with torch.no_grad():
             u = layer.post_attention_layernorm[0](x)

@@ -11,8 +11,9 @@ Data flow of one forward on rank r of W (E = N / W local experts, rank r owns gl
    split sizes (send and receive rows per rank), which ``all_to_all_single`` needs on the host;
 4. the rows travel with a variable-size ``all_to_all_single`` (async: :meth:`ExpertParallelMoE.dispatch` returns a
    handle);
-5. the local experts run on the received rows (``moe_permute`` by local expert, ``moe_grouped_swiglu``,
-   ``moe_unpermute`` back to the received order);
+5. the local experts run on the received rows: the ``(source, expert)`` chunks are put expert-major by a chunk
+   permutation computed from the ``[W, E]`` counts (:func:`chunk_permutation`; no sort), ``moe_grouped_swiglu``,
+   and the inverse permutation back to the received order;
 6. the results travel back with the inverse all-to-all (async: :meth:`ExpertParallelMoE.combine`), and
    ``moe_unpermute`` applies the routing weights and adds the zero-expert term on the token's own rank.
 
@@ -22,21 +23,23 @@ Both all-to-alls are differentiable (the backward of an all-to-all is the invers
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
-from .._backends import BackendChoice, resolve_backends
-from ..nn.moe import RoutedMoE, SwiGLUExperts, ZeroComputeMoE, mask_padding
+from .._backends import BackendChoice, ModuleBackend, resolve_backends
+from ..nn.moe import RoutedMoE, SwiGLUExperts, ZeroComputeMoE
+from ..nn.moe_dispatch import MoEDispatcher, RoutedTokens, phase, register_expert_parallel
 from ..ops import _validate as v
 from ..ops.moe import MoEPermutation, MoERouting, moe_grouped_swiglu, moe_permute, moe_unpermute
 
-__all__ = ["CombineHandle", "DispatchHandle", "Dispatched", "ExpertParallelMoE", "all_to_all"]
+__all__ = ["AllToAllDispatcher", "CombineHandle", "DispatchHandle", "Dispatched", "ExpertParallelMoE", "all_to_all",
+           "chunk_permutation", "resolve_group"]
 
 _NAME = "ExpertParallelMoE"
-EP_OPS = ("moe_route", "moe_permute", "moe_grouped_swiglu", "moe_unpermute", "expert_bias_update_")
+EP_OPS = ("moe_route", "moe_experts", "moe_permute", "moe_grouped_swiglu", "moe_unpermute", "expert_bias_update_")
 _SPLIT_OPS = ("moe_permute", "moe_grouped_swiglu", "moe_unpermute")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INHERIT = object()
@@ -96,7 +99,10 @@ def _splits(send: torch.Tensor, recv: torch.Tensor, e: int) -> torch.Tensor:
 
 class _Handle:
     """Communication in flight. ``wait()`` waits for it (on NCCL: orders the current CUDA stream after it; the host
-    does not block) and returns the result; later calls return the same result."""
+    does not block) and returns the result; later calls return the same result. The wait is the profiler range
+    ``span`` (``mmkernels.moe.dispatch_wait`` / ``mmkernels.moe.combine_wait``)."""
+
+    _span = "mmkernels.moe.wait"
 
     def __init__(self, work, finish: Callable[[], object]) -> None:
         self._work = work
@@ -110,9 +116,10 @@ class _Handle:
 
     def wait(self):
         if not self._done:
-            if self._work is not None:
-                self._work.wait()
-            self._result = self._finish()
+            with phase(self._span):
+                if self._work is not None:
+                    self._work.wait()
+                self._result = self._finish()
             self._done = True
             self._work = self._finish = None
         return self._result
@@ -124,13 +131,18 @@ class DispatchHandle(_Handle):
     Two steps, so that both can hide behind other work: :meth:`send` waits for the count exchange (the layer's one
     host synchronisation, for the split sizes) and issues the row all-to-all; :meth:`wait` sends if that has not
     happened yet, then waits for the rows. ``is_completed()`` sends on its own once the counts have arrived (a
-    poll never blocks) and reports whether the rows have arrived.
+    poll never blocks) and reports whether the rows have arrived. ``routed`` (the routing and router logits of this
+    rank's tokens) is there at once.
     """
 
-    def __init__(self, send_rows: Callable[[], tuple], counts_ready: Callable[[], bool]) -> None:
+    _span = "mmkernels.moe.dispatch_wait"
+
+    def __init__(self, send_rows: Callable[[], tuple], counts_ready: Callable[[], bool],
+                 routed: RoutedTokens | None = None) -> None:
         super().__init__(None, lambda: None)
         self._send_rows, self._counts_ready = send_rows, counts_ready
         self._error: BaseException | None = None
+        self.routed = routed
 
     def send(self) -> DispatchHandle:
         """Wait for the count exchange (blocks the host until the split sizes are known) and issue the row
@@ -168,6 +180,8 @@ class DispatchHandle(_Handle):
 class CombineHandle(_Handle):
     """Returned by :meth:`ExpertParallelMoE.combine`; ``wait() -> y`` (the MoE output, the shape of the input)."""
 
+    _span = "mmkernels.moe.combine_wait"
+
 
 @dataclass
 class Dispatched:
@@ -188,6 +202,189 @@ class Dispatched:
     _permutation: MoEPermutation = field(repr=False, default=None)
     _hidden: torch.Tensor = field(repr=False, default=None)  # [T, Dm] (padding rows zeroed): the zero-expert term
     _shape: tuple = field(repr=False, default=())
+    # The chunk permutation of the received rows (source-major -> expert-major) and the experts' row offsets.
+    _by_expert: torch.Tensor = field(repr=False, default=None)
+    _by_source: torch.Tensor = field(repr=False, default=None)
+    _expert_offsets: torch.Tensor = field(repr=False, default=None)
+
+
+class _Permute(torch.autograd.Function):
+    """``rows[index]`` for a permutation ``index`` whose inverse is ``inverse``: the backward is the inverse gather
+    (exact, deterministic, no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, rows, index, inverse):
+        ctx.save_for_backward(inverse)
+        return rows.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def chunk_permutation(counts: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reorder received ``(source, expert)`` chunks expert-major, from the ``[W, E]`` row counts alone.
+
+    Rows arrive source-major (chunk ``(w, e)`` holds ``counts[w, e]`` rows, in the order rank w sent them); the
+    grouped GEMM wants them expert-major, each expert's rows in source order (Megatron's ``sort_chunks_by_idxs``).
+    Returns ``by_expert`` (int64 [M]: ``grouped = rows[by_expert]``), its inverse ``by_source``
+    (``received = grouped[by_source]``) and the experts' row ``offsets`` (int32 [E+1]). ``m`` = ``counts.sum()``, known
+    on the host: no host sync. The same order as a stable sort of the rows by local expert, without the sort.
+    """
+    w, e = counts.shape
+    flat = counts.reshape(-1)
+    src_start = torch.cumsum(flat, 0) - flat  # chunk (w, e)'s first row, source-major
+    em = counts.t().reshape(-1)
+    dst_start = (torch.cumsum(em, 0) - em).view(e, w).t().reshape(-1)  # chunk (w, e)'s first row, expert-major
+    chunk = torch.repeat_interleave(torch.arange(w * e, device=counts.device), flat, output_size=m)
+    by_source = torch.arange(m, device=counts.device) - src_start[chunk] + dst_start[chunk]
+    by_expert = torch.empty_like(by_source).scatter_(0, by_source, torch.arange(m, device=counts.device))
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts.sum(0), 0)]).to(torch.int32)
+    return by_expert, by_source, offsets
+
+
+# ---- the all-to-all dispatcher ----------------------------------------------------------------------------------
+
+
+class AllToAllDispatcher(MoEDispatcher):
+    """Expert parallelism's dispatcher (the :mod:`mmkernels.nn.moe_dispatch` protocol): variable-size all-to-alls
+    over ``group``, rank r owning global experts ``[r*E, (r+1)*E)``. ``ExpertParallelMoE`` holds one.
+
+    - ``dispatch``: ``moe_permute`` over all N FFN experts (rows grouped by destination rank; zero-expert and padding
+      slots stay behind), the ``[W, E]`` counts exchanged asynchronously; the handle's ``send`` takes the one host
+      sync (the split sizes) and issues the rows;
+    - ``run_experts``: the received ``(source, expert)`` chunks reordered expert-major by :func:`chunk_permutation`,
+      ``moe_grouped_swiglu``, and back to the received order;
+    - ``combine``: the inverse all-to-all; ``wait`` runs ``moe_unpermute`` (routing weights, zero-expert term).
+    """
+
+    def __init__(self, group, world_size: int, rank: int, num_local_experts: int) -> None:
+        self.group, self.world_size, self.rank = group, world_size, rank
+        self.num_local_experts = num_local_experts
+
+    def __repr__(self) -> str:
+        return f"AllToAllDispatcher(rank={self.rank}/{self.world_size}, local_experts={self.num_local_experts})"
+
+    def refuse(self, moe, error: Exception) -> None:
+        self._send(moe, None, error=error)  # raises on every rank, after the count exchange
+
+    def dispatch(self, moe, routed: RoutedTokens) -> DispatchHandle:
+        return self._send(moe, routed)
+
+    def _send(self, moe, routed: RoutedTokens | None, *, error: Exception | None = None) -> DispatchHandle:
+        """Permute, issue the count exchange, and return the handle whose ``send`` issues the rows."""
+        return self._exchange(moe, routed, self._plan(moe, routed, error=error), error=error)
+
+    def _plan(self, moe, routed: RoutedTokens | None, *, error: Exception | None = None) -> tuple:
+        """``moe_permute`` over all N FFN experts: (rows, permutation, [W, E] counts, [W, 1] input status)."""
+        w, e = self.world_size, self.num_local_experts
+        rows = perm = None
+        with phase("mmkernels.moe.permute"):
+            if error is None:
+                # Rows grouped by global expert = grouped by destination rank; zero and padding slots stay behind.
+                rows, perm = moe_permute(routed.hidden, routed.routing.topk_ids, num_local_experts=moe.num_ffn_experts,
+                                         backend=moe._backends["moe_permute"])
+                # Row counts per (destination rank, its local expert), from the plan itself (not from
+                # routing.counts): the split sizes must match the rows exactly.
+                counts = torch.diff(perm.offsets.to(torch.int64)).view(w, e)
+                status = torch.zeros((w, 1), dtype=torch.int64, device=counts.device)
+            else:
+                counts = torch.zeros((w, e), dtype=torch.int64, device=moe.experts.w_gate_up.device)
+                status = torch.ones((w, 1), dtype=torch.int64, device=counts.device)
+        return rows, perm, counts, status
+
+    def _exchange(self, moe, routed: RoutedTokens | None, plan: tuple, *, error: Exception | None = None
+                  ) -> DispatchHandle:
+        """Issue the count exchange of ``plan``; the handle's ``send`` takes the split sizes and issues the rows."""
+        w, e = self.world_size, self.num_local_experts
+        rows, perm, counts, status = plan
+        with phase("mmkernels.moe.counts"):
+            # Column E carries each rank's input status, so an input error on one rank stops every rank at the counts.
+            send = torch.cat([counts, status], dim=1)
+            recv = torch.empty_like(send)
+            work = dist.all_to_all_single(recv, send, group=self.group, async_op=True)
+            copied = None
+            if send.device.type == "cuda":
+                # NCCL: order the stream after the exchange and queue the copy of the split sizes into pinned memory
+                # now; the host blocks on the event only in ``send`` (after the caller has queued its own work).
+                work.wait()
+                host = torch.empty((3, w), dtype=torch.int64, pin_memory=True)
+                host.copy_(_splits(send, recv, e), non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record()
+
+        def counts_ready() -> bool:
+            return copied.query() if copied is not None else work.is_completed()
+
+        def send_rows():
+            with phase("mmkernels.moe.counts_wait"):
+                if copied is not None:
+                    copied.synchronize()  # the one host sync of the layer
+                    splits = host
+                else:
+                    work.wait()  # gloo: blocks until the counts have arrived
+                    splits = _splits(send, recv, e)
+                send_splits, recv_splits, failed = splits.tolist()
+            if any(failed):
+                if error is not None:
+                    raise error
+                bad = [j for j, f in enumerate(failed) if f]
+                raise RuntimeError(f"{_NAME}: rank(s) {bad} of the expert-parallel group rejected their input (see "
+                                   "the error on those ranks); no rank sent anything")
+            with phase("mmkernels.moe.dispatch_issue"):
+                m = sum(recv_splits)
+                hidden = routed.hidden
+                got = recv[:, :e].to(hidden.device)
+                # The chunk permutation of the rows to come (device-side, output sizes known: no sync).
+                by_expert, by_source, offsets = chunk_permutation(got, m)
+                local_ids = torch.repeat_interleave(torch.arange(e, device=hidden.device).repeat(w), got.reshape(-1),
+                                                    output_size=m)
+                box: list = []
+                received = _AllToAll.apply(rows[: sum(send_splits)], recv_splits, send_splits, self.group, box)
+
+            def finish() -> Dispatched:
+                r = routed
+                return Dispatched(received, local_ids, r.routing, r.router_logits, send_splits, recv_splits, perm,
+                                  r.hidden, r.shape, by_expert, by_source, offsets)
+
+            return box[0], finish
+
+        handle = DispatchHandle(send_rows, counts_ready, routed)
+        if error is not None:
+            handle.send()  # raises on this rank (every other rank raises when it sends)
+        return handle
+
+    def run_experts(self, moe, dispatched: Dispatched) -> torch.Tensor:
+        """This rank's experts on the received rows: [M, Dm] in the order of ``dispatched.rows`` (no weights yet).
+        The rows are put expert-major by the chunk permutation (no sort, no weighted combine) and back after."""
+        d = dispatched
+        grouped = _Permute.apply(d.rows, d._by_expert, d._by_source)
+        out = moe_grouped_swiglu(grouped, d._expert_offsets, moe.experts.w_gate_up, moe.experts.w_down,
+                                 backend=moe._backends["moe_grouped_swiglu"])
+        return _Permute.apply(out, d._by_source, d._by_expert)
+
+    def combine(self, moe, expert_out: torch.Tensor, dispatched: Dispatched) -> CombineHandle:
+        d = dispatched
+        if not isinstance(d, Dispatched):
+            raise TypeError(f"{_NAME}: combine takes the Dispatched that dispatch(...).wait() returns, got "
+                            f"{type(d).__name__}" + (" (call .wait() on it first)" if isinstance(d, DispatchHandle)
+                                                     else ""))
+        if tuple(expert_out.shape) != tuple(d.rows.shape):
+            raise ValueError(f"{_NAME}: expert_out must be [M, Dm] = {tuple(d.rows.shape)}, got "
+                             f"{tuple(expert_out.shape)}")
+        with phase("mmkernels.moe.combine_issue"):
+            box: list = []
+            back = _AllToAll.apply(expert_out, d.send_splits, d.recv_splits, self.group, box)
+
+        def finish() -> torch.Tensor:
+            with phase("mmkernels.moe.unpermute"):
+                r = d.routing
+                y = moe_unpermute(back, d._permutation, r.topk_weights, zero_weight=r.zero_weight, hidden=d._hidden,
+                                  backend=moe._backends["moe_unpermute"])
+                return y.view(d._shape)
+
+        return CombineHandle(box[0], finish)
 
 
 # ---- the module -----------------------------------------------------------------------------------------------------
@@ -222,16 +419,19 @@ def _comm_device(group, device: torch.device) -> torch.device:
     return torch.device("cpu")
 
 
-def _translate_backend(choice: BackendChoice) -> BackendChoice:
-    """A ZeroComputeMoE backend choice for the EP ops: ``moe_experts`` stands for the three split pieces."""
-    if choice is None or isinstance(choice, str):
-        return choice
-    m = dict(choice)
-    experts = m.pop("moe_experts", None)
-    if experts is not None:
-        for op in _SPLIT_OPS:
-            m.setdefault(op, experts)
-    return m
+class _ExpertParallelBackend(ModuleBackend):
+    """The fan-out ``ModuleBackend`` of :class:`ExpertParallelMoE`, plus one alias: ``moe_experts`` (what a
+    ``ZeroComputeMoE`` choice names) stands for the three split pieces ``moe_permute`` / ``moe_grouped_swiglu`` /
+    ``moe_unpermute`` wherever a mapping leaves them unset (None)."""
+
+    def __set__(self, obj, value: BackendChoice) -> None:
+        super().__set__(obj, value)
+        if isinstance(value, Mapping) and value.get("moe_experts") is not None:
+            m = dict(value)
+            for op in _SPLIT_OPS:
+                if m.get(op) is None:
+                    m[op] = value["moe_experts"]
+            obj.__dict__["_backends"] = resolve_backends(self.owner, m, self.ops)
 
 
 class ExpertParallelMoE(RoutedMoE):
@@ -247,9 +447,10 @@ class ExpertParallelMoE(RoutedMoE):
     replicated balancer are data-parallel (each rank's router gradient covers its own tokens: all-reduce them
     like any replicated parameter, e.g. with DDP). All ranks must agree on whether ``x`` requires grad.
 
-    The step is split for overlap (see :class:`mmkernels.models.ScMoEDecoderLayer`):
-    ``h = moe.dispatch(x)`` (count exchange in flight), ``h.send()`` (rows in flight), ``d = h.wait()``,
-    ``out = moe.run_experts(d)``, ``y = moe.combine(out, d).wait()``.
+    The step is :class:`mmkernels.nn.moe.RoutedMoE`'s, through an :class:`AllToAllDispatcher` (``.dispatcher``),
+    split for overlap (see :class:`mmkernels.models.ScMoEDecoderLayer`): ``h = moe.dispatch(x)`` (count exchange in
+    flight), ``h.send()`` (rows in flight), ``d = h.wait()``, ``out = moe.run_experts(d)``,
+    ``y = moe.combine(out, d).wait()``.
 
     **One host synchronisation per forward**: ``all_to_all_single`` takes its split sizes as host integers, so a
     ``[3, W]`` int64 tensor (rows to send, rows to receive, input status per rank) comes to the host once, after
@@ -270,7 +471,14 @@ class ExpertParallelMoE(RoutedMoE):
     their global indices and loads them exactly into any world size (resharding), or into a ``ZeroComputeMoE``.
     ``load_state_dict`` takes a full state dict (each rank slices its shard) or a sharded one of the same layout;
     a shard saved by another rank or world size (e.g. ``torch.load`` of the wrong rank's file) raises ``ValueError``.
+
+    ``backend``: as ``ZeroComputeMoE``'s, over ``moe_route``, ``moe_experts``, ``moe_permute``,
+    ``moe_grouped_swiglu``, ``moe_unpermute``, ``expert_bias_update_``; ``moe_experts`` also stands for the three
+    split pieces where a mapping leaves them unset.
     """
+
+    _name = _NAME
+    backend = _ExpertParallelBackend(*EP_OPS)
 
     def __init__(self, moe: ZeroComputeMoE, group=None, *, backend: BackendChoice = _INHERIT) -> None:
         super().__init__()
@@ -310,12 +518,11 @@ class ExpertParallelMoE(RoutedMoE):
             self.experts.w_gate_up.copy_(w_gu[lo: lo + e])
             self.experts.w_down.copy_(w_down[lo: lo + e])
         self.register_buffer("pending_counts", torch.zeros_like(moe.pending_counts), persistent=False)
-        self.backend = moe.backend if backend is _INHERIT else backend
+        self.dispatcher = AllToAllDispatcher(pg, self.world_size, self.rank, self.num_local_experts)
         self.full_state_dict = True
         self._meshes: dict = {}  # device type -> the group's 1-D DeviceMesh (sharded state dicts)
-        # Optional callable(name) called at phase boundaries ("route", "permute", "counts", "dispatch_issue",
-        # "dispatch_done", "experts", "combine_issue", "combine_done", "unpermute_done"): the benchmark's timeline.
-        self.phase_hook: Callable[[str], None] | None = None
+        # last: checks the choice and hands the experts and the balancer their share
+        self.backend = moe.backend if backend is _INHERIT else backend
         self.register_state_dict_post_hook(_gather_experts_hook)
         self.register_load_state_dict_pre_hook(_shard_experts_hook)
 
@@ -368,55 +575,15 @@ class ExpertParallelMoE(RoutedMoE):
             raise ValueError(f"{_NAME}: the ranks of the expert-parallel group were built with different "
                              f"configurations: {'; '.join(show(n, vals) for n, vals in bad)}")
 
-    @property
-    def backend(self) -> BackendChoice:
-        """The backend choice (``None``, a name, or ``{op: name}`` over ``moe_route``, ``moe_permute``,
-        ``moe_grouped_swiglu``, ``moe_unpermute``, ``expert_bias_update_``; ``moe_experts`` stands for the three
-        split pieces)."""
-        return self._backend_choice
-
-    @backend.setter
-    def backend(self, value: BackendChoice) -> None:
-        self._backends = resolve_backends(_NAME, _translate_backend(value), EP_OPS)
-        self._backend_choice = value
-        if "balancer" in self._modules:  # not yet while __init__ runs
-            self.balancer.backend = self._backends["expert_bias_update_"]
-
     def extra_repr(self) -> str:
         lo, e = self.expert_offset, self.num_local_experts
         return (f"hidden={self.hidden_size}, num_ffn_experts={self.num_ffn_experts}, "
                 f"num_zero_experts={self.num_zero_experts}, top_k={self.top_k}, rank={self.rank}/{self.world_size}, "
                 f"local_experts=[{lo}, {lo + e})")
 
-    # -- the step (route / expert_bias come from RoutedMoE: this rank's tokens, the replicated bias) --------------
+    # -- the step: RoutedMoE's dispatch / run_experts / combine / forward through the all-to-all dispatcher ----------
 
-    def dispatch(self, x: torch.Tensor, *, padding_mask: torch.Tensor | None = None) -> DispatchHandle:
-        """Route this rank's tokens and send each dispatched slot's row to the rank owning its expert.
-
-        ``x`` [..., Dm] in the experts' dtype; ``padding_mask`` bool of ``x.shape[:-1]`` (True = padding: not routed,
-        not counted, zero output). Returns with the count exchange in flight (the host does not block here):
-        ``handle.send()`` waits for the split sizes (the layer's one host sync, see the class notes) and issues the
-        row all-to-all; ``handle.wait()`` sends if needed and returns a :class:`Dispatched`.
-
-        Raises:
-            TypeError / ValueError: ``x`` or ``padding_mask`` of the wrong type, dtype, shape or device (on this rank;
-                raised here, after this rank's part of the count exchange).
-            RuntimeError: from ``handle.send()`` / ``handle.wait()``: another rank's input failed those checks.
-                Input errors travel with the count exchange, so every rank raises instead of waiting in a collective
-                for the failed one.
-        """
-        try:
-            hidden, routing, logits = self._route_tokens(x, padding_mask)
-        except (TypeError, ValueError) as err:
-            self._send(None, None, None, (), error=err)  # raises on every rank, after the count exchange
-            raise  # not reached: _send raises
-        return self._send(hidden, routing, logits, tuple(x.shape))
-
-    def _mark(self, name: str) -> None:
-        if self.phase_hook is not None:
-            self.phase_hook(name)
-
-    def _route_tokens(self, x: torch.Tensor, padding_mask: torch.Tensor | None):
+    def _check_input(self, x: torch.Tensor) -> None:
         v.tensor("x", x, op=_NAME)
         w_gu = self.experts.w_gate_up
         if x.dim() < 1 or x.shape[-1] != self.hidden_size:
@@ -424,140 +591,6 @@ class ExpertParallelMoE(RoutedMoE):
         if x.dtype != w_gu.dtype:
             raise TypeError(f"{_NAME}: x must have the experts' dtype {w_gu.dtype}, got {x.dtype}")
         v.same_device(_NAME, x=x, experts=w_gu)
-        self._mark("route")
-        hidden, pad = self._tokens(_NAME, x, padding_mask)
-        logits = self.router(hidden)
-        routing = self._route(logits)
-        if pad is not None:
-            routing = mask_padding(routing, pad)
-        if self.training and self.balance:  # counted once per forward, not again in a checkpoint recompute
-            torch.ops.mmkernels.accumulate_counts_(self.pending_counts, routing.counts)
-        return hidden, routing, logits
-
-    def _send(self, hidden: torch.Tensor | None, routing: MoERouting | None, logits: torch.Tensor | None,
-              shape: tuple, *, error: Exception | None = None) -> DispatchHandle:
-        """Permute, issue the count exchange, and return the handle whose ``send`` issues the rows."""
-        w, e = self.world_size, self.num_local_experts
-        self._mark("permute")
-        if error is None:
-            # Rows grouped by global expert = grouped by destination rank; zero and padding slots stay behind.
-            rows, perm = moe_permute(hidden, routing.topk_ids, num_local_experts=self.num_ffn_experts,
-                                     backend=self._backends["moe_permute"])
-            # Row counts per (destination rank, its local expert), from the plan itself (not from routing.counts):
-            # the split sizes must match the rows exactly.
-            counts = torch.diff(perm.offsets.to(torch.int64)).view(w, e)
-            status = torch.zeros((w, 1), dtype=torch.int64, device=counts.device)
-        else:
-            counts = torch.zeros((w, e), dtype=torch.int64, device=self.experts.w_gate_up.device)
-            status = torch.ones((w, 1), dtype=torch.int64, device=counts.device)
-        # Column E carries each rank's input status, so an input error on one rank stops every rank at the counts.
-        send = torch.cat([counts, status], dim=1)
-        recv = torch.empty_like(send)
-        self._mark("counts")
-        work = dist.all_to_all_single(recv, send, group=self.group, async_op=True)
-        copied = None
-        if send.device.type == "cuda":
-            # NCCL: order the stream after the exchange and queue the copy of the split sizes into pinned memory now;
-            # the host blocks on the event only in ``send`` (after the caller has queued its own work).
-            work.wait()
-            host = torch.empty((3, w), dtype=torch.int64, pin_memory=True)
-            host.copy_(_splits(send, recv, e), non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record()
-
-        def counts_ready() -> bool:
-            return copied.query() if copied is not None else work.is_completed()
-
-        def send_rows():
-            self._mark("counts_wait")
-            if copied is not None:
-                copied.synchronize()  # the one host sync of the layer
-                splits = host
-            else:
-                work.wait()  # gloo: blocks until the counts have arrived
-                splits = _splits(send, recv, e)
-            send_splits, recv_splits, failed = splits.tolist()
-            if any(failed):
-                if error is not None:
-                    raise error
-                bad = [j for j, f in enumerate(failed) if f]
-                raise RuntimeError(f"{_NAME}: rank(s) {bad} of the expert-parallel group rejected their input (see "
-                                   "the error on those ranks); no rank sent anything")
-            m = sum(recv_splits)
-            # Local expert of every received row: blocks (source, expert) in source-major order. output_size: no
-            # sync.
-            local_ids = torch.repeat_interleave(torch.arange(e, device=hidden.device).repeat(w),
-                                                recv[:, :e].reshape(-1), output_size=m)
-            self._mark("dispatch_issue")
-            box: list = []
-            received = _AllToAll.apply(rows[: sum(send_splits)], recv_splits, send_splits, self.group, box)
-
-            def finish() -> Dispatched:
-                self._mark("dispatch_done")
-                return Dispatched(received, local_ids, routing, logits, send_splits, recv_splits, perm, hidden, shape)
-
-            return box[0], finish
-
-        handle = DispatchHandle(send_rows, counts_ready)
-        if error is not None:
-            handle.send()  # raises on this rank (every other rank raises when it sends)
-        return handle
-
-    def run_experts(self, dispatched: Dispatched) -> torch.Tensor:
-        """This rank's experts on the received rows: [M, Dm] in the order of ``dispatched.rows`` (no weights yet)."""
-        self._mark("experts")
-        rows, ids = dispatched.rows, dispatched.local_expert_ids
-        grouped, perm = moe_permute(rows, ids[:, None], num_local_experts=self.num_local_experts,
-                                    backend=self._backends["moe_permute"])
-        out = moe_grouped_swiglu(grouped, perm.offsets, self.experts.w_gate_up, self.experts.w_down,
-                                 backend=self._backends["moe_grouped_swiglu"])
-        ones = torch.ones((rows.shape[0], 1), dtype=torch.float32, device=rows.device)
-        return moe_unpermute(out, perm, ones, backend=self._backends["moe_unpermute"])  # x 1.0: exact
-
-    def combine(self, expert_out: torch.Tensor, dispatched: Dispatched) -> CombineHandle:
-        """Send the expert results back to the tokens' ranks (async); ``handle.wait()`` applies the routing weights,
-        adds the zero-expert term and returns ``y`` with the shape of the ``x`` given to :meth:`dispatch`.
-
-        Raises:
-            TypeError: ``dispatched`` is not a :class:`Dispatched` (e.g. the handle itself instead of its ``wait()``).
-            ValueError: ``expert_out`` is not [M, Dm] for the M rows of ``dispatched``.
-        """
-        d = dispatched
-        if not isinstance(d, Dispatched):
-            raise TypeError(f"{_NAME}: combine takes the Dispatched that dispatch(...).wait() returns, got "
-                            f"{type(d).__name__}" + (" (call .wait() on it first)" if isinstance(d, DispatchHandle)
-                                                     else ""))
-        if tuple(expert_out.shape) != tuple(d.rows.shape):
-            raise ValueError(f"{_NAME}: expert_out must be [M, Dm] = {tuple(d.rows.shape)}, got "
-                             f"{tuple(expert_out.shape)}")
-        self._mark("combine_issue")
-        box: list = []
-        back = _AllToAll.apply(expert_out, d.send_splits, d.recv_splits, self.group, box)
-
-        def finish() -> torch.Tensor:
-            self._mark("combine_done")
-            r = d.routing
-            y = moe_unpermute(back, d._permutation, r.topk_weights, zero_weight=r.zero_weight, hidden=d._hidden,
-                              backend=self._backends["moe_unpermute"])
-            y = y.view(d._shape)
-            self._mark("unpermute_done")
-            return y
-
-        return CombineHandle(box[0], finish)
-
-    def forward(self, x: torch.Tensor, *, padding_mask: torch.Tensor | None = None,
-                return_router_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        d = self.dispatch(x, padding_mask=padding_mask).wait()
-        y = self.combine(self.run_experts(d), d).wait()
-        return (y, d.router_logits) if return_router_logits else y
-
-    def update_bias(self) -> None:
-        """Feed the counts gathered since the last call to the balancer (all-reduced over its process group). Call on
-        every rank, once per optimizer step."""
-        if not self.balance:
-            return
-        self.balancer.update(self.pending_counts)
-        self.pending_counts.zero_()
 
     def __deepcopy__(self, memo):
         # A ProcessGroup cannot be copied: the copy shares it (it is the same communicator).
@@ -681,3 +714,11 @@ def _same_layout(module: ExpertParallelMoE, value) -> bool:
     if mesh.ndim != 1 or tuple(value.placements) != (Shard(0),) or mesh.size() != module.world_size:
         return False
     return mesh.mesh.flatten().tolist() == dist.get_process_group_ranks(module.group)
+
+
+def _shard(moe: ZeroComputeMoE, group, *, backend: BackendChoice = None) -> ExpertParallelMoE:
+    return ExpertParallelMoE.from_moe(moe, group, backend=backend)
+
+
+# Plug expert parallelism into the MoE step protocol: model code asks mmkernels.nn.moe_dispatch for it by group.
+register_expert_parallel(resolve_group=resolve_group, shard=_shard)

@@ -20,115 +20,20 @@ HF's in eval mode.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .._backends import BackendChoice, resolve_backends
+from .._backends import BackendChoice, ModuleBackend
 from ..nn.qformer_attention import QFormerCrossAttention
 from ..ops import _validate as check
 from ..ops.qformer_attention import MAX_QUERIES, kv_lens_from_mask, qformer_cross_attention
+from .convert import qformer as _convert
+from .qformer_config import ACTIVATIONS, NUM_QUERY_TOKENS, PRESETS, QFormerConfig
 
 __all__ = ["NUM_QUERY_TOKENS", "PRESETS", "QFormer", "QFormerConfig", "qformer_flops"]
 
 _NAME = "QFormer"
-_CONFIG = "QFormerConfig"
-NUM_QUERY_TOKENS = 32  # BLIP-2 and InstructBLIP learn 32 query tokens
-
-_ACTIVATIONS = {
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-}
-
-
-@dataclass(frozen=True)
-class QFormerConfig:
-    """Hyper-parameters, named after HF ``Blip2QFormerConfig`` fields where they exist. Defaults: BLIP-2."""
-
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    intermediate_size: int = 3072
-    encoder_hidden_size: int = 1408  # EVA ViT-g/14 features
-    cross_attention_frequency: int = 2
-    layer_norm_eps: float = 1e-12
-    hidden_act: str = "gelu"
-    hidden_dropout_prob: float = 0.1  # as HF (active in train mode only)
-    attention_probs_dropout_prob: float = 0.1  # as HF: on the self- and cross-attention probabilities, train mode
-
-    def __post_init__(self) -> None:
-        for field in ("hidden_size", "num_attention_heads", "intermediate_size", "encoder_hidden_size",
-                      "cross_attention_frequency"):
-            check.integer(field, getattr(self, field), op=_CONFIG, low=1)
-        check.integer("num_hidden_layers", self.num_hidden_layers, op=_CONFIG, low=0)
-        check.real("layer_norm_eps", self.layer_norm_eps, op=_CONFIG, low=0.0)
-        check.real("hidden_dropout_prob", self.hidden_dropout_prob, op=_CONFIG, low=0.0, high=1.0)
-        check.real("attention_probs_dropout_prob", self.attention_probs_dropout_prob, op=_CONFIG, low=0.0)
-        if self.attention_probs_dropout_prob >= 1.0:
-            raise ValueError(f"{_CONFIG}: attention_probs_dropout_prob must be in [0, 1), got "
-                             f"{self.attention_probs_dropout_prob}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"{_NAME}: hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
-                             f"{self.num_attention_heads}")
-        if self.cross_attention_frequency < 1:
-            raise ValueError(f"{_NAME}: cross_attention_frequency must be >= 1, got {self.cross_attention_frequency}")
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"{_NAME}: hidden_act {self.hidden_act!r} not supported; one of {sorted(_ACTIVATIONS)}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @classmethod
-    def preset(cls, name: str) -> QFormerConfig:
-        """``"blip2"`` or ``"instructblip"``."""
-        if name not in PRESETS:
-            raise ValueError(f"{_CONFIG}: unknown preset {name!r}; one of {sorted(PRESETS)}")
-        return PRESETS[name]
-
-    def replace(self, **changes) -> QFormerConfig:
-        return dataclasses.replace(self, **changes)
-
-    @property
-    def cross_layers(self) -> list[int]:
-        return [i for i in range(self.num_hidden_layers) if i % self.cross_attention_frequency == 0]
-
-    @classmethod
-    def from_hf(cls, hf_config) -> QFormerConfig:
-        """From a HF ``Blip2QFormerConfig`` / ``InstructBlipQFormerConfig`` (or a ``Blip2Config``: its
-        ``qformer_config`` is used)."""
-        hf_config = getattr(hf_config, "qformer_config", hf_config)
-        act = hf_config.hidden_act
-        if not isinstance(act, str):
-            raise ValueError(f"{_NAME}: hidden_act must be a string, got {act!r}")
-        if getattr(hf_config, "position_embedding_type", "absolute") != "absolute":
-            raise ValueError(f"{_NAME}: only absolute position embeddings (none for query tokens) are supported")
-        return cls(
-            hidden_size=hf_config.hidden_size,
-            num_hidden_layers=hf_config.num_hidden_layers,
-            num_attention_heads=hf_config.num_attention_heads,
-            intermediate_size=hf_config.intermediate_size,
-            encoder_hidden_size=hf_config.encoder_hidden_size,
-            cross_attention_frequency=hf_config.cross_attention_frequency,
-            layer_norm_eps=hf_config.layer_norm_eps,
-            hidden_act=act,
-            hidden_dropout_prob=hf_config.hidden_dropout_prob,
-            attention_probs_dropout_prob=float(getattr(hf_config, "attention_probs_dropout_prob", 0.0) or 0.0),
-        )
-
-
-# BLIP-2 (OPT-2.7b/6.7b, FlanT5-XL/XXL: one Q-Former config) and InstructBLIP (the same Q-Former shapes; for query
-# tokens alone its forward is the same, see docs/models/qformer.md).
-PRESETS: dict[str, QFormerConfig] = {
-    "blip2": QFormerConfig(),
-    "instructblip": QFormerConfig(),
-}
+_OP = "qformer_cross_attention"
 
 
 def qformer_flops(config: QFormerConfig = PRESETS["blip2"], *, num_queries: int = NUM_QUERY_TOKENS,
@@ -154,33 +59,37 @@ def qformer_flops(config: QFormerConfig = PRESETS["blip2"], *, num_queries: int 
 
 
 class _QFormerLayer(nn.Module):
-    def __init__(self, config: QFormerConfig, cross_index: int | None, backend: str | None, factory: dict) -> None:
+    # The layer's self-attention runs the op itself; its cross-attention part gets its share of the choice.
+    backend = ModuleBackend(_OP)
+
+    def __init__(self, config: QFormerConfig, cross_index: int | None, factory: dict,
+                 backend: BackendChoice = None) -> None:
         super().__init__()
         d, eps = config.hidden_size, config.layer_norm_eps
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.backend = backend
         self.attention_dropout = config.attention_probs_dropout_prob
         self.cross_index = cross_index
-        self.act = _ACTIVATIONS[config.hidden_act]
+        self.act = ACTIVATIONS[config.hidden_act]
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.qkv = nn.Linear(d, 3 * d, **factory)
         self.attn_out = nn.Linear(d, d, **factory)
         self.attn_norm = nn.LayerNorm(d, eps=eps, **factory)
         if cross_index is not None:
             self.cross = QFormerCrossAttention(d, config.num_attention_heads, config.encoder_hidden_size,
-                                               project_kv=False, backend=backend,
+                                               project_kv=False,
                                                dropout=config.attention_probs_dropout_prob, **factory)
             self.cross_out = nn.Linear(d, d, **factory)
             self.cross_norm = nn.LayerNorm(d, eps=eps, **factory)
         self.fc1 = nn.Linear(d, config.intermediate_size, **factory)
         self.fc2 = nn.Linear(config.intermediate_size, d, **factory)
         self.ffn_norm = nn.LayerNorm(d, eps=eps, **factory)
+        self.backend = backend  # last: the cross-attention part gets it too
 
     def forward(self, x: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
                 kv_lens: torch.Tensor | None) -> torch.Tensor:
         q, sk, sv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim)).unbind(2)
-        ctx = qformer_cross_attention(q, sk, sv, backend=self.backend,
+        ctx = qformer_cross_attention(q, sk, sv, backend=self._backends[_OP],
                                       dropout_p=self.attention_dropout if self.training else 0.0).flatten(2)
         x = self.attn_norm(x + self.dropout(self.attn_out(ctx)))
         if self.cross_index is not None:
@@ -202,8 +111,10 @@ class QFormer(nn.Module):
 
     Build from a config (``QFormer(PRESETS["blip2"])``), from a HF model (:meth:`from_hf`) or load a converted HF
     state dict (:func:`mmkernels.models.convert.qformer.hf_to_mmkernels`). ``backend`` applies to every attention
-    op (``None`` = auto).
+    op (``None`` = auto); assigning ``qformer.backend`` checks it (``BackendError``) and passes it to every layer.
     """
+
+    backend = ModuleBackend(_OP)
 
     def __init__(self, config: QFormerConfig = PRESETS["blip2"], *, backend: BackendChoice = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
@@ -212,8 +123,6 @@ class QFormer(nn.Module):
         if not isinstance(config, QFormerConfig):
             raise TypeError(f"{_NAME}: config must be a QFormerConfig, got {type(config).__name__}")
         self.config = config
-        self._backend_choice = backend
-        backend = resolve_backends(_NAME, backend, ("qformer_cross_attention",))["qformer_cross_attention"]
         factory = dict(device=device, dtype=dtype)
         d = config.hidden_size
         cross = config.cross_layers
@@ -223,22 +132,9 @@ class QFormer(nn.Module):
         self.kv_proj = nn.Linear(config.encoder_hidden_size, 2 * len(cross) * d, **factory)
         index = {layer: c for c, layer in enumerate(cross)}
         self.layers = nn.ModuleList(
-            _QFormerLayer(config, index.get(i), backend, factory) for i in range(config.num_hidden_layers)
+            _QFormerLayer(config, index.get(i), factory) for i in range(config.num_hidden_layers)
         )
-
-    @property
-    def backend(self) -> BackendChoice:
-        """The backend choice; assigning it checks it (``BackendError``) and passes it to every layer's attention."""
-        return self._backend_choice
-
-    @backend.setter
-    def backend(self, value: BackendChoice) -> None:
-        backend = resolve_backends(_NAME, value, ("qformer_cross_attention",))["qformer_cross_attention"]
-        for layer in self.layers:
-            layer.backend = backend
-            if layer.cross_index is not None:
-                layer.cross.backend = backend
-        self._backend_choice = value
+        self.backend = backend  # last: checked, then handed to every layer
 
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> QFormer:
@@ -247,20 +143,15 @@ class QFormer(nn.Module):
         return cls(PRESETS[name], **kwargs)
 
     @classmethod
-    def from_hf(cls, model: nn.Module, *, backend: str | None = None, hidden_dropout_prob: float | None = None
+    def from_hf(cls, model: nn.Module, *, backend: BackendChoice = None, hidden_dropout_prob: float | None = None
                 ) -> QFormer:
         """Copy a HF ``Blip2QFormerModel`` / ``InstructBlipQFormerModel`` (or a BLIP-2 / InstructBLIP model that
-        holds one as ``.qformer``). Same device, dtype and train/eval mode. Nothing is downloaded."""
-        from .convert.qformer import hf_to_mmkernels
-
-        qformer = getattr(model, "qformer", model)
-        config = QFormerConfig.from_hf(qformer.config)
-        if hidden_dropout_prob is not None:
-            config = dataclasses.replace(config, hidden_dropout_prob=hidden_dropout_prob)
-        ref = next(qformer.parameters())
-        out = cls(config, backend=backend, device=ref.device, dtype=ref.dtype)
-        out.load_state_dict(hf_to_mmkernels(qformer.state_dict(), config))
-        return out.train(qformer.training)
+        holds one as ``.qformer``). Same device, dtype and train/eval mode. Nothing is downloaded. A thin call:
+        :func:`mmkernels.models.convert.qformer.from_hf` reads the config and converts the weights."""
+        config, state_dict, like, training = _convert.from_hf(model, hidden_dropout_prob=hidden_dropout_prob)
+        out = cls(config, backend=backend, device=like.device, dtype=like.dtype)
+        out.load_state_dict(state_dict)
+        return out.train(training)
 
     def _kv_lens(self, mask: torch.Tensor | None, B: int, Lk: int) -> torch.Tensor | None:
         if mask is None:

@@ -20,24 +20,21 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .._backends import BackendChoice, resolve_backends
+from .._backends import BackendChoice, ModuleBackend
 from ..nn.moe import ZeroComputeMoE
+from ..nn.moe_dispatch import RoutedTokens, expert_parallel, expert_parallel_group, phase
 from ..nn.moe_losses import device_balance_loss
 from ..ops import _validate as v
 from ..ops.attention import MAX_HEAD_DIM, attention
-from ..ops.moe import moe_route
 
 __all__ = ["SCMOE_PRESETS", "KVCache", "RotaryAttention", "ScMoEConfig", "ScMoEDecoder", "ScMoEDecoderLayer",
            "SwiGLUMLP", "apply_rotary"]
 
 _LAYER_OPS = ("attention", "moe_route", "moe_experts", "moe_permute", "moe_grouped_swiglu", "moe_unpermute",
               "expert_bias_update_")
-_MOE_OPS = ("moe_route", "moe_experts", "expert_bias_update_")
-_EP_OPS = ("moe_route", "moe_permute", "moe_grouped_swiglu", "moe_unpermute", "expert_bias_update_")
 
 
 @dataclass(frozen=True)
@@ -179,17 +176,20 @@ class RotaryAttention(nn.Module):
     ``qkv``: ``Linear(D, (Hq + 2 Hkv) * hd, bias=False)`` (rows ``[q | k | v]``, as :class:`mmkernels.nn.Attention`),
     ``o_proj``: ``Linear(Hq * hd, D, bias=False)``. Split in two steps so the layer can schedule work around them:
     :meth:`project` (projections + RoPE) and :meth:`attend` (:func:`mmkernels.ops.attention`, causal, + ``o_proj``).
+    ``backend``: ``None``, a name or ``{"attention": name}`` (checked when set).
     """
 
-    def __init__(self, config: ScMoEConfig, *, backend: str | None = None, device=None, dtype=None) -> None:
+    backend = ModuleBackend("attention")
+
+    def __init__(self, config: ScMoEConfig, *, backend: BackendChoice = None, device=None, dtype=None) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.rope_theta = config.rope_theta
-        self.backend = backend
         width = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
         self.qkv = nn.Linear(config.hidden_size, width, bias=False, device=device, dtype=dtype)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False, device=device,
                                 dtype=dtype)
+        self.backend = backend
 
     def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [B, L, Hq, hd], k and v [B, L, Hkv, hd], RoPE applied to q and k."""
@@ -200,7 +200,7 @@ class RotaryAttention(nn.Module):
         return q, k, val.unflatten(-1, (hkv, d))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, val: torch.Tensor) -> torch.Tensor:
-        out = attention(q, k, val, causal=True, backend=self.backend)
+        out = attention(q, k, val, causal=True, backend=self._backends["attention"])
         return self.o_proj(out.flatten(-2))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -232,18 +232,6 @@ class _Fork(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_dense, g_moe):
         return g_dense + g_moe
-
-
-def _ep_group(ep_group):
-    """The expert-parallel ProcessGroup, or None for a world of one."""
-    if ep_group is None:
-        if not (dist.is_available() and dist.is_initialized()):
-            return None
-        ep_group = dist.group.WORLD
-    from ..distributed.expert_parallel import resolve_group
-
-    pg = resolve_group(ep_group, owner="ScMoEDecoderLayer")
-    return pg if dist.get_world_size(pg) > 1 else None
 
 
 class ScMoEDecoderLayer(nn.Module):
@@ -284,6 +272,8 @@ class ScMoEDecoderLayer(nn.Module):
         TypeError / ValueError: bad config, backend or input shapes.
     """
 
+    backend = ModuleBackend(*_LAYER_OPS)
+
     def __init__(self, config: ScMoEConfig, *, overlap: bool = True, ep_group=None, backend: BackendChoice = None,
                  device=None, dtype=None) -> None:
         super().__init__()
@@ -292,47 +282,28 @@ class ScMoEDecoderLayer(nn.Module):
             raise TypeError(f"ScMoEDecoderLayer: config must be a ScMoEConfig, got {type(config).__name__}")
         self.config = config
         self.overlap = bool(overlap)
-        backends = resolve_backends("ScMoEDecoderLayer", backend, _LAYER_OPS)
         c, factory = config, {"device": device, "dtype": dtype}
         self.input_layernorm = nn.ModuleList(nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **factory)
                                              for _ in range(2))
-        self.self_attn = nn.ModuleList(RotaryAttention(c, backend=backends["attention"], **factory) for _ in range(2))
+        self.self_attn = nn.ModuleList(RotaryAttention(c, **factory) for _ in range(2))
         self.post_attention_layernorm = nn.ModuleList(nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **factory)
                                                       for _ in range(2))
         self.mlps = nn.ModuleList(SwiGLUMLP(c.hidden_size, c.dense_intermediate_size, **factory) for _ in range(2))
         moe = ZeroComputeMoE(c.hidden_size, c.num_ffn_experts, c.num_zero_experts, c.top_k,
                              c.expert_intermediate_size, routed_scaling_factor=c.routed_scaling_factor,
-                             target_ffn_per_token=c.target_ffn_per_token, backend={op: backends[op] for op in _MOE_OPS},
-                             balancer_kwargs={"ki": c.bias_ki}, **factory)
-        group = _ep_group(ep_group)
-        if group is None:
-            self.mlp = moe
-        else:
-            from ..distributed.expert_parallel import ExpertParallelMoE
-
-            self.mlp = ExpertParallelMoE.from_moe(moe, group, backend={op: backends[op] for op in _EP_OPS})
+                             target_ffn_per_token=c.target_ffn_per_token, balancer_kwargs={"ki": c.bias_ki},
+                             **factory)
+        # Expert parallelism plugs in through nn.moe_dispatch (filled in by mmkernels.distributed on import): the
+        # same MoE step protocol either way, so forward has one schedule.
+        group = expert_parallel_group(ep_group, owner="ScMoEDecoderLayer")
+        self.mlp = moe if group is None else expert_parallel(moe, group, owner="ScMoEDecoderLayer")
         self.expert_parallel = group is not None
-        self.ep_world_size = 1 if group is None else dist.get_world_size(group)
+        self.ep_world_size = 1 if group is None else torch.distributed.get_world_size(group)
         # The device-level balance loss of the last training forward (None when off); see balance_loss().
         self._balance_loss: torch.Tensor | None = None
-        self._backend_choice = backend
-        # Optional callable(name) called at phase boundaries (the benchmark's timeline); see docs/models/scmoe.md.
-        self.phase_hook = None
         # This layer's slot in a KVCache; ScMoEDecoder numbers its layers 0..num_layers-1.
         self.layer_index = 0
-
-    @property
-    def backend(self) -> BackendChoice:
-        """The backend choice; assigning one checks it and passes it on to every op of the layer."""
-        return self._backend_choice
-
-    @backend.setter
-    def backend(self, value: BackendChoice) -> None:
-        backends = resolve_backends("ScMoEDecoderLayer", value, _LAYER_OPS)
-        self._backend_choice = value
-        for attn in self.self_attn:
-            attn.backend = backends["attention"]
-        self.mlp.backend = {op: backends[op] for op in (_EP_OPS if self.expert_parallel else _MOE_OPS)}
+        self.backend = backend  # last: checks the choice and hands every part (attention, MoE) its share
 
     def extra_repr(self) -> str:
         return f"overlap={self.overlap}, expert_parallel={self.expert_parallel}"
@@ -361,56 +332,54 @@ class ScMoEDecoderLayer(nn.Module):
                 raise ValueError(f"{name}: position_ids must be [B, L] or [L] with L = {length}, got "
                                  f"{tuple(position_ids.shape)}")
             check_positions(name, positions, eager=False)
+        with phase("mmkernels.scmoe.layer"):
+            return self._schedule(hidden, positions, padding_mask, kv_cache)
 
-        mark = self._mark
-        mark("attn0")
-        q0, k0, val0 = self.self_attn[0].project(self.input_layernorm[0](hidden), positions)
-        if kv_cache is not None:
-            # the new keys join the cached ones; attention is bottom-right causal (query i of the L new ones sees
-            # every cached key and the new keys up to itself)
-            k0, val0 = kv_cache.update(self.layer_index, 0, k0, val0)
-        h1 = hidden + self.self_attn[0].attend(q0, k0, val0)
-        u = self.post_attention_layernorm[0](h1)
-        u_dense, u_moe = _Fork.apply(u)
-        ep = self.expert_parallel
-        mark("moe_dispatch")
-        if ep:
-            dispatch = self.mlp.dispatch(u_moe, padding_mask=padding_mask)  # route, permute; counts in flight
-            if not self.overlap:
-                mark("wait_dispatch")
+    def _schedule(self, hidden: torch.Tensor, positions: torch.Tensor, padding_mask: torch.Tensor | None,
+                  kv_cache: KVCache | None) -> torch.Tensor:
+        """The one schedule, whatever the MoE's dispatcher: with the local one every handle is already complete
+        (the experts run where the combine is issued); with the all-to-all one the count exchange hides behind
+        FFN_0, the rows behind Attn_1 and the combine behind FFN_1 (``overlap=False``: each waited for at once)."""
+        mlp, overlap = self.mlp, self.overlap
+        with phase("mmkernels.scmoe.attn0"):
+            q0, k0, val0 = self.self_attn[0].project(self.input_layernorm[0](hidden), positions)
+            if kv_cache is not None:
+                # the new keys join the cached ones; attention is bottom-right causal (query i of the L new ones
+                # sees every cached key and the new keys up to itself)
+                k0, val0 = kv_cache.update(self.layer_index, 0, k0, val0)
+            h1 = hidden + self.self_attn[0].attend(q0, k0, val0)
+            u = self.post_attention_layernorm[0](h1)
+            u_dense, u_moe = _Fork.apply(u)
+        with phase("mmkernels.scmoe.moe_dispatch"):
+            dispatch = mlp.dispatch(u_moe, padding_mask=padding_mask)  # route, permute; counts in flight
+        if not overlap:
+            with phase("mmkernels.scmoe.wait_dispatch"):
                 dispatch.wait()
-        else:
-            m = self.mlp(u_moe, padding_mask=padding_mask)
         if self.training and self.config.balance_loss_coef > 0 and self.config.target_ffn_per_token is not None:
-            self._balance_loss = self._device_balance_loss(u_moe, padding_mask)
-        mark("ffn0")
-        h2 = h1 + self.mlps[0](u_dense)  # FFN_0 || count exchange
-        if ep and self.overlap:
-            mark("send_rows")
-            dispatch.send()  # the layer's one host sync (split sizes), then the rows go out
-        mark("attn1_proj")
-        q, k, val = self.self_attn[1].project(self.input_layernorm[1](h2), positions)  # || rows
-        if kv_cache is not None:
-            k, val = kv_cache.update(self.layer_index, 1, k, val)
-        mark("attn1")
-        h3 = h2 + self.self_attn[1].attend(q, k, val)  # rest of Attn_1 || rows
-        if ep:
-            if self.overlap:
-                mark("wait_dispatch")
+            self._balance_loss = self._device_balance_loss(dispatch.routed, padding_mask)
+        with phase("mmkernels.scmoe.ffn0"):
+            h2 = h1 + self.mlps[0](u_dense)  # FFN_0 || count exchange
+        if overlap:
+            with phase("mmkernels.scmoe.send_rows"):
+                dispatch.send()  # the layer's one host sync (split sizes), then the rows go out
+        with phase("mmkernels.scmoe.attn1_proj"):
+            q, k, val = self.self_attn[1].project(self.input_layernorm[1](h2), positions)  # || rows
+            if kv_cache is not None:
+                k, val = kv_cache.update(self.layer_index, 1, k, val)
+        with phase("mmkernels.scmoe.attn1"):
+            h3 = h2 + self.self_attn[1].attend(q, k, val)  # rest of Attn_1 || rows
+        with phase("mmkernels.scmoe.wait_dispatch" if overlap else "mmkernels.scmoe.dispatched"):
             dispatched = dispatch.wait()
-            combine = self.mlp.combine(self.mlp.run_experts(dispatched), dispatched)  # expert GEMMs: exposed
-            if not self.overlap:
-                mark("wait_combine")
+        with phase("mmkernels.scmoe.moe_experts"):
+            combine = mlp.combine(mlp.run_experts(dispatched), dispatched)  # expert GEMMs: exposed
+        if not overlap:
+            with phase("mmkernels.scmoe.wait_combine"):
                 combine.wait()
-        mark("ffn1")
-        f1 = self.mlps[1](self.post_attention_layernorm[1](h3))  # FFN_1 || combine
-        if ep:
-            if self.overlap:
-                mark("wait_combine")
+        with phase("mmkernels.scmoe.ffn1"):
+            f1 = self.mlps[1](self.post_attention_layernorm[1](h3))  # FFN_1 || combine
+        with phase("mmkernels.scmoe.wait_combine" if overlap else "mmkernels.scmoe.combined"):
             m = combine.wait()
-        out = h3 + f1 + m
-        mark("end")
-        return out
+        return h3 + f1 + m
 
     def __getstate__(self):
         # The pending loss holds autograd history, which deepcopy and pickle cannot copy; it is per-forward state.
@@ -419,34 +388,21 @@ class ScMoEDecoderLayer(nn.Module):
         state["_balance_loss"] = None
         return state
 
-    def _device_balance_loss(self, u: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+    def _device_balance_loss(self, routed: RoutedTokens, padding_mask: torch.Tensor | None) -> torch.Tensor:
         """LongCat-Flash's device-level balance loss of this forward's routing (one FFN group per expert-parallel
-        rank, plus the zero experts): the fp32 router logits again (one small GEMM, on the graph so the loss
-        reaches the router; the MoE's own copy is not exposed on the overlapped path) and the picks made with
-        the current bias, exactly as the MoE made them."""
-        moe, c = self.mlp, self.config
-        x = u.reshape(-1, c.hidden_size)
+        rank, plus the zero experts), from the MoE's own fp32 router logits (on the graph, so the loss reaches the
+        router: one router GEMM per step) and its own picks (the current bias; padding slots left out)."""
+        c = self.config
         pad = None if padding_mask is None else padding_mask.reshape(-1)
-        if pad is not None:
-            x = torch.where(pad[:, None], 0.0, x)
-        logits = moe.router(x)
-        ids = moe_route(logits.detach(), top_k=c.top_k, num_ffn_experts=c.num_ffn_experts, bias=moe.balancer.bias,
-                        routed_scaling_factor=c.routed_scaling_factor, backend=self._moe_route_backend()).topk_ids
-        return device_balance_loss(logits, ids, num_ffn_experts=c.num_ffn_experts, num_groups=self.ep_world_size,
-                                   top_k=c.top_k, target_ffn_per_token=c.target_ffn_per_token, padding_mask=pad)
-
-    def _moe_route_backend(self):
-        return resolve_backends("ScMoEDecoderLayer", self._backend_choice, _LAYER_OPS)["moe_route"]
+        return device_balance_loss(routed.router_logits, routed.routing.topk_ids, num_ffn_experts=c.num_ffn_experts,
+                                   num_groups=self.ep_world_size, top_k=c.top_k,
+                                   target_ffn_per_token=c.target_ffn_per_token, padding_mask=pad)
 
     def balance_loss(self) -> torch.Tensor | None:
         """``balance_loss_coef`` x the device-level balance loss of the last training forward, then forgotten
         (``None`` if there was none): add it to the training loss once per forward."""
         loss, self._balance_loss = self._balance_loss, None
         return None if loss is None else self.config.balance_loss_coef * loss
-
-    def _mark(self, name: str) -> None:
-        if self.phase_hook is not None:
-            self.phase_hook(name)
 
 
 # ---- the decoder --------------------------------------------------------------------------------------------------
@@ -527,6 +483,8 @@ class ScMoEDecoder(nn.Module):
         TypeError / ValueError: bad config, backend, ids or shapes.
     """
 
+    backend = ModuleBackend(*_LAYER_OPS)
+
     def __init__(self, config: ScMoEConfig, *, overlap: bool = True, ep_group=None, backend: BackendChoice = None,
                  device=None, dtype=None) -> None:
         super().__init__()
@@ -535,16 +493,15 @@ class ScMoEDecoder(nn.Module):
             raise TypeError(f"ScMoEDecoder: config must be a ScMoEConfig, got {type(config).__name__}")
         self.config = config
         c, factory = config, {"device": device, "dtype": dtype}
-        resolve_backends("ScMoEDecoder", backend, _LAYER_OPS)
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, **factory)
-        self.layers = nn.ModuleList(ScMoEDecoderLayer(c, overlap=overlap, ep_group=ep_group, backend=backend, **factory)
+        self.layers = nn.ModuleList(ScMoEDecoderLayer(c, overlap=overlap, ep_group=ep_group, **factory)
                                     for _ in range(c.num_layers))
         for i, layer in enumerate(self.layers):
             layer.layer_index = i
         self.norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **factory)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False, **factory)
-        self._backend_choice = backend
         self.reset_parameters()
+        self.backend = backend  # last: checks the choice and hands every layer its share
 
     def reset_parameters(self) -> None:
         """Embedding and (untied) LM head ~ N(0, initializer_range) as HF decoders; the layers keep their own init."""
@@ -565,17 +522,6 @@ class ScMoEDecoder(nn.Module):
         out = super()._apply(fn, recurse)
         self._tie()
         return out
-
-    @property
-    def backend(self) -> BackendChoice:
-        return self._backend_choice
-
-    @backend.setter
-    def backend(self, value: BackendChoice) -> None:
-        resolve_backends("ScMoEDecoder", value, _LAYER_OPS)
-        for layer in self.layers:
-            layer.backend = value
-        self._backend_choice = value
 
     def new_cache(self) -> KVCache:
         """An empty :class:`KVCache` for this decoder."""

@@ -17,94 +17,20 @@ has them on).
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._backends import BackendChoice, resolve_backends
+from .._backends import BackendChoice, ModuleBackend
 from ..nn.attention import Attention
-from ..nn.patch_embed import POS_INTERPOLATIONS, PatchEmbed
+from ..nn.patch_embed import PatchEmbed
 from ..ops import _validate as check
+from .convert import vit as _convert
+from .vit_config import ACTIVATIONS, PRESETS, ViTConfig
 
-__all__ = ["PRESETS", "ViT", "ViTBlock", "ViTConfig"]
-
-_NAME = "ViTConfig"
-
-ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
-
-
-@dataclass(frozen=True)
-class ViTConfig:
-    """Shape of a ViT encoder. ``head_dim = hidden_size // num_heads``."""
-
-    image_size: int | tuple[int, int] = 224
-    patch_size: int = 16
-    in_channels: int = 3
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    mlp_dim: int = 3072
-    qkv_bias: bool = True
-    layer_norm_eps: float = 1e-6
-    act: str = "gelu"  # "gelu" (erf), "gelu_tanh", "quick_gelu" (CLIP)
-    class_token: bool = True
-    pre_norm: bool = False  # a LayerNorm after the embeddings (CLIP-style)
-    pos_interpolation: str = "hf"  # how the position embedding is resized for other image sizes
-    attention_dropout: float = 0.0  # on the attention probabilities, in training mode (HF attention_probs_dropout_prob)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.image_size, tuple | list):
-            if len(self.image_size) != 2:
-                raise ValueError(f"{_NAME}: image_size must be an int or (height, width), got {self.image_size!r}")
-            for i, size in enumerate(self.image_size):
-                check.integer(f"image_size[{i}]", size, op=_NAME, low=1)
-        else:
-            check.integer("image_size", self.image_size, op=_NAME, low=1)
-        for field in ("patch_size", "in_channels", "hidden_size", "num_heads", "mlp_dim"):
-            check.integer(field, getattr(self, field), op=_NAME, low=1)
-        check.integer("num_layers", self.num_layers, op=_NAME, low=0)
-        check.real("layer_norm_eps", self.layer_norm_eps, op=_NAME, low=0.0)
-        check.real("attention_dropout", self.attention_dropout, op=_NAME, low=0.0)
-        if self.attention_dropout >= 1.0:
-            raise ValueError(f"{_NAME}: attention_dropout must be in [0, 1), got {self.attention_dropout}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"ViTConfig: hidden_size {self.hidden_size} is not divisible by num_heads "
-                             f"{self.num_heads}")
-        if self.act not in ACTIVATIONS:
-            raise ValueError(f"ViTConfig: act must be one of {ACTIVATIONS}, got {self.act!r}")
-        if self.pos_interpolation not in POS_INTERPOLATIONS:
-            raise ValueError(f"ViTConfig: pos_interpolation must be one of {POS_INTERPOLATIONS}, "
-                             f"got {self.pos_interpolation!r}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    def replace(self, **changes) -> ViTConfig:
-        return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def preset(cls, name: str) -> ViTConfig:
-        """``"vit_b_16"``, ``"vit_l_14"``, ``"vit_h_14"`` or ``"vit_g_14"``."""
-        if name not in PRESETS:
-            raise ValueError(f"{_NAME}: unknown preset {name!r}; presets: {sorted(PRESETS)}")
-        return PRESETS[name]
-
-
-PRESETS: dict[str, ViTConfig] = {
-    # ViT-B/16 (Dosovitskiy et al.; google/vit-base-patch16-224)
-    "vit_b_16": ViTConfig(image_size=224, patch_size=16, hidden_size=768, num_layers=12, num_heads=12, mlp_dim=3072),
-    # ViT-L/14 (CLIP ViT-L/14 shapes, LLaVA's vision tower; at 336 px: image_size=336)
-    "vit_l_14": ViTConfig(image_size=224, patch_size=14, hidden_size=1024, num_layers=24, num_heads=16, mlp_dim=4096),
-    # ViT-H/14 (OpenCLIP ViT-H/14)
-    "vit_h_14": ViTConfig(image_size=224, patch_size=14, hidden_size=1280, num_layers=32, num_heads=16, mlp_dim=5120),
-    # ViT-g/14 as used by BLIP-2 (EVA-CLIP g, first 39 layers): head dim 1408/16 = 88
-    "vit_g_14": ViTConfig(image_size=224, patch_size=14, hidden_size=1408, num_layers=39, num_heads=16, mlp_dim=6144),
-}
+__all__ = ["ACTIVATIONS", "PRESETS", "ViT", "ViTBlock", "ViTConfig"]
 
 
 class ViTMLP(nn.Module):
@@ -128,7 +54,7 @@ class ViTMLP(nn.Module):
 class ViTBlock(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``."""
 
-    def __init__(self, config: ViTConfig, *, backend: str | None = None, **factory) -> None:
+    def __init__(self, config: ViTConfig, *, backend: BackendChoice = None, **factory) -> None:
         super().__init__()
         d = config.hidden_size
         self.norm1 = nn.LayerNorm(d, eps=config.layer_norm_eps, **factory)
@@ -147,7 +73,12 @@ class ViT(nn.Module):
 
     Build with a :class:`ViTConfig`, a preset name (``"vit_b_16"``, ``"vit_l_14"``, ``"vit_h_14"``,
     ``"vit_g_14"``), or from a loaded model with :meth:`from_hf` / :meth:`from_timm` (no download).
+
+    ``backend``: ``None``, a name or ``{op: name}`` over ``patch_embed`` and ``attention``; assigning
+    ``vit.backend`` checks the whole choice (``BackendError``) and passes each part its share.
     """
+
+    backend = ModuleBackend("patch_embed", "attention")
 
     def __init__(self, config: ViTConfig | str = "vit_b_16", *, backend: BackendChoice = None,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
@@ -160,34 +91,18 @@ class ViT(nn.Module):
         if not isinstance(config, ViTConfig):
             raise TypeError(f"ViT: config must be a ViTConfig or a preset name, got {type(config).__name__}")
         self.config = config
-        self._backend_choice = backend
-        backends = resolve_backends("ViT", backend, ("patch_embed", "attention"))
         factory = {"device": device, "dtype": dtype}
         self.patch_embed = PatchEmbed(
             config.image_size, config.patch_size, config.in_channels, config.hidden_size, bias=True,
-            cls_token=config.class_token, pos_embed=True, pos_interpolation=config.pos_interpolation,
-            backend=backends["patch_embed"], **factory,
+            cls_token=config.class_token, pos_embed=True, pos_interpolation=config.pos_interpolation, **factory,
         )
         self.norm_pre = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **factory) if config.pre_norm \
             else None
-        self.blocks = nn.ModuleList([ViTBlock(config, backend=backends["attention"], **factory)
-                                     for _ in range(config.num_layers)])
+        self.blocks = nn.ModuleList([ViTBlock(config, **factory) for _ in range(config.num_layers)])
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps, **factory)
         self._init_weights()
-
-    @property
-    def backend(self) -> BackendChoice:
-        """The backend choice; assigning it checks it (``BackendError``) and passes it to the patch embedding and
-        every block's attention."""
-        return self._backend_choice
-
-    @backend.setter
-    def backend(self, value: BackendChoice) -> None:
-        backends = resolve_backends("ViT", value, ("patch_embed", "attention"))
-        self.patch_embed.backend = backends["patch_embed"]
-        for block in self.blocks:
-            block.attn.backend = backends["attention"]
-        self._backend_choice = value
+        # Last: checks the choice and hands the patch embedding and every block's attention its share.
+        self.backend = backend
 
     @classmethod
     def preset(cls, name: str, **overrides) -> ViT:
@@ -222,34 +137,25 @@ class ViT(nn.Module):
             x = block(x)
         return self.norm(x)
 
-    # -- converters ---------------------------------------------------------------------------------------------
+    # -- converters (thin: mmkernels.models.convert.vit reads the config and the weights) ---------------------
 
     @classmethod
-    def from_hf(cls, model, *, backend: str | None = None) -> ViT:
+    def from_hf(cls, model, *, backend: BackendChoice = None) -> ViT:
         """From a loaded HF ``ViTModel`` (or ``ViTFor*``) or ``Blip2VisionModel``; weights are copied, nothing is
         downloaded. The result matches the model's ``last_hidden_state`` (with ``interpolate_pos_encoding=True``
         for other image sizes)."""
-        from .convert.vit import _unwrap_hf, hf_to_mmkernels, vit_config_from_hf
-
-        model = _unwrap_hf(model)
-        config = vit_config_from_hf(model.config)
-        return cls._from_state_dict(config, hf_to_mmkernels(model.state_dict(), num_layers=config.num_layers),
-                                    model, backend)
+        return cls._from_state_dict(*_convert.from_hf(model), backend)
 
     @classmethod
-    def from_timm(cls, model, *, backend: str | None = None) -> ViT:
+    def from_timm(cls, model, *, backend: BackendChoice = None) -> ViT:
         """From a loaded timm ``VisionTransformer``; matches its ``forward_features``."""
-        from .convert.vit import timm_to_mmkernels, vit_config_from_timm
-
-        config = vit_config_from_timm(model)
-        return cls._from_state_dict(config, timm_to_mmkernels(model.state_dict(), num_layers=config.num_layers),
-                                    model, backend)
+        return cls._from_state_dict(*_convert.from_timm(model), backend)
 
     @classmethod
-    def _from_state_dict(cls, config: ViTConfig, state_dict: dict, model, backend) -> ViT:
+    def _from_state_dict(cls, config: ViTConfig, state_dict: dict, training: bool, backend: BackendChoice) -> ViT:
         ref = next(iter(state_dict.values()))
         with torch.device("meta"):
             vit = cls(config, backend=backend, dtype=ref.dtype)
         vit.load_state_dict(state_dict, strict=True, assign=True)
-        vit.train(getattr(model, "training", False))
+        vit.train(training)
         return vit

@@ -16,84 +16,21 @@ update) takes the model's ``backend``.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from .._backends import BackendChoice, resolve_backends
+from .._backends import BackendChoice, ModuleBackend
 from ..ops import _validate as v
-from .qformer import QFormer, QFormerConfig
+from .convert import blip2 as _convert
+from .qformer import QFormer
 from .scmoe import _LAYER_OPS, ScMoEConfig, ScMoEDecoder
-from .vit import ViT, ViTConfig
+from .vit import ViT
+from .vlm_config import VLM_PRESETS, VLMConfig
 
 __all__ = ["VLM_PRESETS", "VLMConfig", "VisionLanguageModel"]
 
 _NAME = "VisionLanguageModel"
 _VLM_OPS = (*_LAYER_OPS, "patch_embed", "qformer_cross_attention")
-
-
-@dataclass(frozen=True)
-class VLMConfig:
-    """Shapes of a :class:`VisionLanguageModel`: ``vision`` (ViT), ``qformer`` (its ``encoder_hidden_size`` must be
-    the ViT's ``hidden_size``), ``decoder`` (ScMoE language model) and ``num_query_tokens`` (1..128).
-
-    ``VLMConfig.preset("tiny" | "small")``, ``config.replace(...)``. Raises TypeError / ValueError naming the field.
-    """
-
-    vision: ViTConfig
-    qformer: QFormerConfig
-    decoder: ScMoEConfig
-    num_query_tokens: int = 32
-
-    def __post_init__(self) -> None:
-        name = "VLMConfig"
-        for field, cls in (("vision", ViTConfig), ("qformer", QFormerConfig), ("decoder", ScMoEConfig)):
-            if not isinstance(getattr(self, field), cls):
-                raise TypeError(f"{name}: {field} must be a {cls.__name__}, got {type(getattr(self, field)).__name__}")
-        v.integer("num_query_tokens", self.num_query_tokens, op=name, low=1, high=128)
-        if self.qformer.encoder_hidden_size != self.vision.hidden_size:
-            raise ValueError(f"{name}: qformer.encoder_hidden_size ({self.qformer.encoder_hidden_size}) must equal "
-                             f"vision.hidden_size ({self.vision.hidden_size})")
-
-    @classmethod
-    def preset(cls, name: str) -> VLMConfig:
-        """``"tiny"`` (trains on a CPU in a couple of minutes) or ``"small"`` (a GPU); docs/models/vlm.md."""
-        if name not in VLM_PRESETS:
-            raise ValueError(f"VLMConfig: unknown preset {name!r}; presets: {sorted(VLM_PRESETS)}")
-        return VLM_PRESETS[name]
-
-    def replace(self, **changes) -> VLMConfig:
-        return dataclasses.replace(self, **changes)
-
-
-VLM_PRESETS: dict[str, VLMConfig] = {
-    # 16x16 images in 4x4 patches (16 image tokens + cls), 4 queries, the tiny ScMoE decoder (vocab 128).
-    "tiny": VLMConfig(
-        vision=ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_layers=1, num_heads=2, mlp_dim=64),
-        qformer=QFormerConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                              encoder_hidden_size=32, cross_attention_frequency=1, hidden_dropout_prob=0.0,
-                              attention_probs_dropout_prob=0.0),
-        decoder=ScMoEConfig.preset("tiny"),
-        num_query_tokens=4,
-    ),
-    # 64x64 images in 8x8 patches (64 image tokens + cls), 16 queries, the small ScMoE decoder (vocab 4096).
-    "small": VLMConfig(
-        vision=ViTConfig(image_size=64, patch_size=8, hidden_size=256, num_layers=4, num_heads=4, mlp_dim=1024),
-        qformer=QFormerConfig(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024,
-                              encoder_hidden_size=256, cross_attention_frequency=1, hidden_dropout_prob=0.0,
-                              attention_probs_dropout_prob=0.0),
-        decoder=ScMoEConfig.preset("small"),
-        num_query_tokens=16,
-    ),
-}
-
-
-def _is_blip2_config(config) -> bool:
-    """A HF ``Blip2Config`` / ``InstructBlipConfig`` (duck-typed: transformers stays an optional import)."""
-    return all(getattr(getattr(config, part, None), "hidden_size", None) is not None
-               for part in ("vision_config", "qformer_config"))
 
 
 class VisionLanguageModel(nn.Module):
@@ -114,7 +51,12 @@ class VisionLanguageModel(nn.Module):
     positions (position i predicts token i+1). ``padding_mask`` bool [B, L], right padding (see
     :class:`ScMoEDecoder`). ``generate(pixel_values, input_ids, max_new_tokens) -> [B, L + max_new_tokens]``:
     greedy decoding with a :class:`KVCache`.
+
+    ``vlm.backend = ...`` checks the whole choice against every op of the model (``BackendError`` naming the op)
+    before any part changes, then hands the vision tower, the Q-Former and the decoder their shares.
     """
+
+    backend = ModuleBackend(*_VLM_OPS)
 
     def __init__(self, config: VLMConfig | str, *, overlap: bool = True, ep_group=None,
                  backend: BackendChoice = None, device=None, dtype=None) -> None:
@@ -125,34 +67,16 @@ class VisionLanguageModel(nn.Module):
         if not isinstance(config, VLMConfig):
             raise TypeError(f"{_NAME}: config must be a VLMConfig or a preset name, got {type(config).__name__}")
         self.config = config
-        backends = resolve_backends(_NAME, backend, _VLM_OPS)
         factory = {"device": device, "dtype": dtype}
-        self.vision = ViT(config.vision, backend={op: backends[op] for op in ("patch_embed", "attention")}, **factory)
+        self.vision = ViT(config.vision, **factory)
         self.query_tokens = nn.Parameter(torch.empty(1, config.num_query_tokens, config.qformer.hidden_size,
                                                      **factory))
-        self.qformer = QFormer(config.qformer, backend={"qformer_cross_attention": backends["qformer_cross_attention"]},
-                               **factory)
+        self.qformer = QFormer(config.qformer, **factory)
         self.projector = nn.Linear(config.qformer.hidden_size, config.decoder.hidden_size, **factory)
-        self.decoder = ScMoEDecoder(config.decoder, overlap=overlap, ep_group=ep_group,
-                                    backend={op: backends[op] for op in _LAYER_OPS}, **factory)
-        self._backend_choice = backend
+        self.decoder = ScMoEDecoder(config.decoder, overlap=overlap, ep_group=ep_group, **factory)
+        self.backend = backend  # last: checked, then each part gets its share
         if not self.query_tokens.is_meta:
             nn.init.normal_(self.query_tokens, std=0.02)  # BLIP-2's init of the learned queries
-
-    @property
-    def backend(self) -> BackendChoice:
-        """The backend choice: ``None``, a name or ``{op: name}``. Assigning it (``vlm.backend = "reference"``)
-        checks it against every op of the model (``BackendError`` naming the op) and passes it on to the vision
-        tower, the Q-Former and the decoder, as for :class:`ViT`, :class:`QFormer` and :class:`ScMoEDecoder`."""
-        return self._backend_choice
-
-    @backend.setter
-    def backend(self, value: BackendChoice) -> None:
-        backends = resolve_backends(_NAME, value, _VLM_OPS)  # all checked before any part changes
-        self.vision.backend = {op: backends[op] for op in ("patch_embed", "attention")}
-        self.qformer.backend = {"qformer_cross_attention": backends["qformer_cross_attention"]}
-        self.decoder.backend = {op: backends[op] for op in _LAYER_OPS}
-        self._backend_choice = value
 
     @property
     def num_query_tokens(self) -> int:
@@ -240,9 +164,9 @@ class VisionLanguageModel(nn.Module):
     def from_hf_blip2(cls, model, *, decoder: ScMoEConfig | None = None, hf_config=None,
                       backend: BackendChoice = None) -> VisionLanguageModel:
         """The vision tower, learned queries and Q-Former of a HF ``Blip2Model`` / ``Blip2ForConditionalGeneration``
-        (the model object, or its state dict with ``hf_config`` its ``Blip2Config``), through the converters
-        :func:`mmkernels.models.convert.vit.hf_to_mmkernels` and
-        :func:`mmkernels.models.convert.qformer.hf_to_mmkernels`.
+        (the model object, or its state dict with ``hf_config`` its ``Blip2Config``): a thin call into
+        :mod:`mmkernels.models.convert.blip2` (which uses :func:`mmkernels.models.convert.vit.hf_to_mmkernels` and
+        :func:`mmkernels.models.convert.qformer.hf_to_mmkernels`).
         The projector and the decoder are ours and freshly initialised (``decoder`` defaults to the tiny ScMoE
         preset); the HF language model and its projection are not used. Nothing is downloaded. Same dtype as the
         source weights; train/eval mode of the source object (eval for a state dict).
@@ -254,60 +178,6 @@ class VisionLanguageModel(nn.Module):
         for values that are not floating-point tensors or have the wrong shape (``query_tokens`` must be
         ``[1, hf_config.num_query_tokens, qformer hidden_size]``).
         """
-        from collections.abc import Mapping
-
-        from .convert import qformer as qconv
-        from .convert import vit as vconv
-        from .convert._common import check_value
-
-        op = f"{_NAME}.from_hf_blip2"
-        if decoder is not None and not isinstance(decoder, ScMoEConfig):
-            raise TypeError(f"{op}: decoder must be a ScMoEConfig (or None for the tiny preset), got "
-                            f"{type(decoder).__name__}")
-        if isinstance(model, nn.Module):
-            config = getattr(model, "config", None)
-            if not _is_blip2_config(config):
-                raise TypeError(f"{op}: model must be a HF Blip2Model / Blip2ForConditionalGeneration (its config has "
-                                f"vision_config and qformer_config), got {type(model).__name__} with config "
-                                f"{type(config).__name__}")
-            if hf_config is not None and hf_config is not config:
-                raise ValueError(f"{op}: hf_config is only for a state dict (a model brings its own config)")
-            hf_config, state_dict, training = config, model.state_dict(), model.training
-        elif isinstance(model, Mapping):
-            if hf_config is None:
-                raise TypeError(f"{op}: a state dict needs hf_config= (its Blip2Config)")
-            if not _is_blip2_config(hf_config):
-                raise TypeError(f"{op}: hf_config must be a Blip2Config (with vision_config and qformer_config), got "
-                                f"{type(hf_config).__name__}")
-            state_dict, training = dict(model), False
-        else:
-            raise TypeError(f"{op}: model must be a HF BLIP-2 model or its state dict, got {type(model).__name__}")
-        vision_cfg = vconv.vit_config_from_hf(hf_config.vision_config)
-        q_cfg = QFormerConfig.from_hf(hf_config.qformer_config)
-        if "query_tokens" not in state_dict:
-            raise vconv.ConversionError(f"{_NAME}.from_hf_blip2: no query_tokens in the state dict (not a BLIP-2 "
-                                        "model?)")
-        queries = state_dict["query_tokens"]
-        # Every value we read is a floating-point tensor; the queries' shape comes from hf_config (not the tensor).
-        check_value(op, "query_tokens", queries)
-        nq = getattr(hf_config, "num_query_tokens", None)
-        nq = nq if isinstance(nq, int) and not isinstance(nq, bool) else queries.shape[1]
-        for key, value in state_dict.items():
-            if key == "query_tokens" or key.startswith(("vision_model.", "qformer.")):
-                check_value(op, key, value, (1, nq, q_cfg.hidden_size) if key == "query_tokens" else None)
-        config = VLMConfig(vision=vision_cfg, qformer=q_cfg,
-                           decoder=decoder if decoder is not None else ScMoEConfig.preset("tiny"),
-                           num_query_tokens=nq)
-        vision_sd = vconv.hf_to_mmkernels({k: t for k, t in state_dict.items() if k.startswith("vision_model.")},
-                                          num_layers=vision_cfg.num_layers, prefix="vision_model.")
-        q_sd = qconv.hf_to_mmkernels({k: t for k, t in state_dict.items() if k.startswith("qformer.")}, q_cfg,
-                                     prefix="qformer.")
-        out = cls(config, backend=backend, device=queries.device, dtype=queries.dtype)
-        for name, module, sd in (("vision_model.", out.vision, vision_sd), ("qformer.", out.qformer, q_sd)):
-            try:
-                module.load_state_dict(sd, strict=True)
-            except RuntimeError as e:  # a size mismatch: a weight's shape does not match hf_config
-                raise vconv.ConversionError(f"{op}: the {name}* weights do not match hf_config: {e}") from None
-        with torch.no_grad():
-            out.query_tokens.copy_(queries)
-        return out.train(training)
+        parts = _convert.from_hf_blip2(model, decoder=decoder, hf_config=hf_config)
+        like = parts.query_tokens
+        return _convert.load_blip2(cls(parts.config, backend=backend, device=like.device, dtype=like.dtype), parts)

@@ -3,20 +3,21 @@ fp32 router over N FFN + Z zero-computation experts, biased top-k, experts, iden
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .._backends import BackendChoice, ModuleBackend, resolve_backends
+from .._backends import BackendChoice, ModuleBackend
 from ..ops import _validate as v
 from ..ops.moe import MoERouting, moe_experts, moe_route
 from ._fp32 import FP32Linear
 from .expert_bias import ExpertBiasController
+from .moe_config import MOE_PRESETS, MoEConfig
+from .moe_dispatch import LocalDispatcher, MoEDispatcher, RoutedTokens, phase
 
-__all__ = ["MOE_PRESETS", "MoEConfig", "SwiGLUExperts", "ZeroComputeMoE", "mask_padding", "update_expert_biases"]
+__all__ = ["MOE_PRESETS", "MoEConfig", "RoutedMoE", "SwiGLUExperts", "ZeroComputeMoE", "mask_padding",
+           "update_expert_biases"]
 
 
 class SwiGLUExperts(nn.Module):
@@ -63,44 +64,6 @@ class SwiGLUExperts(nn.Module):
         return moe_experts(hidden, routing, w_gate_up, w_down, backend=self._backends["moe_experts"])
 
 
-@dataclass(frozen=True)
-class MoEConfig:
-    """Shape of a :class:`ZeroComputeMoE` block (``MoEConfig.preset(name)``, ``config.replace(...)``)."""
-
-    hidden_size: int
-    num_ffn_experts: int
-    num_zero_experts: int
-    top_k: int
-    expert_intermediate_size: int
-    routed_scaling_factor: float = 1.0
-    target_ffn_per_token: float | None = None  # K_e for the balancer; None: no target given
-
-    def __post_init__(self) -> None:
-        name = "MoEConfig"
-        for field, low in (("hidden_size", 1), ("num_ffn_experts", 1), ("num_zero_experts", 0),
-                           ("expert_intermediate_size", 1)):
-            v.integer(field, getattr(self, field), op=name, low=low)
-        v.integer("top_k", self.top_k, op=name, low=1, high=self.num_ffn_experts + self.num_zero_experts)
-        v.real("routed_scaling_factor", self.routed_scaling_factor, op=name)
-        if self.target_ffn_per_token is not None:
-            v.real("target_ffn_per_token", self.target_ffn_per_token, op=name, low=0.0, high=float(self.top_k))
-
-    @classmethod
-    def preset(cls, name: str) -> MoEConfig:
-        if name not in MOE_PRESETS:
-            raise ValueError(f"MoEConfig: unknown preset {name!r}; presets: {sorted(MOE_PRESETS)}")
-        return MOE_PRESETS[name]
-
-    def replace(self, **changes) -> MoEConfig:
-        return dataclasses.replace(self, **changes)
-
-
-# docs/design/longcat_moe.md#presets. K_e = 8 of 12 (about 27B of 560B activated on average).
-MOE_PRESETS: dict[str, MoEConfig] = {
-    "longcat-flash": MoEConfig(6144, 512, 256, 12, 2048, 6.0, 8.0),
-    "longcat-flash-lite": MoEConfig(3072, 256, 128, 12, 1024, 6.0, 8.0),
-}
-
 _MOE_OPS = ("moe_route", "moe_experts", "expert_bias_update_")
 
 
@@ -126,8 +89,21 @@ def _(pending, counts) -> None:
 class RoutedMoE(nn.Module):
     """What every MoE block with zero experts shares (:class:`ZeroComputeMoE`,
     ``mmkernels.distributed.ExpertParallelMoE``): the fp32 ``router``, the ``balancer`` that owns the selection bias,
-    the biased top-k choice and the token/padding set-up. Subclasses set ``router``, ``balancer``, ``hidden_size``,
-    ``top_k``, ``num_ffn_experts``, ``scoring``, ``routed_scaling_factor``, ``renormalize`` and ``_backends``."""
+    the biased top-k choice, the token/padding set-up, and the one step protocol (:mod:`mmkernels.nn.moe_dispatch`):
+    route -> ``dispatcher.dispatch`` -> ``dispatcher.run_experts`` -> ``dispatcher.combine``. Subclasses set
+    ``router``, ``balancer``, ``experts``, ``dispatcher``, ``hidden_size``, ``top_k``, ``num_ffn_experts``,
+    ``scoring``, ``routed_scaling_factor``, ``renormalize``, ``balance``, ``pending_counts`` and a ``backend``.
+
+    The step, split so that a layer can schedule other work between its parts (``ScMoEDecoderLayer`` does):
+    ``h = moe.dispatch(x, padding_mask=...)`` (``h.routed``: the routing and router logits, at once),
+    ``h.send()`` (issue what can be issued), ``d = h.wait()``, ``out = moe.run_experts(d)``,
+    ``y = moe.combine(out, d).wait()``. ``forward`` runs them in that order. With the default
+    :class:`~mmkernels.nn.moe_dispatch.LocalDispatcher` every handle is complete when returned and the experts are one
+    fused ``moe_experts`` call. Each part is a ``torch.profiler.record_function`` range (``mmkernels.moe.*``).
+    """
+
+    _name = "RoutedMoE"
+    dispatcher: MoEDispatcher
 
     @property
     def expert_bias(self) -> torch.Tensor:
@@ -159,6 +135,70 @@ class RoutedMoE(nn.Module):
                          scoring=self.scoring, routed_scaling_factor=self.routed_scaling_factor,
                          renormalize=self.renormalize, backend=self._backends["moe_route"])
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        """``x`` [..., Dm] of a dtype and device the experts take (``TypeError`` / ``ValueError`` naming ``x``)."""
+        name = self._name
+        v.tensor("x", x, op=name)
+        if x.dim() < 1 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"{name}: x must be [..., {self.hidden_size}], got {tuple(x.shape)}")
+        v.module_input(name, "x", x, self.experts.w_gate_up)
+
+    def _route_tokens(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> RoutedTokens:
+        """Checks, then router (fp32) + ``moe_route`` + the padding mask; counts the selections (training, balancer
+        on; once per forward, not again in a checkpoint recompute). No host sync."""
+        self._check_input(x)
+        with phase("mmkernels.moe.route"):
+            hidden, pad = self._tokens(self._name, x, padding_mask)
+            logits = self.router(hidden)
+            routing = self._route(logits)
+            if pad is not None:
+                routing = mask_padding(routing, pad)
+            if self.training and self.balance:
+                torch.ops.mmkernels.accumulate_counts_(self.pending_counts, routing.counts)
+        return RoutedTokens(hidden, routing, logits, tuple(x.shape))
+
+    def dispatch(self, x: torch.Tensor, *, padding_mask: torch.Tensor | None = None):
+        """Route ``x`` [..., Dm] (``padding_mask`` bool of ``x.shape[:-1]``, True = padding) and hand the tokens to
+        the dispatcher; returns its handle (``send()``, ``wait() -> dispatched``, ``is_completed()``, ``routed``).
+
+        Raises:
+            TypeError / ValueError: ``x`` or ``padding_mask`` of the wrong type, dtype, shape or device (an
+                expert-parallel dispatcher first tells the other ranks, which raise ``RuntimeError``).
+        """
+        try:
+            routed = self._route_tokens(x, padding_mask)
+        except (TypeError, ValueError) as err:
+            self.dispatcher.refuse(self, err)
+            raise
+        return self.dispatcher.dispatch(self, routed)
+
+    def run_experts(self, dispatched) -> torch.Tensor:
+        """The experts this process owns, on the rows ``dispatched`` (``dispatch(...).wait()``) holds."""
+        with phase("mmkernels.moe.experts"):
+            return self.dispatcher.run_experts(self, dispatched)
+
+    def combine(self, expert_out: torch.Tensor, dispatched):
+        """Bring ``expert_out`` (from :meth:`run_experts`) home; ``handle.wait()`` returns ``y`` (``x``'s shape)."""
+        return self.dispatcher.combine(self, expert_out, dispatched)
+
+    def forward(self, x: torch.Tensor, *, padding_mask: torch.Tensor | None = None,
+                return_router_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(return_router_logits, bool):
+            raise TypeError(f"{self._name}: return_router_logits must be a bool, got "
+                            f"{type(return_router_logits).__name__}")
+        handle = self.dispatch(x, padding_mask=padding_mask)
+        dispatched = handle.wait()
+        y = self.combine(self.run_experts(dispatched), dispatched).wait()
+        return (y, handle.routed.router_logits) if return_router_logits else y
+
+    def update_bias(self) -> None:
+        """Feed the counts gathered since the last call to the balancer (all-reduced over its process group); once
+        per optimizer step (on every rank under expert parallelism)."""
+        if not self.balance:
+            return
+        self.balancer.update(self.pending_counts)
+        self.pending_counts.zero_()
+
 
 class ZeroComputeMoE(RoutedMoE):
     """LongCat-Flash MoE block: ``y = sum_k w_k E_{id_k}(x)`` with zero-computation (identity) experts.
@@ -187,7 +227,14 @@ class ZeroComputeMoE(RoutedMoE):
     ``backend``: ``None`` (auto), one name for every op (``moe_route``, ``moe_experts``, ``expert_bias_update_``)
     or a mapping per op, e.g. ``{"moe_experts": "triton"}``; a choice an op does not implement raises
     :class:`mmkernels.BackendError` here, at construction.
+
+    Runs the step protocol of :class:`RoutedMoE` with a
+    :class:`~mmkernels.nn.moe_dispatch.LocalDispatcher` (``ExpertParallelMoE.from_moe`` shards it over a process
+    group instead): ``dispatch`` / ``run_experts`` / ``combine`` are available for scheduling.
     """
+
+    _name = "ZeroComputeMoE"
+    backend = ModuleBackend(*_MOE_OPS)
 
     def __init__(
         self,
@@ -222,19 +269,19 @@ class ZeroComputeMoE(RoutedMoE):
         self.renormalize = renormalize
         if balancer_kwargs is not None and "backend" in balancer_kwargs:
             raise ValueError(f"{name}: pass the balancer's backend as backend={{'expert_bias_update_': ...}}")
-        self._backends = resolve_backends(name, backend, _MOE_OPS)
-        self._backend_choice = backend
         self.router = FP32Linear(hidden_size, n_total, bias=False, device=device)
         self.experts = SwiGLUExperts(self.num_ffn_experts, hidden_size, expert_intermediate_size, device=device,
-                                     dtype=dtype, backend={"moe_experts": self._backends["moe_experts"]})
+                                     dtype=dtype)
         self.balance = target_ffn_per_token is not None
         self.balancer = ExpertBiasController(
             self.num_ffn_experts, self.num_zero_experts, self.top_k,
             target_ffn_per_token if target_ffn_per_token is not None else 0.0, device=device,
-            backend=self._backends["expert_bias_update_"], **(balancer_kwargs or {}),
+            **(balancer_kwargs or {}),
         )
         self.register_buffer("pending_counts", torch.zeros(n_total, dtype=torch.int64, device=device),
                              persistent=False)
+        self.dispatcher = LocalDispatcher()
+        self.backend = backend  # last: checks the choice and hands the experts and the balancer their share
 
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> ZeroComputeMoE:
@@ -248,58 +295,26 @@ class ZeroComputeMoE(RoutedMoE):
         return cls(**(args | kwargs))
 
     @classmethod
-    def from_hf(cls, hf_moe: nn.Module, **kwargs) -> ZeroComputeMoE:
-        """Build from a Hugging Face ``LongcatFlashMoE`` (weights copied; nothing is downloaded).
+    def from_hf(cls, hf_moe: nn.Module, *, config=None, **kwargs) -> ZeroComputeMoE:
+        """Build from a Hugging Face ``LongcatFlashMoE`` (weights copied; nothing is downloaded; same device and
+        dtype as its experts).
 
         Works on every supported transformers release: sizes are read config first (the block's ``config``, or
         ``config=`` — a ``LongcatFlashConfig`` — for releases whose block has none), then from the modules and the
         tensors' shapes; what cannot be read is a ``ConversionError`` (a ``ValueError``), never an ``AttributeError``.
         Other keyword arguments go to the ``ZeroComputeMoE`` constructor (e.g. ``backend=``,
-        ``target_ffn_per_token=``). The converter lives with the others, in :mod:`mmkernels.models.convert.longcat`
-        (``moe_from_hf``); it is imported here on call, so importing ``mmkernels.nn`` never imports the model stacks.
+        ``target_ffn_per_token=``; without it the HF bias is loaded and kept fixed). The converter
+        (:func:`mmkernels.models.convert.longcat.moe_config_from_hf`) returns a :class:`MoEConfig` and a state dict,
+        and ``load_converted`` loads it (checked); it is imported here on call, so importing ``mmkernels.nn`` never
+        imports the model stacks.
         """
-        from ..models.convert.longcat import moe_from_hf
+        from ..models.convert.longcat import load_converted, moe_config_from_hf
 
-        return moe_from_hf(hf_moe, **kwargs)
-
-    @property
-    def backend(self) -> BackendChoice:
-        """The backend choice (``None``, a name or ``{op: name}``); assigning one checks it and passes it on to the
-        experts and the balancer."""
-        return self._backend_choice
-
-    @backend.setter
-    def backend(self, value: BackendChoice) -> None:
-        self._backends = resolve_backends("ZeroComputeMoE", value, _MOE_OPS)
-        self._backend_choice = value
-        self.experts.backend = {"moe_experts": self._backends["moe_experts"]}
-        self.balancer.backend = self._backends["expert_bias_update_"]
-
-    def forward(self, x: torch.Tensor, *, padding_mask: torch.Tensor | None = None,
-                return_router_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        name = "ZeroComputeMoE"
-        v.tensor("x", x, op=name)
-        if x.dim() < 1 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"{name}: x must be [..., {self.hidden_size}], got {tuple(x.shape)}")
-        v.module_input(name, "x", x, self.experts.w_gate_up)
-        if not isinstance(return_router_logits, bool):
-            raise TypeError(f"{name}: return_router_logits must be a bool, got {type(return_router_logits).__name__}")
-        hidden, pad = self._tokens(name, x, padding_mask)
-        logits = self.router(hidden)
-        routing = self._route(logits)
-        if pad is not None:
-            routing = mask_padding(routing, pad)
-        if self.training and self.balance:
-            torch.ops.mmkernels.accumulate_counts_(self.pending_counts, routing.counts)
-        y = self.experts(hidden, routing).view(x.shape)
-        return (y, logits) if return_router_logits else y
-
-    def update_bias(self) -> None:
-        """Feed the counts gathered since the last call to the balancer (all-reduced over its process group)."""
-        if not self.balance:
-            return
-        self.balancer.update(self.pending_counts)
-        self.pending_counts.zero_()
+        config_, state, device, dtype = moe_config_from_hf(hf_moe, config=config)
+        moe = cls(config_.hidden_size, config_.num_ffn_experts, config_.num_zero_experts, config_.top_k,
+                  config_.expert_intermediate_size, routed_scaling_factor=config_.routed_scaling_factor,
+                  device=device, dtype=dtype, **kwargs)
+        return load_converted(moe, state)
 
 
 def mask_padding(routing: MoERouting, padding: torch.Tensor) -> MoERouting:

@@ -42,8 +42,9 @@ class QFormerCrossAttention(nn.Module):
     validate_kv_lens=True)`` or ``forward(hidden_states, key=k, value=v, kv_lens=None, validate_kv_lens=True)``
     with ``k``/``v`` ``[B, Lk, num_heads, head_dim]`` (any strides with a unit stride on the last dim) or
     ``[B, Lk, hidden_size]``. ``kv_lens`` int32 ``[B]`` masks padded image tokens ``>= kv_lens[b]``;
-    ``validate_kv_lens=False`` skips the per-call host read of its values (for owners that checked them once per
-    forward; unchecked values are clamped to ``[0, Lk]``). Returns ``[B, Lq, hidden_size]``.
+    ``validate_kv_lens=False`` skips the per-call host read of its values, made only under
+    :func:`mmkernels.debug_checks` (for owners that checked them once per forward; unchecked values are clamped to
+    ``[0, Lk]``). Returns ``[B, Lq, hidden_size]``.
     """
 
     backend = ModuleBackend("qformer_cross_attention")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .._backends import OpBackends, triton_available
-from .._config import is_deterministic
+from .._config import debug_checks_enabled, is_deterministic
 from ..kernels.reference.attention import attention_reference
 from . import _validate as check
 
@@ -59,7 +59,7 @@ def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
 
 
 if triton_available():
-    from ..kernels.triton.attention import attention_bwd_triton, attention_fwd_triton, lse_shape
+    from ..kernels.triton.attention_varlen import attention_bwd_triton, attention_fwd_triton, lse_shape
     from ._triton_op import triton_op
 
     # The launchers are the ops: their signatures (without `launch`) are the schemas.
@@ -100,9 +100,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_name: str, max_seqlen: int | None) -> int:
-    """Host-side checks of a cu_seqlens tensor's values (one device->host copy); returns the max length."""
-    values = cu.tolist()
+def _check_cu_seqlens(name: str, values: list[int], total: int, max_name: str, max_seqlen: int | None) -> int:
+    """Host-side checks of a cu_seqlens tensor's values (read by :func:`_read_cu_seqlens`); returns the max length."""
     if values[0] != 0:
         raise ValueError(f"{OP}: {name} must start at 0, got {values[0]}")
     lengths = [b - a for a, b in zip(values[:-1], values[1:], strict=True)]
@@ -116,6 +115,23 @@ def _check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_name: str, ma
     if max_seqlen is not None and max_seqlen < longest:
         raise ValueError(f"{OP}: {max_name}={max_seqlen} is shorter than the longest sequence in {name} ({longest})")
     return longest if max_seqlen is None else max_seqlen
+
+
+def _read_cu_seqlens(cu_q: torch.Tensor, cu_k: torch.Tensor, total_q: int, total_k: int, max_seqlen_q: int | None,
+                     max_seqlen_k: int | None) -> tuple[int, int]:
+    """One device-to-host read of both ``cu_seqlens`` (the only host sync of a varlen call): their values are
+    checked and the missing ``max_seqlen_*`` are the longest sequences."""
+    values = torch.cat([cu_q, cu_k]).tolist()
+    n = cu_q.shape[0]
+    return (_check_cu_seqlens("cu_seqlens_q", values[:n], total_q, "max_seqlen_q", max_seqlen_q),
+            _check_cu_seqlens("cu_seqlens_k", values[n:], total_k, "max_seqlen_k", max_seqlen_k))
+
+
+def _guard_cu_seqlens(cu: torch.Tensor, total: int) -> torch.Tensor:
+    """Unchecked ``cu_seqlens`` made safe on the device, without a host read: clamped into ``[0, total]`` and made
+    non-decreasing (a running maximum), so no kernel can address a row outside the tensor. Valid values pass
+    unchanged; bad ones give unspecified results instead of an out-of-bounds read or a crash."""
+    return torch.cummax(cu.clamp(0, total), 0).values
 
 
 def attention(
@@ -151,9 +167,11 @@ def attention(
     - ``softmax_scale`` (any real number: Python or NumPy scalar) defaults to ``D ** -0.5``.
     - ``max_seqlen_q/k`` (varlen only, ints in ``[0, total_q]`` / ``[0, total_k]``: a sequence is never longer
       than its tensor's rows; checked from the shapes, also under ``torch.compile``) default to the longest
-      sequence; computing them, and checking the
-      ``cu_seqlens`` values, reads ``cu_seqlens`` on the host. Under ``torch.compile`` those value checks are
-      skipped and ``max_seqlen_q/k`` must be given.
+      sequence. Host syncs: with both given, none (the hot path); the ``cu_seqlens`` values are then checked only
+      under :func:`mmkernels.debug_checks` (``MMKERNELS_DEBUG_CHECKS=1``; the tests run with it) and otherwise
+      clamped on the device into ``[0, total]`` and made non-decreasing, so bad values give unspecified results
+      but never an out-of-bounds read. Without them, one host read of both ``cu_seqlens`` derives them and checks
+      every value. Under ``torch.compile`` ``max_seqlen_q/k`` must be given (no host read in a graph).
     - ``dropout_p`` in ``[0, 1)``: attention dropout on the probabilities (inverted: kept with probability
       ``1 - dropout_p`` and scaled by ``1 / (1 - dropout_p)``, as ``scaled_dot_product_attention`` and flash-attn).
       Applied whenever it is > 0, also in eval mode: pass 0 there (``mmkernels.nn.Attention`` does). The mask is
@@ -161,8 +179,8 @@ def attention(
       ``0.0`` (default) is exactly no dropout.
     - ``backend``: ``None`` (auto: ``"triton"`` on CUDA, ``"reference"`` on CPU), ``"triton"`` or ``"reference"``.
 
-    Raises ``TypeError``/``ValueError`` naming the argument for bad dtypes, shapes, ``cu_seqlens`` values and
-    scalars; :class:`mmkernels.BackendError` for a backend that cannot run these tensors.
+    Raises ``TypeError``/``ValueError`` naming the argument for bad dtypes, shapes, scalars and (when read, see
+    above) ``cu_seqlens`` values; :class:`mmkernels.BackendError` for a backend that cannot run these tensors.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check.tensor(name, t, dtypes=DTYPES, op=OP)
@@ -215,12 +233,19 @@ def attention(
                 check.integer(name, m, op=OP, low=0, high=rows)
         cu_seqlens_q = cu_seqlens_q.contiguous()
         cu_seqlens_k = cu_seqlens_k.contiguous()
+        sizes_given = max_seqlen_q is not None and max_seqlen_k is not None
         if torch.compiler.is_compiling():
-            if max_seqlen_q is None or max_seqlen_k is None:
+            if not sizes_given:
                 raise ValueError(f"{OP}: under torch.compile, pass max_seqlen_q and max_seqlen_k with cu_seqlens")
+            read = False
         else:
-            max_seqlen_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q)
-            max_seqlen_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)
+            read = not sizes_given or debug_checks_enabled()
+        if read:  # one host sync: derive the missing sizes, and check every value while they are on the host
+            max_seqlen_q, max_seqlen_k = _read_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0],
+                                                          max_seqlen_q, max_seqlen_k)
+        else:  # the hot path: no host sync; bad values cannot reach memory outside q, k and v
+            cu_seqlens_q = _guard_cu_seqlens(cu_seqlens_q, q.shape[0])
+            cu_seqlens_k = _guard_cu_seqlens(cu_seqlens_k, k.shape[0])
     else:
         for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
             if m is not None:

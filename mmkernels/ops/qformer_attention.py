@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from .._backends import OpBackends, triton_available
+from .._config import debug_checks_enabled
 from ..kernels.reference.qformer_attention import qformer_attention_reference
 from . import _validate as check
 from .attention import check_dropout, draw_seed
@@ -97,10 +98,11 @@ def _check_kv_lens(kv_lens, B: int, Lk: int, device: torch.device, *, check_rang
         raise ValueError(f"{OP}: kv_lens must have shape [B] = [{B}], got {tuple(kv_lens.shape)}")
     if kv_lens.device != device:
         raise ValueError(f"{OP}: kv_lens must be on {device} like q, got {kv_lens.device}")
-    if check_range and B and not kv_lens.is_meta and not torch.compiler.is_compiling():
-        # One small device->host read; skipped inside torch.compile graphs and with validate_kv_lens=False, where
-        # every backend clamps the values to [0, Lk] instead (a sample with no key gets zeros).
-        lo, hi = (int(x) for x in torch.aminmax(kv_lens))
+    if check_range and B and not kv_lens.is_meta and not torch.compiler.is_compiling() and debug_checks_enabled():
+        # One small device->host read, under mmkernels.debug_checks only (the tests run with it); otherwise, inside
+        # torch.compile graphs and with validate_kv_lens=False every backend clamps the values to [0, Lk] instead (a
+        # sample with no key gets zeros): no host sync on the hot path.
+        lo, hi = torch.stack(torch.aminmax(kv_lens)).tolist()  # one transfer for both
         if lo < 1 or hi > Lk:
             raise ValueError(f"{OP}: kv_lens values must be in [1, Lk] = [1, {Lk}], got min {lo}, max {hi}")
     return kv_lens.contiguous()
@@ -165,14 +167,17 @@ def qformer_cross_attention(
             head dim (e.g. per-layer slices of one hoisted K/V projection) are read in place.
         kv_lens: optional int32 ``[B]`` on q's device: keys ``j >= kv_lens[b]`` are masked (padded image tokens of
             smaller images in a mixed-resolution batch); their values, even NaN or inf, never reach a result, and
-            they get zero gradients. Values must be in ``[1, Lk]``, checked eagerly (one small device-to-host read)
-            when ``validate_kv_lens`` is true.
+            they get zero gradients. Values must be in ``[1, Lk]``; they are checked eagerly (one small
+            device-to-host read) only under :func:`mmkernels.debug_checks` (``MMKERNELS_DEBUG_CHECKS=1``; the tests
+            run with it) when ``validate_kv_lens`` is true. Otherwise no host sync: out-of-range values are clamped
+            to ``[0, Lk]`` on every backend (a sample left with no key gets zeros and zero gradients).
         softmax_scale: default ``D ** -0.5`` (any real number: Python or NumPy scalar).
         backend: ``None`` (auto: triton on CUDA, reference on CPU), ``"triton"`` or ``"reference"``.
-        validate_kv_lens: check the ``kv_lens`` values (default). ``False`` skips that host read, for callers that
-            validated the lengths once for many calls (``mmkernels.models.QFormer``: once per forward, not once
-            per layer); it is skipped under ``torch.compile`` anyway. Unchecked values are clamped to ``[0, Lk]``
-            on every backend, and a sample left with no key gets zeros (and zero gradients).
+        validate_kv_lens: check the ``kv_lens`` values when debug checks are on (default). ``False`` skips that
+            host read even then, for callers that validated the lengths once for many calls
+            (``mmkernels.models.QFormer``: once per forward, not once per layer); it is skipped under
+            ``torch.compile`` anyway. Unchecked values are clamped to ``[0, Lk]`` on every backend, and a sample
+            left with no key gets zeros (and zero gradients).
         dropout_p: attention dropout in ``[0, 1)`` on the probabilities (inverted: kept with probability
             ``1 - p``, scaled by ``1 / (1 - p)``), from torch's generator; applied whenever > 0 (pass 0 in eval
             mode; ``mmkernels.nn.QFormerCrossAttention`` does). ``0.0`` is exactly no dropout.

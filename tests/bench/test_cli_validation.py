@@ -198,6 +198,7 @@ BAD_ENV = {
     "MMKERNELS_BACKEND": "nonsense",
     "MMKERNELS_ATTENTION_PACKED": "2",
     "MMKERNELS_AUTOTUNE": "maybe",
+    "MMKERNELS_DEBUG_CHECKS": "sometimes",
     "MMKERNELS_NO_EXTENSION": "perhaps",
     "MMKERNELS_TUNING_DEVICE": "NVIDIA\x07H100",
     "MMKERNELS_TUNING_DIR": "FILE",
@@ -544,6 +545,7 @@ def test_tune_refuses_the_device_file_in_an_out_folder_before_tuning(capsys, tmp
     """``tune --out FOLDER`` writes FOLDER/<device>.json: once the card is known, that file is checked like every
     output file (here on a faked CUDA device; nothing is tuned)."""
     import mmkernels._env
+    import mmkernels.bench.tune as tune_cli  # issue 20: tune() moved from the tuning core to the bench side
     from mmkernels.kernels.triton import tuning
 
     name = "NVIDIA H100 80GB HBM3"
@@ -553,7 +555,7 @@ def test_tune_refuses_the_device_file_in_an_out_folder_before_tuning(capsys, tmp
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("selected a device"))
     monkeypatch.setattr(mmkernels._env, "triton_interpreting", lambda: False)
     monkeypatch.setattr(tuning, "device_name", lambda device=None: name)
-    monkeypatch.setattr(tuning, "tune", lambda *a, **k: pytest.fail("tuned"))
+    monkeypatch.setattr(tune_cli, "tune", lambda *a, **k: pytest.fail("tuned"))
     folder = _folder_with(tmp_path, "configs", f"{tuning.device_slug(name)}.json", kind)
     rc = bench_main(["tune", "attention", "--out", folder])
     _one_line_exit_2(capsys, rc, "--out", f"{tuning.device_slug(name)}.json", "not a regular file")

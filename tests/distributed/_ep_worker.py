@@ -624,6 +624,61 @@ def sc_scmoe(out_dir):
                os.path.join(out_dir, f"scmoe_rank{r}.pt"))
 
 
+def sc_sync_budget():
+    """Issue 20's sync budget under expert parallelism: one host sync per MoE layer per forward (the split sizes,
+    in the module layer), none in backward, none added by the ScMoE layer around it (balance loss included); on the
+    Triton path under the interpreter that one is the step's only sync. Also the chunk permutation: the received
+    rows reach the experts in the order a stable sort by local expert gives."""
+    import mmkernels
+    from mmkernels.distributed import ExpertParallelMoE, chunk_permutation
+    from mmkernels.models import ScMoEConfig, ScMoEDecoderLayer
+    from mmkernels.testing import count_host_syncs
+
+    package = os.path.dirname(mmkernels.__file__)
+    module_layer = tuple(os.path.join(package, p) + os.sep for p in ("nn", "models", "distributed"))
+
+    def ours(syncs):
+        return [c for c in syncs.calls if c.split(" at ", 1)[1].startswith(module_layer)]
+
+    r = dist.get_rank()
+    for backend in ("reference", "triton"):
+        split = {op: backend for op in ("moe_permute", "moe_grouped_swiglu", "moe_unpermute")}
+        ep = ExpertParallelMoE.from_moe(make_moe(0), backend=split).train()
+        x = rank_inputs([5 + 2 * j for j in range(dist.get_world_size())], 24)[0][r].requires_grad_(True)
+        with count_host_syncs() as fwd:
+            y = ep(x)
+        with count_host_syncs() as bwd:
+            y.sum().backward()
+        if len(ours(fwd)) != 1 or "tolist" not in ours(fwd)[0] or ours(bwd):
+            raise AssertionError(f"{backend}: module-layer syncs forward {ours(fwd)}, backward {ours(bwd)}")
+        if backend == "triton" and (fwd.count != 1 or bwd.count):
+            raise AssertionError(f"triton path: forward {fwd}, backward {bwd}")
+        d = ep.dispatch(x.detach()).wait()
+        ids = d.local_expert_ids
+        want = torch.sort(ids, stable=True).indices
+        got, back, offsets = chunk_permutation(
+            torch.stack([torch.bincount(ids[sum(d.recv_splits[:j]): sum(d.recv_splits[:j + 1])],
+                                        minlength=ep.num_local_experts) for j in range(ep.world_size)]),
+            ids.numel())
+        if not torch.equal(got, want) or not torch.equal(got[back], torch.arange(ids.numel())):
+            raise AssertionError(f"chunk permutation {got.tolist()} != stable sort {want.tolist()}")
+        if not torch.equal(offsets.long(), torch.cat([torch.zeros(1, dtype=torch.long),
+                                                      torch.bincount(ids, minlength=ep.num_local_experts).cumsum(0)])):
+            raise AssertionError(f"expert offsets {offsets.tolist()}")
+    torch.manual_seed(0)
+    layer = ScMoEDecoderLayer(ScMoEConfig.preset("tiny").replace(balance_loss_coef=0.5)).train()
+    x = torch.randn(2, 5 + r, 32, requires_grad=True)
+    for overlap in (True, False):
+        layer.overlap = overlap
+        with count_host_syncs() as fwd:
+            loss = layer(x).sum() + layer.balance_loss()
+        with count_host_syncs() as bwd:
+            loss.backward()
+        if len(ours(fwd)) != 1 or ours(bwd):
+            raise AssertionError(f"ScMoE layer (overlap={overlap}): module-layer syncs forward {ours(fwd)}, "
+                                 f"backward {ours(bwd)}")
+
+
 SCENARIOS = {
     "equal": sc_equal,
     "equal_uneven_shapes": sc_equal_uneven_shapes,
@@ -640,6 +695,7 @@ SCENARIOS = {
     "unused_expert_grads": sc_unused_expert_grads,
     "ddp_unused": sc_ddp_unused,
     "dcp_reshard": sc_dcp_reshard,
+    "sync_budget": sc_sync_budget,
 }
 NEEDS_OUT_DIR = {"scmoe", "dcp_reshard"}
 

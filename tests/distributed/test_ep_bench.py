@@ -103,3 +103,28 @@ def test_bench_usage_errors_through_the_cli(capsys):
 
     assert cli_main(["ep", "--nproc", "1"]) == 2
     assert "--nproc" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("public", [False, True])
+def test_timeline_is_read_from_the_profiler_ranges(monkeypatch, public):
+    """The layer's marks come from its record_function ranges (user scopes only, or the public profiler where that
+    entry point is missing): a range's start, or its end for the "done" marks."""
+    import torch
+
+    from mmkernels.distributed import bench
+
+    if public:
+        def refuse(*args, **kwargs):
+            raise TypeError("no scopes here")
+
+        monkeypatch.setattr(torch.autograd, "_enable_profiler", refuse)
+    with bench._Timeline() as timeline, torch.profiler.record_function("mmkernels.scmoe.layer"):
+        with torch.profiler.record_function("mmkernels.scmoe.attn0"):
+            torch.ones(4).sum()
+        with torch.profiler.record_function("mmkernels.moe.dispatch_wait"):
+            torch.ones(4).sum()
+    assert (timeline._public is not None) == public
+    marks = bench._marks(timeline.spans)
+    assert [name for name, _ in marks] == ["attn0", "dispatch_done", "end"]
+    times = [t for _, t in marks]
+    assert times == sorted(times) and times[-1] > times[0]

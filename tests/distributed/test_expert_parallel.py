@@ -20,7 +20,7 @@ DEADLINE_S = 240
 
 ALL = ["equal", "equal_uneven_shapes", "skewed", "zero_tokens", "all_zero_experts", "padding", "async_handles",
        "balancer", "state_dict", "mismatch", "mesh_and_all_to_all", "unused_expert_grads", "ddp_unused",
-       "dcp_reshard"]
+       "dcp_reshard", "sync_budget"]
 # World 4 adds: DCP resharding 2 -> 1 -> 4 -> 2, and DDP over the dp dimension of a (dp=2) x (ep=2) mesh.
 WORLD4 = ["equal", "skewed", "zero_tokens", "all_zero_experts", "mismatch", "state_dict", "mesh_and_all_to_all",
           "unused_expert_grads", "ddp_unused", "dcp_reshard"]

@@ -229,3 +229,36 @@ def test_softcap_falls_back_to_eager_when_switched_outside_patch(ops_run, no_bac
         out = model(input_ids=ids).last_hidden_state
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
     assert FALLBACKS["softcap"] == before + 2 and not ops_run  # both layers, eager code
+
+
+@pytest.mark.parametrize("case", ["right-padding", "key-holes", "causal-left-padding", "causal-right-padding",
+                                  "causal-bool", "additive-padding"])
+def test_mask_plan_is_read_once_per_mask_and_follows_in_place_changes(case, no_backend_env):
+    """The plan of a mask is worked out with one host read and reused by every later call with the same mask tensor
+    (the layers of one forward): no host sync there. An in-place change of the mask (its version) makes a new plan,
+    so the answer follows the new mask; a new mask tensor with equal values is read again."""
+    import mmkernels
+    from mmkernels.testing import count_host_syncs
+
+    shape, keep, causal = _mask_cases()[case]
+    q, k, v = _qkv(*shape)
+    keep = keep.clone()
+    mask = keep
+    if case == "additive-padding":
+        mask = torch.zeros(keep.shape).masked_fill(~keep, torch.finfo(torch.float32).min)
+    module = _Attn(causal, q.shape[1] // k.shape[1])
+    with mmkernels.debug_checks(False), torch.no_grad():
+        with count_host_syncs() as first:
+            attention_forward(module, q, k, v, mask, scaling=0.4)
+        with count_host_syncs() as again:
+            out, _ = attention_forward(module, q, k, v, mask, scaling=0.4)
+        with count_host_syncs() as copy:
+            attention_forward(module, q, k, v, mask.clone(), scaling=0.4)
+        assert (first.count, again.count, copy.count) == (1, 0, 1), (first.calls, again.calls, copy.calls)
+        torch.testing.assert_close(out, _sdpa(q, k, v, keep, scale=0.4), atol=ATOL, rtol=RTOL)
+        # sample 0 loses its last key (still some key for every query: its first key is never causal-hidden)
+        keep[0, ..., -1] = False
+        if case == "additive-padding":
+            mask[0, ..., -1] = torch.finfo(torch.float32).min
+        out, _ = attention_forward(module, q, k, v, mask, scaling=0.4)
+    torch.testing.assert_close(out, _sdpa(q, k, v, keep, scale=0.4), atol=ATOL, rtol=RTOL)

@@ -238,6 +238,24 @@ def test_compile(name, fullgraph, hf_models, ops_run, no_backend_env):
     assert any(n.endswith(("q_proj.weight", "attention.attention.query.weight")) for n in grads)
 
 
+def test_qformer_with_a_padded_image_mask_compiles_as_one_graph(hf_models, ops_run, no_backend_env):
+    """The Q-Former patch turns the image mask into kv_lens without a host read inside torch.compile (a device-side
+    assertion instead of a bool()), so the patched Q-Former with a padded image mask compiles with fullgraph=True,
+    matches the eager unpatched model and trains."""
+    model, inputs, output, _, _ = _build(hf_models, "Blip2QFormerModel")
+    assert not inputs["encoder_attention_mask"].all()  # padded image tokens
+    with torch.no_grad():
+        ref = output(model(**inputs))
+    patch(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    out = output(compiled(**inputs))
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
+    assert "qformer_cross_attention" in {op for op, _ in ops_run}
+    out.sum().backward()
+    assert any("crossattention.attention.key" in n for n, p in model.named_parameters() if p.grad is not None)
+
+
 def test_patch_rejects_non_modules():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         patch("model")

@@ -1,6 +1,6 @@
 """Per-device kernel configurations (kernels/triton/tuning.py) and `mmkernels-bench tune`.
 
-Lookups are tested as on a GPU: ``_common.interpreted`` answers False (as tests/triton_launches.py does) and
+Lookups are tested as on a GPU: ``tuning.assume_target(tuning.SM90)`` (as tests/triton_launches.py does) and
 ``MMKERNELS_TUNING_DEVICE`` names the card, so no GPU is needed. The sweep runs through the real launchers under the
 interpreter with an injected timer: everything but the timing itself runs here.
 """
@@ -20,11 +20,13 @@ from mmkernels._backends import triton_available
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
 if triton_available():
-    from mmkernels.kernels.triton import _common, tuning
+    from mmkernels.bench import tune as bench_tune
+    from mmkernels.bench.tune_cases import cases as tune_cases
     from mmkernels.kernels.triton import attention as tattn
     from mmkernels.kernels.triton import moe as tmoe
     from mmkernels.kernels.triton import patch_embed as tpatch
     from mmkernels.kernels.triton import qformer_attention as tqf
+    from mmkernels.kernels.triton import tuning
 
 H100 = "NVIDIA H100 80GB HBM3"
 
@@ -45,9 +47,10 @@ def files(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def as_on_gpu(monkeypatch):
+def as_on_gpu():
     """Launchers and lookups behave as for a GPU launch (no kernel is run while this is on)."""
-    monkeypatch.setattr(_common, "interpreted", lambda t: False)
+    with tuning.assume_target(tuning.SM90):
+        yield
 
 
 def _write(folder, name, kernels, fmt=None, stamp=True):
@@ -106,7 +109,7 @@ def test_symbolic_sizes_bucket_through_guards_not_errors():
     env = ShapeEnv()
     lq = env.create_symintnode(env.create_symbol(197, ConstantSource("lq")), hint=197)
     assert tuning.bucket_key("attention_fwd", dict(ATTN, lq=lq, lk=lq)) == "dtype=fp16,d=64,causal=0,seq=256"
-    assert tuning._shrink(128, lq) == 128 and tuning._shrink(512, lq) == 256
+    assert tuning.shrink(128, lq) == 128 and tuning.shrink(512, lq) == 256
 
 
 # ---- lookup -------------------------------------------------------------------------------------------------------
@@ -175,10 +178,10 @@ def test_each_launcher_family_converts_to_its_default_type(files, as_on_gpu):
             "block_n": 256, "block_k": 32, "num_warps": 4, "num_stages": 4}},
     })
     like = torch.empty(1, dtype=torch.float16)
-    qf_default = tqf._config(32, 64, torch.float16, False, False)
+    qf_default = tqf._config(32, 64, torch.float16, tuning.SM90, False)
     got = tuning.pick("qformer_fwd", dict(dtype=torch.float16, block_m=32, block_d=64, lk=257), qf_default, like=like)
     assert got == (32, 8, 1)
-    pe_default = tpatch._gemm_config(False, torch.float16, 1576, 768, 768)
+    pe_default = tpatch._gemm_config(tuning.SM90, torch.float16, 1576, 768, 768)
     got = tuning.pick("patch_embed_fwd", dict(dtype=torch.float16, m=1576, n=768, k=768), pe_default, like=like)
     assert got == dict(pe_default, BM=64, BN=256, BK=32, num_warps=8, num_stages=4)
     moe_default = tmoe._blocks(torch.float16)
@@ -284,7 +287,7 @@ def test_entry_tuned_for_another_version_or_kernel_source_is_stale(files, as_on_
 def test_tune_retunes_stale_buckets(tmp_path, monkeypatch):
     """A bucket whose entry is stale counts as untuned: ``tune`` sweeps it again and the new stamp replaces it."""
     out = tmp_path / "x.json"
-    shape = next(c for c in tuning.SPACES["qformer_fwd"].cases() if c["dtype"] == torch.float16)
+    shape = next(c for c in tune_cases("qformer_fwd") if c["dtype"] == torch.float16)
     key = tuning.bucket_key("qformer_fwd", shape)
     cfg = {"block_n": 64, "num_warps": 4, "num_stages": 2}
     stamp = dict(tuning.tuned_for("qformer_fwd"), triton="0.0.0")
@@ -299,7 +302,7 @@ def test_tune_retunes_stale_buckets(tmp_path, monkeypatch):
     monkeypatch.setattr(tuning, "sweep", fake_sweep)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", tuning.TuningConfigWarning)
-        tuning.tune(["qformer_fwd"], device=torch.device("cpu"), budget=60, out=out, name=H100,
+        bench_tune.tune(["qformer_fwd"], device=torch.device("cpu"), budget=60, out=out, name=H100,
                     dtypes=[torch.float16], report=lambda line: None)
     assert key in swept
     entry = json.loads(out.read_text())["kernels"]["qformer_fwd"][key]
@@ -340,7 +343,7 @@ def test_concurrent_writers_in_separate_processes_keep_every_entry(tmp_path):
     assert len(data["kernels"]["attention_fwd"]) == writers * per_writer
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert len(tuning._entries(path)["attention_fwd"]) == writers * per_writer
+        assert len(tuning.entries(path)["attention_fwd"]) == writers * per_writer
     assert not [p.name for p in tmp_path.iterdir() if ".tmp" in p.name]  # no temporary file left behind
 
 
@@ -416,7 +419,7 @@ def test_bucket_rule_covers_every_kernel(files, kernel, key, cfg):
     _, shipped = files
     path = _write(shipped, H100, {kernel: {key: cfg}})
     with pytest.warns(tuning.TuningConfigWarning, match="invalid bucket value|whitespace"):
-        assert tuning._entries(path) == {}
+        assert tuning.entries(path) == {}
 
 
 @pytest.mark.parametrize("kernel,cfg,bad", [
@@ -429,14 +432,14 @@ def test_block_larger_than_the_space_is_rejected_at_load(files, as_on_gpu, kerne
     _, shipped = files
     path = _write(shipped, H100, {kernel: {"dtype=fp16,d=64,causal=0,seq=256": cfg}})
     with pytest.warns(tuning.TuningConfigWarning) as record:
-        assert tuning._entries(path) == {}
+        assert tuning.entries(path) == {}
     assert any(bad in str(w.message) and str(path) in str(w.message) for w in record), [str(w.message) for w in record]
 
 
 def test_every_tuned_default_is_a_valid_file_entry():
     """What ``tune`` writes when nothing beats the default must load again: every hand default fits the space."""
     for kernel, space in tuning.SPACES.items():
-        for shape in space.cases():
+        for shape in tune_cases(kernel):
             key = tuning.bucket_key(kernel, shape)
             assert tuning._entry_problem(space, key, space.default_params(shape)) is None, (kernel, key)
 
@@ -548,7 +551,7 @@ def test_sweep_through_the_real_launcher_rejects_wrong_results_and_keeps_the_fas
     configs = [{"block_m": 32, "block_n": 16, "num_warps": 4, "num_stages": 1},   # correct, "fast"
                {"block_m": 16, "block_n": 32, "num_warps": 4, "num_stages": 1},   # correct, "slow"
                {"block_m": 16, "block_n": 16, "num_warps": 2, "num_stages": 1}]   # corrupted below
-    real = tattn.attention_fwd_triton
+    real = tattn.attention_fwd_per_sequence
     launched = []
 
     def recording(*args, **kwargs):  # what the sweep launched, and a wrong answer for the num_warps=2 candidate
@@ -557,7 +560,7 @@ def test_sweep_through_the_real_launcher_rejects_wrong_results_and_keeps_the_fas
         out, lse = real(*args, **kwargs)
         return (out + 1 if cfg is not tuning._DEFAULT and cfg["num_warps"] == 2 else out), lse
 
-    monkeypatch.setattr(tattn, "attention_fwd_triton", recording)
+    monkeypatch.setattr(tattn, "attention_fwd_per_sequence", recording)
     timed = []
 
     def fake_timer(fn):
@@ -600,7 +603,7 @@ def test_every_space_runs_its_launcher_with_a_forced_candidate(kernel, monkeypat
     """Each kernel's tuning case builds, runs the default and one pruned candidate under the interpreter, and the two
     agree (a candidate that changed the result would be rejected on a card)."""
     space = tuning.SPACES[kernel]
-    shape = next(s for s in space.cases() if s["dtype"] == torch.float16)
+    shape = next(s for s in tune_cases(kernel) if s["dtype"] == torch.float16)
     shape = dict(shape, lq=min(shape.get("lq", 1), 40), lk=min(shape.get("lk", 1), 40)) if "lq" in shape else shape
     if space.op == "qformer_cross_attention":
         shape = dict(shape, lk=40)
@@ -610,8 +613,8 @@ def test_every_space_runs_its_launcher_with_a_forced_candidate(kernel, monkeypat
     picked = []
     real_pick = tuning.pick
 
-    def spy(name, shape_, default_, *, like):
-        got = real_pick(name, shape_, default_, like=like)
+    def spy(name, shape_, default_, *, like, target=None):
+        got = real_pick(name, shape_, default_, like=like, target=target)
         if name == kernel:
             picked.append(tuning._params_of(space, got))
         return got
@@ -636,7 +639,7 @@ def test_save_merges_into_an_existing_file(tmp_path):
     assert data["kernels"]["attention_fwd"][r1.key]["_default_ms"] == 1.0
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert tuning._entries(path)["attention_fwd"][r2.key] == dict(FWD_CFG, num_warps=4)
+        assert tuning.entries(path)["attention_fwd"][r2.key] == dict(FWD_CFG, num_warps=4)
 
 
 def test_tune_writes_after_every_bucket_round_robin_over_kernels(tmp_path, monkeypatch):
@@ -648,12 +651,12 @@ def test_tune_writes_after_every_bucket_round_robin_over_kernels(tmp_path, monke
 
     monkeypatch.setattr(tuning, "sweep", fake_sweep)
     out = tmp_path / "x.json"
-    results = tuning.tune(["qformer_fwd", "qformer_bwd"], device=torch.device("cpu"), budget=60, out=out,
+    results = bench_tune.tune(["qformer_fwd", "qformer_bwd"], device=torch.device("cpu"), budget=60, out=out,
                           name=H100, dtypes=[torch.float16], report=lambda line: None)
     assert order == ["qformer_fwd", "qformer_bwd", "qformer_fwd", "qformer_bwd"]
     assert len(json.loads(out.read_text())["kernels"]["qformer_fwd"]) == 2
     order.clear()
-    tuning.tune(["qformer_fwd"], device=torch.device("cpu"), budget=60, out=out, name=H100,
+    bench_tune.tune(["qformer_fwd"], device=torch.device("cpu"), budget=60, out=out, name=H100,
                 dtypes=[torch.float16], report=lambda line: None)
     assert order == [] and len(results) == 4  # already in the file: skipped
 
@@ -775,12 +778,11 @@ def test_shipped_configs_reach_every_kernel_launch(files, tmp_path, monkeypatch)
         "moe_grouped_wgrad": {"dtype=fp16,m=4096,n=1024,tpe=256": {
             "block_m": 128, "block_n": 64, "block_r": 32, "num_warps": 4, "num_stages": 2}},
     })
-    # record_gpu_configs patches the interpreter (record, don't run) and _common for the whole process: undo it after
+    # record_gpu_configs patches the interpreter (record, don't run) for the whole process: undo it after (the GPU
+    # target it assumes ends with it)
     from triton.runtime.interpreter import InterpretedFunction
 
     monkeypatch.setattr(InterpretedFunction, "run", InterpretedFunction.run)
-    monkeypatch.setattr(_common, "interpreted", _common.interpreted)
-    monkeypatch.setattr(_common, "sm_count", _common.sm_count)
     path = tmp_path / "launches.jsonl"
     path.write_text("")
     record_gpu_configs(str(path))
@@ -833,3 +835,152 @@ def test_save_reports_the_real_error_at_once_naming_the_path(tmp_path, monkeypat
     assert time.monotonic() - start < 5, "waited for a lock no process holds"
     assert "another process" not in str(exc.value)
     assert not path.exists()
+
+
+# ---- the core knows no kernel (issue 20) --------------------------------------------------------------------------
+
+
+def _triton_package():
+    from pathlib import Path
+
+    import mmkernels.kernels.triton as package
+
+    return Path(package.__file__).parent
+
+
+def _imports(path):
+    """(module-level?, imported module names relative to mmkernels.kernels.triton or absolute) for every import
+    statement of ``path``, at any depth."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    top = set(map(id, tree.body))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(id(node) in top, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 1:  # from . import a / from .a import x: modules of this package
+                names = [node.module] if node.module else [alias.name for alias in node.names]
+                out += [(id(node) in top, f".{name.split('.')[0]}") for name in names]
+            else:
+                out.append((id(node) in top, "." * node.level + (node.module or "")))
+    return out
+
+
+def test_tuning_core_imports_no_kernel_module_and_nothing_inside_functions():
+    """The core imports no module of its package (no kernel, not even _common) and every import is at module level."""
+    found = _imports(_triton_package() / "tuning.py")
+    assert [name for top, name in found if not top] == []
+    assert [name for _, name in found if name.startswith(".") and not name.startswith("..")] == []
+    assert not any("kernels.triton" in name for _, name in found)
+
+
+def test_no_import_circle_among_the_triton_kernel_modules():
+    """Every module of kernels/triton (imports at any depth, the package __init__ aside): no circle; the per-sequence
+    and packed attention kernels do not import each other (attention_varlen decides between them)."""
+    folder = _triton_package()
+    modules = {p.stem: p for p in folder.glob("*.py") if p.stem != "__init__"}
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for _, imported in _imports(path):
+            if imported.startswith(".") and not imported.startswith(".."):
+                deps.add(imported[1:])
+            elif imported.startswith("mmkernels.kernels.triton."):
+                deps.add(imported.split(".")[3])
+        graph[name] = deps & set(modules)
+    assert "attention_packed" not in graph["attention"] and "attention" not in graph["attention_packed"]
+    assert {"attention", "attention_packed"} <= graph["attention_varlen"]
+    assert graph["tuning"] == set()
+    state, cycles = {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for dep in sorted(graph[node]):
+            if state.get(dep) == "open":
+                cycles.append(stack[stack.index(dep):] + [dep])
+            elif dep not in state:
+                visit(dep, stack + [dep])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert cycles == []
+
+
+def test_every_registered_space_has_tune_cases_and_a_default_on_every_case():
+    from mmkernels.bench.tune_cases import CASES
+
+    assert set(tuning.SPACES) == set(CASES)
+    assert {s.op for s in tuning.SPACES.values()} == set(tuning.OPS)
+    for kernel, space in tuning.SPACES.items():
+        assert space.module.startswith("mmkernels.kernels.triton.") and callable(space.make)
+        assert getattr(space.jit, "__name__", None) or getattr(space.jit, "fn", None), kernel
+
+
+def test_register_rejects_what_is_not_a_consistent_space():
+    space = tuning.SPACES["qformer_fwd"]
+    with pytest.raises(TypeError, match="space must be a tuning.Space"):
+        tuning.register({"kernel": "x"})
+    import dataclasses
+
+    for bad in (dict(key_fields=("m", "dtype", "d", "seq")), dict(ordered=("lk",)), dict(flags=("causal",)),
+                dict(limits={"block_n": "lk"})):
+        with pytest.raises(ValueError, match="key_fields"):
+            tuning.register(dataclasses.replace(space, kernel="qformer_fwd_bad", **bad))
+    assert "qformer_fwd_bad" not in tuning.SPACES
+
+
+def test_the_target_reaches_every_config_choice_of_every_family():
+    """Config functions take an explicit target: interpreter tiles vs GPU tiles, and the SM count of the target in
+    every split choice (Q-Former key splits, patch-embedding weight and token gradient splits)."""
+    import dataclasses
+
+    from mmkernels.kernels.triton import _common
+    from mmkernels.kernels.triton import attention_packed as tpacked
+
+    cpu = torch.empty(1, 32, 2, 64, dtype=torch.float16)
+    assert tuning.target_of(cpu) is tuning.INTERPRETER and _common.interpreted(cpu)
+    with tuning.assume_target(tuning.SM80):
+        assert tuning.target_of(cpu) is tuning.SM80 and not _common.interpreted(cpu)
+    assert tuning.target_of(cpu) is tuning.INTERPRETER
+    small = dataclasses.replace(tuning.SM90, sm_count=8)
+    # attention (per sequence and packed)
+    assert tattn._fwd_config(64, torch.float16, 197, 197, tuning.INTERPRETER) == tattn._Config(64, 64, 4, 1)
+    assert tattn._fwd_config(64, torch.float16, 197, 197, tuning.SM90) == tattn._Config(128, 32, 8, 3)
+    assert tattn._bwd_configs(128, torch.float16, 197, 197, tuning.SM90) == (tattn._Config(16, 32, 8, 1),
+                                                                             tattn._Config(16, 32, 4, 2))
+    assert tpacked._configs(80, torch.float16, tuning.INTERPRETER)[0] == tpacked._Config(32, 32, 4, 1)
+    assert tpacked._configs(80, torch.float16, tuning.SM90)[0] == tpacked._Config(64, 32, 4, 2)
+    q32 = torch.empty(10, 2, 40, dtype=torch.float32)
+    assert tpacked.packed_fits(q32, False, tuning.INTERPRETER) and not tpacked.packed_fits(q32, False, tuning.SM90)
+    # Q-Former: 1 x 2 programs, 4096 keys in 64 tiles of 64
+    assert tqf._config(32, 64, torch.float16, tuning.INTERPRETER, False) == (64, 4, 1)
+    assert tqf._config(32, 64, torch.float16, tuning.SM90, False) == (64, 8, 2)
+    assert tqf.num_key_splits(cpu, 4096, 64, 0, tuning.INTERPRETER) == 1
+    assert tqf.num_key_splits(cpu, 4096, 64, 0, tuning.SM90) == 64  # min(64 tiles, 2 * 132 / 2)
+    assert tqf.num_key_splits(cpu, 4096, 64, 0, small) == 8  # 2 * 8 / 2
+    assert tqf.num_key_splits(cpu, 4096, 64) == 1  # the tensor's own target: the interpreter
+    # patch embedding
+    assert tpatch._gemm_config(tuning.INTERPRETER, torch.float16, 1576, 768, 768)["num_stages"] == 1
+    assert tpatch._weight_grad_splits(tuning.INTERPRETER, 4, 800, 64) == 1
+    assert tpatch._weight_grad_splits(tuning.SM90, 4, 800, 64) == 64  # min(2 * 132 / 4, 800 / 8, 64)
+    assert tpatch._weight_grad_splits(small, 4, 800, 64) == 4  # 2 * 8 / 4
+    assert tpatch._token_grad_splits(tuning.SM90, 10, 64) == 8  # min(4 * 132 / 10, 64 / 8)
+    assert tpatch._token_grad_splits(small, 10, 64) == 4  # 4 * 8 / 10
+    assert tpatch._token_grad_splits(tuning.INTERPRETER, 10, 64) == 1
+
+
+def test_pick_takes_an_explicit_target(files):
+    """An explicit GPU target makes a CPU-tensor lookup use the file (the device name comes from the env); an
+    interpreted one always gets the default, whatever the tensor."""
+    _, shipped = files
+    _write(shipped, H100, {"attention_fwd": {"dtype=fp16,d=64,causal=0,seq=256": FWD_CFG}})
+    default = tattn._Config(128, 64, 4, 3)
+    like = torch.empty(1, dtype=torch.float16)
+    assert tuning.pick("attention_fwd", ATTN, default, like=like) is default
+    assert tuning.pick("attention_fwd", ATTN, default, like=like, target=tuning.SM90) == tattn._Config(64, 32, 8, 2)
+    with tuning.assume_target(tuning.SM90):
+        assert tuning.pick("attention_fwd", ATTN, default, like=like, target=tuning.INTERPRETER) is default

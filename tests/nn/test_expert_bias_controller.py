@@ -205,7 +205,7 @@ def test_bad_counts(counts, error, match):
 @pytest.mark.gpu
 def test_update_captures_in_cuda_graph():
     dev = torch.device("cuda")
-    for backend in ("cuda", "triton", "reference"):
+    for backend in ("triton", "reference"):  # the fused kernel on CUDA is triton (docs/ops/expert_bias.md)
         ctrl = ExpertBiasController(512, 256, 12, 8.0, kp=0.1, ki=0.3, device=dev, backend=backend)
         eager = ExpertBiasController(512, 256, 12, 8.0, kp=0.1, ki=0.3, device=dev, backend=backend)
         static_counts = torch.zeros(768, dtype=torch.int32, device=dev)

@@ -689,3 +689,58 @@ def test_bwd_varlen_overflow(causal, deterministic, device):
                                                   max_seqlen_q=max(lens_q), max_seqlen_k=1, logits=logits)
     for t in (out, dq, dk, dv):
         assert torch.isfinite(t).all()
+
+
+# ---- debug checks off: cu_seqlens guarded on the device (issue 20 item 4) -------------------------------------------
+
+_GUARD_BACKENDS = ["reference"] + (["triton"] if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()
+                                   else [])
+
+
+@pytest.mark.parametrize("backend", _GUARD_BACKENDS)
+@pytest.mark.parametrize("bad, guarded", [
+    ([0, 3, 11], [0, 3, 9]),  # past the rows: clamped to the row count
+    ([0, 5, 3, 9], [0, 5, 5, 9]),  # decreasing: a running maximum
+    ([-2, 3, 9], [0, 3, 9]),  # before row 0
+])
+def test_unchecked_cu_seqlens_are_guarded_on_the_device(bad, guarded, backend, device):
+    """With debug checks off and max_seqlen_* given (no host read), bad cu_seqlens values are clamped into [0, rows]
+    and made non-decreasing on the device: the result is exactly the call with those guarded values (no read out of
+    bounds, no crash), forward and every gradient. With debug checks on (the suite's default) they raise."""
+    q, k, v = (torch.randn(9, 2, 8, device=device, requires_grad=True) for _ in range(3))
+    bad_cu, good_cu = (torch.tensor(c, dtype=torch.int32, device=device) for c in (bad, guarded))
+    kwargs = dict(max_seqlen_q=9, max_seqlen_k=9, backend=backend, causal=True)
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        attention(q, k, v, cu_seqlens_q=bad_cu, cu_seqlens_k=bad_cu, **kwargs)
+    dout = torch.randn(9, 2, 8, device=device)
+
+    def run(cu):
+        a, b, c = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        out = attention(a, b, c, cu_seqlens_q=cu, cu_seqlens_k=cu, **kwargs)
+        out.backward(dout)
+        return out.detach(), a.grad, b.grad, c.grad
+
+    with mmkernels.debug_checks(False):
+        got = run(bad_cu)
+    want = run(good_cu)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("backend", _GUARD_BACKENDS)
+@pytest.mark.parametrize("cu, max_seqlen", [
+    ([0, 7, 9], 2),  # max_seqlen shorter than the longest sequence
+    ([4, 2, 9], 9),  # not starting at 0 (and decreasing): the rows before cu_seqlens[0] belong to no sequence
+    ([0, 50, -7], 9),  # everything wrong at once
+])
+def test_unchecked_cu_seqlens_without_a_right_answer_stay_in_bounds(cu, max_seqlen, backend, device):
+    """Values that no guarded cu_seqlens makes meaningful are unspecified with debug checks off, but never a crash,
+    an out-of-bounds read or a non-finite value, forward and backward; with them on they raise (test_bad_input)."""
+    q, k, v = (torch.randn(9, 2, 8, device=device, requires_grad=True) for _ in range(3))
+    cu = torch.tensor(cu, dtype=torch.int32, device=device)
+    with mmkernels.debug_checks(False):
+        out = attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_seqlen, max_seqlen_k=max_seqlen,
+                        backend=backend)
+        out.sum().backward()
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))

@@ -17,8 +17,9 @@ import torch
 
 import mmkernels
 from mmkernels.kernels.reference.attention import attention_reference
-from mmkernels.kernels.triton import _common
 from mmkernels.kernels.triton import attention_packed as packed
+from mmkernels.kernels.triton import attention_varlen as varlen
+from mmkernels.kernels.triton import tuning
 from mmkernels.ops import attention
 from mmkernels.testing import assert_within_ref_error
 
@@ -215,19 +216,19 @@ def test_occupancy_hand_computed():
     Valid: 3*3 + 5*5 = 34 entries. Per-sequence: 1 block of 4 rows x 4 keys + 2 blocks of 4 rows x 8 keys = 80.
     Packed: tile 0 = rows 0-2 (keys 0-2) and row 3 (keys 3-7): span 8 keys -> 4 x 8; tile 1 = rows 4-7 (keys 3-7):
     span 5 -> 8 keys -> 4 x 8; 64 in all. Head dim 24 runs at 32 either way (16 + 16 gains nothing)."""
-    un = packed.occupancy([3, 5], 24, "unpacked", block_m=4, block_n=4)
-    pk = packed.occupancy([3, 5], 24, "packed", block_m=4, block_n=4)
+    un = varlen.occupancy([3, 5], 24, "unpacked", block_m=4, block_n=4)
+    pk = varlen.occupancy([3, 5], 24, "packed", block_m=4, block_n=4)
     assert (un.valid, un.computed, pk.valid, pk.computed) == (34, 80, 34, 64)
     assert un.score_fraction == 34 / 80 and pk.score_fraction == 34 / 64
     assert un.block_d == pk.block_d == 32 and un.fraction == 34 / 80 * 0.75
     # causal, 3 queries on 3 keys: 1 + 2 + 3 valid; one 4 x 4 tile either way
-    c = packed.occupancy([3], 16, "packed", causal=True, block_m=4, block_n=4)
+    c = varlen.occupancy([3], 16, "packed", causal=True, block_m=4, block_n=4)
     assert (c.valid, c.computed) == (6, 16)
     # head dim 72: 128 per-sequence, 80 packed
-    assert packed.occupancy([197], 72, "unpacked").block_d == 128
-    assert packed.occupancy([197], 72, "packed").head_dim_fraction == 72 / 80
+    assert varlen.occupancy([197], 72, "unpacked").block_d == 128
+    assert varlen.occupancy([197], 72, "packed").head_dim_fraction == 72 / 80
     with pytest.raises(ValueError, match="mode"):
-        packed.occupancy([3], 16, "padded")
+        varlen.occupancy([3], 16, "padded")
 
 
 def test_packed_pays_rule(monkeypatch):
@@ -235,20 +236,20 @@ def test_packed_pays_rule(monkeypatch):
     monkeypatch.delenv("MMKERNELS_ATTENTION_PACKED", raising=False)
     q72 = torch.empty(32 * 197, 12, 72, dtype=torch.float16)
     q64 = torch.empty(4096, 16, 64, dtype=torch.float16)
-    assert not packed.packed_pays(q72, 197, 197)  # CPU tensor: interpreter
-    monkeypatch.setattr(_common, "interpreted", lambda t: False)
-    assert packed.packed_pays(q72, 197, 197)  # ViT-B-like images, D = 72
-    assert packed.packed_pays(q64, 257, 257)  # D = 64: 257 tokens, the packed tiles alone do 1.25x less work
-    assert not packed.packed_pays(q64, 197, 197)  # D = 64: 197 tokens, only 1.05x: not worth the masks
-    assert not packed.packed_pays(q64, 4096, 4096)  # one long sequence: nothing to pack
-    assert not packed.packed_pays(q64, 7, 7)  # very short sequences: 64-row tiles would waste more
+    assert not varlen.packed_pays(q72, 197, 197)  # CPU tensor: interpreter
+    gpu = tuning.SM90
+    assert varlen.packed_pays(q72, 197, 197, gpu)  # ViT-B-like images, D = 72
+    assert varlen.packed_pays(q64, 257, 257, gpu)  # D = 64: 257 tokens, the packed tiles alone do 1.25x less work
+    assert not varlen.packed_pays(q64, 197, 197, gpu)  # D = 64: 197 tokens, only 1.05x: not worth the masks
+    assert not varlen.packed_pays(q64, 4096, 4096, gpu)  # one long sequence: nothing to pack
+    assert not varlen.packed_pays(q64, 7, 7, gpu)  # very short sequences: 64-row tiles would waste more
     monkeypatch.setenv("MMKERNELS_ATTENTION_PACKED", "0")
-    assert not packed.packed_pays(q72, 197, 197)
+    assert not varlen.packed_pays(q72, 197, 197, gpu)
     monkeypatch.setenv("MMKERNELS_ATTENTION_PACKED", "1")
-    assert packed.packed_pays(q64, 4096, 4096)
+    assert varlen.packed_pays(q64, 4096, 4096, gpu)
     monkeypatch.setenv("MMKERNELS_ATTENTION_PACKED", "yes")
     with pytest.raises(ValueError, match="MMKERNELS_ATTENTION_PACKED"):
-        packed.packed_pays(q64, 197, 197)
+        varlen.packed_pays(q64, 197, 197, gpu)
 
 
 GPU_SHAPES = [(197, 72, False), (257, 88, False), (577, 80, False), (1025, 64, True), (197, 64, False)]
@@ -291,7 +292,6 @@ def test_packed_gpu_vision_shapes(tokens, d, causal, dtype, device, monkeypatch)
 def test_packed_runs_on_a_gpu_only_where_it_compiles_spill_free(d, dtype, forward, backward, monkeypatch):
     """As on a GPU (the interpreter always runs packed when asked): the widths and dtypes whose packed configs spill
     (make check-triton) go to the per-sequence kernels, forced or not."""
-    monkeypatch.setattr(packed._common, "interpreted", lambda *tensors: False)
     q = torch.empty(10, 2, d, dtype=dtype)
-    assert packed.packed_fits(q, backward=False) is forward
-    assert packed.packed_fits(q, backward=True) is backward
+    assert packed.packed_fits(q, backward=False, target=tuning.SM90) is forward
+    assert packed.packed_fits(q, backward=True, target=tuning.SM90) is backward

@@ -217,13 +217,23 @@ def test_bad_input(change, error, match):
         expert_bias_update_(**tensors, **args)
 
 
-def test_explicit_unavailable_backend_raises():
+def test_explicit_unavailable_backend_raises(monkeypatch):
     tensors, args = _good()
-    reason = "needs CUDA tensors" if mmkernels.extension_status().loaded else "extension is not loaded"
-    with pytest.raises(BackendError, match=f"'cuda' cannot run: .*{reason}"):
-        expert_bias_update_(**tensors, **args, backend="cuda")
-    with pytest.raises(BackendError, match="is not implemented"):
-        expert_bias_update_(**tensors, **args, backend="flash")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # triton then runs on CUDA tensors only
+    with pytest.raises(BackendError, match="'triton' cannot run: .*needs CUDA tensors"):
+        expert_bias_update_(**tensors, **args, backend="triton")
+    for name in ("flash", "cuda"):  # one fused kernel per device class: triton on CUDA, cpp on CPU
+        with pytest.raises(BackendError, match=f"'{name}' is not implemented"):
+            expert_bias_update_(**tensors, **args, backend=name)
+
+
+def test_one_fused_kernel_per_device_class():
+    """The reference plus one fused kernel per device class (docs/ops/expert_bias.md has the measurement): cpp on CPU,
+    triton on CUDA; auto takes them first."""
+    from mmkernels._backends import triton_available
+
+    assert sorted(EXPERT_BIAS_BACKENDS.impls) == ["cpp", "reference", *(["triton"] if triton_available() else [])]
+    assert EXPERT_BIAS_BACKENDS.auto_order == {"cuda": ("triton", "reference"), "cpu": ("cpp", "reference")}
 
 
 @pytest.mark.skipif(not mmkernels.extension_status().loaded, reason="compiled extension not built")

@@ -428,6 +428,32 @@ def test_opcheck_permute_and_unpermute(deterministic):
 
 
 @needs_triton
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_opcheck_permute_and_unpermute_backward_ops(deterministic):
+    """The backward ops the Triton permute/unpermute register (their combine and gather kernels): opcheck, and their
+    values against autograd through the reference backend."""
+    t, k, dm = 9, 3, 24
+    ids = make_ids(t, k, 7, seed=61, pattern="invalid")
+    x = torch.randn(t, dm)
+    rows, slots, offsets = torch.ops.mmkernels.moe_permute(x, ids, 3, 2, deterministic)
+    grad_rows = torch.randn(t * k, dm)
+    run_opcheck(torch.ops.mmkernels.moe_permute_bwd_triton.default, (grad_rows, slots, offsets, t, k, deterministic))
+    xr = x.clone().requires_grad_()
+    (moe_permute(xr, ids, num_local_experts=3, expert_offset=2, backend="reference")[0] * grad_rows).sum().backward()
+    torch.testing.assert_close(torch.ops.mmkernels.moe_permute_bwd_triton(grad_rows, slots, offsets, t, k,
+                                                                          deterministic), xr.grad)
+    w, zw, hidden, g = torch.rand(t, k), torch.rand(t), torch.randn(t, dm), torch.randn(t, dm)
+    for extra in ((zw, hidden), (None, None)):
+        run_opcheck(torch.ops.mmkernels.moe_unpermute_bwd_triton.default, (g, rows, slots, offsets, w, *extra))
+    got = torch.ops.mmkernels.moe_unpermute_bwd_triton(g, rows, slots, offsets, w, zw, hidden)
+    leaves = [a.clone().requires_grad_() for a in (rows, w, zw, hidden)]
+    y = moe_unpermute(leaves[0], MoEPermutation(slots, offsets), leaves[1], zero_weight=leaves[2], hidden=leaves[3],
+                      backend="reference")
+    for a, b in zip(got, torch.autograd.grad(y, leaves, g)):
+        torch.testing.assert_close(a, b)
+
+
+@needs_triton
 def test_opcheck_grouped_swiglu():
     from mmkernels.kernels.triton import moe as tk
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import mmkernels
 from mmkernels import BackendError
 from mmkernels.kernels.reference.qformer_attention import qformer_attention_reference
 from mmkernels.ops import qformer_cross_attention
@@ -516,3 +517,18 @@ def test_compiled_qformer_rejects_a_mask_with_holes():
             model(q, img, holes)
         with pytest.raises(RuntimeError, match="prefix mask"):
             compiled(q, img, holes)
+
+
+@pytest.mark.parametrize("backend", _BACKENDS_HERE)
+def test_kv_lens_unchecked_without_debug_checks(backend, device):
+    """With debug checks off (production) the default call takes no host read of kv_lens: out-of-range values are
+    clamped to [0, Lk] as with validate_kv_lens=False (same result, exactly); with them on (the suite's default) they
+    raise."""
+    q, k, v, _, _ = make(4, 3, 2, 8, 6, None, torch.float32, device)
+    wild = torch.tensor([0, 40, -3, 4], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="kv_lens values"):
+        qformer_cross_attention(q, k, v, kv_lens=wild, backend=backend)
+    with mmkernels.debug_checks(False):
+        got = qformer_cross_attention(q, k, v, kv_lens=wild, backend=backend)
+    want = qformer_cross_attention(q, k, v, kv_lens=wild.clamp(0, 6), backend=backend, validate_kv_lens=False)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

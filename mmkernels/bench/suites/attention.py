@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -278,6 +279,29 @@ def _shapes(config: BenchConfig, ours: list[str]) -> list[Shape]:
     return shapes + _varlen_shapes(config, ours, memory_budget)
 
 
+# ---- tune cases: the representative problems `mmkernels-bench tune` sweeps for this family's kernels ----------
+
+_TUNE_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _attention_cases(atomic: bool | None = None) -> Callable[[], list[dict]]:
+    def make() -> list[dict]:
+        from ...kernels.triton import attention as _attention  # only with triton, only when tuning
+
+        out = []
+        # ViT-B/16 at 224 (197 tokens), an LLM layer (causal, 4096), CLIP-L/336 (577), ViT at 448 (1025, d 80)
+        for dtype in _TUNE_DTYPES:
+            for d, causal, length in ((64, False, 197), (128, True, 4096), (64, False, 577), (80, False, 1025)):
+                shape = {"dtype": dtype, "head_dim": d, "block_d": _attention._block_d(d), "causal": causal,
+                         "lq": length, "lk": length}
+                if atomic is not None:
+                    shape["atomic"] = atomic
+                out.append(shape)
+        return out
+
+    return make
+
+
 register_suite(Suite(
     name="attention",
     description="fused attention (FlashAttention-2 style Triton), dense and packed varlen, vs SDPA, flash-attn, "
@@ -289,4 +313,6 @@ register_suite(Suite(
     modes=("fwd", "bwd", "fwd+bwd"),
     bwd_flop_factor=2.5,
     backend_limits=_backend_limits,
+    tune_cases={"attention_fwd": _attention_cases(), "attention_bwd_dkdv": _attention_cases(atomic=True),
+                "attention_bwd_dq": _attention_cases()},
 ))

@@ -4,7 +4,9 @@ moe_route providers: ``mmkernels[cuda|cpp|reference]``; ``torch-eager`` (softmax
 bincount, as HF's router does it, plus the zero-expert weight); ``torch-compile`` of the same (CUDA only).
 Baseline: ``torch-eager``. Bytes: logits read once, ids/weights/zero_weight/counts written once.
 
-moe_experts providers: ``mmkernels[triton]``; ``torch-loop`` (sort by expert, one GEMM pair per expert: our
+moe_experts providers: ``mmkernels[triton]``; ``mmkernels-split[<backend>]`` (the same FFN as the three pieces the
+expert-parallel path runs: ``moe_permute`` -> ``moe_grouped_swiglu`` -> ``moe_unpermute``, one backend for all
+three, when that backend has all three); ``torch-loop`` (sort by expert, one GEMM pair per expert: our
 reference, which syncs to the host for the loop); ``torch-grouped-mm`` (``torch._grouped_mm`` over a sorted,
 gathered copy of the activations, where the installed torch has it for this device and dtype); ``hf-loop`` (HF
 ``LongcatFlashExperts``, when transformers is installed, fwd only). Baseline: ``torch-loop``. FLOPs count FFN
@@ -17,11 +19,24 @@ budget).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from ...kernels.reference.moe import moe_experts_reference
-from ...ops.moe import MoERouting, moe_experts, moe_route
+from ...ops.moe import (
+    PERMUTE_BACKENDS,
+    SWIGLU_BACKENDS,
+    UNPERMUTE_BACKENDS,
+    MoERouting,
+    moe_experts,
+    moe_grouped_swiglu,
+    moe_permute,
+    moe_route,
+    moe_unpermute,
+)
 from ..suite import MICROSECOND, BenchConfig, Inputs, Shape, Suite, has_module, mmkernels_providers, register_suite
 
 # ---- routing -----------------------------------------------------------------------------------------------------
@@ -119,6 +134,18 @@ def grouped_mm_experts(hidden, r, w_gate_up, w_down):
     return out.index_add(0, order // k, y.to(hidden.dtype))
 
 
+def split_experts(hidden, r, w_gate_up, w_down, *, backend):
+    """``moe_experts`` as the expert-parallel path runs it on one rank: permute, grouped SwiGLU, unpermute."""
+    rows, plan = moe_permute(hidden, r.topk_ids, num_local_experts=w_gate_up.shape[0], backend=backend)
+    out = moe_grouped_swiglu(rows, plan.offsets, w_gate_up, w_down, backend=backend)
+    return moe_unpermute(out, plan, r.topk_weights, zero_weight=r.zero_weight, hidden=hidden, backend=backend)
+
+
+def _split_backends(ours: list[str]) -> list[str]:
+    have = [set(b.impls) for b in (PERMUTE_BACKENDS, SWIGLU_BACKENDS, UNPERMUTE_BACKENDS)]
+    return [b for b in ours if all(b in h for h in have)]
+
+
 def _hf_experts(n, z, dm, di, w_gate_up, w_down):
     if not has_module("transformers"):
         return None
@@ -158,6 +185,9 @@ def _expert_shapes(config: BenchConfig, ours: list[str]) -> list[Shape]:
 
             providers = mmkernels_providers(ours, lambda b: lambda h, routing, w1, w2: moe_experts(
                 h, routing, w1, w2, backend=b))
+            for b in _split_backends(ours):
+                providers[f"mmkernels-split[{b}]"] = lambda h, routing, w1, w2, b=b: split_experts(
+                    h, routing, w1, w2, backend=b)
             providers["torch-loop"] = torch_loop
             if hasattr(torch, "_grouped_mm"):
                 providers["torch-grouped-mm"] = grouped_mm_experts
@@ -176,6 +206,33 @@ def _expert_shapes(config: BenchConfig, ours: list[str]) -> list[Shape]:
     return shapes
 
 
+# ---- tune cases: the representative problems `mmkernels-bench tune` sweeps for this family's kernels ----------
+
+_TUNE_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _moe_cases(wgrad: bool) -> Callable[[], list[dict]]:
+    def make() -> list[dict]:
+        from ...kernels.triton import moe as _moe  # only with triton, only when tuning
+
+        out = []
+        # LongCat-Flash-Lite-like widths (Dm 3072, Di 1024): gate/up (gated) and down projections; 256 and 1024 rows
+        # per expert (training batches), 64 (inference)
+        for dtype in _TUNE_DTYPES:
+            bm = _moe.block_m(dtype)
+            for tpe in (256, 1024, 64):
+                experts = 8
+                tiles = math.ceil(tpe * experts / bm) + experts
+                base = {"dtype": dtype, "experts": experts, "tiles": tiles, "block_m": bm}
+                if wgrad:
+                    out += [dict(base, m=3072, n=1024), dict(base, m=2048, n=3072)]
+                else:
+                    out += [dict(base, n=1024, k=3072, gated=True), dict(base, n=3072, k=1024, gated=False)]
+        return out
+
+    return make
+
+
 register_suite(Suite(
     name="moe_experts",
     description="grouped SwiGLU experts with zero experts vs per-expert loop, torch._grouped_mm, HF",
@@ -186,4 +243,5 @@ register_suite(Suite(
     ops=("moe_experts",),
     modes=("fwd", "fwd+bwd"),
     reference_is_baseline=True,
+    tune_cases={"moe_grouped_gemm": _moe_cases(False), "moe_grouped_wgrad": _moe_cases(True)},
 ))

@@ -11,6 +11,8 @@ batch 256.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ...kernels.reference.patch_embed import patch_embed_reference
@@ -78,6 +80,32 @@ def _shapes(config: BenchConfig, ours: list[str]) -> list[Shape]:
     return shapes
 
 
+# ---- tune cases: the representative problems `mmkernels-bench tune` sweeps for this family's kernels ----------
+
+_TUNE_DTYPES = (torch.bfloat16, torch.float16)
+
+
+_PATCH_PROBLEMS = ((8, 3, 224, 16, 768), (4, 3, 336, 14, 1024), (4, 3, 224, 14, 1408))  # ViT-B/16, -L/14@336, -g/14
+
+
+def _patch_roles(role: str, b: int, c: int, hw: int, p: int, d: int) -> tuple[int, int, int]:
+    n = (hw // p) ** 2
+    kk = c * p * p
+    return {"fwd": (b * (n + 1), d, kk), "bwd_input": (b * n, kk, d), "bwd_weight": (d, kk, b * n)}[role]
+
+
+def _patch_cases(role: str) -> Callable[[], list[dict]]:
+    def make() -> list[dict]:
+        out = []
+        for dtype in _TUNE_DTYPES:
+            for problem in _PATCH_PROBLEMS:
+                m, n, k = _patch_roles(role, *problem)
+                out.append({"dtype": dtype, "m": m, "n": n, "k": k, "problem": problem})
+        return out
+
+    return make
+
+
 register_suite(Suite(
     name="patch_embed",
     description="fused ViT patch embedding (implicit im2col GEMM + bias/cls/pos epilogue) vs conv2d->cat->add",
@@ -87,4 +115,5 @@ register_suite(Suite(
     modes=("fwd", "fwd+bwd"),
     reference_is_baseline=True,
     backend_limits=_backend_limits,
+    tune_cases={f"patch_embed_{role}": _patch_cases(role) for role in ("fwd", "bwd_input", "bwd_weight")},
 ))

@@ -105,6 +105,22 @@ def _attention_shapes(config: BenchConfig, ours: list[str]) -> list[Shape]:
     return shapes
 
 
+# ---- tune cases: the representative problems `mmkernels-bench tune` sweeps for this family's kernels ----------
+
+_TUNE_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _qformer_cases() -> list[dict]:
+    from ...kernels.triton import qformer_attention as _qformer  # only with triton, only when tuning
+
+    out = []
+    for dtype in _TUNE_DTYPES:
+        for lq, lk, d in ((32, 257, 64), (32, 677, 88)):  # BLIP-2 over ViT-L/14 and ViT-g/14 tokens
+            bm, bd = _qformer._blocks(lq, d)
+            out.append({"dtype": dtype, "lq": lq, "head_dim": d, "block_m": bm, "block_d": bd, "lk": lk})
+    return out
+
+
 register_suite(Suite(
     name="qformer_cross_attention",
     description="Q-Former cross-attention (32 queries over image tokens) vs SDPA flash/efficient, Flex, HF eager",
@@ -114,6 +130,7 @@ register_suite(Suite(
     ops=("qformer_cross_attention",),
     modes=("fwd", "fwd+bwd"),
     bwd_flop_factor=2.5,
+    tune_cases={"qformer_fwd": _qformer_cases, "qformer_bwd": _qformer_cases},
 ))
 
 

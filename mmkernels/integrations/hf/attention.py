@@ -26,14 +26,21 @@ whose ``_attn_implementation`` is ``"mmkernels"`` (the module's ``config`` attri
 ``model.config`` keeps its implementation and accepts what it accepted before (``config.output_attentions = True``
 on an eager model), and a fallback runs what ``model.config`` names at the time of the call.
 
-The mask checks read the mask on the host (one sync per call that has a mask); vision towers pass no mask.
+Host syncs: a mask is checked with one host read per mask tensor, not per call: the plan it gives (which call, the
+packed key indices and ``cu_seqlens`` with their sizes as host ints) is cached on the mask tensor's identity and
+version, so the layers of one forward (which share the mask HF builds once) reuse it and launch without a sync
+(integer gathers, ``max_seqlen_*`` given). Vision towers pass no mask: no sync. Not cached (one read per call):
+inside ``torch.compile`` and for inference-mode masks (no version counter to see an in-place change).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import sys
-from collections import Counter
+import weakref
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
 
 import torch
 
@@ -90,19 +97,19 @@ def _fallback(module, query, key, value, attention_mask, reason: str, **kwargs):
     return ALL_ATTENTION_FUNCTIONS[previous](module, query, key, value, attention_mask, **kwargs)
 
 
-def _bool_mask(mask: torch.Tensor) -> torch.Tensor | None:
-    """The boolean ``keep`` mask equal to ``mask``, or None when an additive mask holds other values than 0 and
-    ``-inf``/``finfo.min``-like ones (a bias our kernels cannot add)."""
+def _keep_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(keep, binary)``: the boolean keep-mask equal to ``mask`` and a 0-d bool tensor, true when ``mask`` holds
+    only ``0`` and ``-inf``/``finfo.min``-like values (always for a bool mask); None for a mask of another dtype. No
+    host read: the caller reads ``binary`` with everything else it needs (an additive mask with other values is a
+    bias our kernels cannot add)."""
     if mask.dtype == torch.bool:
-        return mask
+        return mask, mask.new_ones((), dtype=torch.bool)
     if not mask.is_floating_point():
         return None
     keep = mask == 0
     # finfo(dtype).min / 2 and below: masked (exp underflows to exactly 0 next to any kept score of a normal range).
     drop = mask <= torch.finfo(mask.dtype).min / 2
-    if not bool((keep | drop).all()):
-        return None
-    return keep
+    return keep, (keep | drop).all()
 
 
 def _causal_br(lq: int, lk: int, device) -> torch.Tensor:
@@ -111,76 +118,159 @@ def _causal_br(lq: int, lk: int, device) -> torch.Tensor:
     return j <= i + (lk - lq)
 
 
-def _plan(mask: torch.Tensor, batch: int, lq: int, lk: int) -> tuple[str, torch.Tensor | None] | str:
-    """Which exact call computes ``mask`` (``keep`` ``[b, h, Lq, Lk]``): ``("dense"|"causal", None)`` or
-    ``("padded"|"padded_causal"|"right_padded_causal", kp [B, Lk])``, else the reason it cannot be done (a string)."""
-    if mask.dim() != 4 or mask.shape[-2:] != (lq, lk) or mask.shape[0] not in (1, batch):
-        return "attention mask shape is not [B or 1, H or 1, Lq, Lk]"
-    if mask.shape[1] > 1:
-        if not bool((mask == mask[:, :1]).all()):
-            return "attention mask differs between heads"
-        mask = mask[:, :1]
-    m = mask[:, 0].expand(batch, lq, lk)
-    if not bool(m.any(-1).all()):
-        return "attention mask has a fully masked query row"
-    if bool(m.all()):
-        return "dense", None
+_ADDITIVE = "additive attention mask with values other than 0 and -inf (an arbitrary 4-D bias)"
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one attention mask asks for, worked out once per mask (:func:`_analyse`, cached by
+    :func:`cached_mask_plan`): ``kind`` is ``"dense"``, ``"causal"``, ``"padded"``, ``"padded_causal"``,
+    ``"right_padded_causal"`` or ``"fallback"`` (``reason`` says why). For the varlen kinds, the kept keys packed in
+    order as ``(batch, position)`` index tensors (``keys``) with their ``cu_k``/``max_k``, and the dense ``cu_q`` of
+    every query; for ``"right_padded_causal"`` also the padding queries' indices (``pad``) with their
+    ``cu_pad``/``max_pad``. Every size is a host int: no layer that reuses the plan reads the device."""
+
+    kind: str
+    reason: str = ""
+    keys: tuple[torch.Tensor, torch.Tensor] | None = None
+    cu_k: torch.Tensor | None = None
+    max_k: int = 0
+    cu_q: torch.Tensor | None = None
+    pad: tuple[torch.Tensor, torch.Tensor] | None = None
+    cu_pad: torch.Tensor | None = None
+    max_pad: int = 0
+
+
+def _analyse(mask: torch.Tensor, batch: int, lq: int, lk: int) -> _Plan:
+    """Which exact call computes ``mask``, with at most one host read (every test's verdict and the key counts'
+    max/min/sum come back in one transfer). The patterns: full attention, key padding (any set of keys per sample:
+    packed, varlen), causal (bottom-right), causal over packed keys (left padding of a cache prefix), right-padded
+    causal self-attention (padding queries attend to every valid key of their sample, as HF's mask has them)."""
+    found = _keep_mask(mask)
+    if found is None:
+        return _Plan("fallback", _ADDITIVE)
+    keep, binary = found
+    if keep.dim() != 4 or keep.shape[-2:] != (lq, lk) or keep.shape[0] not in (1, batch):
+        if not bool(binary):
+            return _Plan("fallback", _ADDITIVE)
+        return _Plan("fallback", "attention mask shape is not [B or 1, H or 1, Lq, Lk]")
+    device = keep.device
+    if batch * lq == 0:
+        return _Plan("dense") if bool(binary) else _Plan("fallback", _ADDITIVE)
+    true = torch.ones((), dtype=torch.bool, device=device)
+    same_heads = (keep == keep[:, :1]).all() if keep.shape[1] > 1 else true
+    m = keep[:, 0].expand(batch, lq, lk)
     kp = m.any(1)  # [B, Lk]: keys some query sees
-    if bool((m == kp[:, None, :]).all()):
-        return "padded", kp
-    causal = _causal_br(lq, lk, m.device)
-    if bool((m == causal).all()):
-        return "causal", None
+    counts = kp.sum(1)
+    verdicts = [binary, same_heads, m.any(-1).all(), m.all(), (m == kp[:, None, :]).all(),
+                (m == _causal_br(lq, lk, device)).all()]
     # Varlen causal over the packed keys and all Lq queries: query i sees packed key p iff p <= i + n_b - Lq.
     packed = torch.cumsum(kp.to(torch.int32), 1) - 1
-    n = kp.sum(1, keepdim=True)
-    i = torch.arange(lq, device=m.device)
-    sees = kp[:, None, :] & (packed[:, None, :] <= i[None, :, None] + n[:, :, None] - lq)
-    if bool((m == sees).all()):
-        return "padded_causal", kp
+    i = torch.arange(lq, device=device)
+    sees = kp[:, None, :] & (packed[:, None, :] <= i[None, :, None] + counts[:, None, None] - lq)
+    verdicts.append((m == sees).all())
     if lq == lk:
         # Right-padded causal self-attention (a padded training batch): valid tokens are a prefix [0, n_b); query i
         # sees keys j <= min(i, n_b - 1): causal for the valid queries, every valid key for the padding ones.
-        n = kp.sum(1)
-        last = torch.minimum(i[None, :], n[:, None] - 1)
-        j = torch.arange(lk, device=m.device)
-        prefix = j[None, :] < n[:, None]
-        if bool((kp == prefix).all() & (m == (j[None, None, :] <= last[:, :, None])).all()):
-            return "right_padded_causal", kp
-    return "attention mask is not key padding or causal (an arbitrary 4-D mask)"
-
-
-def _varlen(q, k, v, kp, causal, scale, dropout, backend):
-    """q ``[B, Lq, H, D]``, k/v ``[B, Lk, Hkv, D]``, kp bool ``[B, Lk]``: the kept keys packed, every query kept."""
-    B, lq = q.shape[:2]
-    counts = kp.sum(1, dtype=torch.int32)
-    zero = torch.zeros(1, dtype=torch.int32, device=q.device)
+        last = torch.minimum(i[None, :], counts[:, None] - 1)
+        j = torch.arange(lk, device=device)
+        prefix = j[None, :] < counts[:, None]
+        verdicts.append((kp == prefix).all() & (m == (j[None, None, :] <= last[:, :, None])).all())
+    else:
+        verdicts.append(~true)
+    stats = torch.cat([torch.stack(verdicts).to(torch.int64),
+                       torch.stack([counts.max(), counts.min(), counts.sum()]).to(torch.int64)])
+    (is_binary, heads_ok, rows_ok, full, padded, causal, padded_causal, right_padded,
+     longest, shortest, total) = stats.tolist()  # the one host read
+    if not is_binary:
+        return _Plan("fallback", _ADDITIVE)
+    if not heads_ok:
+        return _Plan("fallback", "attention mask differs between heads")
+    if not rows_ok:
+        return _Plan("fallback", "attention mask has a fully masked query row")
+    if full:
+        return _Plan("dense")
+    if not (padded or causal or padded_causal or right_padded):
+        return _Plan("fallback", "attention mask is not key padding or causal (an arbitrary 4-D mask)")
+    if causal and not padded:
+        return _Plan("causal")
+    kind = "padded" if padded else "padded_causal" if padded_causal else "right_padded_causal"
+    # The kept keys in order (batch-major), as gathers: no boolean-mask index (a host sync each) in any layer.
+    order = torch.argsort((~kp).flatten().to(torch.uint8), stable=True)
+    kept = order[:total]
+    zero = torch.zeros(1, dtype=torch.int32, device=device)
     cu_k = torch.cat([zero, torch.cumsum(counts, 0, dtype=torch.int32)])
-    cu_q = torch.arange(0, (B + 1) * lq, lq, dtype=torch.int32, device=q.device)
-    out = attention(q.reshape(B * lq, *q.shape[2:]), k[kp], v[kp], causal=causal, softmax_scale=scale,
-                    cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=lq, max_seqlen_k=int(counts.max()),
-                    backend=backend, dropout_p=dropout)
+    cu_q = torch.arange(0, (batch + 1) * lq, lq, dtype=torch.int32, device=device)
+    plan = dict(kind=kind, keys=(kept // lk, kept % lk), cu_k=cu_k, max_k=longest, cu_q=cu_q)
+    if kind == "right_padded_causal":
+        rest = order[total:]
+        plan.update(pad=(rest // lk, rest % lk), cu_pad=torch.cat([zero, torch.cumsum(lk - counts, 0,
+                                                                                       dtype=torch.int32)]),
+                    max_pad=lk - shortest)
+    return _Plan(**plan)
+
+
+# Plans of recent masks, by the mask tensor's identity (checked through a weak reference, so a freed mask's id that
+# a new tensor reuses never matches) and version (an in-place change makes a new plan): the mask HF builds once per
+# forward is read on the host once, by the first layer, and every other layer reuses the plan.
+_PLANS: OrderedDict[tuple, tuple] = OrderedDict()
+_MAX_PLANS = 16
+
+
+def _forget(key: tuple, ref) -> None:
+    """A cached mask was freed: drop its plan (the weak reference's callback)."""
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0] is ref:
+        del _PLANS[key]
+
+
+def cached_mask_plan(mask: torch.Tensor, what: tuple, analyse):
+    """``analyse()`` for ``mask``, computed once per mask tensor, version and ``what`` (the caller's name and the
+    call's sizes) and reused by every later call with the same tensor: the layers of one forward. Not cached inside
+    ``torch.compile`` (no host read there) or for inference-mode tensors (they have no version counter)."""
+    if torch.compiler.is_compiling() or mask.is_inference():
+        return analyse()
+    key = (id(mask), *what)
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0]() is mask and hit[1] == mask._version:
+        _PLANS.move_to_end(key)
+        return hit[2]
+    plan = analyse()
+    _PLANS[key] = (weakref.ref(mask, functools.partial(_forget, key)), mask._version, plan)
+    while len(_PLANS) > _MAX_PLANS:
+        _PLANS.popitem(last=False)
+    return plan
+
+
+def _gather(t: torch.Tensor, index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rows ``t[b, l]`` of ``t`` ``[B, L, ...]`` at the plan's ``(batch, position)`` indices (integer gathers: no
+    host sync, unlike a boolean-mask index)."""
+    return t[index[0], index[1]]
+
+
+def _varlen(q, k, v, plan: _Plan, causal, scale, dropout, backend):
+    """q ``[B, Lq, H, D]``, k/v ``[B, Lk, Hkv, D]``: the plan's kept keys packed, every query kept."""
+    B, lq = q.shape[:2]
+    out = attention(q.reshape(B * lq, *q.shape[2:]), _gather(k, plan.keys), _gather(v, plan.keys), causal=causal,
+                    softmax_scale=scale, cu_seqlens_q=plan.cu_q, cu_seqlens_k=plan.cu_k, max_seqlen_q=lq,
+                    max_seqlen_k=plan.max_k, backend=backend, dropout_p=dropout)
     return out.view(B, lq, *out.shape[1:])
 
 
-def _right_padded_causal(q, k, v, kp, scale, dropout, backend):
+def _right_padded_causal(q, k, v, plan: _Plan, scale, dropout, backend):
     """Causal varlen over each sample's valid prefix for the valid queries, and the padding queries over all of their
     sample's valid keys (what HF's mask gives them): two varlen calls on the same packed keys."""
     B, L = q.shape[:2]
-    counts = kp.sum(1, dtype=torch.int32)
-    zero = torch.zeros(1, dtype=torch.int32, device=q.device)
-    cu = torch.cat([zero, torch.cumsum(counts, 0, dtype=torch.int32)])
-    cu_pad = torch.cat([zero, torch.cumsum(L - counts, 0, dtype=torch.int32)])
-    longest = int(counts.max())
-    k, v = k[kp], v[kp]
-    valid = attention(q[kp], k, v, causal=True, softmax_scale=scale, cu_seqlens_q=cu, cu_seqlens_k=cu,
-                      max_seqlen_q=longest, max_seqlen_k=longest, backend=backend, dropout_p=dropout)
-    padding = attention(q[~kp], k, v, causal=False, softmax_scale=scale, cu_seqlens_q=cu_pad, cu_seqlens_k=cu,
-                        max_seqlen_q=L - int(counts.min()), max_seqlen_k=longest, backend=backend, dropout_p=dropout)
+    k, v = _gather(k, plan.keys), _gather(v, plan.keys)
+    valid = attention(_gather(q, plan.keys), k, v, causal=True, softmax_scale=scale, cu_seqlens_q=plan.cu_k,
+                      cu_seqlens_k=plan.cu_k, max_seqlen_q=plan.max_k, max_seqlen_k=plan.max_k, backend=backend,
+                      dropout_p=dropout)
+    padding = attention(_gather(q, plan.pad), k, v, causal=False, softmax_scale=scale, cu_seqlens_q=plan.cu_pad,
+                        cu_seqlens_k=plan.cu_k, max_seqlen_q=plan.max_pad, max_seqlen_k=plan.max_k, backend=backend,
+                        dropout_p=dropout)
     out = valid.new_zeros((B, L, *valid.shape[1:]))
-    out[kp] = valid
-    out[~kp] = padding
-    return out
+    out = out.index_put(plan.keys, valid)
+    return out.index_put(plan.pad, padding)
 
 
 def attention_forward(
@@ -240,20 +330,17 @@ def attention_forward(
         out = attention(q, k, v, causal=causal, softmax_scale=scaling, backend=backend, dropout_p=dropout)
         return out, None
 
-    keep = _bool_mask(attention_mask)
-    if keep is None:
-        return _fallback(module, query, key, value, attention_mask, "additive attention mask with values other "
-                         "than 0 and -inf (an arbitrary 4-D bias)", **every)
-    plan = _plan(keep, B, lq, lk)
-    if isinstance(plan, str):
-        return _fallback(module, query, key, value, attention_mask, plan, **every)
-    kind, kp = plan
-    if kind in ("dense", "causal"):
-        out = attention(q, k, v, causal=kind == "causal", softmax_scale=scaling, backend=backend, dropout_p=dropout)
-    elif kind == "right_padded_causal":
-        out = _right_padded_causal(q, k, v, kp, scaling, dropout, backend)
+    plan = cached_mask_plan(attention_mask, ("attention", B, lq, lk),
+                            functools.partial(_analyse, attention_mask, B, lq, lk))
+    if plan.kind == "fallback":
+        return _fallback(module, query, key, value, attention_mask, plan.reason, **every)
+    if plan.kind in ("dense", "causal"):
+        out = attention(q, k, v, causal=plan.kind == "causal", softmax_scale=scaling, backend=backend,
+                        dropout_p=dropout)
+    elif plan.kind == "right_padded_causal":
+        out = _right_padded_causal(q, k, v, plan, scaling, dropout, backend)
     else:
-        out = _varlen(q, k, v, kp, kind == "padded_causal", scaling, dropout, backend)
+        out = _varlen(q, k, v, plan, plan.kind == "padded_causal", scaling, dropout, backend)
     return out, None
 
 

@@ -9,16 +9,22 @@ forward for that call (counted in the report), and so does a call whose attentio
 (``output_attentions`` given, or recorded by transformers 5's output recorder: see ``_patching.weights_recorded``),
 so the cross-attention weights are the unpatched model's. Self-attention of the Q-Former is the
 ``"mmkernels"`` attention implementation's job (``attention=True``).
+
+Host syncs: the mask is turned into ``kv_lens`` with one host read per mask tensor (cached on its identity and
+version, so the cross-attention layers of one forward share it), and the op then runs without one. Inside
+``torch.compile`` there is no host read at all (see :func:`_kv_lens`), so the patched Q-Former compiles as one graph.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
 
 from ...ops.qformer_attention import MAX_HEAD_DIM, MAX_QUERIES, qformer_cross_attention
 from ._patching import PatchReport, op_backend, original_forward, swap_forward, weights_recorded
-from .attention import _bool_mask
+from .attention import _keep_mask, cached_mask_plan
 
 __all__ = ["QFORMER_LAYERS", "patch_qformer"]
 
@@ -26,19 +32,36 @@ QFORMER_LAYERS = ("Blip2QFormerLayer", "InstructBlipQFormerLayer")
 _STATE = "_mmkernels_qformer"  # (report, backend)
 
 
+_NOT_RIGHT_PADDING = "encoder_attention_mask is not right padding of the image tokens"
+
+
 def _kv_lens(mask: torch.Tensor, batch: int, lq: int, lk: int) -> torch.Tensor | str:
-    """int32 ``[B]`` valid-key counts equal to the 4-D mask, or the reason it is not right padding."""
-    keep = _bool_mask(mask)
-    if keep is None:
+    """int32 ``[B]`` valid-key counts equal to the 4-D mask, or the reason it is not right padding.
+
+    One host read (every verdict in one transfer), cached per mask tensor by the caller. Inside ``torch.compile`` no
+    host read: the verdict is a ``torch._assert_async`` (``RuntimeError`` on CPU, a device-side assertion on CUDA)
+    instead of a fallback, so a compiled Q-Former takes right-padded image masks only (others run eagerly)."""
+    found = _keep_mask(mask)
+    if found is None:
         return "encoder_attention_mask is an arbitrary additive mask"
+    keep, binary = found
     if keep.dim() != 4 or keep.shape[-1] != lk or keep.shape[0] not in (1, batch) or keep.shape[-2] not in (1, lq):
+        if not bool(binary):
+            return "encoder_attention_mask is an arbitrary additive mask"
         return "encoder_attention_mask shape is not [B, 1, Lq, Lk]"
     keep = keep.expand(batch, keep.shape[1], lq, lk)
     kp = keep[:, 0, 0, :]
     lens = kp.sum(1, dtype=torch.int32)
     prefix = torch.arange(lk, device=kp.device)[None, :] < lens[:, None]
-    if not bool((keep == kp[:, None, None, :]).all() & (kp == prefix).all() & (lens > 0).all()):
-        return "encoder_attention_mask is not right padding of the image tokens"
+    padding = (keep == kp[:, None, None, :]).all() & (kp == prefix).all() & (lens > 0).all()
+    if torch.compiler.is_compiling():
+        torch._assert_async(binary & padding, f"{_NOT_RIGHT_PADDING} (under torch.compile: run such masks eagerly)")
+        return lens
+    is_binary, is_padding = torch.stack([binary, padding]).tolist()  # the one host read
+    if not is_binary:
+        return "encoder_attention_mask is an arbitrary additive mask"
+    if not is_padding:
+        return _NOT_RIGHT_PADDING
     return lens
 
 
@@ -68,7 +91,8 @@ def _forward(self, hidden_states, attention_mask=None, encoder_hidden_states=Non
     batch = max(B, Bk)
     kv_lens = None
     if encoder_attention_mask is not None:
-        kv_lens = _kv_lens(encoder_attention_mask, batch, lq, lk)
+        kv_lens = cached_mask_plan(encoder_attention_mask, ("qformer", batch, lq, lk),
+                                   functools.partial(_kv_lens, encoder_attention_mask, batch, lq, lk))
         if isinstance(kv_lens, str):
             return fallback(kv_lens)
     q = self.query(hidden_states).view(B, lq, heads, dim)
@@ -83,7 +107,7 @@ def _forward(self, hidden_states, attention_mask=None, encoder_hidden_states=Non
     dropout = self.attention_dropout if self.training else 0.0
     out = qformer_cross_attention(q, k, v, kv_lens=kv_lens, softmax_scale=self.scaling,
                                   backend=op_backend(backend, "qformer_cross_attention"),
-                                  dropout_p=dropout)
+                                  dropout_p=dropout, validate_kv_lens=False)  # checked above, once per mask
     return out.reshape(batch, lq, heads * dim), None
 
 

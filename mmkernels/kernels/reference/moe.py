@@ -1,7 +1,10 @@
 """Plain-PyTorch references for MoE routing with zero-computation experts and for the SwiGLU expert FFNs.
 
 Semantics: docs/design/longcat_moe.md. These are the tests' oracles (run them on float64 inputs), the
-benchmarks' baselines and the CPU fallback. No host synchronisation in ``moe_route_reference``.
+benchmarks' baselines and the CPU fallback. No host synchronisation in ``moe_route_reference``,
+``moe_permute_reference`` and ``moe_unpermute_reference`` (outputs sized by bounds, masks instead of slices); the
+per-expert loops (``moe_experts_reference`` and its backward, ``moe_grouped_swiglu_reference``) read the plan's
+offsets on the host once per call.
 """
 
 from __future__ import annotations
@@ -95,6 +98,33 @@ def keep_weights_in_graph(out: torch.Tensor, *weights: torch.Tensor) -> torch.Te
     return out + sum(w.reshape(-1)[:0].sum().to(out.dtype) for w in weights)
 
 
+def align(topk_ids: torch.Tensor, num_experts: int, expert_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Device-side alignment, no host sync: sort the T*K slots (slot = t*K + k) by local expert ``id - expert_offset``.
+
+    Slots whose local id is outside ``[0, num_experts)`` (zero experts, other ranks' experts, negative or
+    out-of-range ids) share one key past every expert: they sort last, in slot order. Returns ``order`` (int32
+    [T*K]: the slot of each sorted row) and ``offsets`` (int32 [E+1]: expert e owns sorted rows
+    [offsets[e], offsets[e+1]); offsets[E] = rows dispatched). Plain PyTorch: the reference and the Triton path
+    share it (``kernels/triton/moe.py`` builds its tile map on it)."""
+    n = num_experts
+    flat = topk_ids.reshape(-1).long() - expert_offset
+    key = torch.where((flat >= 0) & (flat < n), flat, n)
+    sorted_key, order = torch.sort(key, stable=True)
+    # offsets[e] = number of keys < e: a searchsorted (static output shape) rather than a bincount, whose output
+    # size depends on the largest key and which rejects negative keys.
+    offsets = torch.searchsorted(sorted_key, torch.arange(n + 1, device=key.device), right=False)
+    return order.to(torch.int32), offsets.to(torch.int32)
+
+
+def _expert_slots(topk_ids: torch.Tensor, n: int) -> list[tuple[int, torch.Tensor]]:
+    """(expert, its slots ascending) for every FFN expert with slots: one sort and one host read of the offsets
+    (the loop needs the sizes), not one ``nonzero`` per expert."""
+    order, offsets = align(topk_ids, n)
+    ends = offsets.tolist()
+    order = order.long()
+    return [(e, order[ends[e]: ends[e + 1]]) for e in range(n) if ends[e + 1] > ends[e]]
+
+
 def moe_experts_reference(
     hidden: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -112,13 +142,10 @@ def moe_experts_reference(
     n, two_di, _ = w_gate_up.shape
     di = two_di // 2
     out = x * zero_weight.to(compute)[:, None]
-    flat_ids = topk_ids.reshape(-1).long()
     flat_w = topk_weights.reshape(-1).to(compute)
     token = torch.arange(hidden.shape[0], device=hidden.device).repeat_interleave(topk_ids.shape[1])
-    valid = (flat_ids >= 0) & (flat_ids < n)  # a negative id must not index w_gate_up[-1]
-    present = torch.unique(flat_ids[valid]).tolist()
-    for e in present:
-        slots = (flat_ids == e).nonzero().squeeze(1)
+    present = _expert_slots(topk_ids, n)
+    for e, slots in present:
         rows = x[token[slots]]
         gu = rows @ w_gate_up[e].to(compute).t()
         h = F.silu(gu[:, :di]) * gu[:, di:]
@@ -152,15 +179,12 @@ def moe_experts_reference_backward(
     di = two_di // 2
     d_x = g_out * zero_weight.to(compute)[:, None]
     d_zero = (g_out * x).sum(-1)
-    flat_ids = topk_ids.reshape(-1).long()
     flat_w = topk_weights.reshape(-1).to(compute)
     d_w = torch.zeros_like(flat_w)
     d_gu_w = torch.zeros(w_gate_up.shape, dtype=compute, device=hidden.device)
     d_down_w = torch.zeros(w_down.shape, dtype=compute, device=hidden.device)
     token = torch.arange(hidden.shape[0], device=hidden.device).repeat_interleave(topk_ids.shape[1])
-    valid = (flat_ids >= 0) & (flat_ids < n)
-    for e in torch.unique(flat_ids[valid]).tolist():
-        slots = (flat_ids == e).nonzero().squeeze(1)
+    for e, slots in _expert_slots(topk_ids, n):
         rows, dy = x[token[slots]], g_out[token[slots]]
         w_gu, w_d = w_gate_up[e].to(compute), w_down[e].to(compute)
         gu = rows @ w_gu.t()
@@ -185,22 +209,20 @@ def moe_permute_reference(
     """(rows [T*K, Dm], slots int32 [T*K], offsets int32 [E+1]): the token rows of the slots whose id is in
     ``[expert_offset, expert_offset + E)``, grouped by expert, each expert's slots in slot order (slot = t*K + k),
     then zero rows for the other slots (listed in slot order after ``offsets[E]``). A stable sort of the slots by
-    local expert (the undispatched ones keyed E, so last): O(T*K log + E), not one pass per expert."""
+    local expert (the undispatched ones keyed E, so last): O(T*K log + E), not one pass per expert; no host sync
+    (output sized T*K, the bound)."""
     t, k = topk_ids.shape
     if hidden.is_meta or topk_ids.is_meta:  # shapes only (no data to sort): the op's output shapes, a shape-only graph
         rows = hidden.index_select(0, torch.zeros(t * k, dtype=torch.long, device=hidden.device))
         return (rows, torch.empty(t * k, dtype=torch.int32, device=hidden.device),
                 torch.empty(num_local_experts + 1, dtype=torch.int32, device=hidden.device))
-    local = topk_ids.reshape(-1).long() - expert_offset
-    valid = (local >= 0) & (local < num_local_experts)
-    key = torch.where(valid, local, num_local_experts)
-    slots = torch.sort(key, stable=True).indices
-    counts = torch.zeros(num_local_experts + 1, dtype=torch.long, device=hidden.device)
-    counts[1:] = torch.bincount(local[valid], minlength=num_local_experts)
-    offsets = counts.cumsum(0).to(torch.int32)
-    end = int(valid.sum())
-    rows = torch.cat([hidden[slots[:end] // k], hidden.new_zeros((t * k - end, hidden.shape[1]))])
-    return rows, slots.to(torch.int32), offsets
+    slots, offsets = align(topk_ids, num_local_experts, expert_offset)
+    # Every row gathered, the undispatched ones (r >= offsets[E], a device tensor: no host sync) zeroed by a where
+    # (never the token's values: NaN there must not travel on).
+    rows = hidden[slots.long() // k]
+    dispatched = torch.arange(t * k, device=hidden.device) < offsets[-1:]
+    rows = torch.where(dispatched[:, None], rows, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+    return rows, slots, offsets
 
 
 def moe_grouped_swiglu_reference(
@@ -237,8 +259,8 @@ def moe_unpermute_reference(
 ) -> torch.Tensor:
     """``y_t = sum over the dispatched rows r of token t (0 <= r < min(offsets[-1], M), slots[r] = t*K + k in
     [0, T*K)) of w_tk * expert_out[r]`` (+ ``zero_weight_t * hidden_t``). Rows past the dispatched ones, rows whose
-    slot is out of range and the weights of undispatched slots are never read. Math in fp32 for half inputs;
-    output in ``expert_out``'s dtype."""
+    slot is out of range and the weights of undispatched slots are never read. No host sync. Math in fp32 for half
+    inputs; output in ``expert_out``'s dtype."""
     compute = torch.float64 if expert_out.dtype == torch.float64 else torch.float32
     t, k = topk_weights.shape
     if expert_out.is_meta or offsets.is_meta:  # shapes only: every row added to token 0
@@ -248,15 +270,17 @@ def moe_unpermute_reference(
         if hidden is not None:
             out = out + hidden.to(compute) * zero_weight.to(compute)[:, None]
         return out.to(expert_out.dtype)
-    end = max(0, min(int(offsets[-1]), expert_out.shape[0]))  # a negative offsets[-1] reads no row
-    slot = slots[:end].long()
-    read = (slot >= 0) & (slot < t * k)  # a slot outside [0, T*K) names no token: its row is not read
+    m = expert_out.shape[0]
+    slot = slots[:m].long()
+    # Row r is read when r < offsets[-1] (a device tensor: no host sync; a negative one reads no row) and its slot
+    # names a (token, k) in [0, T*K). Rows not read go to a spare token row t, dropped at the end.
+    read = (torch.arange(m, device=slot.device) < offsets[-1:].long()) & (slot >= 0) & (slot < t * k)
     slot = torch.where(read, slot, 0)
     # where on both factors (not on their product): NaN in a row not read stays out of the output and of the
     # weights' gradient (0 * NaN would reach it through the product's backward)
-    rows = torch.where(read[:, None], expert_out[:end].to(compute), 0.0)
+    rows = torch.where(read[:, None], expert_out.to(compute), 0.0)
     y = rows * torch.where(read, topk_weights.reshape(-1)[slot].to(compute), 0.0)[:, None]
-    out = y.new_zeros((t, expert_out.shape[1])).index_add(0, slot // k, y)
+    out = y.new_zeros((t + 1, expert_out.shape[1])).index_add(0, torch.where(read, slot // k, t), y)[:t]
     if hidden is not None:
         out = out + hidden.to(compute) * zero_weight.to(compute)[:, None]
     return out.to(expert_out.dtype)

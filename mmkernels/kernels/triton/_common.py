@@ -1,12 +1,11 @@
 """What the Triton kernel modules share: launch helpers (host side) and ``@triton.jit`` helpers.
 
 Host side, for the launchers:
-- :func:`interpreted`: does this launch run in Triton's CPU interpreter (small, interpreter-sized tiles, one key
-  split) or compile for a GPU? ``tests/triton_launches.py`` replaces it (and :func:`sm_count`) to record the GPU
-  configurations from CPU tensors, so every launcher must ask through this module (``_common.interpreted(t)``),
-  never through a copy.
-- :func:`sm_count`: streaming multiprocessors of a CUDA device (cached per device), for split-K / split-reduction
-  choices.
+- :func:`interpreted`: does a launch on a tensor run in Triton's CPU interpreter? Shorthand for
+  ``tuning.target_of(t).interpreted``: launchers ask ``tuning.target_of`` once per launch for the whole
+  :class:`~.tuning.Target` (interpreted or not, SM count, limits) and pass it to their config functions, so
+  ``tuning.assume_target`` (how ``tests/triton_launches.py`` records GPU configurations from CPU tensors) reaches
+  every choice.
 - :func:`input_precision`: the ``tl.dot`` input precision of a dtype, passed to the kernels as ``PRECISION``.
 - :func:`check_grid`: CUDA's limits on the grid axes, with one error message.
 - :func:`wrapped`: a kernel wrapped by the launcher's ``launch`` argument (``torch.library.wrap_triton`` inside a
@@ -21,13 +20,11 @@ kernels share.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ..._env import triton_interpreting
+from . import tuning
 
 __all__ = [
     "LN2",
@@ -41,7 +38,6 @@ __all__ = [
     "dropout_seed",
     "input_precision",
     "interpreted",
-    "sm_count",
     "wrapped",
 ]
 
@@ -55,20 +51,11 @@ MAX_GRID = (MAX_PROGRAMS, 65535, 65535)  # CUDA grid axes 0, 1, 2
 
 
 def interpreted(t: torch.Tensor) -> bool:
-    """True when a launch on ``t`` runs in Triton's interpreter: ``t`` is not a CUDA tensor, or
-    ``TRITON_INTERPRET=1`` (:func:`mmkernels._env.triton_interpreting`). The launchers then pick interpreter-sized
-    configurations (few large NumPy steps), which never change a result's meaning, only its summation order."""
-    return t.device.type != "cuda" or triton_interpreting()
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of CUDA ``device`` (an index-less ``cuda`` means the current device)."""
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    """True when a launch on ``t`` runs in Triton's interpreter (``tuning.target_of(t).interpreted``: ``t`` is not a
+    CUDA tensor, or ``TRITON_INTERPRET=1``, unless ``tuning.assume_target`` says otherwise). The launchers then pick
+    interpreter-sized configurations (few large NumPy steps), which never change a result's meaning, only its
+    summation order."""
+    return tuning.target_of(t).interpreted
 
 
 def input_precision(dtype: torch.dtype) -> str:

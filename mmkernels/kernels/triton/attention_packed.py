@@ -30,25 +30,22 @@ Caveat of sharing a tile: a non-finite value in one sequence's valid K/V/dO rows
 its tile (``0 * NaN`` inside the ``P V`` / ``dS Q`` products), where the per-sequence kernels keep it inside its
 sequence. Padding rows and keys that no row sees are never loaded, so the contract on invalid regions holds.
 
-:func:`occupancy` computes, for a list of sequence lengths, the fraction of computed score entries (rows x keys
-multiplied) that are valid and the head-dim fraction, for either mode (``docs/ops/attention.md`` has the table;
+Which varlen kernels run (these or the per-sequence ones) is decided in one place, ``attention_varlen.py`` (its
+``packed_pays`` rule and this module's :func:`packed_fits`); neither kernel module imports the other.
+``attention_varlen.occupancy`` computes, for a list of sequence lengths, the fraction of computed score entries (rows x
+keys multiplied) that are valid and the head-dim fraction, for either mode (``docs/ops/attention.md`` has the table;
 ``benchmarks/occupancy.py`` prints it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ..._env import attention_packed_override
-
-# `_common.interpreted` is called through the module: tests/triton_launches.py replaces it to record GPU configs.
-from . import _common
-from . import attention as _dense
+from . import tuning
 from ._common import (
     LN2_JIT,
     LOG2E,
@@ -61,8 +58,7 @@ from ._common import (
     wrapped,
 )
 
-__all__ = ["Occupancy", "attention_packed_bwd", "attention_packed_fwd", "head_dim_chunks", "occupancy",
-           "packed_fits", "packed_pays"]
+__all__ = ["attention_packed_bwd", "attention_packed_fwd", "head_dim_chunks", "packed_fits"]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -436,7 +432,7 @@ class _Config:
     num_stages: int
 
 
-def _configs(width: int, dtype: torch.dtype, interpret: bool, dropout: bool = False
+def _configs(width: int, dtype: torch.dtype, target: tuning.Target, dropout: bool = False
              ) -> tuple[_Config, _Config, _Config]:
     """(forward, dK/dV, dQ) configs for a padded head dim ``width`` (``BLOCK_D0 + BLOCK_D1``). Fixed block sizes (no
     fit to the max length): a packed tile spans sequences, so short sequences fill it. The interpreter takes 32 x 32
@@ -445,9 +441,9 @@ def _configs(width: int, dtype: torch.dtype, interpret: bool, dropout: bool = Fa
     GPU values are untuned starting points, chosen without a GPU so that ptxas (Triton 3.8, sm_80 and sm_90a) reports no
     spills for every launched specialisation (``make check-triton``), with the wide half-precision backward routed to
     the per-sequence kernels (:func:`packed_fits`). 64-row query tiles: a tile straddling two sequences computes its
-    rows against both, so shorter tiles waste less (:func:`occupancy`). dK/dV takes 16-row query steps: its program
-    holds K, V, dK and dV for 64 keys."""
-    if interpret:
+    rows against both, so shorter tiles waste less (``attention_varlen.occupancy``). dK/dV takes 16-row query steps:
+    its program holds K, V, dK and dV for 64 keys."""
+    if target.interpreted:
         cfg = _Config(32, 32, 4, 1)
         return cfg, cfg, cfg
     if dtype == torch.float32:  # ieee products, twice the bytes per element
@@ -463,41 +459,10 @@ def _configs(width: int, dtype: torch.dtype, interpret: bool, dropout: bool = Fa
     return _Config(64, 32, 8, 2), _Config(16, 32, 8, 1), _Config(32, 32, 8, 1)
 
 
-def packed_pays(q: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int) -> bool:
-    """Whether the varlen launchers take the packed kernels for ``q`` (``[total_q, Hq, D]``).
-
-    ``MMKERNELS_ATTENTION_PACKED=1``/``0`` forces the answer; otherwise the interpreter says no, and on a GPU a rule on
-    host ints only (no sync) compares the multiply-adds of the two modes for sequences that all have the max lengths:
-    per sequence, the per-sequence kernels compute ``ceil(Lq / BM) BM x ceil(Lk / BN) BN x BLOCK_D`` (their configs);
-    a packed tile of ``BM'`` rows computes the keys of the ``1 + (BM' - 1) / Lq`` sequences it touches on average,
-    rounded up to whole key blocks, times ``BLOCK_D0 + BLOCK_D1`` (within 1% of :func:`occupancy`'s exact count).
-    Packed when it does at most 90% of the per-sequence work (its masks cost a little more per tile). Both modes
-    return the same results, so the choice (even a forward and a backward that choose differently) changes only
-    speed. Raises ``ValueError`` for a bad ``MMKERNELS_ATTENTION_PACKED``."""
-    forced = attention_packed_override()
-    if forced is not None:
-        return forced
-    interpret = _common.interpreted(q)
-    if interpret or max_seqlen_q <= 0 or max_seqlen_k <= 0:
-        return False  # the interpreter (CPU tests) runs the per-sequence kernels unless a test forces packed
-    head_dim = q.shape[-1]
-    d0, d1 = head_dim_chunks(head_dim)
-    fwd, _, _ = _configs(d0 + d1, q.dtype, interpret)
-    block_d = _dense._block_d(head_dim)
-    dense = _dense._fwd_config(block_d, q.dtype, max_seqlen_q, max_seqlen_k, interpret)
-    unpacked = _round_up(max_seqlen_q, dense.block_m) * _round_up(max_seqlen_k, dense.block_n) * block_d
-    # A packed tile at a uniform offset touches `whole + 1` sequences, or `whole + 2` for `rem` of the Lq offsets
-    # (BM' - 1 = whole * Lq + rem), and computes their keys rounded up to whole key blocks: per sequence,
-    # (Lq - rem) R((whole + 1) Lk) + rem R((whole + 2) Lk) with R(x) = ceil(x / BN') BN'.
-    whole, rem = divmod(fwd.block_m - 1, max_seqlen_q)
-    packed = ((max_seqlen_q - rem) * _round_up((whole + 1) * max_seqlen_k, fwd.block_n)
-              + rem * _round_up((whole + 2) * max_seqlen_k, fwd.block_n)) * (d0 + d1)
-    return 10 * packed <= 9 * unpacked
-
-
-def packed_fits(q: torch.Tensor, backward: bool) -> bool:
-    """Whether the packed kernels run for ``q`` once :func:`packed_pays` (or ``MMKERNELS_ATTENTION_PACKED=1``) says
-    packed: always under the interpreter; on a GPU only where their configs compile without register spills
+def packed_fits(q: torch.Tensor, backward: bool, target: tuning.Target | None = None) -> bool:
+    """Whether the packed kernels run for ``q`` once ``attention_varlen.packed_pays`` (or
+    ``MMKERNELS_ATTENTION_PACKED=1``) says packed: always on an interpreted ``target`` (default
+    ``tuning.target_of(q)``); on a GPU only where their configs compile without register spills
     (``make check-triton``, ptxas from Triton 3.8 on sm_80 and sm_90a), else the per-sequence kernels run (same
     results; either backward takes either forward's lse):
 
@@ -507,16 +472,12 @@ def packed_fits(q: torch.Tensor, backward: bool) -> bool:
       warps, 1/2 stages) spills 12-19,000 bytes per thread in some launched specialisation;
     - fp32: never (its ieee products hold twice the registers per element and spill from D = 40 on; fp32 is not a
       speed path on GPUs)."""
-    if _common.interpreted(q):
+    if (target or tuning.target_of(q)).interpreted:
         return True
     if q.dtype == torch.float32:
         return False
     d0, d1 = head_dim_chunks(q.shape[-1])
     return d0 + d1 <= (64 if backward else 128)
-
-
-def _round_up(n, block: int):
-    return -(-n // block) * block
 
 
 def _grid(tiles, heads, what: str) -> tuple[int]:
@@ -547,11 +508,11 @@ def attention_packed_fwd(
     batch = cu_seqlens_q.shape[0] - 1
     hq, hkv, head_dim = q.shape[1], k.shape[1], q.shape[2]
     out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)  # padding rows belong to no program
-    lse = torch.full(_dense.lse_shape(q, True), float("inf"), dtype=torch.float32, device=q.device)
+    lse = torch.full((hq, q.shape[0]), float("inf"), dtype=torch.float32, device=q.device)  # [Hq, total_q]
     if out.numel() == 0 or batch == 0 or max_seqlen_q == 0:
         return out, lse
     d0, d1 = head_dim_chunks(head_dim)
-    cfg, _, _ = _configs(d0 + d1, q.dtype, _common.interpreted(q))
+    cfg, _, _ = _configs(d0 + d1, q.dtype, tuning.target_of(q))
     seed_ptr, dropout_p, drop_scale, dropout = dropout_args(dropout_p, seed, lse)
     tiles = triton.cdiv(q.shape[0], cfg.block_m)
     wrapped(_packed_fwd_kernel, launch)[_grid(tiles, hq, "forward")](
@@ -594,9 +555,8 @@ def attention_packed_bwd(
     dv = torch.zeros(v.shape, dtype=v.dtype, device=v.device)
     if batch == 0 or q.numel() == 0 or k.numel() == 0 or max_seqlen_q == 0 or max_seqlen_k == 0:
         return torch.zeros(q.shape, dtype=q.dtype, device=q.device), dk, dv
-    interpret = _common.interpreted(q)
     d0, d1 = head_dim_chunks(head_dim)
-    _, kv_cfg, q_cfg = _configs(d0 + d1, q.dtype, interpret, dropout_p > 0.0)
+    _, kv_cfg, q_cfg = _configs(d0 + d1, q.dtype, tuning.target_of(q), dropout_p > 0.0)
     precision = input_precision(q.dtype)
     group = hq // hkv
     seed_ptr, dropout_p, drop_scale, dropout = dropout_args(dropout_p, seed, lse)
@@ -638,80 +598,3 @@ def attention_packed_bwd(
         num_warps=q_cfg.num_warps, num_stages=q_cfg.num_stages,
     )
     return dq_buf, dk, dv
-
-
-# --------------------------------------------------------------------------------------------------------------
-# occupancy: how much of the computed work is valid (analytic, host only)
-# --------------------------------------------------------------------------------------------------------------
-
-
-class Occupancy(NamedTuple):
-    """Work of the attention forward on one head for a list of sequences, as the kernels tile it.
-
-    ``valid``: score entries (query row, key) that the mask keeps; ``computed``: entries the kernels multiply
-    (whole ``block_m x block_n`` tiles); ``score_fraction = valid / computed``; ``head_dim_fraction = head_dim /
-    block_d`` (the padded head dim every product runs at); ``fraction``: their product, the valid share of the
-    multiply-adds of ``Q K^T`` and ``P V``."""
-
-    mode: str
-    valid: int
-    computed: int
-    score_fraction: float
-    head_dim: int
-    block_d: int
-    head_dim_fraction: float
-    fraction: float
-    block_m: int
-    block_n: int
-
-
-def _keys_seen(pos: int, len_q: int, len_k: int, causal: bool) -> int:
-    if not causal:
-        return len_k
-    return min(max(pos + len_k - len_q + 1, 0), len_k)
-
-
-def occupancy(seqlens, head_dim: int, mode: str, *, seqlens_k=None, causal: bool = False,
-              dtype: torch.dtype = torch.float16, block_m: int | None = None, block_n: int | None = None) -> Occupancy:
-    """The :class:`Occupancy` of a batch: ``seqlens`` query lengths (and key lengths unless ``seqlens_k``), one head
-    of dim ``head_dim``; ``mode`` ``"unpacked"`` (the per-sequence kernels: blocks from ``_fwd_config`` on a GPU,
-    fitted to the max length; head dim padded to the next power of two) or ``"packed"`` (this module: fixed GPU
-    blocks, head dim in :func:`head_dim_chunks`). ``block_m``/``block_n`` override the blocks. The key range of a
-    packed tile is computed exactly as the kernel does (union of its rows' keys, rounded up to whole key blocks).
-    Raises ``ValueError`` for an unknown mode or mismatched length lists."""
-    lens_q = [int(n) for n in seqlens]
-    lens_k = lens_q if seqlens_k is None else [int(n) for n in seqlens_k]
-    if len(lens_q) != len(lens_k):
-        raise ValueError(f"occupancy: {len(lens_q)} query lengths but {len(lens_k)} key lengths")
-    max_q, max_k = max(lens_q, default=0), max(lens_k, default=0)
-    valid = sum(_keys_seen(i, lq, lk, causal) for lq, lk in zip(lens_q, lens_k) for i in range(lq))
-    if mode == "unpacked":
-        block_d = _dense._block_d(head_dim)
-        cfg = _dense._fwd_config(block_d, dtype, max(max_q, 1), max(max_k, 1), False)
-        bm, bn = block_m or cfg.block_m, block_n or cfg.block_n
-        computed = 0
-        for lq, lk in zip(lens_q, lens_k):
-            for start in range(0, lq, bm):  # the kernel's key loop ends at the block's last row's last key
-                hi = max(min(lk, start + bm + lk - lq), 0) if causal else lk
-                computed += bm * -(-hi // bn) * bn
-    elif mode == "packed":
-        d0, d1 = head_dim_chunks(head_dim)
-        block_d = d0 + d1
-        cfg, _, _ = _configs(block_d, dtype, False)
-        bm, bn = block_m or cfg.block_m, block_n or cfg.block_n
-        row_keys = []  # (first key, end key) of every packed row
-        k_first = 0
-        for lq, lk in zip(lens_q, lens_k):
-            row_keys += [(k_first, k_first + _keys_seen(i, lq, lk, causal)) for i in range(lq)]
-            k_first += lk
-        computed = 0
-        for start in range(0, len(row_keys), bm):
-            seen = [(a, b) for a, b in row_keys[start:start + bm] if b > a]
-            if seen:
-                span = max(b for _, b in seen) - min(a for a, _ in seen)
-                computed += bm * -(-span // bn) * bn
-    else:
-        raise ValueError(f"occupancy: mode must be 'unpacked' or 'packed', got {mode!r}")
-    score = valid / computed if computed else 1.0
-    dfrac = head_dim / block_d
-    return Occupancy(mode, valid, computed, score, head_dim, block_d, dfrac, score * dfrac, bm, bn)

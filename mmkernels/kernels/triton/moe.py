@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..reference.moe import align  # noqa: F401 - the plan the tile map is built on (plain PyTorch)
 from . import tuning
 from ._common import input_precision, wrapped
 
@@ -58,23 +59,6 @@ def tiles(offsets: torch.Tensor, rows: int, block_m: int) -> Groups:
     tile_expert = torch.where(expert < e, expert, -1)
     # .to() returns int32 offsets as they are (no copy): the tensor the caller passes on is the one it saved.
     return Groups(offsets.to(torch.int32), tile_expert.to(torch.int32), tile_row.to(torch.int32), block_m)
-
-
-def align(topk_ids: torch.Tensor, num_experts: int, expert_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Device-side alignment, no host sync: sort the T*K slots (slot = t*K + k) by local expert ``id - expert_offset``.
-
-    Slots whose local id is outside ``[0, num_experts)`` (zero experts, other ranks' experts, negative or
-    out-of-range ids) share one key past every expert: they sort last, in slot order, and no tile covers them.
-    Returns ``order`` (int32 [T*K]: the slot of each sorted row) and ``offsets`` (int32 [E+1]: expert e owns sorted
-    rows [offsets[e], offsets[e+1]); offsets[E] = rows dispatched). ``tiles(offsets, ...)`` gives the tile map."""
-    n = num_experts
-    flat = topk_ids.reshape(-1).long() - expert_offset
-    key = torch.where((flat >= 0) & (flat < n), flat, n)
-    sorted_key, order = torch.sort(key, stable=True)
-    # offsets[e] = number of keys < e: a searchsorted (static output shape) rather than a bincount, whose output
-    # size depends on the largest key and which rejects negative keys.
-    offsets = torch.searchsorted(sorted_key, torch.arange(n + 1, device=key.device), right=False)
-    return order.to(torch.int32), offsets.to(torch.int32)
 
 
 @triton.jit
@@ -269,3 +253,88 @@ def grouped_wgrad(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=block_r, num_warps=warps, num_stages=stages,
     )
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tuning: the search spaces of the grouped GEMM and the weight-gradient GEMM (kernels/triton/tuning.py is the core)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _tokens_per_expert(shape):
+    """Rows per expert, from host-known sizes only (no device read): the tile map has ``ceil(rows / BLOCK_M) + E``
+    entries, so ``(tiles - E) * BLOCK_M / E`` is the mean (rounded up to whole tiles)."""
+    experts = max(1, shape["experts"])
+    return max(0, shape["tiles"] - shape["experts"]) * shape["block_m"] // experts
+
+
+def _gemm_key(shape) -> dict:
+    return {"dtype": tuning.dtype_token(shape), "gated": int(bool(shape["gated"])), "m": int(shape["block_m"]),
+            "n": tuning.bucket(shape["n"], tuning.DIM_BUCKETS), "k": tuning.bucket(shape["k"], tuning.DIM_BUCKETS),
+            "tpe": tuning.bucket(_tokens_per_expert(shape), tuning.TPE_BUCKETS)}
+
+
+def _wgrad_key(shape) -> dict:
+    return {"dtype": tuning.dtype_token(shape), "m": tuning.bucket(shape["m"], tuning.DIM_BUCKETS),
+            "n": tuning.bucket(shape["n"], tuning.DIM_BUCKETS),
+            "tpe": tuning.bucket(_tokens_per_expert(shape), tuning.TPE_BUCKETS)}
+
+
+def _est_gemm(c, key) -> tuple[int, int]:
+    return tuning.gemm_estimate(key["m"], c["block_n"], c["block_k"], c["num_stages"], c["num_warps"],
+                                tuning.element_size(key), 2 if key["gated"] else 1)
+
+
+def _est_wgrad(c, key) -> tuple[int, int]:
+    return tuning.gemm_estimate(c["block_m"], c["block_n"], c["block_r"], c["num_stages"], c["num_warps"],
+                                tuning.element_size(key))
+
+
+def _make(wgrad: bool):
+    def make(shape, device: torch.device, small: bool):
+        """Input maker: ``experts`` groups of equal size (the shape's rows per expert) through a real tile map."""
+        dt = shape["dtype"]
+        bm = block_m(dt)
+        experts = 2 if small else int(shape["experts"])
+        tpe = 3 if small else max(1, _tokens_per_expert(shape))
+        rows = experts * tpe
+        offsets = torch.arange(experts + 1, device=device, dtype=torch.int32) * tpe
+        al = tiles(offsets, rows, bm)
+        if wgrad:
+            m, n = (16, 32) if small else (int(shape["m"]), int(shape["n"]))
+            a = torch.randn(rows, m, device=device, dtype=dt)
+            b = torch.randn(rows, n, device=device, dtype=dt)
+
+            def run():
+                out = torch.empty((experts, m, n), device=device, dtype=dt)
+                return (grouped_wgrad(a, b, out, al),)
+
+            return run
+        n, k = (32, 16) if small else (int(shape["n"]), int(shape["k"]))
+        gated = bool(shape["gated"])
+        a = torch.randn(rows, k, device=device, dtype=dt)
+        w = torch.randn(experts, 2 * n if gated else n, k, device=device, dtype=dt) * k**-0.5
+        strides = (w.stride(0), w.stride(2), w.stride(1))
+
+        def run():
+            out = torch.empty((rows, n), device=device, dtype=dt)
+            return (grouped_gemm(a, w, strides, out, al, n=n, k=k, up_offset=n if gated else None),)
+
+        return run
+
+    return make
+
+
+# BLOCK_M is fixed by the alignment (the tile map is built for it before the GEMM): a bucket field, not a param
+tuning.register(tuning.Space(
+    "moe_grouped_gemm", "moe_experts",
+    {"block_n": (64, 128, 256), "block_k": (32, 64, 128), "num_warps": tuning.WARPS, "num_stages": (2, 3, 4)},
+    _gemm_key, ("dtype", "gated", "m", "n", "k", "tpe"), ("n", "k", "tpe"), _est_gemm, _make(False), __name__,
+    _grouped_gemm_kernel, lambda shape: _blocks(shape["dtype"]),
+    fields=("block_m", "block_n", "block_k", "num_warps", "num_stages"), flags=("gated",)))
+tuning.register(tuning.Space(
+    "moe_grouped_wgrad", "moe_experts",
+    {"block_m": (32, 64, 128), "block_n": (64, 128), "block_r": (32, 64), "num_warps": tuning.WARPS,
+     "num_stages": (2, 3)},
+    _wgrad_key, ("dtype", "m", "n", "tpe"), ("m", "n", "tpe"), _est_wgrad, _make(True), __name__,
+    _grouped_wgrad_kernel, lambda shape: _blocks(shape["dtype"]),
+    fields=("block_m", "block_n", "block_r", "num_warps", "num_stages")))

@@ -25,12 +25,13 @@ L2). Only the basic ``tl`` API is used (Triton >= 3.6). Accumulation is fp32; fp
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
-# `_common.interpreted` / `_common.sm_count` are called through the module: tests/triton_launches.py replaces them.
-from . import _common, tuning
+from . import tuning
 from ._common import input_precision, wrapped
 
 __all__ = [
@@ -252,9 +253,10 @@ def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(1, n))))
 
 
-def _gemm_config(interpret: bool, dtype: torch.dtype, m: int, n: int, k: int) -> dict:
-    """Tile sizes for an [m, k] x [k, n] product. In the interpreter big tiles mean few slow Python programs."""
-    if interpret:
+def _gemm_config(target: tuning.Target, dtype: torch.dtype, m: int, n: int, k: int) -> dict:
+    """Tile sizes for an [m, k] x [k, n] product on ``target``. In the interpreter big tiles mean few slow Python
+    programs."""
+    if target.interpreted:
         return {"BM": _pow2(m, 16, 64), "BN": _pow2(n, 16, 64), "BK": _pow2(k, 16, 128), "num_warps": 4,
                 "num_stages": 1}
     # One config serves the forward and both backward kernels (in their own roles of m, n, k), so it is the largest
@@ -296,8 +298,9 @@ def patch_embed_fwd(
     if m == 0 or d == 0:
         return y
     kk = c * p * p
+    target = tuning.target_of(pixels)
     cfg = tuning.pick("patch_embed_fwd", dict(dtype=pixels.dtype, m=m, n=d, k=kk),
-                      _gemm_config(_common.interpreted(pixels), pixels.dtype, m, d, kk), like=pixels)
+                      _gemm_config(target, pixels.dtype, m, d, kk), like=pixels, target=target)
     grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(d, cfg["BN"]),)
     dummy = weight  # never read: the HAS_* flags are off
     wrapped(_patch_embed_fwd_kernel, launch)[grid](
@@ -334,8 +337,9 @@ def patch_embed_bwd_input(
     if d == 0:
         return dx.zero_()
     kk = c * p * p
+    target = tuning.target_of(pixels)
     cfg = tuning.pick("patch_embed_bwd_input", dict(dtype=pixels.dtype, m=mp, n=kk, k=d),
-                      _gemm_config(_common.interpreted(pixels), pixels.dtype, mp, kk, d), like=pixels)
+                      _gemm_config(target, pixels.dtype, mp, kk, d), like=pixels, target=target)
     bm, bk, bd = cfg["BM"], cfg["BN"], cfg["BK"]
     grid = (triton.cdiv(mp, bm), triton.cdiv(kk, bk))
     wrapped(_patch_embed_bwd_input_kernel, launch)[grid](
@@ -351,21 +355,21 @@ def patch_embed_bwd_input(
     return dx
 
 
-def _weight_grad_splits(t: torch.Tensor, tiles: int, row_blocks: int, deterministic_rows: int) -> int:
-    """How many chunks the reduction over patch rows (of ``t``'s device) is cut into: enough programs to fill the GPU
-    twice."""
-    if _common.interpreted(t):
+def _weight_grad_splits(target: tuning.Target, tiles: int, row_blocks: int, deterministic_rows: int) -> int:
+    """How many chunks the reduction over patch rows is cut into on ``target``: enough programs to fill its SMs
+    twice (one on an interpreted target)."""
+    if target.interpreted:
         return 1
-    want = triton.cdiv(2 * _common.sm_count(t.device), max(1, tiles))
+    want = triton.cdiv(2 * target.sm_count, max(1, tiles))
     # keep at least ~8 row blocks per chunk so the fp32 partial buffer stays small next to the work
     return max(1, min(want, row_blocks // 8 if row_blocks >= 8 else 1, deterministic_rows))
 
 
-def _token_grad_splits(t: torch.Tensor, tiles: int, batch: int) -> int:
-    """How many batch chunks the token-gradient pass (of ``t``'s device) is cut into (each keeps >= 8 images)."""
-    if _common.interpreted(t):
+def _token_grad_splits(target: tuning.Target, tiles: int, batch: int) -> int:
+    """How many batch chunks the token-gradient pass is cut into on ``target`` (each keeps >= 8 images)."""
+    if target.interpreted:
         return 1
-    return max(1, min(triton.cdiv(4 * _common.sm_count(t.device), tiles), batch // 8))
+    return max(1, min(triton.cdiv(4 * target.sm_count, tiles), batch // 8))
 
 
 def patch_embed_bwd_weight(
@@ -381,12 +385,13 @@ def patch_embed_bwd_weight(
     kk = c * p * p
     if mp == 0 or d == 0 or kk == 0:
         return torch.zeros((d, c, p, p), device=grad_out.device, dtype=grad_out.dtype)
+    target = tuning.target_of(pixels)
     cfg = tuning.pick("patch_embed_bwd_weight", dict(dtype=pixels.dtype, m=d, n=kk, k=mp),
-                      _gemm_config(_common.interpreted(pixels), pixels.dtype, d, kk, mp), like=pixels)
+                      _gemm_config(target, pixels.dtype, d, kk, mp), like=pixels, target=target)
     bd, bk, bm = cfg["BM"], cfg["BN"], cfg["BK"]
     tiles = triton.cdiv(d, bd) * triton.cdiv(kk, bk)
     row_blocks = triton.cdiv(mp, bm)
-    splits = _weight_grad_splits(pixels, tiles, row_blocks, 64)
+    splits = _weight_grad_splits(target, tiles, row_blocks, 64)
     rows_per_split = triton.cdiv(row_blocks, splits) * bm
     splits = triton.cdiv(mp, rows_per_split)
     if splits == 1:
@@ -419,13 +424,14 @@ def patch_embed_bwd_tokens(
     if d == 0 or rows == 0 or bsz == 0:
         return (torch.zeros((sum_rows, d), device=dev, dtype=torch.float32),
                 torch.zeros((d if bias_grad else 0,), device=dev, dtype=torch.float32))
-    if _common.interpreted(grad_out):
+    target = tuning.target_of(grad_out)
+    if target.interpreted:
         bt, bdim = _pow2(rows, 1, 64), _pow2(d, 16, 128)
     else:
         bt, bdim = 16, _pow2(d, 16, 128)
     t_blocks, d_blocks = triton.cdiv(rows, bt), triton.cdiv(d, bdim)
     # split the batch so that enough programs stream dY (each keeps >= 8 images); partial sums are added after
-    splits = _token_grad_splits(grad_out, t_blocks * d_blocks, bsz)
+    splits = _token_grad_splits(target, t_blocks * d_blocks, bsz)
     b_per_split = triton.cdiv(bsz, splits)
     splits = triton.cdiv(bsz, b_per_split)
     sums = torch.empty((splits, sum_rows, d), device=dev, dtype=torch.float32)
@@ -440,3 +446,72 @@ def patch_embed_bwd_tokens(
     )
     bias = parts.sum((0, 1)) if bias_grad else torch.empty((0,), device=dev, dtype=torch.float32)
     return (sums[0] if splits == 1 else sums.sum(0)), bias
+
+
+# --------------------------------------------------------------------------------------------------------------
+# tuning: one search space per GEMM role (kernels/triton/tuning.py is the generic core)
+# --------------------------------------------------------------------------------------------------------------
+# The launchers call one config function for three GEMMs with different roles of (m, n, k):
+#   fwd [B*L, C*P*P] x [C*P*P, D]; bwd_input [B*N, D] x [D, C*P*P]; bwd_weight [D, B*N] x [B*N, C*P*P].
+
+
+def _patch_key(shape) -> dict:
+    return {"dtype": tuning.dtype_token(shape), "m": tuning.bucket(shape["m"], tuning.DIM_BUCKETS),
+            "n": tuning.bucket(shape["n"], tuning.DIM_BUCKETS), "k": tuning.bucket(shape["k"], tuning.DIM_BUCKETS)}
+
+
+def _patch_adapt(cfg: dict, shape) -> dict:
+    return dict(cfg, BM=tuning.shrink(cfg["BM"], shape["m"]), BN=tuning.shrink(cfg["BN"], shape["n"]))
+
+
+def _est_gemm(c, key) -> tuple[int, int]:
+    return tuning.gemm_estimate(c["BM"], c["BN"], c["BK"], c["num_stages"], c["num_warps"], tuning.element_size(key))
+
+
+def _problem(role: str, shape) -> tuple[int, int, int, int, int]:
+    """(B, C, HW, P, D) of a launch shape: the shape's own ``problem`` (a tune case), or one with the same GEMM sizes
+    (an autotuned launch)."""
+    if "problem" in shape:
+        return shape["problem"]
+    m, n, k = int(shape["m"]), int(shape["n"]), int(shape["k"])
+    kk, d, rows = {"fwd": (k, n, m), "bwd_input": (n, k, m), "bwd_weight": (n, m, k)}[role]
+    c = 3 if kk % 3 == 0 and math.isqrt(kk // 3) ** 2 == kk // 3 else 1
+    p = max(1, math.isqrt(kk // c))
+    side = 14  # 196 patches per image
+    return max(1, math.ceil(rows / (side * side + (role == "fwd")))), c, side * p, p, d
+
+
+def _make(role: str):
+    def make(shape, device: torch.device, small: bool):
+        """Input maker of one GEMM role: pixels, weights (and the forward's bias / pos-embed / cls) of the shape."""
+        b, c, hw, p, d = _problem(role, shape)
+        if small:
+            b, hw = 1, 2 * p
+        dt = shape["dtype"]
+        px = torch.randn(b, c, hw, hw, device=device, dtype=dt)
+        w = torch.randn(d, c, p, p, device=device, dtype=dt) * (c * p * p) ** -0.5
+        n = (hw // p) ** 2 + 1
+        if role == "fwd":
+            bias, pos, cls = (torch.randn(d, device=device, dtype=dt), torch.randn(n, d, device=device, dtype=dt),
+                              torch.randn(d, device=device, dtype=dt))
+            return lambda: patch_embed_fwd(px, w, bias, pos, cls)
+        g = torch.randn(b, n, d, device=device, dtype=dt)
+        if role == "bwd_input":
+            return lambda: patch_embed_bwd_input(g, w, px, True)
+        return lambda: patch_embed_bwd_weight(g, px, p, True)
+
+    return make
+
+
+def _default(shape) -> dict:
+    return _gemm_config(tuning.SM90, shape["dtype"], shape["m"], shape["n"], shape["k"])
+
+
+for _role, _jit in (("fwd", _patch_embed_fwd_kernel), ("bwd_input", _patch_embed_bwd_input_kernel),
+                    ("bwd_weight", _patch_embed_bwd_weight_kernel)):
+    tuning.register(tuning.Space(
+        f"patch_embed_{_role}", "patch_embed",
+        {"BM": (64, 128), "BN": (64, 128, 256), "BK": (32, 64, 128), "num_warps": tuning.WARPS,
+         "num_stages": (2, 3, 4)},
+        _patch_key, ("dtype", "m", "n", "k"), ("m", "n", "k"), _est_gemm, _make(_role), __name__, _jit, _default,
+        adapt=_patch_adapt))

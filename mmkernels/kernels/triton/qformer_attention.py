@@ -31,8 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-# `_common.interpreted` / `_common.sm_count` are called through the module: tests/triton_launches.py replaces them.
-from . import _common, tuning
+from . import tuning
 from ._common import (
     LN2_JIT,
     LOG2E,
@@ -256,9 +255,11 @@ _FWD_CONFIGS = ((64, 4, 3), (64, 4, 2), (32, 8, 2))
 _BWD_CONFIGS = ((64, 4, 2), (32, 4, 2), (16, 8, 1))
 
 
-def _config(block_m: int, block_d: int, dtype: torch.dtype, interpret: bool, backward: bool) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages) by dtype and the size of the query tile ``block_m x block_d``."""
-    if interpret:
+def _config(block_m: int, block_d: int, dtype: torch.dtype, target: tuning.Target, backward: bool
+            ) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) by dtype and the size of the query tile ``block_m x block_d``, for
+    ``target`` (an interpreted one gets the interpreter's)."""
+    if target.interpreted:
         return 64, 4, 1
     # Spill-free on sm_80 and sm_90a for the BLIP-2 shapes (32 queries, D 64 / 88 / 128, with and without dropout;
     # docs/performance.md). The old picks spilled: fp32 up to 16,680 bytes per thread ("ieee" dots are FMA loops),
@@ -275,16 +276,19 @@ def _config(block_m: int, block_d: int, dtype: torch.dtype, interpret: bool, bac
     return 64, 8, 2
 
 
-def num_key_splits(q: torch.Tensor, lk: int, block_n: int, requested: int = 0) -> int:
-    """Key chunks per (batch, head). ``requested > 0`` forces it (tests); 0 picks: one chunk when the B*H
-    programs fill the GPU, else enough chunks for about two waves, never less than one key tile per chunk."""
+def num_key_splits(q: torch.Tensor, lk: int, block_n: int, requested: int = 0, target: tuning.Target | None = None
+                   ) -> int:
+    """Key chunks per (batch, head). ``requested > 0`` forces it (tests); 0 picks: one chunk on an interpreted
+    ``target`` (default ``tuning.target_of(q)``) or when the B*H programs fill its SMs, else enough chunks for about
+    two waves, never less than one key tile per chunk."""
     tiles = triton.cdiv(max(lk, 1), block_n)
     if requested > 0:
         return max(1, min(requested, tiles))
-    if _common.interpreted(q):
+    target = target or tuning.target_of(q)
+    if target.interpreted:
         return 1
     programs = q.shape[0] * q.shape[2]
-    sms = _common.sm_count(q.device)
+    sms = target.sm_count
     if programs >= sms:
         return 1
     return max(1, min(tiles, triton.cdiv(2 * sms, programs)))
@@ -321,10 +325,11 @@ def qformer_attention_fwd_triton(
     if B == 0:
         return out, lse
     block_m, block_d = _blocks(Lq, D)
-    interpret = _common.interpreted(q)
+    target = tuning.target_of(q)
     block_n, warps, stages = tuning.pick("qformer_fwd", dict(dtype=q.dtype, block_m=block_m, block_d=block_d, lk=Lk),
-                                         _config(block_m, block_d, q.dtype, interpret, backward=False), like=q)
-    chunk, splits = _chunking(Lk, num_key_splits(q, Lk, block_n, num_splits), block_n)
+                                         _config(block_m, block_d, q.dtype, target, backward=False), like=q,
+                                         target=target)
+    chunk, splits = _chunking(Lk, num_key_splits(q, Lk, block_n, num_splits, target), block_n)
     has_lens = kv_lens is not None
     lens = kv_lens if has_lens else lse  # any pointer; never read
     qk_scale = float(softmax_scale) * LOG2E
@@ -398,10 +403,11 @@ def qformer_attention_bwd_triton(
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     block_m, block_d = _blocks(Lq, D)
-    interpret = _common.interpreted(q)
+    target = tuning.target_of(q)
     block_n, warps, stages = tuning.pick("qformer_bwd", dict(dtype=q.dtype, block_m=block_m, block_d=block_d, lk=Lk),
-                                         _config(block_m, block_d, q.dtype, interpret, backward=True), like=q)
-    chunk, splits = _chunking(Lk, num_key_splits(q, Lk, block_n, num_splits), block_n)
+                                         _config(block_m, block_d, q.dtype, target, backward=True), like=q,
+                                         target=target)
+    chunk, splits = _chunking(Lk, num_key_splits(q, Lk, block_n, num_splits, target), block_n)
     if splits == 1:
         dq = torch.empty((1, B, Lq, H, D), dtype=q.dtype, device=q.device)
     else:
@@ -425,3 +431,62 @@ def qformer_attention_bwd_triton(
     )
     dq = dq[0] if splits == 1 else dq.sum(0).to(q.dtype)
     return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------------------------
+# tuning: the search spaces of the forward and backward kernels (kernels/triton/tuning.py is the generic core)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _qf_key(shape) -> dict:
+    return {"dtype": tuning.dtype_token(shape), "m": int(shape["block_m"]), "d": int(shape["block_d"]),
+            "seq": tuning.bucket(shape["lk"], tuning.SEQ_BUCKETS)}
+
+
+def _est_fwd(c, key) -> tuple[int, int]:
+    """As the attention forward with the whole query tile (``m``) in one program."""
+    m, n, d, es = key["m"], c["block_n"], key["d"], tuning.element_size(key)
+    shared = m * d * es + max(1, c["num_stages"]) * 2 * n * d * es  # q, and K/V tiles per pipeline stage
+    words = m * d + m * n + (m * n + m * d) * es / 4  # acc and scores in fp32; p and q in the input dtype
+    return shared, tuning.regs_estimate(words, c["num_warps"])
+
+
+def _est_bwd(c, key) -> tuple[int, int]:
+    m, n, d, es = key["m"], c["block_n"], key["d"], tuning.element_size(key)
+    shared = max(1, c["num_stages"]) * 2 * n * d * es + 2 * m * d * es
+    words = m * d + 2 * m * d * es / 4 + 2 * n * d + 3 * m * n  # dQ, q, dO, this step's dK/dV, s/p, dp, ds
+    return shared, tuning.regs_estimate(words, c["num_warps"])
+
+
+def _make(backward: bool):
+    def make(shape, device: torch.device, small: bool):
+        """Input maker: BLIP-2-like batches (12 heads, 64 images fill a card without key splits) of the shape."""
+        lq, d, lk = shape.get("lq", shape["block_m"]), shape.get("head_dim", shape["block_d"]), int(shape["lk"])
+        b, h = (1, 2) if small else (64, 12)
+        q = torch.randn(b, lq, h, d, device=device, dtype=shape["dtype"])
+        k = torch.randn(b, lk, h, d, device=device, dtype=shape["dtype"])
+        v = torch.randn_like(k)
+        if not backward:
+            return lambda: qformer_attention_fwd_triton(q, k, v, None, d**-0.5)
+        out, lse = qformer_attention_fwd_triton(q, k, v, None, d**-0.5)
+        dout = torch.randn_like(out)
+        return lambda: qformer_attention_bwd_triton(dout, q, k, v, out, lse, None, d**-0.5)
+
+    return make
+
+
+def _default(backward: bool):
+    return lambda shape: _config(shape["block_m"], shape["block_d"], shape["dtype"], tuning.SM90, backward)
+
+
+_QF_FIELDS = ("dtype", "m", "d", "seq")
+tuning.register(tuning.Space(
+    "qformer_fwd", "qformer_cross_attention",
+    {"block_n": (16, 32, 64, 128), "num_warps": tuning.WARPS, "num_stages": (1, 2, 3)},
+    _qf_key, _QF_FIELDS, ("seq",), _est_fwd, _make(False), __name__, _qf_fwd_kernel, _default(False),
+    fields=("block_n", "num_warps", "num_stages"), limits={"block_n": "seq"}))
+tuning.register(tuning.Space(
+    "qformer_bwd", "qformer_cross_attention",
+    {"block_n": (16, 32, 64), "num_warps": tuning.WARPS, "num_stages": (1, 2)},
+    _qf_key, _QF_FIELDS, ("seq",), _est_bwd, _make(True), __name__, _qf_bwd_kernel, _default(True),
+    fields=("block_n", "num_warps", "num_stages"), limits={"block_n": "seq"}))

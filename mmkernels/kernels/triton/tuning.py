@@ -1,10 +1,14 @@
-"""Per-device launch configurations for the Triton kernels: search spaces, shipped JSON files, lookup at launch,
-and the sweep behind ``mmkernels-bench tune``.
+"""The tuning core: targets, bucket ladders, search spaces, the per-device JSON files, the lookup at launch and the
+sweep of one bucket. It knows no kernel: each kernel module declares its :class:`Space` (parameters, bucket key,
+estimates, its hand default, an input maker) next to the kernel and registers it with :func:`register` when it is
+imported; ``mmkernels-bench tune`` (``mmkernels/bench/tune.py``, with the representative problems of
+``mmkernels/bench/tune_cases.py``) drives :func:`sweep` over those spaces.
 
 How a launcher gets its configuration (:func:`pick`, host-side Python on ints, so it runs unchanged inside
 ``torch.library.triton_op`` bodies that torch.compile traces, with symbolic sizes turned into guards):
 
-1. under Triton's interpreter (``_common.interpreted``): always the launcher's hand-written default;
+1. on an interpreted :class:`Target` (Triton's CPU interpreter, :func:`target_of`): always the launcher's hand
+   default;
 2. the configuration recorded for this device name and this *shape bucket* (exact bucket first, else the nearest
    tuned bucket with the same dtype / head dim / flags, like vLLM's nearest-M rule), from, in order: configurations
    tuned in this process, the user file (``$MMKERNELS_TUNING_DIR`` or ``~/.cache/mmkernels/tuning``), the file
@@ -13,6 +17,11 @@ How a launcher gets its configuration (:func:`pick`, host-side Python on ints, s
    (not while tracing, not during CUDA-graph capture) tune a bucket that has no exact entry, once per process, and
    save it to the user file: a training step never pauses to tune unless asked to.
 
+Targets (:class:`Target`: arch name, shared memory and registers, SM count, interpreted or not) are explicit: the
+launchers ask :func:`target_of` once per launch and pass the answer to their config functions. :func:`assume_target`
+makes every launch see another target (``tests/triton_launches.py`` records the GPU configurations from CPU tensors
+with it; tests use it instead of patching module functions).
+
 Files are read only when they are regular files of at most :data:`MAX_FILE_BYTES` (a FIFO, a device such as a link to
 ``/dev/zero``, or a huge file is never opened for reading past that check). A file that cannot be read (any reason:
 not regular, too large, an OS error, not JSON, nested too deeply), has another format, or holds an entry for an
@@ -20,7 +29,8 @@ unknown kernel, bucket fields that no longer exist, a malformed bucket (a size t
 unknown dtype, whitespace), a parameter the kernel no longer takes, an invalid value (a block larger than the space's
 largest), or a *stale* entry (its ``_tuned_for`` stamp names another mmkernels, Triton or torch version, or another
 kernel source hash: :func:`tuned_for`), is skipped (that entry or the whole file) at load time with one
-:class:`TuningConfigWarning` per file, never an error: the default config then runs.
+:class:`TuningConfigWarning` per file, never an error: the default config then runs. Files are read at the first
+lookup, when every kernel module has registered its space (``kernels/triton/__init__.py`` imports them all).
 
 Writers (:func:`save`: ``tune`` after every bucket, ``MMKERNELS_AUTOTUNE=1`` launches) take an inter-process lock
 on ``<file>.lock``, re-read the file, merge their entries and replace it atomically: concurrent writers keep every
@@ -28,15 +38,16 @@ entry. The environment variables (``MMKERNELS_AUTOTUNE``, ``MMKERNELS_TUNING_DIR
 read through their parsers in ``mmkernels._env``; a bad value raises ``EnvVarError`` naming the variable.
 
 Search spaces (:data:`SPACES`): per kernel, the tunable parameters and their candidate values, pruned *before
-anything is timed* by estimates against the target (shared memory per block, registers per thread, blocks wider than
-the bucket). The estimates are deliberately rough (they count the tiles a program holds, not Triton's exact
-layouts); at tune time the compiled kernel's real spill count (the driver's local-memory size, what ``ptxas -v``
-reports) drops any candidate that spills, and a candidate that fails to compile or launch is dropped too.
+anything is timed* by the kernel's estimates against the target (shared memory per block, registers per thread,
+blocks wider than the bucket). The estimates are deliberately rough (they count the tiles a program holds, not
+Triton's exact layouts; :func:`regs_estimate` and :func:`gemm_estimate` are the shared arithmetic); at tune time the
+compiled kernel's real spill count (the driver's local-memory size, what ``ptxas -v`` reports) drops any candidate
+that spills, and a candidate that fails to compile or launch is dropped too.
 
-Tuning (:func:`tune`): per bucket, representative inputs that fill the card; the default config is run first as the
-reference; each candidate must agree with it (relative error per dtype, no NaN) before it is timed; the fastest
-candidate is kept only if it beats the default by more than 2% (else the default is recorded, so the bucket counts as
-tuned). Times come from an injectable timer (``triton.testing.do_bench`` median by default).
+Tuning one bucket (:func:`sweep`): inputs from the space's input maker (or an injected one); the default config is
+run first as the reference; each candidate must agree with it (relative error per dtype, no NaN) before it is timed;
+the fastest candidate is kept only if it beats the default by more than 2% (else the default is recorded, so the
+bucket counts as tuned). Times come from an injectable timer (``triton.testing.do_bench`` median by default).
 """
 
 from __future__ import annotations
@@ -44,6 +55,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
+import importlib.util
 import itertools
 import json
 import logging
@@ -51,6 +64,7 @@ import math
 import os
 import re
 import stat
+import sys
 import threading
 import time
 import warnings
@@ -59,33 +73,50 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import triton.testing
+from torch._subclasses.fake_tensor import is_fake
 
-from ... import _env
-from . import _common
+from ... import __version__, _env
+
+# optional: the inter-process lock uses filelock (a torch dependency) where it is installed, else fcntl.flock
+filelock = importlib.import_module("filelock") if importlib.util.find_spec("filelock") else None
+fcntl = importlib.import_module("fcntl") if importlib.util.find_spec("fcntl") else None
 
 __all__ = [
     "AUTOTUNE_ENV",
     "CONFIG_DIR",
+    "DIM_BUCKETS",
     "FORMAT",
+    "INTERPRETER",
     "OPS",
-    "SPACES",
+    "SEQ_BUCKETS",
     "SM80",
     "SM90",
+    "SPACES",
+    "TPE_BUCKETS",
     "BucketResult",
     "Space",
     "Target",
     "TuningConfigWarning",
+    "assume_target",
+    "bucket",
     "bucket_key",
     "candidates",
     "device_name",
     "device_slug",
+    "dtype_token",
+    "entries",
     "forced",
+    "gemm_estimate",
     "pick",
+    "register",
+    "regs_estimate",
     "reload",
     "shipped_configs",
     "shipped_path",
+    "shrink",
     "sweep",
-    "tune",
+    "target_of",
     "user_path",
 ]
 
@@ -111,99 +142,99 @@ class TuningConfigWarning(UserWarning):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# targets and estimates
+# targets
 # ---------------------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """What a configuration must fit: shared memory one block may use (bytes, the opt-in limit), registers."""
+    """What a launch runs on: the arch ``name`` (``"sm_90"``), the shared memory one block may use (bytes, the opt-in
+    limit), registers, the number of SMs (split-K and split-reduction choices) and whether Triton's CPU interpreter
+    runs the kernels (``interpreted``: interpreter-sized configurations, one key split)."""
 
     name: str
     shared_per_block: int
     regs_per_thread: int = 255
     regs_per_sm: int = 65536
+    sm_count: int = 132
+    interpreted: bool = False
 
     @staticmethod
     def of(device: torch.device | None = None) -> Target:
-        """The current CUDA device's limits (read off its properties), or :data:`SM90` without a GPU."""
+        """The current (or given) CUDA device's limits (read off its properties), or :data:`SM90` without a GPU."""
         if device is None and not torch.cuda.is_available():
             return SM90
         props = torch.cuda.get_device_properties(device if device is not None else torch.cuda.current_device())
         known = {8: SM80, 9: SM90}.get(props.major, SM90)
         shared = getattr(props, "shared_memory_per_block_optin", 0) or known.shared_per_block
         regs = getattr(props, "regs_per_multiprocessor", 0) or known.regs_per_sm
-        return Target(f"sm_{props.major}{props.minor}", int(shared), 255, int(regs))
+        return Target(f"sm_{props.major}{props.minor}", int(shared), 255, int(regs), int(props.multi_processor_count))
 
 
-SM80 = Target("sm_80", 166912)  # A100: 163 KB opt-in shared memory per block
-SM90 = Target("sm_90", 232448)  # H100 / H200: 227 KB
+SM80 = Target("sm_80", 166912, sm_count=108)  # A100: 163 KB opt-in shared memory per block, 108 SMs
+SM90 = Target("sm_90", 232448, sm_count=132)  # H100 / H200: 227 KB, 132 SMs
+INTERPRETER = Target("interpreter", SM90.shared_per_block, sm_count=1, interpreted=True)  # TRITON_INTERPRET=1 / CPU
 
-_REG_OVERHEAD = 40  # registers a program spends on pointers, offsets, masks and loop state, beyond its tiles
+_assumed: Target | None = None  # assume_target's override, for every launch of the process
+
+
+@contextlib.contextmanager
+def assume_target(target: Target | None):
+    """Every launch (every thread) sees ``target`` from :func:`target_of` while the context is open (None: the real
+    one): how configurations are checked or recorded "as on an H100" from CPU tensors. Not for use while other
+    threads launch real kernels."""
+    global _assumed
+    before, _assumed = _assumed, target
+    try:
+        yield target
+    finally:
+        _assumed = before
+
+
+def target_of(t: torch.Tensor) -> Target:
+    """The :class:`Target` of a launch on ``t``: :data:`INTERPRETER` when ``t`` is not a CUDA tensor or
+    ``TRITON_INTERPRET=1`` (:func:`mmkernels._env.triton_interpreting`), else the CUDA device's (cached per device);
+    :func:`assume_target`'s target when one is set. Reads no tensor data (fake tensors and symbolic shapes are
+    fine)."""
+    if _assumed is not None:
+        return _assumed
+    if t.device.type != "cuda" or _env.triton_interpreting():
+        return INTERPRETER
+    return _cuda_target(t.device.index if t.device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_target(index: int) -> Target:
+    return Target.of(torch.device("cuda", index))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# estimates (the arithmetic the kernels' estimate functions share)
+# ---------------------------------------------------------------------------------------------------------------
+
+REG_OVERHEAD = 40  # registers a program spends on pointers, offsets, masks and loop state, beyond its tiles
 # Checked against ptxas (kernels/triton/_spills.compile_stats, sm_90, bf16, 36 attention fwd / dQ / dK-dV configs at
 # d 64 and 128): no config these estimates drop compiled without spills; they flag 6 of the 17 that spill (the
 # d-128 dK/dV ones); the tune-time spill check catches the rest. Real counts run higher than the estimates (layout
 # conversions), so the estimates only ever remove hopeless configs.
 
 
-def _es(key: Mapping) -> int:
-    return 4 if key["dtype"] == "fp32" else 2
+def element_size(bucket: Mapping) -> int:
+    """Bytes per element of a bucket's ``dtype`` token (4 for fp32, 2 for fp16/bf16)."""
+    return 4 if bucket["dtype"] == "fp32" else 2
 
 
-def _regs(words: float, warps: int) -> int:
+def regs_estimate(words: float, warps: int) -> int:
     """Registers per thread for ``words`` 32-bit values spread over ``warps`` warps, plus the fixed overhead."""
-    return math.ceil(words / (32 * warps)) + _REG_OVERHEAD
+    return math.ceil(words / (32 * warps)) + REG_OVERHEAD
 
 
-def _est_attn_fwd(c: Mapping, key: Mapping) -> tuple[int, int]:
-    m, n, d, es = c["block_m"], c["block_n"], key["d"], _es(key)
-    shared = m * d * es + max(1, c["num_stages"]) * 2 * n * d * es  # q, and K/V tiles per pipeline stage
-    words = m * d + m * n + (m * n + m * d) * es / 4  # acc and scores in fp32; p and q in the input dtype
-    return shared, _regs(words, c["num_warps"])
-
-
-def _est_attn_dkdv(c: Mapping, key: Mapping) -> tuple[int, int]:
-    m, n, d, es = c["block_m"], c["block_n"], key["d"], _es(key)
-    shared = max(1, c["num_stages"]) * 2 * m * d * es + 2 * n * d * es  # q/dO per stage, k/v
-    words = 2 * n * d + 2 * n * d * es / 4 + 3 * n * m  # dK, dV (fp32), k, v, and s/p, dp, ds
-    return shared, _regs(words, c["num_warps"])
-
-
-def _est_attn_dq(c: Mapping, key: Mapping) -> tuple[int, int]:
-    m, n, d, es = c["block_m"], c["block_n"], key["d"], _es(key)
-    shared = max(1, c["num_stages"]) * 2 * n * d * es + 2 * m * d * es
-    words = m * d + 3 * m * n  # dQ (fp32) and s/p, dp, ds; q and dO feed the dots from shared memory
-    return shared, _regs(words, c["num_warps"])
-
-
-def _est_qf_fwd(c: Mapping, key: Mapping) -> tuple[int, int]:
-    return _est_attn_fwd(dict(c, block_m=key["m"]), key)
-
-
-def _est_qf_bwd(c: Mapping, key: Mapping) -> tuple[int, int]:
-    m, n, d, es = key["m"], c["block_n"], key["d"], _es(key)
-    shared = max(1, c["num_stages"]) * 2 * n * d * es + 2 * m * d * es
-    words = m * d + 2 * m * d * es / 4 + 2 * n * d + 3 * m * n  # dQ, q, dO, this step's dK/dV, s/p, dp, ds
-    return shared, _regs(words, c["num_warps"])
-
-
-def _gemm_estimate(bm: int, bn: int, bk: int, stages: int, warps: int, es: int, b_tiles: int = 1) -> tuple[int, int]:
+def gemm_estimate(bm: int, bn: int, bk: int, stages: int, warps: int, es: int, b_tiles: int = 1) -> tuple[int, int]:
+    """(shared bytes, registers per thread) of a ``bm x bn`` GEMM tile stepping ``bk`` over ``stages`` stages, with
+    ``b_tiles`` B operands (and accumulators) per program."""
     shared = max(1, stages) * (bm * bk + b_tiles * bk * bn) * es
     words = b_tiles * bm * bn + (bm * bk + b_tiles * bk * bn) * es / 4
-    return shared, _regs(words, warps)
-
-
-def _est_patch(c: Mapping, key: Mapping) -> tuple[int, int]:
-    return _gemm_estimate(c["BM"], c["BN"], c["BK"], c["num_stages"], c["num_warps"], _es(key))
-
-
-def _est_moe_gemm(c: Mapping, key: Mapping) -> tuple[int, int]:
-    return _gemm_estimate(key["m"], c["block_n"], c["block_k"], c["num_stages"], c["num_warps"], _es(key),
-                          2 if key["gated"] else 1)
-
-
-def _est_moe_wgrad(c: Mapping, key: Mapping) -> tuple[int, int]:
-    return _gemm_estimate(c["block_m"], c["block_n"], c["block_r"], c["num_stages"], c["num_warps"], _es(key))
+    return shared, regs_estimate(words, warps)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -213,9 +244,10 @@ def _est_moe_wgrad(c: Mapping, key: Mapping) -> tuple[int, int]:
 SEQ_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)  # the last one: "and longer"
 DIM_BUCKETS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 65536, 262144)  # GEMM sizes
 TPE_BUCKETS = (16, 64, 256, 1024, 4096, 16384)  # tokens (rows) per expert
+WARPS = (4, 8)  # the num_warps candidates of every space
 
 
-def _bucket(n, ladder: Sequence[int]) -> int:
+def bucket(n, ladder: Sequence[int]) -> int:
     """The first rung ``>= n`` (the top rung for anything larger). Comparisons only: a symbolic size (torch.compile
     with dynamic shapes) becomes guards on the rungs, never an error."""
     for rung in ladder[:-1]:
@@ -224,7 +256,7 @@ def _bucket(n, ladder: Sequence[int]) -> int:
     return ladder[-1]
 
 
-def _shrink(block: int, length) -> int:
+def shrink(block: int, length) -> int:
     """A looked-up block for a shorter problem: halve while the problem fits in half of it (never under 16, the
     smallest ``tl.dot`` tile). The launchers' own defaults follow the same rule."""
     while block > 16 and length <= block // 2:
@@ -232,25 +264,29 @@ def _shrink(block: int, length) -> int:
     return block
 
 
-def _dtype(shape: Mapping) -> str:
+def dtype_token(shape: Mapping) -> str:
+    """A launch shape's ``dtype`` as the bucket keys spell it (``fp32``, ``fp16``, ``bf16``)."""
     dt = shape["dtype"]
     return _DTYPE_NAMES.get(dt, str(dt).replace("torch.", "")) if isinstance(dt, torch.dtype) else str(dt)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Space:
-    """One kernel's search space.
+    """One kernel's search space, declared next to the kernel and registered with :func:`register`.
 
-    ``params``: tunable parameter -> candidate values (JSON entries must give exactly these). ``fields``: for a
-    launcher whose default is a tuple, the names of its positions (non-tunable positions keep the default's value).
-    ``key``: launch shape (the dict the launcher passes to :func:`pick`) -> bucket fields, in file order;
-    ``ordered``: the bucket fields that nearest-bucket matching may differ on (the rest must be equal).
-    ``estimate``: (config, bucket) -> (shared bytes, registers per thread). ``limits``: parameter -> bucket field
-    it must not exceed. ``adapt``: (looked-up config, shape) -> config for the exact shape. ``cases``: representative
-    launch shapes for ``tune``, most important first. ``make``: (shape, device, small) -> a function that runs the
-    launcher once on fresh inputs and returns its outputs. ``jit``: the kernel's ``@triton.jit`` function name in
-    ``module`` (spill checks). ``key_fields``: the bucket fields, in order (a file entry with others is stale).
-    ``default``: shape -> the launcher's hand-written GPU default (its own config function, never a copy)."""
+    ``kernel``: the name files and :func:`pick` use; ``op``: the public op it serves (``mmkernels-bench tune <op>``).
+    ``params``: tunable parameter -> candidate values (JSON entries must give exactly these). ``key``: launch shape
+    (the dict the launcher passes to :func:`pick`) -> bucket fields, in file order; ``key_fields``: those fields, in
+    order (a file entry with others is stale); ``ordered``: the bucket fields that nearest-bucket matching may differ
+    on (the rest must be equal); ``flags``: bucket fields that are 0 or 1 (``dtype`` is a dtype token, every other
+    field a size >= 1). ``estimate``: (config, bucket) -> (shared bytes, registers per thread). ``make``: the input
+    maker, (shape, device, small) -> a function that runs the launcher once on fresh inputs and returns its outputs
+    (the sweep and ``MMKERNELS_AUTOTUNE=1`` time it; ``small``: interpreter-sized inputs). ``jit``: the kernel's
+    ``@triton.jit`` function (spill checks); ``module``: the kernel module's name (its source hash stamps entries).
+    ``fields``: for a launcher whose default is a tuple, the names of its positions (non-tunable positions keep the
+    default's value). ``limits``: parameter -> bucket field it must not exceed. ``adapt``: (looked-up config, shape)
+    -> config for the exact shape. ``default``: shape -> the launcher's hand-written GPU default (its own config
+    function, never a copy)."""
 
     kernel: str
     op: str
@@ -259,14 +295,14 @@ class Space:
     key_fields: tuple[str, ...]
     ordered: tuple[str, ...]
     estimate: Callable[[Mapping, Mapping], tuple[int, int]]
-    cases: Callable[[], list[dict]]
     make: Callable[[Mapping, torch.device, bool], Callable[[], tuple]]
     module: str
-    jit: str
+    jit: Any
+    default: Callable[[Mapping], Any]
     fields: tuple[str, ...] | None = None
+    flags: tuple[str, ...] = ()
     limits: dict[str, str] = dataclasses.field(default_factory=dict)
     adapt: Callable[[dict, Mapping], dict] | None = None
-    default: Callable[[Mapping], Any] | None = None
 
     def bucket(self, shape: Mapping) -> dict:
         return self.key(shape)
@@ -274,6 +310,31 @@ class Space:
     def default_params(self, shape: Mapping) -> dict:
         """The tunable parameters of the launcher's GPU default for ``shape``."""
         return _params_of(self, self.default(shape))
+
+
+SPACES: dict[str, Space] = {}  # kernel name -> its space, in registration order
+OPS: dict[str, list[str]] = {}  # op name -> its kernels
+
+
+def register(space: Space) -> Space:
+    """Add ``space`` to :data:`SPACES` (and its kernel to :data:`OPS`); a kernel module calls this once at import.
+    Registering a kernel name again replaces its space (a reloaded module). Raises ``ValueError`` for a space whose
+    ``key_fields`` do not start with ``dtype`` or whose ``ordered``/``flags``/``limits`` name fields it lacks, and
+    ``TypeError`` for a non-Space."""
+    if not isinstance(space, Space):
+        raise TypeError(f"tuning.register: space must be a tuning.Space, got {type(space).__name__}")
+    fields = set(space.key_fields)
+    unknown = sorted((set(space.ordered) | set(space.flags) | set(space.limits.values())) - fields)
+    if not space.key_fields or space.key_fields[0] != "dtype" or unknown:
+        raise ValueError(f"tuning.register: space {space.kernel!r}: key_fields {space.key_fields} must start with "
+                         f"'dtype' and name every ordered/flag/limit field (unknown: {unknown})")
+    SPACES[space.kernel] = space
+    kernels = OPS.setdefault(space.op, [])
+    if space.kernel not in kernels:
+        kernels.append(space.kernel)
+    with _lock:
+        _tables.clear()  # files are validated against the registered spaces: read them again
+    return space
 
 
 def _key_str(bucket: Mapping) -> str:
@@ -293,348 +354,6 @@ def _parse_key(text: str) -> dict | None:
 
 
 # -- attention -------------------------------------------------------------------------------------------------------
-
-
-def _attn_key(shape: Mapping) -> dict:
-    return {"dtype": _dtype(shape), "d": int(shape["block_d"]), "causal": int(bool(shape["causal"])),
-            "seq": _bucket(max(shape["lq"], shape["lk"]), SEQ_BUCKETS)}
-
-
-def _attn_bwd_key(shape: Mapping) -> dict:
-    return {**_attn_key(shape), "atomic": int(bool(shape.get("atomic", False)))}
-
-
-def _attn_adapt(cfg: dict, shape: Mapping) -> dict:
-    return dict(cfg, block_m=_shrink(cfg["block_m"], shape["lq"]), block_n=_shrink(cfg["block_n"], shape["lk"]))
-
-
-def _attn_cases(atomic: bool | None = None) -> Callable[[], list[dict]]:
-    def cases() -> list[dict]:
-        from .attention import _block_d
-
-        out = []
-        # ViT-B/16 at 224 (197 tokens), an LLM layer (causal, 4096), CLIP-L/336 (577), ViT at 448 (1025, d 80)
-        for dtype in (torch.bfloat16, torch.float16):
-            for d, causal, length in ((64, False, 197), (128, True, 4096), (64, False, 577), (80, False, 1025)):
-                shape = {"dtype": dtype, "head_dim": d, "block_d": _block_d(d), "causal": causal, "lq": length,
-                         "lk": length}
-                if atomic is not None:
-                    shape["atomic"] = atomic
-                out.append(shape)
-        return out
-
-    return cases
-
-
-def _attn_inputs(shape: Mapping, device: torch.device, small: bool):
-    d = shape.get("head_dim", shape["block_d"])
-    lq, lk = int(shape["lq"]), int(shape["lk"])
-    heads = 2 if small else 16
-    batch = 1 if small else max(1, 16384 // max(lq, 1))  # ~16k query rows x 16 heads: several waves on any card
-    q = torch.randn(batch, lq, heads, d, device=device, dtype=shape["dtype"])
-    k = torch.randn(batch, lk, heads, d, device=device, dtype=shape["dtype"])
-    v = torch.randn_like(k)
-    return q, k, v, lq, lk, bool(shape["causal"]), d**-0.5
-
-
-def _attn_fwd_make(shape: Mapping, device: torch.device, small: bool):
-    from .attention import attention_fwd_triton
-
-    q, k, v, lq, lk, causal, scale = _attn_inputs(shape, device, small)
-    return lambda: attention_fwd_triton(q, k, v, None, None, lq, lk, causal, scale)
-
-
-def _attn_bwd_make(deterministic: Callable[[Mapping], bool]):
-    def make(shape: Mapping, device: torch.device, small: bool):
-        from .attention import attention_bwd_triton, attention_fwd_triton
-
-        q, k, v, lq, lk, causal, scale = _attn_inputs(shape, device, small)
-        out, lse = attention_fwd_triton(q, k, v, None, None, lq, lk, causal, scale)
-        dout = torch.randn_like(out)
-        det = deterministic(shape)
-        return lambda: attention_bwd_triton(dout, q, k, v, out, lse, None, None, lq, lk, causal, scale, det)
-
-    return make
-
-
-_ATTN_MODULE = "mmkernels.kernels.triton.attention"
-
-# -- Q-Former cross-attention ------------------------------------------------------------------------------------------
-
-
-def _qf_key(shape: Mapping) -> dict:
-    return {"dtype": _dtype(shape), "m": int(shape["block_m"]), "d": int(shape["block_d"]),
-            "seq": _bucket(shape["lk"], SEQ_BUCKETS)}
-
-
-def _qf_cases() -> list[dict]:
-    from .qformer_attention import _blocks
-
-    out = []
-    for dtype in (torch.bfloat16, torch.float16):
-        for lq, lk, d in ((32, 257, 64), (32, 677, 88)):  # BLIP-2 over ViT-L/14 and ViT-g/14 tokens
-            bm, bd = _blocks(lq, d)
-            out.append({"dtype": dtype, "lq": lq, "head_dim": d, "block_m": bm, "block_d": bd, "lk": lk})
-    return out
-
-
-def _qf_make(backward: bool):
-    def make(shape: Mapping, device: torch.device, small: bool):
-        from .qformer_attention import qformer_attention_bwd_triton, qformer_attention_fwd_triton
-
-        lq, d, lk = shape.get("lq", shape["block_m"]), shape.get("head_dim", shape["block_d"]), int(shape["lk"])
-        b, h = (1, 2) if small else (64, 12)  # BLIP-2: 12 heads; 64 images fill a card without key splits
-        q = torch.randn(b, lq, h, d, device=device, dtype=shape["dtype"])
-        k = torch.randn(b, lk, h, d, device=device, dtype=shape["dtype"])
-        v = torch.randn_like(k)
-        if not backward:
-            return lambda: qformer_attention_fwd_triton(q, k, v, None, d**-0.5)
-        out, lse = qformer_attention_fwd_triton(q, k, v, None, d**-0.5)
-        dout = torch.randn_like(out)
-        return lambda: qformer_attention_bwd_triton(dout, q, k, v, out, lse, None, d**-0.5)
-
-    return make
-
-
-# -- patch embedding ---------------------------------------------------------------------------------------------------
-# The launchers call one config function for three GEMMs with different roles of (m, n, k):
-#   fwd [B*L, C*P*P] x [C*P*P, D]; bwd_input [B*N, D] x [D, C*P*P]; bwd_weight [D, B*N] x [B*N, C*P*P].
-
-
-def _patch_key(shape: Mapping) -> dict:
-    return {"dtype": _dtype(shape), "m": _bucket(shape["m"], DIM_BUCKETS),
-            "n": _bucket(shape["n"], DIM_BUCKETS), "k": _bucket(shape["k"], DIM_BUCKETS)}
-
-
-def _patch_adapt(cfg: dict, shape: Mapping) -> dict:
-    return dict(cfg, BM=_shrink(cfg["BM"], shape["m"]), BN=_shrink(cfg["BN"], shape["n"]))
-
-
-_PATCH_PROBLEMS = ((8, 3, 224, 16, 768), (4, 3, 336, 14, 1024), (4, 3, 224, 14, 1408))  # ViT-B/16, -L/14@336, -g/14
-
-
-def _patch_roles(role: str, b: int, c: int, hw: int, p: int, d: int) -> tuple[int, int, int]:
-    n = (hw // p) ** 2
-    kk = c * p * p
-    return {"fwd": (b * (n + 1), d, kk), "bwd_input": (b * n, kk, d), "bwd_weight": (d, kk, b * n)}[role]
-
-
-def _patch_cases(role: str) -> Callable[[], list[dict]]:
-    def cases() -> list[dict]:
-        out = []
-        for dtype in (torch.bfloat16, torch.float16):
-            for problem in _PATCH_PROBLEMS:
-                m, n, k = _patch_roles(role, *problem)
-                out.append({"dtype": dtype, "m": m, "n": n, "k": k, "problem": problem})
-        return out
-
-    return cases
-
-
-def _patch_problem(role: str, shape: Mapping) -> tuple[int, int, int, int, int]:
-    """(B, C, HW, P, D) of a launch shape: the case's own problem, or one with the same GEMM sizes (autotune)."""
-    if "problem" in shape:
-        return shape["problem"]
-    m, n, k = int(shape["m"]), int(shape["n"]), int(shape["k"])
-    kk, d, rows = {"fwd": (k, n, m), "bwd_input": (n, k, m), "bwd_weight": (n, m, k)}[role]
-    c = 3 if kk % 3 == 0 and math.isqrt(kk // 3) ** 2 == kk // 3 else 1
-    p = max(1, math.isqrt(kk // c))
-    side = 14  # 196 patches per image
-    return max(1, math.ceil(rows / (side * side + (role == "fwd")))), c, side * p, p, d
-
-
-def _patch_make(role: str):
-    def make(shape: Mapping, device: torch.device, small: bool):
-        from .patch_embed import patch_embed_bwd_input, patch_embed_bwd_weight, patch_embed_fwd
-
-        b, c, hw, p, d = _patch_problem(role, shape)
-        if small:
-            b, hw = 1, 2 * p
-        dt = shape["dtype"]
-        px = torch.randn(b, c, hw, hw, device=device, dtype=dt)
-        w = torch.randn(d, c, p, p, device=device, dtype=dt) * (c * p * p) ** -0.5
-        n = (hw // p) ** 2 + 1
-        if role == "fwd":
-            bias, pos, cls = (torch.randn(d, device=device, dtype=dt), torch.randn(n, d, device=device, dtype=dt),
-                              torch.randn(d, device=device, dtype=dt))
-            return lambda: patch_embed_fwd(px, w, bias, pos, cls)
-        g = torch.randn(b, n, d, device=device, dtype=dt)
-        if role == "bwd_input":
-            return lambda: patch_embed_bwd_input(g, w, px, True)
-        return lambda: patch_embed_bwd_weight(g, px, p, True)
-
-    return make
-
-
-_PATCH_MODULE = "mmkernels.kernels.triton.patch_embed"
-
-# -- grouped experts ---------------------------------------------------------------------------------------------------
-
-
-def _tokens_per_expert(shape: Mapping):
-    """Rows per expert, from host-known sizes only (no device read): the tile map has ``ceil(rows / BLOCK_M) + E``
-    entries, so ``(tiles - E) * BLOCK_M / E`` is the mean (rounded up to whole tiles)."""
-    experts = max(1, shape["experts"])
-    return max(0, shape["tiles"] - shape["experts"]) * shape["block_m"] // experts
-
-
-def _moe_key(shape: Mapping) -> dict:
-    return {"dtype": _dtype(shape), "gated": int(bool(shape["gated"])), "m": int(shape["block_m"]),
-            "n": _bucket(shape["n"], DIM_BUCKETS), "k": _bucket(shape["k"], DIM_BUCKETS),
-            "tpe": _bucket(_tokens_per_expert(shape), TPE_BUCKETS)}
-
-
-def _wgrad_key(shape: Mapping) -> dict:
-    return {"dtype": _dtype(shape), "m": _bucket(shape["m"], DIM_BUCKETS), "n": _bucket(shape["n"], DIM_BUCKETS),
-            "tpe": _bucket(_tokens_per_expert(shape), TPE_BUCKETS)}
-
-
-def _moe_cases(wgrad: bool) -> Callable[[], list[dict]]:
-    def cases() -> list[dict]:
-        from .moe import block_m
-
-        out = []
-        # LongCat-Flash-Lite-like widths (Dm 3072, Di 1024): gate/up (gated) and down projections; 256 and 1024 rows
-        # per expert (training batches), 64 (inference)
-        for dtype in (torch.bfloat16, torch.float16):
-            bm = block_m(dtype)
-            for tpe in (256, 1024, 64):
-                experts = 8
-                tiles = math.ceil(tpe * experts / bm) + experts
-                base = {"dtype": dtype, "experts": experts, "tiles": tiles, "block_m": bm}
-                if wgrad:
-                    out += [dict(base, m=3072, n=1024), dict(base, m=2048, n=3072)]
-                else:
-                    out += [dict(base, n=1024, k=3072, gated=True), dict(base, n=3072, k=1024, gated=False)]
-        return out
-
-    return cases
-
-
-def _moe_make(wgrad: bool):
-    def make(shape: Mapping, device: torch.device, small: bool):
-        from . import moe as tk
-
-        dt = shape["dtype"]
-        bm = tk.block_m(dt)
-        experts = 2 if small else int(shape["experts"])
-        tpe = 3 if small else max(1, _tokens_per_expert(shape))
-        rows = experts * tpe
-        offsets = torch.arange(experts + 1, device=device, dtype=torch.int32) * tpe
-        al = tk.tiles(offsets, rows, bm)
-        if wgrad:
-            m, n = (16, 32) if small else (int(shape["m"]), int(shape["n"]))
-            a = torch.randn(rows, m, device=device, dtype=dt)
-            b = torch.randn(rows, n, device=device, dtype=dt)
-
-            def run():
-                out = torch.empty((experts, m, n), device=device, dtype=dt)
-                return (tk.grouped_wgrad(a, b, out, al),)
-
-            return run
-        n, k = (32, 16) if small else (int(shape["n"]), int(shape["k"]))
-        gated = bool(shape["gated"])
-        a = torch.randn(rows, k, device=device, dtype=dt)
-        w = torch.randn(experts, 2 * n if gated else n, k, device=device, dtype=dt) * k**-0.5
-        strides = (w.stride(0), w.stride(2), w.stride(1))
-
-        def run():
-            out = torch.empty((rows, n), device=device, dtype=dt)
-            return (tk.grouped_gemm(a, w, strides, out, al, n=n, k=k, up_offset=n if gated else None),)
-
-        return run
-
-    return make
-
-
-_MOE_MODULE = "mmkernels.kernels.triton.moe"
-
-_WARPS = (4, 8)
-
-
-def _attn_default(which: int):
-    def default(shape: Mapping):
-        from .attention import _bwd_configs, _fwd_config
-
-        args = (shape["block_d"], shape["dtype"], shape["lq"], shape["lk"], False)
-        return _fwd_config(*args) if which < 0 else _bwd_configs(*args)[which]
-
-    return default
-
-
-def _qf_default(backward: bool):
-    def default(shape: Mapping):
-        from .qformer_attention import _config
-
-        return _config(shape["block_m"], shape["block_d"], shape["dtype"], False, backward)
-
-    return default
-
-
-def _patch_default(shape: Mapping):
-    from .patch_embed import _gemm_config
-
-    return _gemm_config(False, shape["dtype"], shape["m"], shape["n"], shape["k"])
-
-
-def _moe_default(shape: Mapping):
-    from .moe import _blocks
-
-    return _blocks(shape["dtype"])
-
-
-_ATTN_FIELDS = ("dtype", "d", "causal", "seq")
-
-SPACES: dict[str, Space] = {s.kernel: s for s in (
-    Space("attention_fwd", "attention",
-          {"block_m": (64, 128), "block_n": (32, 64, 128), "num_warps": _WARPS, "num_stages": (1, 2, 3, 4)},
-          _attn_key, _ATTN_FIELDS, ("seq",), _est_attn_fwd, _attn_cases(), _attn_fwd_make, _ATTN_MODULE,
-          "_attn_fwd_kernel", limits={"block_m": "seq", "block_n": "seq"}, adapt=_attn_adapt,
-          default=_attn_default(-1)),
-    Space("attention_bwd_dkdv", "attention",
-          {"block_m": (16, 32, 64), "block_n": (32, 64, 128), "num_warps": _WARPS, "num_stages": (1, 2, 3)},
-          _attn_bwd_key, (*_ATTN_FIELDS, "atomic"), ("seq",), _est_attn_dkdv, _attn_cases(atomic=True),
-          _attn_bwd_make(lambda s: not s.get("atomic", True)), _ATTN_MODULE, "_attn_bwd_dkdv_kernel",
-          limits={"block_m": "seq", "block_n": "seq"}, adapt=_attn_adapt, default=_attn_default(0)),
-    Space("attention_bwd_dq", "attention",
-          {"block_m": (32, 64, 128), "block_n": (16, 32, 64), "num_warps": _WARPS, "num_stages": (1, 2, 3)},
-          _attn_key, _ATTN_FIELDS, ("seq",), _est_attn_dq, _attn_cases(), _attn_bwd_make(lambda s: True),
-          _ATTN_MODULE, "_attn_bwd_dq_kernel", limits={"block_m": "seq", "block_n": "seq"}, adapt=_attn_adapt,
-          default=_attn_default(1)),
-    Space("qformer_fwd", "qformer_cross_attention",
-          {"block_n": (16, 32, 64, 128), "num_warps": _WARPS, "num_stages": (1, 2, 3)},
-          _qf_key, ("dtype", "m", "d", "seq"), ("seq",), _est_qf_fwd, _qf_cases, _qf_make(False),
-          "mmkernels.kernels.triton.qformer_attention", "_qf_fwd_kernel", fields=("block_n", "num_warps", "num_stages"),
-          limits={"block_n": "seq"}, default=_qf_default(False)),
-    Space("qformer_bwd", "qformer_cross_attention",
-          {"block_n": (16, 32, 64), "num_warps": _WARPS, "num_stages": (1, 2)},
-          _qf_key, ("dtype", "m", "d", "seq"), ("seq",), _est_qf_bwd, _qf_cases, _qf_make(True),
-          "mmkernels.kernels.triton.qformer_attention", "_qf_bwd_kernel", fields=("block_n", "num_warps", "num_stages"),
-          limits={"block_n": "seq"}, default=_qf_default(True)),
-    *(Space(f"patch_embed_{role}", "patch_embed",
-            {"BM": (64, 128), "BN": (64, 128, 256), "BK": (32, 64, 128), "num_warps": _WARPS,
-             "num_stages": (2, 3, 4)},
-            _patch_key, ("dtype", "m", "n", "k"), ("m", "n", "k"), _est_patch, _patch_cases(role),
-            _patch_make(role), _PATCH_MODULE, f"_patch_embed_{role}_kernel", adapt=_patch_adapt,
-            default=_patch_default)
-      for role in ("fwd", "bwd_input", "bwd_weight")),
-    # BLOCK_M is fixed by the alignment (the tile map is built for it before the GEMM): a bucket field, not a param
-    Space("moe_grouped_gemm", "moe_experts",
-          {"block_n": (64, 128, 256), "block_k": (32, 64, 128), "num_warps": _WARPS, "num_stages": (2, 3, 4)},
-          _moe_key, ("dtype", "gated", "m", "n", "k", "tpe"), ("n", "k", "tpe"), _est_moe_gemm, _moe_cases(False),
-          _moe_make(False), _MOE_MODULE, "_grouped_gemm_kernel",
-          fields=("block_m", "block_n", "block_k", "num_warps", "num_stages"), default=_moe_default),
-    Space("moe_grouped_wgrad", "moe_experts",
-          {"block_m": (32, 64, 128), "block_n": (64, 128), "block_r": (32, 64), "num_warps": _WARPS,
-           "num_stages": (2, 3)},
-          _wgrad_key, ("dtype", "m", "n", "tpe"), ("m", "n", "tpe"), _est_moe_wgrad, _moe_cases(True),
-          _moe_make(True), _MOE_MODULE, "_grouped_wgrad_kernel",
-          fields=("block_m", "block_n", "block_r", "num_warps", "num_stages"), default=_moe_default),
-)}
-
-OPS: dict[str, list[str]] = {}
-for _s in SPACES.values():
-    OPS.setdefault(_s.op, []).append(_s.kernel)
 
 
 def bucket_key(kernel: str, shape: Mapping) -> str:
@@ -760,13 +479,12 @@ def _valid_value(space: Space, param: str, value: Any) -> bool:
 
 
 _VALID = {"num_warps": "1, 2, 4, 8, 16 or 32", "num_stages": "an integer in 1...8"}
-_FLAG_FIELDS = frozenset({"causal", "atomic", "gated"})  # 0 or 1; "dtype" is a dtype token; the rest sizes >= 1
 
 
 def _key_problem(space: Space, key: str) -> str | None:
     """Why the bucket string ``key`` can never be one :meth:`Space.bucket` produces (None: it can). One rule for the
-    fields of every kernel: ``dtype`` a known token, the flags 0 or 1, every other field (sizes: ``d``, ``seq``,
-    ``m``, ``n``, ``k``, ``tpe``) a positive integer; no whitespace; fields in the kernel's order."""
+    fields of every kernel: ``dtype`` a known token, the space's ``flags`` 0 or 1, every other field (sizes such as
+    ``d``, ``seq``, ``m``, ``n``, ``k``, ``tpe``) a positive integer; no whitespace; fields in the kernel's order."""
     if any(ch.isspace() for ch in key):
         return "whitespace in the bucket key"
     bucket = _parse_key(key)
@@ -776,7 +494,7 @@ def _key_problem(space: Space, key: str) -> str | None:
     for name, value in bucket.items():
         if name == "dtype":
             ok, want = value in _DTYPE_NAMES.values(), f"one of {', '.join(sorted(_DTYPE_NAMES.values()))}"
-        elif name in _FLAG_FIELDS:
+        elif name in space.flags:
             ok, want = value in (0, 1), "0 or 1"
         else:
             ok, want = isinstance(value, int) and value >= 1, "a positive integer"
@@ -836,9 +554,10 @@ def _read_json(path: Path) -> Any:
 _WARN_LISTED = 5  # entry problems spelled out in a file's one warning (the rest are counted)
 
 
-def _entries(path: Path) -> dict[str, dict[str, dict]]:
-    """``{kernel: {bucket string: config}}`` of one file: only valid, current entries. Whatever is skipped (the whole
-    file, or some of its entries) is said in one :class:`TuningConfigWarning` per file; nothing here raises."""
+def entries(path: Path) -> dict[str, dict[str, dict]]:
+    """``{kernel: {bucket string: config}}`` of one file: only valid, current entries of registered kernels.
+    Whatever is skipped (the whole file, or some of its entries) is said in one :class:`TuningConfigWarning` per
+    file; nothing here raises."""
     try:
         return _load_entries(path)
     except _Unreadable as exc:
@@ -895,23 +614,17 @@ TUNED_FOR = "_tuned_for"  # the entry field: {"mmkernels", "triton", "torch", "s
 @functools.cache
 def _source_hash(module: str) -> str:
     """The first 16 hex digits of the SHA-256 of the kernel module's source file (the ``@triton.jit`` kernels, their
-    helpers and launchers): a config tuned for other kernel code is stale even within one version number."""
-    import hashlib
-    import importlib.util
-
+    helpers and launchers): a config tuned for other kernel code is stale even within one version number. The module
+    registered the space, so it is loaded: its file is read, never imported here."""
     try:
-        origin = importlib.util.find_spec(module).origin
+        origin = sys.modules[module].__file__
         return hashlib.sha256(Path(origin).read_bytes()).hexdigest()[:16]
-    except (OSError, AttributeError, ImportError, ValueError, TypeError):
+    except (OSError, AttributeError, KeyError, ValueError, TypeError):
         return "unknown"
 
 
 @functools.cache
 def _versions() -> dict[str, str]:
-    import triton
-
-    from ... import __version__
-
     return {"mmkernels": __version__, "triton": triton.__version__, "torch": torch.__version__.split("+")[0]}
 
 
@@ -979,7 +692,7 @@ class _Table:
     def __init__(self, name: str) -> None:
         self.name = name
         self.memory: dict[str, dict[str, dict]] = {}
-        self.files = [_entries(user_path(name)), _entries(shipped_path(name))]
+        self.files = [entries(user_path(name)), entries(shipped_path(name))]
         self._cache: dict[tuple[str, str], tuple[dict | None, bool]] = {}
 
     def remember(self, kernel: str, key: str, cfg: dict) -> None:
@@ -988,7 +701,7 @@ class _Table:
 
     def refresh(self) -> None:
         """Read the files again (one was just written); configs tuned in this process stay."""
-        self.files = [_entries(user_path(self.name)), _entries(shipped_path(self.name))]
+        self.files = [entries(user_path(self.name)), entries(shipped_path(self.name))]
         self._cache.clear()
 
     def lookup(self, kernel: str, bucket: Mapping) -> tuple[dict | None, bool]:
@@ -1043,7 +756,7 @@ def _table(name: str) -> _Table:
 def shipped_configs() -> Iterable[tuple[str, str, str, dict]]:
     """Every valid entry of every shipped file: ``(device slug, kernel, bucket, config)`` (for spill checks)."""
     for path in sorted(CONFIG_DIR.glob("*.json")):
-        for kernel, table in _entries(path).items():
+        for kernel, table in entries(path).items():
             for key, cfg in table.items():
                 yield path.stem, kernel, key, cfg
 
@@ -1097,7 +810,7 @@ def autotune_enabled() -> bool:
     return _env.autotune()
 
 
-def pick(kernel: str, shape: Mapping, default, *, like: torch.Tensor):
+def pick(kernel: str, shape: Mapping, default, *, like: torch.Tensor, target: Target | None = None):
     """The launch configuration of ``kernel`` for ``shape`` on ``like``'s device.
 
     Args:
@@ -1106,8 +819,9 @@ def pick(kernel: str, shape: Mapping, default, *, like: torch.Tensor):
             ``torch.dtype``).
         default: the launcher's hand-written config (a dataclass, dict or tuple); returned as is when nothing is
             recorded, and the type of what is returned otherwise.
-        like: a tensor of the launch (its device names the config file; a CPU tensor, or one run by the
-            interpreter, always gets ``default``).
+        like: a tensor of the launch (its device names the config file; a CPU tensor names none).
+        target: the launch's :class:`Target` (default :func:`target_of` ``like``); an interpreted one always gets
+            ``default``.
 
     Never raises for a missing or bad file (see the module docstring); tunes only with ``MMKERNELS_AUTOTUNE=1``.
     """
@@ -1115,7 +829,7 @@ def pick(kernel: str, shape: Mapping, default, *, like: torch.Tensor):
     forced_cfg = getattr(_local, "forced", {}).get(kernel)
     if forced_cfg is not None:
         return default if forced_cfg is _DEFAULT else _apply(space, default, forced_cfg)
-    if _common.interpreted(like):
+    if (target or target_of(like)).interpreted:
         return default
     name = device_name(like.device)
     if name is None:
@@ -1137,10 +851,8 @@ def pick(kernel: str, shape: Mapping, default, *, like: torch.Tensor):
 def _can_autotune(like: torch.Tensor) -> bool:
     """Tuning needs real CUDA data: not the interpreter, not a trace (fake tensors, torch.compile), not a CUDA-graph
     capture, not inside another sweep."""
-    if like.device.type != "cuda" or _common.interpreted(like) or getattr(_local, "tuning", False):
+    if like.device.type != "cuda" or target_of(like).interpreted or getattr(_local, "tuning", False):
         return False
-    from torch._subclasses.fake_tensor import is_fake
-
     if is_fake(like) or torch.compiler.is_compiling():
         return False
     return not torch.cuda.is_current_stream_capturing()
@@ -1166,6 +878,7 @@ def _autotune(space: Space, shape: Mapping, device: torch.device, name: str, def
             _warn(f"mmkernels tuning: could not save to {user_path(name)} ({exc}); the tuned config lives in this "
                   "process only")
         return result.config
+
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1200,8 +913,6 @@ class BucketResult:
 
 def do_bench_ms(fn: Callable[[], Any]) -> float:
     """Median milliseconds of ``fn`` on the current CUDA device (CUDA events, L2 flushed between runs)."""
-    import triton.testing
-
     return float(triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median"))
 
 
@@ -1229,9 +940,7 @@ def _agrees(got, want, dtype: torch.dtype) -> bool:
 def _compiled(space: Space) -> dict[int, Any]:
     """The compiled kernels Triton holds for the space's ``@triton.jit`` function: ``{id: CompiledKernel}``
     (empty when this Triton keeps its cache elsewhere, or under the interpreter)."""
-    import importlib
-
-    fn = getattr(importlib.import_module(space.module), space.jit, None)
+    fn = space.jit
     out: dict[int, Any] = {}
     caches = getattr(fn, "device_caches", None)
     try:
@@ -1257,12 +966,15 @@ _spill_memo: dict[tuple[str, str, str], int] = {}
 
 def sweep(space: Space, shape: Mapping, device: torch.device, *, default: Mapping, target: Target | None = None,
           deadline: float | None = None, timer: Callable[[Callable[[], Any]], float] | None = None,
-          configs: Sequence[Mapping] | None = None, small: bool = False) -> BucketResult:
-    """Tune one bucket: build inputs for ``shape``, run the default (reference output and time), then each candidate
-    (``configs``, or the pruned space) until ``deadline`` (``time.monotonic()``): a candidate that fails to compile
-    or launch, spills registers, or disagrees with the reference is rejected; the rest are timed with ``timer``
-    (milliseconds; :func:`do_bench_ms` by default)."""
+          configs: Sequence[Mapping] | None = None, small: bool = False,
+          make: Callable[[Mapping, torch.device, bool], Callable[[], Any]] | None = None) -> BucketResult:
+    """Tune one bucket: build inputs for ``shape`` with ``make`` (the input maker: (shape, device, small) -> a
+    function that launches once and returns the outputs; default the space's own), run the default (reference output
+    and time), then each candidate (``configs``, or the pruned space) until ``deadline`` (``time.monotonic()``): a
+    candidate that fails to compile or launch, spills registers, or disagrees with the reference is rejected; the
+    rest are timed with ``timer`` (milliseconds; :func:`do_bench_ms` by default)."""
     timer = timer or do_bench_ms
+    make = make or space.make
     bucket = space.bucket(shape)
     key = _key_str(bucket)
     exact = _key_str({k: v for k, v in bucket.items() if k not in space.ordered})
@@ -1272,7 +984,7 @@ def sweep(space: Space, shape: Mapping, device: torch.device, *, default: Mappin
     prev = getattr(_local, "tuning", False)
     _local.tuning = True
     try:
-        run = space.make(shape, device, small)
+        run = make(shape, device, small)
 
         def launch(cfg):
             with forced(space.kernel, cfg):
@@ -1336,10 +1048,6 @@ def _file_lock(path: Path):
             raise OSError(f"the lock file {lock_path} exists and is not a regular file")
     finally:
         os.close(probe)
-    try:
-        import filelock
-    except ImportError:
-        filelock = None
     if filelock is not None:
         try:
             with filelock.FileLock(str(lock_path), timeout=LOCK_TIMEOUT_S):
@@ -1347,8 +1055,8 @@ def _file_lock(path: Path):
         except filelock.Timeout as exc:
             raise TimeoutError(f"another process holds {lock_path} for over {LOCK_TIMEOUT_S:.0f} s") from exc
         return
-    import fcntl
-
+    if fcntl is None:
+        raise OSError(f"cannot lock {lock_path}: neither filelock nor fcntl is available")
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         deadline = time.monotonic() + LOCK_TIMEOUT_S
@@ -1428,49 +1136,3 @@ def _save(path: Path, name: str, results: list[tuple[str, BucketResult]]) -> Non
                 os.unlink(tmp)
 
 
-def tune(kernels: Sequence[str], *, device: torch.device, budget: float, out: Path, name: str | None = None,
-         dtypes: Sequence[torch.dtype] | None = None, retune: bool = False,
-         timer: Callable[[Callable[[], Any]], float] | None = None, small: bool = False,
-         report: Callable[[str], None] = print) -> list[tuple[str, BucketResult]]:
-    """Sweep ``kernels`` on ``device`` for at most about ``budget`` seconds, writing ``out`` after every bucket (a run
-    cut short keeps what it finished). Buckets go round-robin over the kernels, each kernel's most important case
-    first, so a short budget still gives every kernel its main bucket; a bucket's share of the time left is the time
-    left over the buckets left. Buckets already in ``out`` are skipped unless ``retune``."""
-    name = name or device_name(device) or "cpu"
-    existing = _entries(Path(out)) if Path(out).exists() and not retune else {}
-    per_kernel = []
-    for kernel in kernels:
-        space = SPACES[kernel]
-        shapes = [s for s in space.cases() if dtypes is None or s["dtype"] in dtypes]
-        seen, todo = set(), []
-        for s in shapes:
-            key = bucket_key(kernel, s)
-            if key in seen or key in existing.get(kernel, {}):
-                continue
-            seen.add(key)
-            todo.append(s)
-        per_kernel.append([(kernel, s) for s in todo])
-    plan = [item for rnd in itertools.zip_longest(*per_kernel) for item in rnd if item is not None]
-    if device.type == "cuda" and plan:
-        import importlib
-
-        space = SPACES[plan[0][0]]
-        if not hasattr(getattr(importlib.import_module(space.module), space.jit), "device_caches"):
-            report("note: this Triton keeps no JITFunction.device_caches: spilling candidates are not detected")
-    end = time.monotonic() + budget
-    results: list[tuple[str, BucketResult]] = []
-    target = Target.of(device) if device.type == "cuda" else SM90
-    for i, (kernel, shape) in enumerate(plan):
-        now = time.monotonic()
-        if now >= end:
-            report(f"budget spent: {len(plan) - i} bucket(s) left untuned")
-            break
-        space = SPACES[kernel]
-        share = (end - now) / (len(plan) - i)
-        default = space.default_params(shape)
-        result = sweep(space, shape, device, default=default, target=target, deadline=now + share, timer=timer,
-                       small=small)
-        results.append((kernel, result))
-        save(out, name, [(kernel, result)])
-        report(f"{kernel:22s} {result.key:40s} {result.describe()}")
-    return results

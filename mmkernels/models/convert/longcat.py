@@ -15,11 +15,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...nn.moe import ZeroComputeMoE
+from ...nn.moe_config import MoEConfig
 from ._common import ConversionError, check_keys, check_value, strip_prefix
 from ._hf_moe import moe_layout
 
-__all__ = ["hf_allocates_zero_expert_rows", "hf_to_mmkernels", "mmkernels_to_hf", "moe_from_hf"]
+__all__ = ["hf_allocates_zero_expert_rows", "hf_to_mmkernels", "load_converted", "mmkernels_to_hf",
+           "moe_config_from_hf"]
 
 _HF_KEYS = ("router.classifier.weight", "router.e_score_correction_bias", "experts.gate_up_proj",
             "experts.down_proj")
@@ -92,19 +93,23 @@ def mmkernels_to_hf(state_dict: dict[str, torch.Tensor], *, num_zero_experts: in
     }
 
 
-def moe_from_hf(hf_moe: nn.Module, *, config=None, **kwargs):
-    """``ZeroComputeMoE`` with the config and weights of an HF ``LongcatFlashMoE`` (same device and dtype).
+def moe_config_from_hf(hf_moe: nn.Module, *, config=None
+                       ) -> tuple[MoEConfig, dict[str, torch.Tensor], torch.device, torch.dtype]:
+    """The :class:`~mmkernels.nn.moe_config.MoEConfig`, the ``ZeroComputeMoE`` state dict, and the device and dtype
+    of an HF ``LongcatFlashMoE``'s experts: what ``ZeroComputeMoE.from_hf`` builds the block from (this module
+    imports no module class, so ``mmkernels.nn`` and the converters form no import circle).
 
     ``config``: the ``LongcatFlashConfig`` when the block does not carry one (transformers >= 5.25 blocks have no
-    ``config``; their sizes are then read from the modules and the tensors' shapes). The HF bias is loaded and kept
-    fixed unless ``target_ffn_per_token`` is passed to enable the balancer.
+    ``config``; their sizes are then read from the modules and the tensors' shapes).
 
     Raises:
+        TypeError: ``hf_moe`` is not an ``nn.Module``.
         ConversionError: not a LongCat-Flash MoE block (no router / experts, sizes that cannot be found or do not
             match the tensors), or experts with an activation other than SiLU.
     """
     if not isinstance(hf_moe, nn.Module):
-        raise TypeError(f"moe_from_hf: hf_moe must be an HF LongcatFlashMoE module, got {type(hf_moe).__name__}")
+        raise TypeError(f"ZeroComputeMoE.from_hf: hf_moe must be an HF LongcatFlashMoE module, got "
+                        f"{type(hf_moe).__name__}")
     layout = moe_layout(hf_moe, "longcat_flash", config=config)
     if layout.hidden_act not in (None, "silu"):
         raise ConversionError(f"LongcatFlashMoE: only SiLU experts are supported, got {layout.hidden_act!r}")
@@ -113,19 +118,20 @@ def moe_from_hf(hf_moe: nn.Module, *, config=None, **kwargs):
     if layout.transposed:
         raise ConversionError("LongcatFlashMoE: transposed expert weights are not supported")
     weight = hf_moe.experts.down_proj
-    moe = ZeroComputeMoE(
-        layout.hidden_size,
-        layout.num_ffn_experts,
-        layout.num_zero_experts,
-        layout.top_k,
-        layout.intermediate_size,
-        routed_scaling_factor=layout.routed_scaling_factor,
-        device=weight.device,
-        dtype=weight.dtype,
-        **kwargs,
-    )
-    sd = hf_to_mmkernels(hf_moe.state_dict(), num_ffn_experts=layout.num_ffn_experts)
-    missing, unexpected = moe.load_state_dict(sd, strict=False)
+    moe_config = MoEConfig(layout.hidden_size, layout.num_ffn_experts, layout.num_zero_experts, layout.top_k,
+                           layout.intermediate_size, routed_scaling_factor=layout.routed_scaling_factor)
+    state = hf_to_mmkernels(hf_moe.state_dict(), num_ffn_experts=layout.num_ffn_experts)
+    return moe_config, state, weight.device, weight.dtype
+
+
+def load_converted(moe: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Load ``state`` (from :func:`moe_config_from_hf`) into ``moe``, the block built from its config; returns it.
+    The balancer's PID state and step counter are the only keys HF has no counterpart for (they start at zero).
+
+    Raises:
+        ConversionError: a key is missing or unexpected (a block that does not match the converted config).
+    """
+    missing, unexpected = moe.load_state_dict(state, strict=False)
     allowed_missing = {"balancer.state", "balancer._extra_state"}
     if set(missing) - allowed_missing or unexpected:
         raise ConversionError(f"LongcatFlashMoE: could not load {sorted(set(missing) - allowed_missing)} / "

@@ -24,15 +24,16 @@ keys. A full BLIP-2 / InstructBLIP state dict works too: the ``qformer.`` prefix
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 
 import torch
 
-from ..qformer import QFormerConfig
+from ..qformer_config import QFormerConfig
 from ._common import ConversionError, check_keys, check_value, strip_prefix
 
-__all__ = ["ConversionError", "hf_to_mmkernels"]
+__all__ = ["ConversionError", "from_hf", "hf_to_mmkernels"]
 
 _SOURCE = "QFormer from HF Blip2QFormerModel"
 _TEXT_ONLY = re.compile(
@@ -115,3 +116,16 @@ def hf_to_mmkernels(state_dict: Mapping[str, torch.Tensor], config: QFormerConfi
     out["kv_proj.weight"] = torch.cat(kv_w)
     out["kv_proj.bias"] = torch.cat(kv_b)
     return out
+
+
+def from_hf(model, *, hidden_dropout_prob: float | None = None
+            ) -> tuple[QFormerConfig, dict[str, torch.Tensor], torch.Tensor, bool]:
+    """``(config, state_dict, like, training)`` of :class:`QFormer` for a loaded HF ``Blip2QFormerModel`` /
+    ``InstructBlipQFormerModel`` (or a BLIP-2 / InstructBLIP model holding one as ``.qformer``): ``like`` is one of
+    its parameters (the device and dtype to build on), ``training`` its mode. ``hidden_dropout_prob`` overrides the
+    config's. :meth:`QFormer.from_hf` builds the model from them."""
+    qformer = getattr(model, "qformer", model)
+    config = QFormerConfig.from_hf(qformer.config)
+    if hidden_dropout_prob is not None:
+        config = dataclasses.replace(config, hidden_dropout_prob=hidden_dropout_prob)
+    return config, hf_to_mmkernels(qformer.state_dict(), config), next(qformer.parameters()), bool(qformer.training)

@@ -29,11 +29,13 @@ import warnings
 import torch
 from torch import nn
 
-from ..vit import ViTConfig
+from ..vit_config import ViTConfig
 from ._common import ConversionError, check_keys, check_value, strip_prefix
 
 __all__ = [
     "ConversionError",
+    "from_hf",
+    "from_timm",
     "hf_to_mmkernels",
     "timm_to_mmkernels",
     "vit_config_from_hf",
@@ -352,3 +354,18 @@ def vit_config_from_timm(model) -> ViTConfig:
         pre_norm=isinstance(norm_pre, nn.LayerNorm),
         pos_interpolation="timm",
     )
+
+
+def from_hf(model) -> tuple[ViTConfig, dict[str, torch.Tensor], bool]:
+    """``(config, state_dict, training)`` of :class:`ViT` for a loaded HF ``ViTModel`` / ``ViTFor*`` /
+    ``Blip2VisionModel`` (or a BLIP-2 model: its ``vision_model``); :meth:`ViT.from_hf` builds the model from them."""
+    model = _unwrap_hf(model)
+    config = vit_config_from_hf(model.config)
+    return config, hf_to_mmkernels(model.state_dict(), num_layers=config.num_layers), bool(model.training)
+
+
+def from_timm(model) -> tuple[ViTConfig, dict[str, torch.Tensor], bool]:
+    """``(config, state_dict, training)`` of :class:`ViT` for a loaded timm ``VisionTransformer``;
+    :meth:`ViT.from_timm` builds the model from them."""
+    config = vit_config_from_timm(model)
+    return config, timm_to_mmkernels(model.state_dict(), num_layers=config.num_layers), bool(model.training)
