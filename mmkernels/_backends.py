@@ -300,6 +300,8 @@ class ModuleBackend:
     walking its submodules) the share of the choice for that part's ops: the same name or ``None`` as given, or the
     mapping restricted to the part's ops (a part of one op gets that op's entry). Parts added after the assignment
     (in ``__init__``, after ``self.backend = ...``) get it the next time it is set; composites assign it last.
+    Assigning a part's ``backend`` directly changes that part only: the composite's ``backend`` reads what was last
+    assigned to the composite itself.
     """
 
     def __init__(self, *ops: str) -> None:

@@ -93,7 +93,11 @@ def _kernels(targets: Sequence[str], parser: argparse.ArgumentParser) -> list[st
         elif t in SPACES:
             chosen.append(t)
         else:
-            parser.error(f"unknown op or kernel {t!r}; ops: {', '.join(OPS)}; kernels: {', '.join(SPACES)}")
+            from .._backends import registered_ops
+
+            why = ("an op with no tunable Triton kernel (no tuning.register space)" if t in registered_ops()
+                   else "unknown op or kernel")
+            parser.error(f"{why} {t!r}; tunable ops: {', '.join(OPS)}; kernels: {', '.join(SPACES)}")
     return list(dict.fromkeys(chosen))
 
 

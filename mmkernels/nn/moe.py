@@ -103,7 +103,28 @@ class RoutedMoE(nn.Module):
     """
 
     _name = "RoutedMoE"
-    dispatcher: MoEDispatcher
+
+    @property
+    def dispatcher(self) -> MoEDispatcher:
+        """How tokens reach the experts (:mod:`mmkernels.nn.moe_dispatch`); assignable: an object with callable
+        ``dispatch``, ``run_experts`` and ``combine`` (an :class:`~mmkernels.nn.moe_dispatch.MoEDispatcher`
+        subclass, usually), checked on assignment."""
+        return self.__dict__["_dispatcher"]
+
+    @dispatcher.setter
+    def dispatcher(self, value: MoEDispatcher) -> None:
+        missing = [m for m in ("dispatch", "run_experts", "combine") if not callable(getattr(value, m, None))]
+        if missing or isinstance(value, nn.Module):
+            raise TypeError(f"{self._name}: dispatcher must implement the MoEDispatcher protocol (callable dispatch, "
+                            f"run_experts and combine; not a module), got {type(value).__name__}"
+                            + (f" without {missing}" if missing else ""))
+        self.__dict__["_dispatcher"] = value
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "dispatcher":  # nn.Module.__setattr__ would file a module value under _modules, past the check
+            type(self).dispatcher.fset(self, value)
+        else:
+            super().__setattr__(name, value)
 
     @property
     def expert_bias(self) -> torch.Tensor:
@@ -228,9 +249,11 @@ class ZeroComputeMoE(RoutedMoE):
     or a mapping per op, e.g. ``{"moe_experts": "triton"}``; a choice an op does not implement raises
     :class:`mmkernels.BackendError` here, at construction.
 
-    Runs the step protocol of :class:`RoutedMoE` with a
-    :class:`~mmkernels.nn.moe_dispatch.LocalDispatcher` (``ExpertParallelMoE.from_moe`` shards it over a process
-    group instead): ``dispatch`` / ``run_experts`` / ``combine`` are available for scheduling.
+    Runs the step protocol of :class:`RoutedMoE` with ``dispatcher`` (default: a
+    :class:`~mmkernels.nn.moe_dispatch.LocalDispatcher`; any object with the protocol's ``dispatch`` /
+    ``run_experts`` / ``combine``, checked here; ``ExpertParallelMoE.from_moe`` shards the block over a process
+    group and plugs in the all-to-all dispatcher): ``dispatch`` / ``run_experts`` / ``combine`` are available for
+    scheduling.
     """
 
     _name = "ZeroComputeMoE"
@@ -249,6 +272,7 @@ class ZeroComputeMoE(RoutedMoE):
         scoring: str = "softmax",
         renormalize: bool = False,
         balancer_kwargs: dict | None = None,
+        dispatcher: MoEDispatcher | None = None,
         device=None,
         dtype=None,
         backend: BackendChoice = None,
@@ -280,7 +304,7 @@ class ZeroComputeMoE(RoutedMoE):
         )
         self.register_buffer("pending_counts", torch.zeros(n_total, dtype=torch.int64, device=device),
                              persistent=False)
-        self.dispatcher = LocalDispatcher()
+        self.dispatcher = LocalDispatcher() if dispatcher is None else dispatcher
         self.backend = backend  # last: checks the choice and hands the experts and the balancer their share
 
     @classmethod

@@ -192,3 +192,32 @@ def test_chunk_permutation_is_bitwise_the_sorted_path(backend, counts):
 
     for got, want in zip(run(True), run(False)):
         assert torch.equal(got, want)
+
+
+def test_a_dispatcher_argument_plugs_in_and_a_bad_one_is_refused():
+    class Counting(LocalDispatcher):
+        def __init__(self):
+            self.calls = []
+
+        def dispatch(self, moe, routed):
+            self.calls.append("dispatch")
+            return super().dispatch(moe, routed)
+
+        def combine(self, moe, expert_out, dispatched):
+            self.calls.append("combine")
+            return super().combine(moe, expert_out, dispatched)
+
+    torch.manual_seed(0)
+    plain = ZeroComputeMoE(16, 4, 2, 2, 8, backend="reference")
+    counting = Counting()
+    torch.manual_seed(0)
+    custom = ZeroComputeMoE(16, 4, 2, 2, 8, backend="reference", dispatcher=counting)
+    x = torch.randn(7, 16)
+    assert torch.equal(custom(x), plain(x)) and counting.calls == ["dispatch", "combine"]
+    assert custom.dispatcher is counting and "dispatcher" not in dict(custom.named_children())
+    for bad in (object(), torch.nn.Linear(2, 2), 3):
+        with pytest.raises(TypeError, match="dispatcher must implement the MoEDispatcher protocol"):
+            ZeroComputeMoE(16, 4, 2, 2, 8, dispatcher=bad)
+        with pytest.raises(TypeError, match="dispatcher must implement"):
+            plain.dispatcher = bad
+    assert isinstance(plain.dispatcher, LocalDispatcher)
