@@ -1,9 +1,10 @@
 """Every value a caller hands us is checked, with an error naming the caller's argument, on every backend.
 
 Finding 10's kind. For each public function of ``mmkernels.ops`` a valid call is written out once (every argument by
-name); the sweep then replaces one argument at a time with a bad value of its kind and requires a ``TypeError`` or
-``ValueError`` whose message names that argument (never a raw ``RuntimeError``/``IndexError``/``AttributeError`` from
-deep inside, never a silent answer), on every backend that runs here and on auto:
+name), as ``SAMPLES`` in the op's own ``tests/ops/test_<name>.py`` (collected by ``tests/op_samples.py``, so a new op
+needs no edit here); the sweep then replaces one argument at a time with a bad value of its kind and requires a
+``TypeError`` or ``ValueError`` whose message names that argument (never a raw ``RuntimeError``/``IndexError``/
+``AttributeError`` from deep inside, never a silent answer), on every backend that runs here and on auto:
 
 - a tensor argument: a Python list, the wrong dtype family, three leading dimensions too many (one or two can be a
   documented layout, e.g. ``pos_embed`` [1, L, D]), another device (meta);
@@ -23,7 +24,9 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import re
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -44,6 +47,10 @@ from mmkernels.nn import (
     ZeroComputeMoE,
 )
 
+if os.path.dirname(__file__) not in sys.path:
+    sys.path.insert(0, os.path.dirname(__file__))  # tests/ (importlib import mode)
+import op_samples  # noqa: E402  (tests/op_samples.py: every op's valid call, from its own test file)
+
 CPU = torch.device("cpu")
 
 
@@ -56,43 +63,9 @@ def _routing():
 
 
 def _good_args(op: str) -> dict:
-    """One valid call of ``op``, every argument by name (the registry's op name; the function is ``ops.<op>``)."""
-    if op == "attention":
-        return dict(q=_r(2, 5, 4, 8), k=_r(2, 7, 2, 8, seed=1), v=_r(2, 7, 2, 8, seed=2), causal=True,
-                    softmax_scale=0.3, dropout_p=0.0)
-    if op == "attention[varlen]":  # the varlen form: its cu_seqlens and max_seqlen arguments are swept too
-        return dict(q=_r(9, 4, 8), k=_r(11, 2, 8, seed=1), v=_r(11, 2, 8, seed=2),
-                    cu_seqlens_q=torch.tensor([0, 4, 9], dtype=torch.int32),
-                    cu_seqlens_k=torch.tensor([0, 5, 11], dtype=torch.int32), max_seqlen_q=5, max_seqlen_k=6,
-                    causal=True, softmax_scale=0.3, dropout_p=0.0)
-    if op == "qformer_cross_attention":
-        return dict(q=_r(2, 3, 2, 8), k=_r(2, 6, 2, 8, seed=1), v=_r(2, 6, 2, 8, seed=2),
-                    kv_lens=torch.tensor([6, 2], dtype=torch.int32), softmax_scale=0.4, validate_kv_lens=True,
-                    dropout_p=0.0)
-    if op == "patch_embed":
-        return dict(pixels=_r(2, 3, 8, 8), weight=_r(10, 3, 4, 4, seed=1), bias=_r(10, seed=2),
-                    pos_embed=_r(5, 10, seed=3), cls_token=_r(10, seed=4))
-    if op == "moe_route":
-        return dict(logits=_r(9, 8), top_k=2, num_ffn_experts=6, bias=_r(8, seed=1) * 0.1, scoring="softmax",
-                    routed_scaling_factor=1.5, renormalize=False, n_groups=2, topk_groups=2)
-    if op == "moe_experts":
-        return dict(hidden=_r(9, 12), routing=_routing(), w_gate_up=_r(5, 2 * 6, 12, seed=1),
-                    w_down=_r(5, 12, 6, seed=2))
-    if op == "moe_permute":
-        return dict(hidden=_r(9, 12), topk_ids=_routing().topk_ids, num_local_experts=3, expert_offset=1)
-    if op == "moe_grouped_swiglu":
-        rows, perm = ops.moe_permute(_r(9, 12), _routing().topk_ids, num_local_experts=5, backend="reference")
-        return dict(rows=rows, offsets=perm.offsets, w_gate_up=_r(5, 2 * 6, 12, seed=1), w_down=_r(5, 12, 6, seed=2))
-    if op == "moe_unpermute":
-        routing = _routing()
-        rows, perm = ops.moe_permute(_r(9, 12), routing.topk_ids, num_local_experts=5, backend="reference")
-        return dict(expert_out=rows, permutation=perm, topk_weights=routing.topk_weights,
-                    zero_weight=routing.zero_weight, hidden=_r(9, 12))
-    if op == "expert_bias_update_":
-        return dict(bias=torch.zeros(12), counts=torch.tensor([9, 1, 0, 4, 7, 2, 2, 5, 3, 0, 1, 2], dtype=torch.int32),
-                    state=torch.zeros(2, 8), num_ffn_experts=8, top_k=3, target_ffn_per_token=2.0, kp=0.1, ki=0.3,
-                    kd=0.01, mode="pid", max_abs=0.5)
-    raise AssertionError(f"no valid call for op {op!r}: add one")
+    """One valid call of ``op`` (an op or ``op[variant]``), every argument by name: the ``SAMPLES`` its test file
+    ``tests/ops/test_<name>.py`` declares (tests/op_samples.py collects them)."""
+    return op_samples.good_args(op)
 
 
 CHOICES = {"scoring", "mode"}  # string arguments with a fixed set of values
@@ -115,16 +88,15 @@ def _bad_values(name: str, good) -> list[tuple[str, object]]:
     return []
 
 
-VARIANTS = ["attention[varlen]"]  # a second valid call of an op whose other form has arguments of its own
-
-
-def _op(call: str) -> str:
-    return call.split("[")[0]
+# every declared call: each op with a sample, then the variants (a second valid call of an op whose other form has
+# arguments of its own, e.g. "attention[varlen]"); an op without a sample fails test_every_public_op_has_a_valid_call
+CALLS = op_samples.calls()
+_op = op_samples.op_of
 
 
 def _cases():
     out = []
-    for op in sorted(registered_ops()) + VARIANTS:
+    for op in CALLS:
         good = _good_args(op)
         for name, value in good.items():
             for label, _ in _bad_values(name, value):
@@ -139,7 +111,8 @@ def _call(op: str, kwargs: dict, backend):
 def test_every_public_op_has_a_valid_call():
     public = {n for n in ops.__all__ if callable(getattr(ops, n)) and not inspect.isclass(getattr(ops, n))}
     assert public == set(registered_ops()), "every public op is registered (and swept here)"
-    for op in sorted(public) + VARIANTS:
+    op_samples.check()
+    for op in CALLS:
         for backend in [None, *registered_ops()[_op(op)].available(CPU)]:
             _call(op, _good_args(op), backend)
 
@@ -205,7 +178,7 @@ def test_permute_at_the_expert_cap_agrees_on_every_backend():
 
 
 def test_unknown_backend_names_the_op():
-    for op in sorted(registered_ops()):
+    for op in op_samples.ops():
         with pytest.raises(mmkernels.BackendError, match=rf"^{op}: backend='bogus' is not implemented"):
             _call(op, _good_args(op), "bogus")
 
@@ -624,7 +597,7 @@ def _int_args(op: str) -> list[str]:
     return [n for n, val in _good_args(op).items() if isinstance(val, int) and not isinstance(val, bool)]
 
 
-@pytest.mark.parametrize("op", [op for op in sorted(registered_ops()) + VARIANTS if _int_args(op)])
+@pytest.mark.parametrize("op", [op for op in CALLS if _int_args(op)])
 def test_numpy_integers_are_taken_like_ints(op):
     """Before: moe_route(top_k=np.int64(2)) was "must be an int, got int64" while softmax_scale took NumPy reals. Every
     int argument of every op, with NumPy ints, gives the same result as with Python ints; a NumPy bool is rejected."""

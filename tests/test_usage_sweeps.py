@@ -5,11 +5,16 @@
 - a backend given to a module or model reaches every op inside it (a spy on the backend registry records which
   backend each op resolved to);
 - constructors and configs validate every integer argument up front, naming it.
+
+The ops' inputs are the ``USAGE_SAMPLES`` (else ``SAMPLES``) of each op's own ``tests/ops/test_<name>.py``, collected
+by ``tests/op_samples.py``: a new op needs no edit here.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
+import sys
 
 import pytest
 import torch
@@ -30,6 +35,10 @@ from mmkernels.nn import (
 )
 from mmkernels.nn.moe import MoEConfig
 
+if os.path.dirname(__file__) not in sys.path:
+    sys.path.insert(0, os.path.dirname(__file__))  # tests/ (importlib import mode)
+import op_samples  # noqa: E402  (tests/op_samples.py: every op's valid call, from its own test file)
+
 CPU = torch.device("cpu")
 
 
@@ -38,47 +47,17 @@ def _g(seed):
 
 
 def _op_inputs(op: str):
-    """(function, args, kwargs) with fp32 inputs, awkward sizes."""
-    r = lambda *s, seed=0: torch.randn(*s, generator=_g(seed))  # noqa: E731
-    if op == "attention":
-        return ops.attention, (r(2, 9, 4, 12), r(2, 7, 2, 12, seed=1), r(2, 7, 2, 12, seed=2)), {"causal": True}
-    if op == "qformer_cross_attention":
-        return (ops.qformer_cross_attention, (r(2, 5, 3, 8), r(2, 11, 3, 8, seed=1), r(2, 11, 3, 8, seed=2)),
-                {"kv_lens": torch.tensor([11, 4], dtype=torch.int32)})
-    if op == "patch_embed":
-        return ops.patch_embed, (r(2, 3, 8, 12), r(10, 3, 4, 4, seed=1), r(10, seed=2)), {"pos_embed": r(6, 10, seed=3)}
-    if op == "moe_route":
-        return (ops.moe_route, (r(33, 12) * 3,), {"top_k": 3, "num_ffn_experts": 8, "bias": r(12, seed=1) * 0.1,
-                                                   "routed_scaling_factor": 2.5})
-    if op == "moe_experts":
-        routing = ops.moe_route(r(17, 7, seed=4), top_k=2, num_ffn_experts=5, backend="reference")
-        return ops.moe_experts, (r(17, 12), routing, r(5, 2 * 20, 12, seed=1) * 0.2, r(5, 12, 20, seed=2) * 0.2), {}
-    if op in ("moe_permute", "moe_grouped_swiglu", "moe_unpermute"):
-        routing = ops.moe_route(r(17, 7, seed=4), top_k=2, num_ffn_experts=5, backend="reference")
-        hidden = r(17, 12)
-        if op == "moe_permute":
-            return ops.moe_permute, (hidden, routing.topk_ids), {"num_local_experts": 3, "expert_offset": 1}
-        rows, perm = ops.moe_permute(hidden, routing.topk_ids, num_local_experts=5, backend="reference")
-        if op == "moe_grouped_swiglu":
-            return (ops.moe_grouped_swiglu, (rows, perm.offsets, r(5, 2 * 20, 12, seed=1) * 0.2,
-                                             r(5, 12, 20, seed=2) * 0.2), {})
-        return (ops.moe_unpermute, (r(*rows.shape, seed=5), perm, routing.topk_weights),
-                {"zero_weight": routing.zero_weight, "hidden": hidden})
-    if op == "expert_bias_update_":
-        def update(**kwargs):
-            bias, state = torch.zeros(12), torch.zeros(2, 8)
-            counts = torch.tensor([9, 1, 0, 4, 7, 2, 2, 5, 3, 0, 1, 2], dtype=torch.int32)
-            ops.expert_bias_update_(bias, counts, state, num_ffn_experts=8, top_k=3, target_ffn_per_token=2.0,
-                                    kp=0.1, ki=0.3, **kwargs)
-            return bias, state
-        return update, (), {}
-    raise AssertionError(f"no inputs for op {op!r}: add them")
+    """(function, args, kwargs) with fp32 inputs, awkward sizes: the ``USAGE_SAMPLES`` (else the ``SAMPLES``) of the
+    op's own test file ``tests/ops/test_<name>.py`` (tests/op_samples.py collects them)."""
+    return op_samples.usage(op)
 
 
-OP_BACKENDS = [(op, b) for op, reg in sorted(registered_ops().items()) for b in reg.available(CPU)]
+SAMPLED_OPS = op_samples.ops()  # every registered op with a sample; one without fails test_every_op_has_inputs
+OP_BACKENDS = [(op, b) for op in SAMPLED_OPS for b in registered_ops()[op].available(CPU)]
 
 
 def test_every_op_has_inputs():
+    op_samples.check()
     for op in registered_ops():
         _op_inputs(op)
 
@@ -263,7 +242,7 @@ def _to_cuda(tree):
     return torch.utils._pytree.tree_map(lambda t: t.cuda() if isinstance(t, torch.Tensor) else t, tree)
 
 
-GPU_OP_BACKENDS = [(op, b) for op, reg in sorted(registered_ops().items()) for b in reg.impls if b != "cpp"]
+GPU_OP_BACKENDS = [(op, b) for op in SAMPLED_OPS for b in registered_ops()[op].impls if b != "cpp"]
 
 
 @pytest.mark.gpu
@@ -345,7 +324,7 @@ def test_accumulate_counts_op_passes_opcheck():
                 (torch.zeros(6, dtype=torch.int64), torch.tensor([1, 0, 2, 3, 0, 1], dtype=torch.int32)))
 
 
-@pytest.mark.parametrize("op", sorted(registered_ops()))
+@pytest.mark.parametrize("op", SAMPLED_OPS)
 def test_float64_runs_on_the_reference_and_kernels_say_why_not(op):
     """Every op takes float64 on its reference backend (auto picks it); a kernel backend asked for float64 raises
     BackendError naming the dtype."""
@@ -373,7 +352,7 @@ def test_float64_runs_on_the_reference_and_kernels_say_why_not(op):
 
 # ---- every op runs on the meta device (shape-only forwards) ---------------------------------------------------------
 
-@pytest.mark.parametrize("op", sorted(registered_ops()))
+@pytest.mark.parametrize("op", SAMPLED_OPS)
 def test_every_op_runs_on_the_meta_device(op):
     """Auto backend on meta tensors: the CPU reference's output shapes and dtypes (and a backward), no data-dependent
     op without a meta path (finding 11: ``bincount`` in the router reference; the experts' and split ops' loops)."""

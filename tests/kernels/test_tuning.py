@@ -8,6 +8,7 @@ interpreter with an injected timer: everything but the timing itself runs here.
 from __future__ import annotations
 
 import json
+import math
 import re
 import warnings
 
@@ -598,10 +599,28 @@ def test_sweep_stops_at_the_deadline():
     assert result.tried == 0 and not result.complete and result.config == default
 
 
+LAUNCH_PARAMS = ("num_warps", "num_stages")  # every other tunable parameter of a space is a block size
+
+
+def _smallest_other(kernel: str, kept: list[dict], default: dict) -> dict:
+    """The smallest kept candidate that is not ``default`` (cheapest under the interpreter): the least product of its
+    block sizes, then the fewest warps, then the fewest stages; ties keep ``candidates()``' nearest-to-default order."""
+    others = [c for c in kept if c != default]
+    assert others, (f"tuning space {kernel!r} keeps no candidate besides its default {default} for its first fp16 "
+                    f"tune case: give it a second value of some parameter that the pruning keeps")
+
+    def size(c):
+        blocks = [v for k, v in c.items() if k not in LAUNCH_PARAMS]
+        return math.prod(blocks), c.get("num_warps", 0), c.get("num_stages", 0)
+
+    return min(others, key=size)
+
+
 @pytest.mark.parametrize("kernel", sorted(tuning.SPACES) if triton_available() else [])
 def test_every_space_runs_its_launcher_with_a_forced_candidate(kernel, monkeypatch):
     """Each kernel's tuning case builds, runs the default and one pruned candidate under the interpreter, and the two
-    agree (a candidate that changed the result would be rejected on a card)."""
+    agree (a candidate that changed the result would be rejected on a card). The candidate is the smallest kept one
+    besides the default (:func:`_smallest_other`), so any space a new kernel family registers works here."""
     space = tuning.SPACES[kernel]
     shape = next(s for s in tune_cases(kernel) if s["dtype"] == torch.float16)
     shape = dict(shape, lq=min(shape.get("lq", 1), 40), lk=min(shape.get("lk", 1), 40)) if "lq" in shape else shape
@@ -609,7 +628,7 @@ def test_every_space_runs_its_launcher_with_a_forced_candidate(kernel, monkeypat
         shape = dict(shape, lk=40)
     default = space.default_params(shape)
     kept, _, _ = tuning.candidates(kernel, shape, tuning.SM90, default)
-    other = next(c for c in kept if c != default and all(v <= 64 for k, v in c.items() if k != "num_stages"))
+    other = _smallest_other(kernel, kept, default)
     picked = []
     real_pick = tuning.pick
 

@@ -21,6 +21,21 @@ from mmkernels.ops.attention import ATTENTION_BACKENDS
 from mmkernels.testing import assert_within_ref_error, run_opcheck
 
 HAS_CUDA = torch.cuda.is_available()
+# The central sweeps' valid calls (tests/op_samples.py collects them): SAMPLES, every argument by name, for
+# tests/test_argument_sweep.py; USAGE_SAMPLES, (function, args, kwargs), for tests/test_usage_sweeps.py.
+SAMPLES = {
+    "attention": lambda r: dict(q=r(2, 5, 4, 8), k=r(2, 7, 2, 8, seed=1), v=r(2, 7, 2, 8, seed=2), causal=True,
+                                softmax_scale=0.3, dropout_p=0.0),
+    # the varlen form: its cu_seqlens and max_seqlen arguments are swept too
+    "attention[varlen]": lambda r: dict(q=r(9, 4, 8), k=r(11, 2, 8, seed=1), v=r(11, 2, 8, seed=2),
+                                        cu_seqlens_q=torch.tensor([0, 4, 9], dtype=torch.int32),
+                                        cu_seqlens_k=torch.tensor([0, 5, 11], dtype=torch.int32), max_seqlen_q=5,
+                                        max_seqlen_k=6, causal=True, softmax_scale=0.3, dropout_p=0.0),
+}
+USAGE_SAMPLES = {
+    "attention": lambda r: (attention, (r(2, 9, 4, 12), r(2, 7, 2, 12, seed=1), r(2, 7, 2, 12, seed=2)),
+                            {"causal": True}),
+}
 
 
 def _make(shape_q, shape_k, dtype, device, *, generator=None):

@@ -13,6 +13,28 @@ from mmkernels.ops.expert_bias import EXPERT_BIAS_BACKENDS
 from mmkernels.testing import assert_close, run_opcheck
 
 CPU = torch.device("cpu")
+
+
+# The central sweeps' valid calls (tests/op_samples.py collects them): SAMPLES, every argument by name, for
+# tests/test_argument_sweep.py; USAGE_SAMPLES, (function, args, kwargs), for tests/test_usage_sweeps.py.
+def _usage_update(r):
+    def update(**kwargs):  # in place: fresh bias and state on every call
+        bias, state = torch.zeros(12), torch.zeros(2, 8)
+        counts = torch.tensor([9, 1, 0, 4, 7, 2, 2, 5, 3, 0, 1, 2], dtype=torch.int32)
+        expert_bias_update_(bias, counts, state, num_ffn_experts=8, top_k=3, target_ffn_per_token=2.0, kp=0.1,
+                            ki=0.3, **kwargs)
+        return bias, state
+    return update, (), {}
+
+
+SAMPLES = {
+    "expert_bias_update_": lambda r: dict(
+        bias=torch.zeros(12), counts=torch.tensor([9, 1, 0, 4, 7, 2, 2, 5, 3, 0, 1, 2], dtype=torch.int32),
+        state=torch.zeros(2, 8), num_ffn_experts=8, top_k=3, target_ffn_per_token=2.0, kp=0.1, ki=0.3, kd=0.01,
+        mode="pid", max_abs=0.5),
+}
+USAGE_SAMPLES = {"expert_bias_update_": _usage_update}
+
 CPU_BACKENDS = EXPERT_BIAS_BACKENDS.available(CPU)  # cpp (when _C is built), triton (interpreter), reference
 
 # (N FFN experts, Z zero experts, K): one expert, odd sizes, the LongCat presets, more experts than one block.

@@ -15,6 +15,23 @@ from mmkernels.ops.moe import EXPERTS_BACKENDS
 from mmkernels.testing import TOLERANCES, run_opcheck
 
 CPU = torch.device("cpu")
+
+
+# The central sweeps' valid calls (tests/op_samples.py collects them): SAMPLES, every argument by name, for
+# tests/test_argument_sweep.py; USAGE_SAMPLES, (function, args, kwargs), for tests/test_usage_sweeps.py.
+def _sample_routing(r, tokens):
+    return mmkernels.ops.moe_route(r(tokens, 7, seed=4), top_k=2, num_ffn_experts=5, backend="reference")
+
+
+SAMPLES = {
+    "moe_experts": lambda r: dict(hidden=r(9, 12), routing=_sample_routing(r, 9), w_gate_up=r(5, 2 * 6, 12, seed=1),
+                                  w_down=r(5, 12, 6, seed=2)),
+}
+USAGE_SAMPLES = {
+    "moe_experts": lambda r: (moe_experts, (r(17, 12), _sample_routing(r, 17), r(5, 2 * 20, 12, seed=1) * 0.2,
+                                            r(5, 12, 20, seed=2) * 0.2), {}),
+}
+
 BACKENDS = EXPERTS_BACKENDS.available(CPU)  # triton (interpreter) and reference
 HAS_TRITON = "triton" in BACKENDS
 

@@ -14,6 +14,17 @@ from mmkernels.ops.moe import ROUTE_BACKENDS
 from mmkernels.testing import run_opcheck
 
 CPU = torch.device("cpu")
+# The central sweeps' valid calls (tests/op_samples.py collects them): SAMPLES, every argument by name, for
+# tests/test_argument_sweep.py; USAGE_SAMPLES, (function, args, kwargs), for tests/test_usage_sweeps.py.
+SAMPLES = {
+    "moe_route": lambda r: dict(logits=r(9, 8), top_k=2, num_ffn_experts=6, bias=r(8, seed=1) * 0.1,
+                                scoring="softmax", routed_scaling_factor=1.5, renormalize=False, n_groups=2,
+                                topk_groups=2),
+}
+USAGE_SAMPLES = {
+    "moe_route": lambda r: (moe_route, (r(33, 12) * 3,), {"top_k": 3, "num_ffn_experts": 8,
+                                                          "bias": r(12, seed=1) * 0.1, "routed_scaling_factor": 2.5}),
+}
 BACKENDS = ROUTE_BACKENDS.available(CPU)  # cpp (when built) and reference
 
 # (T, N, Z, K): one token, K = 1, K = N+Z, LongCat-Flash-Lite's 384 experts, odd sizes, no zero experts.

@@ -17,6 +17,46 @@ from mmkernels.ops.moe import PERMUTE_BACKENDS, SWIGLU_BACKENDS, UNPERMUTE_BACKE
 from mmkernels.testing import TOLERANCES, run_opcheck
 
 CPU = torch.device("cpu")
+
+
+# The central sweeps' valid calls (tests/op_samples.py collects them): SAMPLES, every argument by name, for
+# tests/test_argument_sweep.py; USAGE_SAMPLES, (function, args, kwargs), for tests/test_usage_sweeps.py.
+def _sample_routing(r, tokens):
+    return mmkernels.ops.moe_route(r(tokens, 7, seed=4), top_k=2, num_ffn_experts=5, backend="reference")
+
+
+def _sample_swiglu(r):
+    rows, perm = moe_permute(r(9, 12), _sample_routing(r, 9).topk_ids, num_local_experts=5, backend="reference")
+    return dict(rows=rows, offsets=perm.offsets, w_gate_up=r(5, 2 * 6, 12, seed=1), w_down=r(5, 12, 6, seed=2))
+
+
+def _sample_unpermute(r):
+    routing = _sample_routing(r, 9)
+    rows, perm = moe_permute(r(9, 12), routing.topk_ids, num_local_experts=5, backend="reference")
+    return dict(expert_out=rows, permutation=perm, topk_weights=routing.topk_weights,
+                zero_weight=routing.zero_weight, hidden=r(9, 12))
+
+
+def _usage_split(r, op):
+    routing = _sample_routing(r, 17)
+    hidden = r(17, 12)
+    if op == "moe_permute":
+        return moe_permute, (hidden, routing.topk_ids), {"num_local_experts": 3, "expert_offset": 1}
+    rows, perm = moe_permute(hidden, routing.topk_ids, num_local_experts=5, backend="reference")
+    if op == "moe_grouped_swiglu":
+        return moe_grouped_swiglu, (rows, perm.offsets, r(5, 2 * 20, 12, seed=1) * 0.2, r(5, 12, 20, seed=2) * 0.2), {}
+    return (moe_unpermute, (r(*rows.shape, seed=5), perm, routing.topk_weights),
+            {"zero_weight": routing.zero_weight, "hidden": hidden})
+
+
+SAMPLES = {
+    "moe_permute": lambda r: dict(hidden=r(9, 12), topk_ids=_sample_routing(r, 9).topk_ids, num_local_experts=3,
+                                  expert_offset=1),
+    "moe_grouped_swiglu": _sample_swiglu,
+    "moe_unpermute": _sample_unpermute,
+}
+USAGE_SAMPLES = {op: (lambda r, op=op: _usage_split(r, op)) for op in SAMPLES}
+
 BACKENDS = PERMUTE_BACKENDS.available(CPU)
 assert BACKENDS == SWIGLU_BACKENDS.available(CPU) == UNPERMUTE_BACKENDS.available(CPU)
 HAS_TRITON = "triton" in BACKENDS

@@ -14,6 +14,16 @@ from mmkernels.ops.patch_embed import PATCH_EMBED_BACKENDS
 from mmkernels.testing import run_opcheck, tolerance
 
 HAS_CUDA = torch.cuda.is_available()
+# The central sweeps' valid calls (tests/op_samples.py collects them): SAMPLES, every argument by name, for
+# tests/test_argument_sweep.py; USAGE_SAMPLES, (function, args, kwargs), for tests/test_usage_sweeps.py.
+SAMPLES = {
+    "patch_embed": lambda r: dict(pixels=r(2, 3, 8, 8), weight=r(10, 3, 4, 4, seed=1), bias=r(10, seed=2),
+                                  pos_embed=r(5, 10, seed=3), cls_token=r(10, seed=4)),
+}
+USAGE_SAMPLES = {
+    "patch_embed": lambda r: (patch_embed, (r(2, 3, 8, 12), r(10, 3, 4, 4, seed=1), r(10, seed=2)),
+                              {"pos_embed": r(6, 10, seed=3)}),
+}
 NAMES = ("pixels", "weight", "bias", "pos_embed", "cls_token")
 
 # (B, C, H, W, P, D, layout, bias, pos, cls): P in 8/14/16/32, C in 1/3/4, non-square images, B=1, odd D,

@@ -17,6 +17,18 @@ from mmkernels.testing import assert_within_ref_error, run_opcheck
 
 CPU = torch.device("cpu")
 HAS_CUDA = torch.cuda.is_available()
+# The central sweeps' valid calls (tests/op_samples.py collects them): SAMPLES, every argument by name, for
+# tests/test_argument_sweep.py; USAGE_SAMPLES, (function, args, kwargs), for tests/test_usage_sweeps.py.
+SAMPLES = {
+    "qformer_cross_attention": lambda r: dict(q=r(2, 3, 2, 8), k=r(2, 6, 2, 8, seed=1), v=r(2, 6, 2, 8, seed=2),
+                                              kv_lens=torch.tensor([6, 2], dtype=torch.int32), softmax_scale=0.4,
+                                              validate_kv_lens=True, dropout_p=0.0),
+}
+USAGE_SAMPLES = {
+    "qformer_cross_attention": lambda r: (qformer_cross_attention,
+                                          (r(2, 5, 3, 8), r(2, 11, 3, 8, seed=1), r(2, 11, 3, 8, seed=2)),
+                                          {"kv_lens": torch.tensor([11, 4], dtype=torch.int32)}),
+}
 TRITON_CPU = "triton" in QFORMER_BACKENDS.available(CPU)
 
 # (B, Lq, H, D, Lk, kv_lens): BLIP-2 shape at 224 px and 364 px (B = 1), one key, mixed lengths with a length-1
