@@ -1,4 +1,6 @@
-"""The shortcut-connected MoE (ScMoE) decoder layer of LongCat-Flash, with GQA attention standing in for MLA.
+"""The shortcut-connected MoE (ScMoE) decoder layer of LongCat-Flash, with its multi-head latent attention
+(``ScMoEConfig(attention="mla")``: the layer of Hugging Face's ``LongcatFlashDecoderLayer``, which
+``ScMoEDecoder.from_hf`` takes over) or a GQA stand-in (``attention="gqa"``, the default).
 
 ```
 h1  = x  + Attn_0(Norm_in0(x))
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._backends import BackendChoice, ModuleBackend
+from ..nn.mla import MLACache, MLARotary, MultiHeadLatentAttention, _RMSNorm
 from ..nn.moe import ZeroComputeMoE
 from ..nn.moe_dispatch import RoutedTokens, expert_parallel, expert_parallel_group, phase
 from ..nn.moe_losses import device_balance_loss
@@ -46,6 +49,14 @@ class ScMoEConfig:
     decoder's LM head to its embedding; ``initializer_range`` is their init std. ``bias_ki`` (the balancer's PID
     integral gain) and ``balance_loss_coef`` (LongCat-Flash's device-level balance loss; 0 = off) are the recipe for a
     router trained jointly (docs/balancer_training.md): defaults 0.3 and 0.1.
+
+    ``attention``: ``"gqa"`` (default: :class:`RotaryAttention`, rotate-half RoPE, ``torch.nn.RMSNorm``) or ``"mla"``
+    (LongCat-Flash: :class:`mmkernels.nn.MultiHeadLatentAttention` with ``q_lora_rank`` (None: one ``q_proj``),
+    ``kv_lora_rank``, ``qk_nope_head_dim``, ``qk_rope_head_dim`` (even), ``v_head_dim``, ``rope_scaling`` (None or HF's
+    YaRN dict), ``attention_bias``, ``attention_dropout`` and ``mla_rms_norm_eps`` (the MLA's own norms; HF: 1e-6), all
+    required or defaulted as HF's ``LongcatFlashConfig`` names them; every RMSNorm is then HF's ``LongcatFlashRMSNorm``
+    and ``head_dim`` is ``qk_nope_head_dim + qk_rope_head_dim``; ``num_kv_heads`` must equal ``num_heads``). The MLA
+    fields are an error with ``"gqa"``. ``pad_token_id``: the embedding's ``padding_idx`` (zero at init, no gradient).
 
     Raises (at construction): TypeError / ValueError naming the field that is out of range.
     """
@@ -71,9 +82,33 @@ class ScMoEConfig:
     # gain and LongCat-Flash's device-level balance loss coefficient (0: off; the layer then computes nothing).
     bias_ki: float = 0.3
     balance_loss_coef: float = 0.1
+    # Attention: "gqa" (RotaryAttention, the stand-in) or "mla" (LongCat-Flash's multi-head latent attention,
+    # mmkernels.nn.MultiHeadLatentAttention, with the dims below; HF LongcatFlashConfig's names).
+    attention: str = "gqa"
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
+    rope_scaling: dict | None = None
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    mla_rms_norm_eps: float = 1e-6
+    # The embedding row that gets no gradient (nn.Embedding's padding_idx; HF's pad_token_id), zero at init.
+    pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
         name = "ScMoEConfig"
+        if self.attention not in ("gqa", "mla"):
+            raise ValueError(f"{name}: attention must be 'gqa' or 'mla', got {self.attention!r}")
+        if self.pad_token_id is not None:
+            v.integer("pad_token_id", self.pad_token_id, op=name, low=0, high=self.vocab_size - 1)
+        if self.attention == "mla":
+            self._check_mla()
+        else:
+            given = [f for f in _MLA_FIELDS if getattr(self, f) != _MLA_FIELD_DEFAULTS[f]]
+            if given:
+                raise ValueError(f"{name}: {', '.join(given)} only apply with attention='mla' (got attention='gqa')")
         for f, low in (("hidden_size", 1), ("num_heads", 1), ("num_kv_heads", 1), ("dense_intermediate_size", 1),
                        ("num_ffn_experts", 1), ("num_zero_experts", 0), ("expert_intermediate_size", 1),
                        ("vocab_size", 1), ("num_layers", 1)):
@@ -93,6 +128,8 @@ class ScMoEConfig:
         v.real("initializer_range", self.initializer_range, op=name, low=0.0)
         v.real("bias_ki", self.bias_ki, op=name, low=0.0)
         v.real("balance_loss_coef", self.balance_loss_coef, op=name, low=0.0)
+        if self.attention == "mla":
+            return  # head_dim was set by _check_mla
         if self.head_dim is None:
             if self.hidden_size % self.num_heads:
                 raise ValueError(f"{name}: hidden_size ({self.hidden_size}) is not divisible by num_heads "
@@ -102,20 +139,59 @@ class ScMoEConfig:
         if self.head_dim % 2:
             raise ValueError(f"{name}: head_dim must be even for the rotary embedding, got {self.head_dim}")
 
+    def _check_mla(self) -> None:
+        name = "ScMoEConfig"
+        if self.q_lora_rank is not None:
+            v.integer("q_lora_rank", self.q_lora_rank, op=name, low=1)
+        for f in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            if getattr(self, f) is None:
+                raise ValueError(f"{name}: attention='mla' needs {f}")
+            v.integer(f, getattr(self, f), op=name, low=1)
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"{name}: qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
+        qk = self.qk_nope_head_dim + self.qk_rope_head_dim
+        if qk > MAX_HEAD_DIM:
+            raise ValueError(f"{name}: qk_nope_head_dim + qk_rope_head_dim must be <= {MAX_HEAD_DIM}, got {qk}")
+        v.integer("v_head_dim", self.v_head_dim, op=name, low=1, high=MAX_HEAD_DIM)
+        if self.num_kv_heads != self.num_heads:
+            raise ValueError(f"{name}: with attention='mla' every head has its own keys and values (from the latent): "
+                             f"num_kv_heads ({self.num_kv_heads}) must equal num_heads ({self.num_heads})")
+        if self.head_dim is not None and self.head_dim != qk:
+            raise ValueError(f"{name}: with attention='mla' head_dim is qk_nope_head_dim + qk_rope_head_dim = {qk}, "
+                             f"got {self.head_dim}")
+        object.__setattr__(self, "head_dim", qk)
+        if not isinstance(self.attention_bias, bool):
+            raise TypeError(f"{name}: attention_bias must be a bool, got {type(self.attention_bias).__name__}")
+        v.probability("attention_dropout", self.attention_dropout, op=name)
+        v.real("mla_rms_norm_eps", self.mla_rms_norm_eps, op=name, low=0.0)
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise TypeError(f"{name}: rope_scaling must be None or a dict of HF rope parameters, got "
+                            f"{type(self.rope_scaling).__name__}")
+        MLARotary(self.qk_rope_head_dim, self.rope_theta, self.rope_scaling, owner=name)  # validates rope_scaling
+
     @classmethod
     def preset(cls, name: str) -> ScMoEConfig:
-        """``"tiny"`` (tests: N = 8, divisible by 1, 2, 4, 8), ``"small"`` (CPU benchmarks) or ``"longcat-flash-lite"``
-        (the MoE shape of docs/design/longcat_moe.md#presets; attention and dense FFN sizes are our stand-ins)."""
+        """``"tiny"`` (tests: N = 8, divisible by 1, 2, 4, 8), ``"small"`` (CPU benchmarks), ``"longcat-flash-lite"``
+        (the MoE shape of docs/design/longcat_moe.md#presets; attention and dense FFN sizes are our stand-ins) or
+        ``"longcat-flash"`` (the real model, MLA, HF ``LongcatFlashConfig``'s defaults)."""
         if name not in SCMOE_PRESETS:
             raise ValueError(f"ScMoEConfig: unknown preset {name!r}; presets: {sorted(SCMOE_PRESETS)}")
         return SCMOE_PRESETS[name]
 
     def replace(self, **changes) -> ScMoEConfig:
         """A copy with ``changes`` applied (validated again). ``head_dim`` is re-derived unless given."""
-        if "head_dim" not in changes and ({"hidden_size", "num_heads"} & set(changes)):
+        mla = changes.get("attention", self.attention) == "mla"
+        derived_from = {"qk_nope_head_dim", "qk_rope_head_dim", "attention"} if mla else {"hidden_size", "num_heads"}
+        switched = changes.get("attention", self.attention) != self.attention
+        if "head_dim" not in changes and (derived_from & set(changes) or switched):
             changes["head_dim"] = None
         return dataclasses.replace(self, **changes)
 
+
+_MLA_FIELD_DEFAULTS = {"q_lora_rank": None, "kv_lora_rank": None, "qk_nope_head_dim": None, "qk_rope_head_dim": None,
+                       "v_head_dim": None, "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0,
+                       "mla_rms_norm_eps": 1e-6}
+_MLA_FIELDS = tuple(_MLA_FIELD_DEFAULTS)
 
 SCMOE_PRESETS: dict[str, ScMoEConfig] = {
     "tiny": ScMoEConfig(hidden_size=32, num_heads=4, num_kv_heads=2, dense_intermediate_size=48, num_ffn_experts=8,
@@ -131,6 +207,13 @@ SCMOE_PRESETS: dict[str, ScMoEConfig] = {
                                       expert_intermediate_size=1024, routed_scaling_factor=6.0,
                                       target_ffn_per_token=8.0, vocab_size=131072, num_layers=14,
                                       rope_theta=10_000_000.0, head_dim=128),
+    # LongCat-Flash itself (HF LongcatFlashConfig's defaults; MLA, 560 B parameters: not built here), with the balancer
+    # target of MOE_PRESETS["longcat-flash"].
+    "longcat-flash": ScMoEConfig(hidden_size=6144, num_heads=64, num_kv_heads=64, dense_intermediate_size=12288,
+                                 num_ffn_experts=512, num_zero_experts=256, top_k=12, expert_intermediate_size=2048,
+                                 routed_scaling_factor=6.0, target_ffn_per_token=8.0, vocab_size=131072,
+                                 num_layers=28, rope_theta=10_000_000.0, attention="mla", q_lora_rank=1536,
+                                 kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128),
 }
 
 
@@ -220,6 +303,25 @@ class SwiGLUMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def rms_norm(config: ScMoEConfig, *, device=None, dtype=None) -> nn.Module:
+    """The layer's RMSNorm over ``hidden_size``: ``torch.nn.RMSNorm`` with GQA attention (unchanged), Hugging Face's
+    ``LongcatFlashRMSNorm`` with MLA (normalise in fp32, cast back to the input dtype, then multiply by the weight;
+    ``torch.nn.RMSNorm`` multiplies before the cast, which differs in bf16/fp16). Both hold one ``weight``."""
+    if config.attention == "mla":
+        return _RMSNorm(config.hidden_size, config.rms_norm_eps, device=device, dtype=dtype)
+    return nn.RMSNorm(config.hidden_size, eps=config.rms_norm_eps, device=device, dtype=dtype)
+
+
+def mla_attention(config: ScMoEConfig, *, device=None, dtype=None) -> MultiHeadLatentAttention:
+    """One :class:`mmkernels.nn.MultiHeadLatentAttention` of ``config`` (attention='mla')."""
+    c = config
+    return MultiHeadLatentAttention(c.hidden_size, c.num_heads, q_lora_rank=c.q_lora_rank, kv_lora_rank=c.kv_lora_rank,
+                                    qk_nope_head_dim=c.qk_nope_head_dim, qk_rope_head_dim=c.qk_rope_head_dim,
+                                    v_head_dim=c.v_head_dim, rope_theta=c.rope_theta, rope_scaling=c.rope_scaling,
+                                    attention_bias=c.attention_bias, rms_norm_eps=c.mla_rms_norm_eps,
+                                    dropout=c.attention_dropout, device=device, dtype=dtype)
+
+
 class _Fork(torch.autograd.Function):
     """``u`` feeds two branches whose autograd nodes are created in a different order by the two schedules: the two
     gradients are added here in one fixed order (dense + MoE), so the bitwise equality of the overlapped and the
@@ -238,8 +340,11 @@ class ScMoEDecoderLayer(nn.Module):
     """One LongCat-Flash shortcut-connected MoE layer (two attention blocks, two dense SwiGLU FFNs, one MoE).
 
     Module names follow HF's ``LongcatFlashDecoderLayer``: ``input_layernorm[0|1]``, ``self_attn[0|1]``,
-    ``post_attention_layernorm[0|1]`` (``torch.nn.RMSNorm``), ``mlps[0|1]`` (:class:`SwiGLUMLP`), ``mlp`` (the MoE).
-    Attention is causal GQA with RoPE (:class:`RotaryAttention`), not LongCat's multi-head latent attention.
+    ``post_attention_layernorm[0|1]``, ``mlps[0|1]`` (:class:`SwiGLUMLP`), ``mlp`` (the MoE). With
+    ``config.attention == "mla"`` the attention blocks are :class:`mmkernels.nn.MultiHeadLatentAttention` (HF's
+    ``LongcatFlashMLA``, same parameter names) and the norms HF's ``LongcatFlashRMSNorm`` (fp32, cast back, then the
+    weight): HF's layer exactly. With ``"gqa"``: causal GQA with RoPE (:class:`RotaryAttention`) and
+    ``torch.nn.RMSNorm``.
 
     Args:
         config: a :class:`ScMoEConfig`.
@@ -261,8 +366,9 @@ class ScMoEDecoderLayer(nn.Module):
     causal, so right padding never reaches a real token. ``position_ids`` int [B, L] or [L] (default
     ``C..C+L-1`` with C the tokens already in ``kv_cache``, 0 without one) for the rotary embedding. ``kv_cache``
     (a :class:`KVCache`): this layer's slot ``layer_index`` receives the new keys and values of both attention
-    blocks, and the L new queries attend to every cached key plus the new ones, bottom-right causal (the same
-    ``ops.attention`` call with ``Lq != Lk``; no separate decode path).
+    blocks (MLA: the compressed latents, slots ``2 l`` and ``2 l + 1``), and the L new queries attend to every
+    cached key plus the new ones, bottom-right causal (the same ``ops.attention`` call with ``Lq != Lk``; no separate
+    decode path).
     Under expert parallelism every rank of the group calls forward (and backward) together.
 
     With ``config.balance_loss_coef > 0`` (and a ``target_ffn_per_token``) every training forward also computes the
@@ -283,11 +389,12 @@ class ScMoEDecoderLayer(nn.Module):
         self.config = config
         self.overlap = bool(overlap)
         c, factory = config, {"device": device, "dtype": dtype}
-        self.input_layernorm = nn.ModuleList(nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **factory)
-                                             for _ in range(2))
-        self.self_attn = nn.ModuleList(RotaryAttention(c, **factory) for _ in range(2))
-        self.post_attention_layernorm = nn.ModuleList(nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **factory)
-                                                      for _ in range(2))
+        self.input_layernorm = nn.ModuleList(rms_norm(c, **factory) for _ in range(2))
+        if c.attention == "mla":
+            self.self_attn = nn.ModuleList(mla_attention(c, **factory) for _ in range(2))
+        else:
+            self.self_attn = nn.ModuleList(RotaryAttention(c, **factory) for _ in range(2))
+        self.post_attention_layernorm = nn.ModuleList(rms_norm(c, **factory) for _ in range(2))
         self.mlps = nn.ModuleList(SwiGLUMLP(c.hidden_size, c.dense_intermediate_size, **factory) for _ in range(2))
         moe = ZeroComputeMoE(c.hidden_size, c.num_ffn_experts, c.num_zero_experts, c.top_k,
                              c.expert_intermediate_size, routed_scaling_factor=c.routed_scaling_factor,
@@ -320,8 +427,12 @@ class ScMoEDecoderLayer(nn.Module):
         if d != self.config.hidden_size:
             raise ValueError(f"{name}: hidden must be [B, L, {self.config.hidden_size}], got {tuple(hidden.shape)}")
         v.module_input(name, "hidden", hidden, self.self_attn[0].o_proj.weight)
-        if kv_cache is not None and not isinstance(kv_cache, KVCache):
-            raise TypeError(f"{name}: kv_cache must be a KVCache, got {type(kv_cache).__name__}")
+        if kv_cache is not None:
+            if not isinstance(kv_cache, KVCache):
+                raise TypeError(f"{name}: kv_cache must be a KVCache, got {type(kv_cache).__name__}")
+            if kv_cache.is_latent != (self.config.attention == "mla"):
+                raise ValueError(f"{name}: kv_cache holds {'MLA latents' if kv_cache.is_latent else 'GQA keys'} but "
+                                 f"the layer's attention is {self.config.attention!r}; use the decoder's new_cache()")
         offset = 0 if kv_cache is None else kv_cache.cached_length(self.layer_index)
         if position_ids is None:
             positions = torch.arange(offset, offset + length, device=hidden.device)[None]
@@ -342,12 +453,7 @@ class ScMoEDecoderLayer(nn.Module):
         FFN_0, the rows behind Attn_1 and the combine behind FFN_1 (``overlap=False``: each waited for at once)."""
         mlp, overlap = self.mlp, self.overlap
         with phase("mmkernels.scmoe.attn0"):
-            q0, k0, val0 = self.self_attn[0].project(self.input_layernorm[0](hidden), positions)
-            if kv_cache is not None:
-                # the new keys join the cached ones; attention is bottom-right causal (query i of the L new ones
-                # sees every cached key and the new keys up to itself)
-                k0, val0 = kv_cache.update(self.layer_index, 0, k0, val0)
-            h1 = hidden + self.self_attn[0].attend(q0, k0, val0)
+            h1 = hidden + self._attention(0, self.input_layernorm[0](hidden), positions, kv_cache)
             u = self.post_attention_layernorm[0](h1)
             u_dense, u_moe = _Fork.apply(u)
         with phase("mmkernels.scmoe.moe_dispatch"):
@@ -362,12 +468,16 @@ class ScMoEDecoderLayer(nn.Module):
         if overlap:
             with phase("mmkernels.scmoe.send_rows"):
                 dispatch.send()  # the layer's one host sync (split sizes), then the rows go out
-        with phase("mmkernels.scmoe.attn1_proj"):
-            q, k, val = self.self_attn[1].project(self.input_layernorm[1](h2), positions)  # || rows
-            if kv_cache is not None:
-                k, val = kv_cache.update(self.layer_index, 1, k, val)
-        with phase("mmkernels.scmoe.attn1"):
-            h3 = h2 + self.self_attn[1].attend(q, k, val)  # rest of Attn_1 || rows
+        if self.config.attention == "mla":
+            with phase("mmkernels.scmoe.attn1"):
+                h3 = h2 + self._attention(1, self.input_layernorm[1](h2), positions, kv_cache)  # || rows
+        else:
+            with phase("mmkernels.scmoe.attn1_proj"):
+                q, k, val = self.self_attn[1].project(self.input_layernorm[1](h2), positions)  # || rows
+                if kv_cache is not None:
+                    k, val = kv_cache.update(self.layer_index, 1, k, val)
+            with phase("mmkernels.scmoe.attn1"):
+                h3 = h2 + self.self_attn[1].attend(q, k, val)  # rest of Attn_1 || rows
         with phase("mmkernels.scmoe.wait_dispatch" if overlap else "mmkernels.scmoe.dispatched"):
             dispatched = dispatch.wait()
         with phase("mmkernels.scmoe.moe_experts"):
@@ -380,6 +490,21 @@ class ScMoEDecoderLayer(nn.Module):
         with phase("mmkernels.scmoe.wait_combine" if overlap else "mmkernels.scmoe.combined"):
             m = combine.wait()
         return h3 + f1 + m
+
+    def _attention(self, block: int, x: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache | None
+                   ) -> torch.Tensor:
+        """Attention block ``block`` (0 or 1) on normalised ``x``, its keys and values joining ``kv_cache``'s slot
+        (GQA: keys and values after RoPE; MLA: the compressed latent and rotated rope key, slot ``2 l + block``)."""
+        attn = self.self_attn[block]
+        if self.config.attention == "mla":
+            cache = None if kv_cache is None else kv_cache.latent(self.layer_index, block)
+            return attn(x, position_ids=positions, cache=cache)
+        q, k, val = attn.project(x, positions)
+        if kv_cache is not None:
+            # the new keys join the cached ones; attention is bottom-right causal (query i of the L new ones sees
+            # every cached key and the new keys up to itself)
+            k, val = kv_cache.update(self.layer_index, block, k, val)
+        return attn.attend(q, k, val)
 
     def __getstate__(self):
         # The pending loss holds autograd history, which deepcopy and pickle cannot copy; it is per-forward state.
@@ -417,20 +542,44 @@ class KVCache:
     small next to the model at the lengths this is meant for. Positions continue from the cached length, so a
     prompt can be fed whole (prefill) and then one token at a time.
 
-    ``KVCache(num_layers)`` or ``decoder.new_cache()``. ``seq_len``: tokens cached (layer 0). ``reset()`` empties it.
-    Padding is not supported with a cache (the decoder raises): feed prompts of one length.
+    With ``latent=True`` (a decoder with ``attention="mla"``) the cache holds, instead, one
+    :class:`mmkernels.nn.mla.MLACache` per MLA block, as Hugging Face's cache for LongCat-Flash: slot ``2 l + b``
+    for block ``b`` of layer ``l`` (``latents``, or :meth:`latent`), each keeping the compressed latent and the
+    rotated rope key (``kv_lora_rank + qk_rope_head_dim`` numbers per token), expanded to keys and values at
+    attention time.
+
+    ``KVCache(num_layers, latent=False)`` or ``decoder.new_cache()``. ``seq_len``: tokens cached (layer 0).
+    ``reset()`` empties it. Padding is not supported with a cache (the decoder raises): feed prompts of one length.
     """
 
-    def __init__(self, num_layers: int) -> None:
+    def __init__(self, num_layers: int, *, latent: bool = False) -> None:
         self.num_layers = v.integer("num_layers", num_layers, op="KVCache", low=1)
+        if not isinstance(latent, bool):
+            raise TypeError(f"KVCache: latent must be a bool, got {type(latent).__name__}")
+        self.is_latent = latent
         self.reset()
 
     def reset(self) -> None:
         self.keys: list[list[torch.Tensor | None]] = [[None, None] for _ in range(self.num_layers)]
         self.values: list[list[torch.Tensor | None]] = [[None, None] for _ in range(self.num_layers)]
+        self.latents: list[MLACache] = [MLACache() for _ in range(2 * self.num_layers)] if self.is_latent else []
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"KVCache: layer {layer} out of range for a cache of {self.num_layers} layers")
+
+    def latent(self, layer: int, block: int) -> MLACache:
+        """The :class:`MLACache` of MLA block ``block`` (0 or 1) of ``layer``: slot ``2 * layer + block``."""
+        if not self.is_latent:
+            raise ValueError("KVCache: this cache holds GQA keys and values, not MLA latents; use the decoder's "
+                             "new_cache()")
+        self._check_layer(layer)
+        return self.latents[2 * layer + block]
 
     def cached_length(self, layer: int = 0) -> int:
         """Tokens cached in ``layer`` (0 when empty)."""
+        if self.is_latent:
+            return len(self.latents[2 * layer])
         k = self.keys[layer][0]
         return 0 if k is None else k.shape[1]
 
@@ -440,9 +589,10 @@ class KVCache:
 
     def update(self, layer: int, block: int, k: torch.Tensor, val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append ``k``/``val`` [B, L_new, Hkv, hd] to attention block ``block`` (0 or 1) of ``layer``; returns the
-        whole cached keys and values [B, C + L_new, Hkv, hd]."""
-        if not 0 <= layer < self.num_layers:
-            raise ValueError(f"KVCache: layer {layer} out of range for a cache of {self.num_layers} layers")
+        whole cached keys and values [B, C + L_new, Hkv, hd]. GQA caches only (``latent=False``)."""
+        if self.is_latent:
+            raise ValueError("KVCache: this cache holds MLA latents (latent=True); use latent(layer, block)")
+        self._check_layer(layer)
         old_k, old_v = self.keys[layer][block], self.values[layer][block]
         if old_k is not None:
             if old_k.shape[0] != k.shape[0] or old_k.shape[2:] != k.shape[2:]:
@@ -477,6 +627,7 @@ class ScMoEDecoder(nn.Module):
       continue from the cached length. Not combinable with ``padding_mask``.
 
     ``hidden_states(...)`` (same arguments) returns the final normalised hidden states [B, L, D] without the LM head.
+    ``from_hf(model)`` takes over a Hugging Face ``LongcatFlashForCausalLM`` (``attention="mla"``).
     ``update_bias()`` runs every layer's balancer step (once per optimizer step).
 
     Raises:
@@ -493,15 +644,45 @@ class ScMoEDecoder(nn.Module):
             raise TypeError(f"ScMoEDecoder: config must be a ScMoEConfig, got {type(config).__name__}")
         self.config = config
         c, factory = config, {"device": device, "dtype": dtype}
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, **factory)
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=c.pad_token_id, **factory)
         self.layers = nn.ModuleList(ScMoEDecoderLayer(c, overlap=overlap, ep_group=ep_group, **factory)
                                     for _ in range(c.num_layers))
         for i, layer in enumerate(self.layers):
             layer.layer_index = i
-        self.norm = nn.RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **factory)
+        self.norm = rms_norm(c, **factory)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False, **factory)
         self.reset_parameters()
         self.backend = backend  # last: checks the choice and hands every layer its share
+
+    @classmethod
+    def from_hf(cls, model: nn.Module, *, backend: BackendChoice = None, overlap: bool = True,
+                ep_group=None) -> ScMoEDecoder:
+        """Take over a Hugging Face ``LongcatFlashForCausalLM`` (or a bare ``LongcatFlashModel``): a decoder with
+        ``attention="mla"`` and every weight of ``model`` (embedding, both MLAs, the norms, the dense MLPs, the MoE with
+        its zero experts and correction bias, the final norm, the LM head, tied or not), on the model's device and
+        dtype, in its train/eval mode. ``forward(input_ids)`` then gives HF's logits (``hidden_states`` HF's
+        ``last_hidden_state``). The balancer is off (``target_ffn_per_token=None``: the correction bias stays as
+        loaded); set a target with ``config.replace`` and a new decoder to train it. A bare ``LongcatFlashModel``
+        has no LM head: ours is tied to the embedding when the HF config ties them, else left at its
+        initialisation. Nothing is downloaded; transformers need not be importable (the model object is read).
+
+        Raises:
+            TypeError: ``model`` is not a LongCat-Flash model.
+            ConversionError: sizes that cannot be found or disagree, unsupported activations, weights that do not
+                load (see :mod:`mmkernels.models.convert.longcat_decoder`).
+        """
+        from .convert import longcat_decoder as conv
+
+        config = ScMoEConfig(**conv.decoder_config_fields(model))
+        weight = conv.split_hf_model(model)[0].embed_tokens.weight
+        decoder = cls(config, overlap=overlap, ep_group=ep_group, backend=backend, device=weight.device,
+                      dtype=weight.dtype)
+        state = conv.decoder_state_from_hf(model, num_ffn_experts=config.num_ffn_experts)
+        if decoder.layers[0].expert_parallel:
+            raise ValueError("ScMoEDecoder.from_hf: build with ep_group=None (a world of one), then shard the MoE "
+                             "blocks with ExpertParallelMoE.from_moe")
+        conv.load_decoder_state(decoder, model, state)
+        return decoder.train(model.training)
 
     def reset_parameters(self) -> None:
         """Embedding and (untied) LM head ~ N(0, initializer_range) as HF decoders; the layers keep their own init."""
@@ -509,6 +690,9 @@ class ScMoEDecoder(nn.Module):
             self._tie()
             return
         nn.init.normal_(self.embed_tokens.weight, std=self.config.initializer_range)
+        if self.config.pad_token_id is not None:
+            with torch.no_grad():
+                self.embed_tokens.weight[self.config.pad_token_id].zero_()
         if not self.config.tie_word_embeddings:
             nn.init.normal_(self.lm_head.weight, std=self.config.initializer_range)
         self._tie()
@@ -525,7 +709,7 @@ class ScMoEDecoder(nn.Module):
 
     def new_cache(self) -> KVCache:
         """An empty :class:`KVCache` for this decoder."""
-        return KVCache(self.config.num_layers)
+        return KVCache(self.config.num_layers, latent=self.config.attention == "mla")
 
     def update_bias(self) -> None:
         """Every layer's expert-bias balancer step (once per optimizer step)."""
