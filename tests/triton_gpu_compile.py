@@ -65,6 +65,12 @@ ALLOWED_SPILLS: dict[tuple[str, str, str], str] = {
        "fp16/bf16 dQ at 64 < D <= 128, causal varlen on sm_90a only (8 bytes): 16x32 w4s1/w4s2/w8s2, 32x16 w4s2 and "
        "16x64 w4s2 swept over its 9 launched specialisations x 2 targets; this default fails 2 of 36, the others 2-12."
        for dtype in ("fp16", "bf16")},
+    **{("_attn_bwd_dkdv_kernel", "fp32", spec):
+       "fp32 dK/dV with D_qk = 192 (128 + 64), D_v = 128 (issue 21): 16x16 w4s1/w8s1/w8s2, 16x32 w8s1 and 32x16 w8s1 "
+       "swept over its 8 launched specialisations x sm_80/sm_90a, none clean; this default spills in 3 of 16 (12-56 "
+       "bytes: the dropout one with atomic dQ on both archs, the plain non-causal one on sm_90a), the others in 11-14."
+       for spec in ("ATOMIC_DQ D=128 D1=64 M=16 N=16 CAUSAL DROPOUT HEAD_DIM=192 HEAD_DV=128 w8s1",
+                    "D=128 D1=64 M=16 N=16 HEAD_DIM=192 HEAD_DV=128 w8s1")},
     ("_attn_bwd_dq_kernel", "fp32", "D=256 M=32 N=16 CAUSAL HEAD_DIM=160 VARLEN w8s1"):
         "fp32 dQ at 128 < D <= 256, causal varlen on sm_80 only (56 bytes): 32x16 w8, 16x16 w4/w8 and 16x32 w8 swept; "
         "each spills in 1-2 of its 8 specialisation x target pairs (12-56 bytes).",
@@ -90,10 +96,18 @@ def dtype_of(spec: dict) -> str:
 
 def config_of(spec: dict) -> str:
     """A compact config label: constexprs (``BLOCK_`` dropped, flags by name when true, unset ones and the dot
-    precision, implied by the dtype, left out), then warps and stages."""
+    precision, implied by the dtype, left out; in the per-sequence attention kernels, which have ``BLOCK_DV``, also
+    ``D1=0``, ``DV`` equal to ``D`` and ``HEAD_DV`` equal to ``HEAD_DIM``), then warps and stages."""
     parts = []
-    for name, value in sorted(spec["constexprs"].items()):
+    constexprs = spec["constexprs"]
+    for name, value in sorted(constexprs.items()):
         if value is None or value is False or name == "PRECISION":
+            continue
+        # attention's value-side width and second Q/K chunk (issue 21): shown only when the head dims differ, so
+        # the labels of equal head dims (and ALLOWED_SPILLS) read as before the split
+        if "BLOCK_DV" in constexprs and (
+                (name == "BLOCK_D1" and value == 0) or (name == "BLOCK_DV" and value == constexprs["BLOCK_D"])
+                or (name == "HEAD_DV" and value == constexprs.get("HEAD_DIM"))):
             continue
         name = name.removeprefix("BLOCK_")
         parts.append(name if value is True else f"{name}={value}")

@@ -107,6 +107,27 @@ def _record_gpu_configs() -> None:
         q = torch.randn(301, 8, 128, dtype=dtype)
         out, lse = attention_fwd_triton(q, q, q, cu, cu, 200, 200, True, 0.1)
         attention_bwd_triton(torch.randn_like(out), q, q, q, out, lse, cu, cu, 200, 200, True, 0.1, False)
+        # a value head dim different from Q/K's (issue 21, per-sequence kernels only): MLA (192 = 128 + 64 / 128)
+        # dense causal and not, varlen causal, dropout; odd pairs 72 / 64 (64 + 16 / 64) and 40 / 24 (32 + 16 / 32)
+        seed = torch.tensor([1234], dtype=torch.int64)
+        for b, lq, h, dqk, dv, causal, varlen, p in [(1, 2048, 8, 192, 128, True, False, 0.0),
+                                                     (1, 2048, 8, 192, 128, False, False, 0.0),
+                                                     (4, 512, 8, 192, 128, True, True, 0.0),
+                                                     (1, 1024, 8, 192, 128, True, False, 0.1),
+                                                     (2, 577, 16, 72, 64, False, False, 0.0),
+                                                     (4, 197, 8, 40, 24, True, True, 0.0)]:
+            q = torch.randn(b, lq, h, dqk, dtype=dtype)
+            k = torch.randn(b, lq, h, dqk, dtype=dtype)
+            v = torch.randn(b, lq, h, dv, dtype=dtype)
+            cu = None
+            if varlen:
+                q, k, v = (t.flatten(0, 1) for t in (q, k, v))
+                cu = torch.arange(0, (b + 1) * lq, lq, dtype=torch.int32)
+            args = (cu, cu, lq, lq, causal, dqk**-0.5)
+            drop = (p, seed) if p > 0 else ()
+            out, lse = attention_fwd_triton(q, k, v, *args, *drop)
+            for deterministic in (False, True):
+                attention_bwd_triton(torch.randn_like(out), q, k, v, out, lse, *args, deterministic, *drop)
         # attention dropout (a DROPOUT specialisation of each kernel): ViT-B and an LLM head dim
         seed = torch.tensor([1234], dtype=torch.int64)
         for b, lq, h, d in [(2, 197, 12, 64), (1, 1024, 8, 128)]:

@@ -41,16 +41,9 @@ _ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "original_max_positio
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
-    """:func:`mmkernels.ops.attention` with a value head dim that may be smaller than the query/key head dim.
-
-    Until issue 21 item 1 lets ``ops.attention`` take ``v.shape[-1] != q.shape[-1]`` itself, V is zero-padded up to
-    Q/K's head dim and the output sliced back: exact, as the padded V columns only produce zero output columns (Q and
-    K are never padded). When item 1 lands, this body becomes ``return attention(q, k, v, **kwargs)``.
-    """
-    dv, dqk = v.shape[-1], q.shape[-1]
-    if dv == dqk:
-        return attention(q, k, v, **kwargs)
-    return attention(q, k, F.pad(v, (0, dqk - dv)), **kwargs)[..., :dv]
+    """:func:`mmkernels.ops.attention` with a value head dim that may be smaller than the query/key head dim: the op
+    takes ``v.shape[-1] != q.shape[-1]`` itself (Q/K split into power-of-two chunks, V sized on its own; no padding)."""
+    return attention(q, k, v, **kwargs)
 
 
 class _RMSNorm(nn.Module):
@@ -248,7 +241,7 @@ class MultiHeadLatentAttention(nn.Module):
         q_lora_rank: rank of the query compression (None: one ``q_proj``, query scale 1).
         kv_lora_rank: width of the latent (what the cache keeps per token, with the rope key).
         qk_nope_head_dim, qk_rope_head_dim: d_n and d_r (even); d_n + d_r <= 256.
-        v_head_dim: d_v <= d_n + d_r (until ``ops.attention`` takes a wider V, issue 21 item 1).
+        v_head_dim: d_v in [1, 256] (``ops.attention``'s limit; independent of d_n + d_r).
         rope_theta: RoPE base (default LongCat-Flash's 1e7).
         rope_scaling: None or HF's rope parameters (``"default"`` or ``"yarn"``; see :class:`MLARotary`).
         attention_bias: biases on ``q_a_proj`` (``q_proj``), ``kv_a_proj_with_mqa`` and ``o_proj``, as HF.
@@ -306,7 +299,7 @@ class MultiHeadLatentAttention(nn.Module):
         if self.qk_head_dim > MAX_HEAD_DIM:
             raise ValueError(f"{_NAME}: qk_nope_head_dim + qk_rope_head_dim must be <= {MAX_HEAD_DIM}, got "
                              f"{self.qk_head_dim}")
-        self.v_head_dim = check.integer("v_head_dim", v_head_dim, op=_NAME, low=1, high=self.qk_head_dim)
+        self.v_head_dim = check.integer("v_head_dim", v_head_dim, op=_NAME, low=1, high=MAX_HEAD_DIM)
         if not isinstance(attention_bias, bool):
             raise TypeError(f"{_NAME}: attention_bias must be a bool, got {type(attention_bias).__name__}")
         self.rms_norm_eps = check.real("rms_norm_eps", rms_norm_eps, op=_NAME, low=0.0)

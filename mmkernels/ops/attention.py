@@ -50,7 +50,8 @@ def draw_seed(device: torch.device) -> torch.Tensor:
 
 def _fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale, dropout_p,
               seed):
-    return q.new_empty(q.shape), q.new_empty(lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
+    out = q.new_empty((*q.shape[:-1], v.shape[-1]))  # the value head dim may differ from q's
+    return out, q.new_empty(lse_shape(q, cu_seqlens_q is not None), dtype=torch.float32)
 
 
 def _bwd_fake(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
@@ -150,9 +151,10 @@ def attention(
 ) -> torch.Tensor:
     """Scaled dot-product attention, ``softmax(q k^T * softmax_scale) v``, fused (FlashAttention-2 style).
 
-    Dense: q ``[B, Lq, Hq, D]``, k and v ``[B, Lk, Hkv, D]`` (flash-attn's layout), output ``[B, Lq, Hq, D]``.
-    Varlen: q ``[total_q, Hq, D]``, k and v ``[total_k, Hkv, D]``, with int32 ``cu_seqlens_q`` / ``cu_seqlens_k`` of
-    length ``B + 1`` (cumulative sequence lengths from 0; zero-length sequences allowed; ``B = 0`` allowed).
+    Dense: q ``[B, Lq, Hq, D]``, k ``[B, Lk, Hkv, D]``, v ``[B, Lk, Hkv, D_v]`` (flash-attn's layout), output
+    ``[B, Lq, Hq, D_v]``. Varlen: q ``[total_q, Hq, D]``, k ``[total_k, Hkv, D]``, v ``[total_k, Hkv, D_v]``, with
+    int32 ``cu_seqlens_q`` / ``cu_seqlens_k`` of length ``B + 1`` (cumulative sequence lengths from 0; zero-length
+    sequences allowed; ``B = 0`` allowed).
     ``cu_seqlens_*[-1]`` may be smaller than ``total_*``: the rows after it are padding (e.g. a fixed-size buffer
     for ``torch.compile``); padding rows of the output and of every gradient are zeros, and their values (even NaN
     or inf) never reach any result.
@@ -161,10 +163,13 @@ def attention(
     - ``Lq != Lk`` is allowed (cross-attention). ``causal`` masks are bottom-right aligned: query ``i`` sees keys
       ``j <= i + Lk - Lq`` (flash-attn >= 2.1); a query that sees no key gets zeros and zero gradients, and its q
       values (even NaN) reach nothing.
+    - ``D_v`` (v's head dim, the output's) may differ from ``D`` (q's and k's; multi-head latent attention: 192 / 128):
+      any ``D, D_v`` in ``[1, 256]``; the Triton kernels split Q/K into power-of-two chunks and size V on its own
+      (no padding to 256), and varlen calls with ``D_v != D`` run the per-sequence kernels (never packed).
     - fp16, bf16 or fp32 (all three tensors alike); any head dim ``D <= 256``; fp32 accumulation, output in the
       input dtype. float64 runs on the reference backend (auto picks it; an explicit other backend raises
       :class:`mmkernels.BackendError`). Differentiable in q, k and v (once; the reference also twice).
-    - ``softmax_scale`` (any real number: Python or NumPy scalar) defaults to ``D ** -0.5``.
+    - ``softmax_scale`` (any real number: Python or NumPy scalar) defaults to ``D ** -0.5`` (q's head dim).
     - ``max_seqlen_q/k`` (varlen only, ints in ``[0, total_q]`` / ``[0, total_k]``: a sequence is never longer
       than its tensor's rows; checked from the shapes, also under ``torch.compile``) default to the longest
       sequence. Host syncs: with both given, none (the hot path); the ``cu_seqlens`` values are then checked only
@@ -205,15 +210,20 @@ def attention(
         if t.dim() != ndim:
             raise ValueError(f"{OP}: {name} must be {layout} ({ndim} dims{' with cu_seqlens' if varlen else ''}), "
                              f"got shape {tuple(t.shape)}")
-    if tuple(k.shape) != tuple(v.shape):
-        raise ValueError(f"{OP}: k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if tuple(k.shape[:-1]) != tuple(v.shape[:-1]):
+        v_layout = "[total_k, Hkv, D_v]" if varlen else "[B, Lk, Hkv, D_v]"
+        raise ValueError(f"{OP}: v must have the same shape as k but for the head dim ({v_layout}), got k "
+                         f"{tuple(k.shape)} and v {tuple(v.shape)}")
     if not varlen and k.shape[0] != q.shape[0]:
         raise ValueError(f"{OP}: q and k/v must have the same batch size, got {q.shape[0]} and {k.shape[0]}")
-    head_dim, hq, hkv = q.shape[-1], q.shape[-2], k.shape[-2]
+    head_dim, head_dv, hq, hkv = q.shape[-1], v.shape[-1], q.shape[-2], k.shape[-2]
     if k.shape[-1] != head_dim:
-        raise ValueError(f"{OP}: q and k/v must have the same head dim, got {head_dim} and {k.shape[-1]}")
+        raise ValueError(f"{OP}: q and k must have the same head dim, got q {head_dim} and k {k.shape[-1]} (only "
+                         "v's head dim may differ)")
     if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"{OP}: head dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
+        raise ValueError(f"{OP}: q/k head dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
+    if not 1 <= head_dv <= MAX_HEAD_DIM:
+        raise ValueError(f"{OP}: v head dim must be in [1, {MAX_HEAD_DIM}], got {head_dv}")
     if hq < 1 or hkv < 1 or hq % hkv != 0:
         raise ValueError(f"{OP}: the number of query heads ({hq}) must be a positive multiple of the number of "
                          f"key/value heads ({hkv})")

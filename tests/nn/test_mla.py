@@ -33,6 +33,9 @@ CONFIGS = {
                  qk_rope_head_dim=4, v_head_dim=8, head_dim=4),
     "wide": dict(hidden_size=96, num_attention_heads=3, q_lora_rank=40, kv_lora_rank=24, qk_nope_head_dim=128,
                  qk_rope_head_dim=64, v_head_dim=128, head_dim=64),
+    # a value head wider than the query/key head (the op takes any D_v in [1, 256])
+    "v-wider": dict(hidden_size=48, num_attention_heads=2, q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=4,
+                    qk_rope_head_dim=4, v_head_dim=12, head_dim=4),
 }
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
         "mscale": 0.9, "mscale_all_dim": 0.8, "beta_fast": 24, "beta_slow": 2}
@@ -109,7 +112,7 @@ def _check_against_hf(name, rope, padding_kind, *, bias=False, b=2, n=7, start=0
 
 
 @pytest.mark.parametrize("padding_kind", ["none", "left", "right"])
-@pytest.mark.parametrize("name", ["tiny", "wide"])
+@pytest.mark.parametrize("name", ["tiny", "wide", "v-wider"])
 def test_matches_hf_longcat_mla(name, padding_kind):
     _check_against_hf(name, None, padding_kind)
 
@@ -244,7 +247,7 @@ def test_cache_rejects_mismatched_entries():
 # ---- backends -----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("padding_kind", ["none", "left"])
-@pytest.mark.parametrize("name", ["tiny", "wide"])
+@pytest.mark.parametrize("name", ["tiny", "wide", "v-wider"])
 def test_triton_backend_matches_reference(name, padding_kind):
     """backend="triton" (the interpreter on CPU, fp32) equals the reference backend, forward and every gradient."""
     cfg = _hf_config(name)
@@ -277,7 +280,7 @@ def test_backend_reaches_the_attention_op(monkeypatch):
     m(torch.randn(1, 3, 144))
     m.backend = "triton"
     m(torch.randn(1, 3, 144))
-    assert seen == [("reference", 12, 12), ("triton", 12, 12)]  # V padded 8 -> 12 until issue 21 item 1
+    assert seen == [("reference", 12, 8), ("triton", 12, 8)]  # V passed unpadded (issue 21 item 1)
     with pytest.raises(mmkernels.BackendError, match="attention"):
         m.backend = "cpp"
 
@@ -374,7 +377,8 @@ GOOD = dict(hidden_size=16, num_heads=2, q_lora_rank=8, kv_lora_rank=6, qk_nope_
 @pytest.mark.parametrize("arg,bad,error", [
     ("hidden_size", 0, ValueError), ("num_heads", 2.0, TypeError), ("q_lora_rank", 0, ValueError),
     ("kv_lora_rank", "6", TypeError), ("qk_nope_head_dim", -1, ValueError), ("qk_rope_head_dim", 3, ValueError),
-    ("qk_nope_head_dim", 255, ValueError), ("v_head_dim", 7, ValueError), ("rope_theta", 0.0, ValueError),
+    ("qk_nope_head_dim", 255, ValueError), ("v_head_dim", 257, ValueError), ("v_head_dim", 0, ValueError),
+    ("rope_theta", 0.0, ValueError),
     ("rope_theta", float("nan"), ValueError), ("rope_scaling", "yarn", TypeError),
     ("rope_scaling", {"rope_type": "longrope"}, ValueError), ("rope_scaling", {"rope_type": "yarn"}, ValueError),
     ("rope_scaling", {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8, "low": 1},
@@ -432,3 +436,4 @@ def test_rotary_default_matches_hf_frequencies():
     hf_yarn = LongcatFlashRotaryEmbedding(yarn_cfg)
     torch.testing.assert_close(rot.inv_freq(torch.device("cpu")), hf_yarn.inv_freq, rtol=1e-7, atol=0)
     assert rot.attention_scaling == pytest.approx(hf_yarn.attention_scaling, rel=1e-12)
+

@@ -7,6 +7,8 @@ Host side, for the launchers:
   ``tuning.assume_target`` (how ``tests/triton_launches.py`` records GPU configurations from CPU tensors) reaches
   every choice.
 - :func:`input_precision`: the ``tl.dot`` input precision of a dtype, passed to the kernels as ``PRECISION``.
+- :func:`head_dim_chunks`: a head dim as one or two power-of-two chunks (the packed attention kernels, and the
+  Q/K side of the per-sequence ones when the value head dim differs).
 - :func:`check_grid`: CUDA's limits on the grid axes, with one error message.
 - :func:`wrapped`: a kernel wrapped by the launcher's ``launch`` argument (``torch.library.wrap_triton`` inside a
   registered op, see ``ops/_triton_op.py``), or the kernel itself.
@@ -36,6 +38,7 @@ __all__ = [
     "dropout_args",
     "dropout_keep",
     "dropout_seed",
+    "head_dim_chunks",
     "input_precision",
     "interpreted",
     "wrapped",
@@ -63,6 +66,24 @@ def input_precision(dtype: torch.dtype) -> str:
     TF32: the fp32 path is the accuracy path); for fp16/bf16 operands the setting does not apply, and "tf32" is
     Triton's default."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def head_dim_chunks(head_dim: int) -> tuple[int, int]:
+    """``(BLOCK_D0, BLOCK_D1)``: a head dim as a power-of-two chunk (>= 16, ``tl.dot``'s smallest K) plus a second
+    power-of-two chunk (0 = none) when that computes fewer padded columns than one chunk of the next power of two:
+    72 -> (64, 16), 80 -> (64, 16), 88 -> (64, 32), 96 -> (64, 32), 40 -> (32, 16), 64 -> (64, 0),
+    112 -> (128, 0) (64 + 64 gains nothing), 160 -> (128, 32), 192 -> (128, 64).
+
+    The packed kernels cut every head dim this way; the per-sequence kernels cut the Q/K head dim this way when the
+    value head dim differs (``attention.py``)."""
+    whole = max(16, triton.next_power_of_2(head_dim))
+    if head_dim == whole or whole == 16:
+        return whole, 0
+    low = whole // 2  # the largest power of two below head_dim (integer ops only: head_dim may be a SymInt)
+    rest = max(16, triton.next_power_of_2(head_dim - low))
+    if low + rest >= whole:
+        return whole, 0
+    return low, rest
 
 
 def check_grid(grid: tuple[int, ...], what: str) -> tuple[int, ...]:

@@ -54,6 +54,7 @@ from ._common import (
     dropout_args,
     dropout_keep,
     dropout_seed,
+    head_dim_chunks,
     input_precision,
     wrapped,
 )
@@ -407,21 +408,6 @@ def _packed_bwd_dq_kernel(
 # --------------------------------------------------------------------------------------------------------------
 # host side
 # --------------------------------------------------------------------------------------------------------------
-
-
-def head_dim_chunks(head_dim: int) -> tuple[int, int]:
-    """``(BLOCK_D0, BLOCK_D1)``: the head dim as a power-of-two chunk (>= 16, ``tl.dot``'s smallest K) plus a second
-    power-of-two chunk (0 = none) when that computes fewer padded columns than one chunk of the next power of two:
-    72 -> (64, 16), 80 -> (64, 16), 88 -> (64, 32), 96 -> (64, 32), 40 -> (32, 16), 64 -> (64, 0),
-    112 -> (128, 0) (64 + 64 gains nothing), 160 -> (128, 32)."""
-    whole = max(16, triton.next_power_of_2(head_dim))
-    if head_dim == whole or whole == 16:
-        return whole, 0
-    low = whole // 2  # the largest power of two below head_dim (integer ops only: head_dim may be a SymInt)
-    rest = max(16, triton.next_power_of_2(head_dim - low))
-    if low + rest >= whole:
-        return whole, 0
-    return low, rest
 
 
 @dataclass(frozen=True)

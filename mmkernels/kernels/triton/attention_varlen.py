@@ -5,7 +5,10 @@ ones (``attention_packed.py``); neither kernel module imports the other.
 ``mmkernels::attention_fwd_triton`` / ``attention_bwd_triton`` (``mmkernels/ops/attention.py``): dense calls go to the
 per-sequence kernels; varlen calls (``cu_seqlens_q`` given) go to the packed kernels when :func:`packed_pays` (the
 ``MMKERNELS_ATTENTION_PACKED`` override, else a rule on host ints) and ``attention_packed.packed_fits`` (the widths
-whose packed configs compile spill-free) both say so, else to the per-sequence kernels. Both modes return the same
+whose packed configs compile spill-free) both say so, else to the per-sequence kernels. A value head dim that differs
+from the query/key head dim (``v.shape[-1] != q.shape[-1]``, MLA's 192 / 128) always runs the per-sequence kernels
+(they split Q/K and V widths on their own; the packed kernels take one head dim), also under
+``MMKERNELS_ATTENTION_PACKED=1``. Both modes return the same
 results and either backward takes either forward's lse, so the decision changes only speed.
 
 :func:`occupancy` is the analysis behind the rule: the valid share of the multiply-adds of either mode for a list of
@@ -37,6 +40,11 @@ def use_packed(q: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, backwar
             and _packed.packed_fits(q, backward=backward, target=target))
 
 
+def _packed_takes(q: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor | None) -> bool:
+    """Whether the packed kernels can take the call at all: varlen, and one head dim for Q/K and V."""
+    return cu_seqlens_q is not None and v.shape[-1] == q.shape[-1]
+
+
 def attention_fwd_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -52,9 +60,9 @@ def attention_fwd_triton(
     *,
     launch=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward: returns (out like q, lse fp32 of ``lse_shape``); the contract of
+    """Forward: returns (out ``[..., Hq, D_v]``, lse fp32 of ``lse_shape``); the contract of
     ``attention.attention_fwd_per_sequence``, packed tiles across sequences when :func:`use_packed` says so."""
-    if cu_seqlens_q is not None and use_packed(q, max_seqlen_q, max_seqlen_k, backward=False):
+    if _packed_takes(q, v, cu_seqlens_q) and use_packed(q, max_seqlen_q, max_seqlen_k, backward=False):
         return _packed.attention_packed_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                                             softmax_scale, dropout_p, seed, launch=launch)
     return _dense.attention_fwd_per_sequence(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
@@ -82,7 +90,7 @@ def attention_bwd_triton(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward: returns (dq, dk, dv); the contract of ``attention.attention_bwd_per_sequence``, packed when
     :func:`use_packed` says so (packed or not, either backward takes either forward's lse)."""
-    if cu_seqlens_q is not None and use_packed(q, max_seqlen_q, max_seqlen_k, backward=True):
+    if _packed_takes(q, v, cu_seqlens_q) and use_packed(q, max_seqlen_q, max_seqlen_k, backward=True):
         return _packed.attention_packed_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                             max_seqlen_k, causal, softmax_scale, deterministic, dropout_p, seed,
                                             launch=launch)
