@@ -97,6 +97,20 @@ rc=$?
 tail -n 80 "$OUT/bench.log"
 [ $rc -eq 0 ] || { stamp "BENCHMARKS FAILED (rc=$rc)"; status=1; }
 
+# Multi-head latent attention (issue 21): D_qk 192 / D_v 128 unpadded vs padded to 256 vs SDPA memory-efficient,
+# 128 heads, causal, 2k/4k/8k. Its table goes to bench.log (the device tool brings back 8 files; all are taken).
+mla_budget=$(atmost "${MLA_TIMEOUT:-75}" $(( $(left) - ${HF_TIMEOUT:-90} - 15 )))
+if [ "$mla_budget" -ge 20 ] && { [ ${#OPS[@]} -eq 0 ] || printf '%s\n' "${OPS[@]}" | grep -qx attention; }; then
+  stamp "MLA attention rows (budget ${mla_budget}s)"
+  # shellcheck disable=SC2086
+  timeout "$mla_budget" "$PY" -m mmkernels.bench attention --shapes mla \
+    ${BENCH_ARGS:---warmup-ms 10 --rep-ms 40} >>"$OUT/bench.log" 2>&1
+  rc=$?
+  if [ $rc -eq 124 ]; then stamp "MLA rows cut short by their ${mla_budget}s budget (MLA_TIMEOUT)";
+  elif [ $rc -ne 0 ]; then stamp "MLA rows FAILED (rc=$rc)"; status=1; fi
+  grep -E "MLA S=" "$OUT/bench.log" | tail -n 30
+fi
+
 # Hugging Face models patched vs unpatched (realistic sizes on a GPU): CLIP ViT-L/14-336 tower, BLIP-2's Q-Former at
 # B=64, a Mixtral-shaped MoE block. One merged hf.json (the device tool brings back at most 8 files).
 hf_budget=$(atmost "${HF_TIMEOUT:-90}" $(( $(left) - 15 )))

@@ -157,7 +157,10 @@ def test_patch_embed_module(size, backend):
 
 
 def _hf():
-    return pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers")
+    import mmkernels.integrations.hf  # noqa: F401  (registers attn_implementation="mmkernels", as a user does)
+
+    return transformers
 
 
 def _tiny_models() -> dict:

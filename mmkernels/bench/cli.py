@@ -259,7 +259,7 @@ def _check_backends(requested: Sequence[str], device: torch.device, plan, named:
 FULL = "full"  # --shapes full: each op's default (GPU-sized) shapes on any device
 CPU_DEFAULT = "cpu"  # the preset a suite may declare for --shapes default on a CPU (else its quick shapes)
 # presets sized for a GPU: on a CPU they run, but the run says so first
-GPU_SIZED = ("default", FULL, "gpu", "sweep", "vision", "varlen")
+GPU_SIZED = ("default", FULL, "gpu", "sweep", "vision", "varlen", "mla")
 
 
 def _suite_preset(suite, preset: str, device: torch.device) -> str:

@@ -148,7 +148,7 @@ def mixtral():
 def longcat():
     cfg = transformers.LongcatFlashConfig(
         vocab_size=MOE_VOCAB, hidden_size=24, num_layers=1, num_attention_heads=2, ffn_hidden_size=20, q_lora_rank=8,
-        kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, head_dim=4, v_head_dim=4, moe_topk=3,
+        kv_lora_rank=8, qk_nope_head_dim=4, qk_rope_head_dim=4, head_dim=4, v_head_dim=6, moe_topk=3,
         n_routed_experts=5, zero_expert_num=3, expert_ffn_hidden_size=12, routed_scaling_factor=2.0)
     return transformers.LongcatFlashForCausalLM(cfg)
 
@@ -169,7 +169,9 @@ def _moe_ids():
 # name: (build, inputs, output tensor, the kinds patch must report at least, the ops that must run)
 MOE_MODELS = {
     "MixtralForCausalLM": (mixtral, _moe_ids, _logits, {"moe": 2}, {"moe_route", "moe_experts"}),
-    "LongcatFlashForCausalLM": (longcat, _moe_ids, _logits, {"moe": 1}, {"moe_route", "moe_experts"}),
+    # MLA attention (query/key 8 wide, values 6: one call of the op) as well as the MoE block
+    "LongcatFlashForCausalLM": (longcat, _moe_ids, _logits, {"moe": 1, "attention": 2},
+                                {"attention", "moe_route", "moe_experts"}),
     "DeepseekV3ForCausalLM": (deepseek_v3, _moe_ids, _logits, {"moe": 1}, {"moe_route", "moe_experts"}),
 }
 EVERY_MODEL = {**MODELS, **MOE_MODELS}

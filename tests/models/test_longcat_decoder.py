@@ -406,8 +406,11 @@ def test_longcat_flash_preset_is_hf_default_config():
     with torch.device("meta"):
         hf = transformers.LongcatFlashForCausalLM(transformers.LongcatFlashConfig(num_layers=1))
     fields = decoder_config_fields(hf)
+    # the preset trains (balancer target and balance loss on); the conversion of a loaded model has both off
+    assert fields["target_ffn_per_token"] is None and fields["balance_loss_coef"] == 0.0
     want = ScMoEConfig(**fields).replace(num_layers=transformers.LongcatFlashConfig().num_layers,
-                                         target_ffn_per_token=MoEConfig.preset("longcat-flash").target_ffn_per_token)
+                                         target_ffn_per_token=MoEConfig.preset("longcat-flash").target_ffn_per_token,
+                                         balance_loss_coef=ScMoEConfig.balance_loss_coef)
     assert ScMoEConfig.preset("longcat-flash") == want
     assert want.head_dim == 192 and want.v_head_dim == 128
 
@@ -456,3 +459,19 @@ def test_every_mla_integer_field_is_checked(field):
     for bad in (2.5, "4", True):
         with pytest.raises(TypeError, match=field):
             MLA_TINY.replace(**{field: bad})
+
+
+def test_converted_decoder_says_its_balancing_is_off_and_turns_on_by_config():
+    """HF's correction bias is fixed: the converted decoder has no balancer target and no balance loss (not a loss
+    coefficient that silently computes nothing); ``config.replace`` turns both on for fine-tuning."""
+    hf = _hf_model("wide_192_128")
+    ours = ScMoEDecoder.from_hf(hf, backend="reference").train()
+    assert ours.config.target_ffn_per_token is None and ours.config.balance_loss_coef == 0.0
+    ids = torch.randint(0, ours.config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(0))
+    ours(ids)
+    assert ours.balance_loss() is None
+    tuned = ScMoEDecoder(ours.config.replace(target_ffn_per_token=1.5, balance_loss_coef=0.1), backend="reference")
+    tuned.load_state_dict(ours.state_dict())
+    tuned.train()(ids)
+    loss = tuned.balance_loss()
+    assert loss is not None and torch.isfinite(loss) and loss > 0

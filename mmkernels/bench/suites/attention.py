@@ -16,11 +16,11 @@ forward; fwd+bwd 3.5x. Bytes: q, k, v read and o written (forward); q, k, v, o, 
 (backward). In ``bwd`` mode each provider's forward runs once per input set, outside the timed calls.
 
 Varlen rows (names start with ``varlen``): a batch of images of one vision length packed as ``[total, H, D]`` with
-``cu_seqlens`` (and ``max_seqlen_*`` given, as flash-attn requires; the op still checks ``cu_seqlens`` on the host,
-one sync per call, and that is in our times). Ours: ``attention(..., cu_seqlens_q=, cu_seqlens_k=)``; on Triton
-twice: ``mmkernels[triton]`` with ``MMKERNELS_ATTENTION_PACKED`` as the caller left it (unset: the ``packed_pays``
-rule) and ``mmkernels[triton] packed=0`` pinned to the per-sequence kernels (set for its forward and, by hooks on
-its output's autograd node, its backward; restored after each). Baselines: SDPA on the dense batch
+``cu_seqlens`` (and ``max_seqlen_*`` given, as flash-attn requires: the op then takes no host sync; ``cu_seqlens``
+values are checked only under ``MMKERNELS_DEBUG_CHECKS=1``). Ours: ``attention(..., cu_seqlens_q=, cu_seqlens_k=)``;
+on Triton twice: ``mmkernels[triton]`` with ``MMKERNELS_ATTENTION_PACKED`` as the caller left it (unset: the
+``packed_pays`` rule) and ``mmkernels[triton] packed=0`` pinned to the per-sequence kernels (set for its forward
+and, by hooks on its output's autograd node, its backward; restored after each). Baselines: SDPA on the dense batch
 ``[B, H, L, D]`` (the packed tensor viewed as such: one length, so no padding; the output reshaped back to
 ``[total, H, D]``), the same backend rule as above; ``flash_attn_varlen_func`` when flash_attn is installed (fp16/bf16
 on CUDA). FLOPs count valid scores only: ``4 H D sum_i L_i^2``; bytes: q, k, v read, o written, and the two
@@ -29,8 +29,11 @@ on CUDA). FLOPs count valid scores only: ``4 H D sum_i L_i^2``; bytes: q, k, v r
 Presets: ``quick`` (tiny, CPU-friendly), ``default`` (the standard sweep, the vision shapes and the varlen ones),
 ``sweep`` (B*S = 16k tokens, S = 512..16k, H*D = 2048, D in {64, 128}, causal and not), ``vision`` (ViT-B/16 at 224,
 ViT-L/14 at 336, ViT-g/14 at 224, batch 256, and the varlen rows), ``varlen`` (256 images of 197 tokens at D = 64,
-257 at D = 64 and 88, 577 at D = 72, 1025 at D = 80); ``gpu`` (the GPU suite's budget: vision plus S in {1k, 4k,
-16k}, and the varlen rows).
+257 at D = 64 and 88, 577 at D = 72, 1025 at D = 80); ``mla`` (multi-head latent attention, ``D_qk = 192`` /
+``D_v = 128``, 128 heads, causal, B*S = 16k tokens at S in {2k, 4k, 8k}: ours unpadded, ours and SDPA-flash with
+q/k/v padded to 256, SDPA memory-efficient as the baseline; FLOPs ``2 B H S^2 (D_qk + D_v)``, halved for causal, as
+FA3 and cuDNN count; a tiny row in ``quick``, the three in ``default``); ``gpu`` (the GPU suite's budget: vision
+plus S in {1k, 4k, 16k}, and the varlen rows).
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ _VISION = [
 # The GPU suite's budget (8 minutes for everything): the vision shapes and a third of the sweep.
 _GPU = _VISION + [c for c in _SWEEP if c[1] * c[2] == 16384 and c[2] in (1024, 4096, 16384)]
 SHAPES = {"quick": _QUICK, "default": _SWEEP + _VISION, "sweep": _SWEEP, "vision": _VISION, "gpu": _GPU,
-          "varlen": []}
+          "varlen": [], "mla": []}
 
 # Varlen: (label, images, tokens per image, heads, head dim), full attention, images packed as [B * L, H, D].
 _VARLEN = [
@@ -78,7 +81,7 @@ _VARLEN = [
     ("varlen ViT-H/14 448", 256, 1025, 16, 80),
 ]
 VARLEN_SHAPES = {"quick": [("varlen tiny d72", 3, 65, 2, 72)], "default": _VARLEN, "sweep": [], "vision": _VARLEN,
-                 "gpu": _VARLEN, "varlen": _VARLEN}
+                 "gpu": _VARLEN, "varlen": _VARLEN, "mla": []}
 PACKED_ENV = "MMKERNELS_ATTENTION_PACKED"
 
 
@@ -276,7 +279,94 @@ def _shapes(config: BenchConfig, ours: list[str]) -> list[Shape]:
             probe_key=(d, hq, hkv, causal),
             skip=skip,
         ))
-    return shapes + _varlen_shapes(config, ours, memory_budget)
+    return shapes + _varlen_shapes(config, ours, memory_budget) + _mla_shapes(config, ours, memory_budget)
+
+
+# ---- multi-head latent attention: query/key head dim != value head dim ----------------------------------------
+
+# (label, B, L, H, D_qk, D_v), causal self-attention. DeepSeek-V3 / LongCat-Flash widths: 128 + 64 = 192 / 128.
+_MLA = [(f"MLA S={s}", 16384 // s, s, 128, 192, 128) for s in (2048, 4096, 8192)]
+MLA_SHAPES = {"quick": [("tiny MLA", 1, 128, 2, 192, 128)], "default": _MLA, "sweep": [], "vision": [], "gpu": [],
+              "varlen": [], "mla": _MLA}
+
+
+def _mla_inputs(b, length, h, d_qk, d_v, device, dtype, grad) -> Inputs:
+    q, k, v = (torch.randn(b, length, h, d, device=device, dtype=dtype).requires_grad_(grad)
+               for d in (d_qk, d_qk, d_v))
+    return Inputs((q, k, v), wrt=(q, k, v), grad_out=torch.randn_like(v) if grad else None)  # the output is v-wide
+
+
+def _padded(fn, width: int):
+    """``fn`` run on q, k and v zero-padded to one head dim ``width`` (what a kernel that needs one power-of-two
+    head dim does: FlexAttention, the Triton tutorial, FA2 with V padded), the output cut back to V's dim; the
+    softmax scale stays the unpadded ``D_qk ** -0.5``."""
+    def run(q, k, v, causal):
+        scale = q.shape[-1] ** -0.5
+        pad = [torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in (q, k, v)]
+        return fn(*pad, causal=causal, scale=scale)[..., : v.shape[-1]]
+    return run
+
+
+def _mla_shapes(config: BenchConfig, ours: list[str], memory_budget: float) -> list[Shape]:
+    """Rows with ``D_qk != D_v``. Ours takes the two widths as they are (one call, nothing padded); the padded
+    providers pad q, k and v to one width; SDPA's flash backend cannot take 192 / 128 (it needs one head dim), so
+    the CUDA baseline is SDPA's memory-efficient backend, which can. FLOPs as FA3 and cuDNN count them:
+    ``2 B H Sq Sk (D_qk + D_v)``, halved for causal."""
+    device, dtype = config.device, config.dtype
+    cuda = device.type == "cuda"
+    half = dtype in (torch.float16, torch.bfloat16)
+
+    def ours_scaled(backend):
+        return lambda q, k, v, causal, scale=None: attention(q, k, v, causal=causal, softmax_scale=scale,
+                                                             backend=backend)
+
+    candidates = {name: functools.partial(fn, scale=None)
+                  for name, fn in mmkernels_providers(ours, ours_scaled).items()}
+    for b in ours:
+        label = "mmkernels" if b is None else f"mmkernels[{b}]"
+        candidates[f"{label} padded-256"] = _padded(ours_scaled(b), 256)
+
+    def sdpa(name):
+        return lambda q, k, v, causal, scale=None: _scaled_sdpa(name, q, k, v, causal, scale)
+
+    if cuda:
+        baseline = "sdpa-efficient"
+        candidates[baseline] = sdpa("EFFICIENT_ATTENTION")
+        if half:
+            candidates["sdpa-flash padded-256"] = _padded(sdpa("FLASH_ATTENTION"), 256)
+    else:
+        baseline = "sdpa-math"
+        candidates[baseline] = sdpa(None)
+
+    shapes = []
+    for label, b, length, h, d_qk, d_v in MLA_SHAPES[config.preset]:
+        def skip(name, mode, b=b, length=length, h=h):
+            need = 4.0 * b * h * length * length * (2 if mode == "fwd" else 4) * (4 if mode == "bwd" else 1)
+            return name in _MATERIALIZING and need > memory_budget
+
+        shapes.append(Shape(
+            name=f"{label} B={b} L={length} H={h} D={d_qk}/{d_v} causal",
+            make_inputs=functools.partial(_mla_inputs, b, length, h, d_qk, d_v, device, dtype),
+            providers={name: functools.partial(fn, causal=True) for name, fn in candidates.items()},
+            baseline=baseline,
+            flops=2.0 * b * h * length * length * (d_qk + d_v) / 2,
+            bytes=torch.finfo(dtype).bits // 8 * b * length * h * (2 * d_qk + 2 * d_v),
+            params={"B": b, "Lq": length, "Lk": length, "Hq": h, "Hkv": h, "D": d_qk, "Dv": d_v, "causal": True},
+            probe=functools.partial(_mla_inputs, 1, 16, h, d_qk, d_v, device, dtype),
+            probe_key=("mla", d_qk, d_v, h),
+            skip=skip,
+        ))
+    return shapes
+
+
+def _scaled_sdpa(backend_name, q, k, v, causal, scale):
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if backend_name is None:
+        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale).transpose(1, 2)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([getattr(SDPBackend, backend_name)]):
+        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale).transpose(1, 2)
 
 
 # ---- tune cases: the representative problems `mmkernels-bench tune` sweeps for this family's kernels ----------
@@ -307,7 +397,7 @@ register_suite(Suite(
     description="fused attention (FlashAttention-2 style Triton), dense and packed varlen, vs SDPA, flash-attn, "
                 "compiled reference",
     shapes=_shapes,
-    presets=("quick", "default", "sweep", "vision", "gpu", "varlen"),
+    presets=("quick", "default", "sweep", "vision", "gpu", "varlen", "mla"),
     default_dtype=torch.bfloat16,
     ops=("attention",),
     modes=("fwd", "bwd", "fwd+bwd"),

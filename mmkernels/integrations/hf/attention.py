@@ -12,7 +12,7 @@ We map each call onto :func:`mmkernels.ops.attention`:
   (e.g. left padding of a cache prefix), right-padded causal self-attention (a padded training batch: padding
   queries attend to every valid key of their sample, as HF's mask has them);
 - anything else (arbitrary additive biases, fully masked query rows, heads with different masks, ``softcap``,
-  ``position_bias``, sinks, attention weights asked for, key and value head dims that differ, head dim > 256) runs
+  ``position_bias``, sinks, attention weights asked for, query and key head dims that differ, head dim > 256) runs
   the implementation the model's config names (SDPA or its eager code) for that call, and is counted in
   :data:`FALLBACKS` and in the ``PatchReport`` of the model (``report.fallbacks``). Never a silently wrong answer.
 
@@ -284,8 +284,9 @@ def attention_forward(
     is_causal: bool | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    """HF attention function: ``query`` ``[B, Hq, Lq, D]``, ``key``/``value`` ``[B, Hkv, Lk, D]`` (``Hq % Hkv == 0``),
-    ``attention_mask`` None or 4-D (bool keep-mask or additive float). Returns ``([B, Lq, Hq, D], None)`` in the
+    """HF attention function: ``query`` ``[B, Hq, Lq, D]``, ``key`` ``[B, Hkv, Lk, D]``, ``value`` ``[B, Hkv, Lk, Dv]``
+    (``Hq % Hkv == 0``; ``Dv`` may differ from ``D``: MLA's 192 / 128), ``attention_mask`` None or 4-D (bool keep-mask
+    or additive float). Returns ``([B, Lq, Hq, Dv], None)`` in the
     query's dtype. Calls our kernels cannot express exactly run the model's previous implementation (see the
     module docstring); the call is counted."""
     every = dict(kwargs, dropout=dropout, scaling=scaling)
@@ -300,10 +301,12 @@ def attention_forward(
         why = "position_bias"
     elif kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
         why = "attention sinks"
-    elif query.dim() != 4 or key.shape != value.shape or query.shape[-1] != key.shape[-1]:
-        why = "key and value head dims differ"
-    elif query.shape[-1] > MAX_HEAD_DIM:
-        why = f"head dim {query.shape[-1]} > {MAX_HEAD_DIM}"
+    elif query.dim() != 4 or key.dim() != 4 or key.shape[:-1] != value.shape[:-1]:
+        why = "key and value shapes differ"
+    elif query.shape[-1] != key.shape[-1]:
+        why = "query and key head dims differ"
+    elif max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
+        why = f"head dim {max(query.shape[-1], value.shape[-1])} > {MAX_HEAD_DIM}"
     elif query.shape[1] % key.shape[1] != 0:
         why = "query heads are not a multiple of key/value heads"
     elif key.dtype != query.dtype or value.dtype != query.dtype:

@@ -2,11 +2,12 @@
 
 What ``patch`` changes, and nothing else:
 - ``attention``: every covered attention module (vision towers and Q-Formers: ViT, CLIP vision, SigLIP vision,
-  BLIP-2 / InstructBLIP vision and Q-Former) gets a private copy of its config whose ``_attn_implementation`` is
-  ``"mmkernels"`` (its ``config`` attribute; ``unpatch`` puts the model's config back). The model's configs are not
-  changed, so they save, validate and accept flags (``config.output_attentions = True``) exactly as before, and a
-  call our kernels cannot take runs what the model's config names. A language model inside (LLaVA's, BLIP-2's
-  OPT/T5) keeps its attention.
+  BLIP-2 / InstructBLIP vision and Q-Former; and LongCat-Flash's multi-head latent attention, whose 192-wide
+  queries/keys and 128-wide values run as one call of the op, unpadded) gets a private copy of its config whose
+  ``_attn_implementation`` is ``"mmkernels"`` (its ``config`` attribute; ``unpatch`` puts the model's config back).
+  The model's configs are not changed, so they save, validate and accept flags (``config.output_attentions =
+  True``) exactly as before, and a call our kernels cannot take runs what the model's config names. Other language
+  models (LLaVA's, BLIP-2's OPT/T5) keep their attention (``attn_implementation="mmkernels"`` opts one in by name).
 - ``patch_embed`` / ``qformer`` / ``moe``: the forward of the covered modules is redirected (see ``_patching``);
   parameters, buffers and sub-modules are never touched.
 
@@ -44,7 +45,10 @@ COVERED: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
     "transformers.models.instructblip.modeling_instructblip": (
         ("InstructBlipAttention", "InstructBlipQFormerMultiHeadAttention"), ("InstructBlipVisionEmbeddings",),
         ("InstructBlipQFormerLayer",)),
+    "transformers.models.longcat_flash.modeling_longcat_flash": (("LongcatFlashMLA",), (), ()),
 }
+# Attention classes covered in a language model too (the rest are covered only under a vision / Q-Former config).
+DECODER_ATTENTION = frozenset({"LongcatFlashMLA"})
 # The ops ``patch`` can run (the keys a ``backend`` mapping may use), and the op behind each kind of replacement
 # that does not check its own backend (the MoE part checks moe_route / moe_experts when it patches a block).
 PATCH_OPS = ("attention", "patch_embed", "qformer_cross_attention", "moe_route", "moe_experts")
@@ -160,7 +164,7 @@ def _patch(model: nn.Module, state: dict, *, attention: bool, patch_embed: bool,
             cfg = getattr(module, "config", None)
             if cfg is None or not hasattr(cfg, "_attn_implementation"):
                 continue  # e.g. an older release's wrapper around the module that calls the attention function
-            if not _is_vision_or_qformer(cfg):
+            if not (_is_vision_or_qformer(cfg) or cls.__name__ in DECODER_ATTENTION):
                 continue  # a text encoder's attention (CLIP text): not covered
             if _attention.switch(module, report, backend, views):
                 report.add(path, "attention", module, _DETAIL)

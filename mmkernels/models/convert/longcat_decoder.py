@@ -126,6 +126,7 @@ def decoder_config_fields(model: nn.Module) -> dict:
         num_zero_experts=moe_config.num_zero_experts, top_k=moe_config.top_k,
         expert_intermediate_size=moe_config.expert_intermediate_size,
         routed_scaling_factor=float(moe_config.routed_scaling_factor), target_ffn_per_token=None, vocab_size=int(vocab),
+        balance_loss_coef=0.0,  # no target: no balance loss either (config.replace(...) both to fine-tune with them)
         num_layers=num_layers, rms_norm_eps=norm_eps.pop(), rope_theta=float(theta), tie_word_embeddings=tied,
         initializer_range=float(lookup((cfg,), ("initializer_range",), 0.02)), attention="mla",
         q_lora_rank=None if q_lora is None else int(q_lora), rope_scaling=rope or None,
