@@ -213,13 +213,19 @@ def matplotlib_problem() -> str | None:
     return None
 
 
-def milliseconds(text: str) -> float:
-    """argparse ``type=``: a finite number of milliseconds >= 0 (``nan``, ``inf`` and negatives are refused)."""
+def finite(text: str) -> float | None:
+    """``text`` as a finite float, or None (not a number, ``nan``, ``inf``): the first step of every range check."""
     try:
         value = float(text)
     except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and 0 <= value <= MAX_MS):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def milliseconds(text: str) -> float:
+    """argparse ``type=``: a finite number of milliseconds >= 0 (``nan``, ``inf`` and negatives are refused)."""
+    value = finite(text)
+    if value is None or not 0 <= value <= MAX_MS:
         raise argparse.ArgumentTypeError(f"must be a number of milliseconds in 0...{MAX_MS:.0f} (one hour), "
                                          f"got {text!r}")
     return value

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from typing import Any
 
 import torch
 
+from .._backends import registered_ops
 from . import _args
 
 MAX_BUDGET_S = 86400.0  # --budget stops at one day
@@ -49,11 +49,8 @@ def _dtype(text: str) -> str:
 
 
 def _budget(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and 0 < value <= MAX_BUDGET_S):
+    value = _args.finite(text)
+    if value is None or not 0 < value <= MAX_BUDGET_S:
         raise argparse.ArgumentTypeError(f"must be a finite positive number of seconds, at most {MAX_BUDGET_S:.0f} "
                                          f"(one day), got {text!r}")
     return value
@@ -93,8 +90,6 @@ def _kernels(targets: Sequence[str], parser: argparse.ArgumentParser) -> list[st
         elif t in SPACES:
             chosen.append(t)
         else:
-            from .._backends import registered_ops
-
             why = ("an op with no tunable Triton kernel (no tuning.register space)" if t in registered_ops()
                    else "unknown op or kernel")
             parser.error(f"{why} {t!r}; tunable ops: {', '.join(OPS)}; kernels: {', '.join(SPACES)}")

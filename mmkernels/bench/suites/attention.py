@@ -86,16 +86,16 @@ PACKED_ENV = "MMKERNELS_ATTENTION_PACKED"
 
 
 def _sdpa(backend_name: str | None):
-    def run(q, k, v, causal):
+    def run(q, k, v, causal, scale=None):
         qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D] views, no copies
         gqa = {"enable_gqa": True} if qt.shape[1] != kt.shape[1] else {}
         if backend_name is None:
-            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, **gqa)
+            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale, **gqa)
         else:
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
             with sdpa_kernel([getattr(SDPBackend, backend_name)]):
-                out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, **gqa)
+                out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale, **gqa)
         return out.transpose(1, 2)
 
     return run
@@ -115,10 +115,12 @@ def _backend_limits(backend: str, config: BenchConfig) -> str | None:
     return None
 
 
-def _inputs(b, lq, lk, hq, hkv, d, device, dtype, grad) -> Inputs:
-    q, k, v = (torch.randn(b, n, h, d, device=device, dtype=dtype).requires_grad_(grad)
-               for n, h in ((lq, hq), (lk, hkv), (lk, hkv)))
-    return Inputs((q, k, v), wrt=(q, k, v), grad_out=torch.randn_like(q) if grad else None)
+def _inputs(b, lq, lk, hq, hkv, d, device, dtype, grad, d_v=None) -> Inputs:
+    """q, k ``[B, L, H, d]``, v ``[B, Lk, Hkv, d_v]`` (``d_v`` defaults to ``d``); the output is v-wide."""
+    q, k, v = (torch.randn(b, n, h, width, device=device, dtype=dtype).requires_grad_(grad)
+               for n, h, width in ((lq, hq, d), (lk, hkv, d), (lk, hkv, d if d_v is None else d_v)))
+    grad_out = torch.randn(b, lq, hq, v.shape[-1], device=device, dtype=dtype) if grad else None
+    return Inputs((q, k, v), wrt=(q, k, v), grad_out=grad_out)
 
 
 def _varlen_inputs(b, length, h, d, device, dtype, grad) -> Inputs:
@@ -290,19 +292,13 @@ MLA_SHAPES = {"quick": [("tiny MLA", 1, 128, 2, 192, 128)], "default": _MLA, "sw
               "varlen": [], "mla": _MLA}
 
 
-def _mla_inputs(b, length, h, d_qk, d_v, device, dtype, grad) -> Inputs:
-    q, k, v = (torch.randn(b, length, h, d, device=device, dtype=dtype).requires_grad_(grad)
-               for d in (d_qk, d_qk, d_v))
-    return Inputs((q, k, v), wrt=(q, k, v), grad_out=torch.randn_like(v) if grad else None)  # the output is v-wide
-
-
 def _padded(fn, width: int):
     """``fn`` run on q, k and v zero-padded to one head dim ``width`` (what a kernel that needs one power-of-two
     head dim does: FlexAttention, the Triton tutorial, FA2 with V padded), the output cut back to V's dim; the
     softmax scale stays the unpadded ``D_qk ** -0.5``."""
     def run(q, k, v, causal):
         scale = q.shape[-1] ** -0.5
-        pad = [torch.nn.functional.pad(t, (0, width - t.shape[-1])) for t in (q, k, v)]
+        pad = [F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v)]
         return fn(*pad, causal=causal, scale=scale)[..., : v.shape[-1]]
     return run
 
@@ -320,23 +316,19 @@ def _mla_shapes(config: BenchConfig, ours: list[str], memory_budget: float) -> l
         return lambda q, k, v, causal, scale=None: attention(q, k, v, causal=causal, softmax_scale=scale,
                                                              backend=backend)
 
-    candidates = {name: functools.partial(fn, scale=None)
-                  for name, fn in mmkernels_providers(ours, ours_scaled).items()}
+    candidates = mmkernels_providers(ours, ours_scaled)
     for b in ours:
         label = "mmkernels" if b is None else f"mmkernels[{b}]"
         candidates[f"{label} padded-256"] = _padded(ours_scaled(b), 256)
 
-    def sdpa(name):
-        return lambda q, k, v, causal, scale=None: _scaled_sdpa(name, q, k, v, causal, scale)
-
     if cuda:
         baseline = "sdpa-efficient"
-        candidates[baseline] = sdpa("EFFICIENT_ATTENTION")
+        candidates[baseline] = _sdpa("EFFICIENT_ATTENTION")
         if half:
-            candidates["sdpa-flash padded-256"] = _padded(sdpa("FLASH_ATTENTION"), 256)
+            candidates["sdpa-flash padded-256"] = _padded(_sdpa("FLASH_ATTENTION"), 256)
     else:
         baseline = "sdpa-math"
-        candidates[baseline] = sdpa(None)
+        candidates[baseline] = _sdpa(None)
 
     shapes = []
     for label, b, length, h, d_qk, d_v in MLA_SHAPES[config.preset]:
@@ -346,27 +338,18 @@ def _mla_shapes(config: BenchConfig, ours: list[str], memory_budget: float) -> l
 
         shapes.append(Shape(
             name=f"{label} B={b} L={length} H={h} D={d_qk}/{d_v} causal",
-            make_inputs=functools.partial(_mla_inputs, b, length, h, d_qk, d_v, device, dtype),
+            make_inputs=functools.partial(_inputs, b, length, length, h, h, d_qk, device, dtype, d_v=d_v),
             providers={name: functools.partial(fn, causal=True) for name, fn in candidates.items()},
             baseline=baseline,
             flops=2.0 * b * h * length * length * (d_qk + d_v) / 2,
             bytes=torch.finfo(dtype).bits // 8 * b * length * h * (2 * d_qk + 2 * d_v),
             params={"B": b, "Lq": length, "Lk": length, "Hq": h, "Hkv": h, "D": d_qk, "Dv": d_v, "causal": True},
-            probe=functools.partial(_mla_inputs, 1, 16, h, d_qk, d_v, device, dtype),
+            probe=functools.partial(_inputs, 1, 16, 16, h, h, d_qk, device, dtype, d_v=d_v),
             probe_key=("mla", d_qk, d_v, h),
             skip=skip,
         ))
     return shapes
 
-
-def _scaled_sdpa(backend_name, q, k, v, causal, scale):
-    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if backend_name is None:
-        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale).transpose(1, 2)
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel([getattr(SDPBackend, backend_name)]):
-        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale).transpose(1, 2)
 
 
 # ---- tune cases: the representative problems `mmkernels-bench tune` sweeps for this family's kernels ----------
