@@ -113,7 +113,7 @@ def test_logits_and_every_gradient_match_hf(name, padded):
         mask[1, 6:] = 0
         mask[2, 3:] = 0
     picks = []
-    hooks = [layer.mlp.router.register_forward_hook(lambda m, args, out: picks.append(out[2].flatten()))
+    hooks = [layer.mlp.router.register_forward_hook(lambda m, args, out: picks.append(out[-1].flatten()))
              for layer in hf.model.layers]
     start = time.perf_counter()
     logit_err, grad_errs = _compare(hf, ours, ids, mask)
@@ -426,9 +426,12 @@ def test_from_hf_reads_the_structure_tolerantly():
             delattr(attn, name)  # now only the config has them
     experts = hf.model.layers[0].mlp.experts
     n, z = 4, 2
-    with torch.no_grad():
-        padded = torch.cat([experts.gate_up_proj, torch.zeros(z, *experts.gate_up_proj.shape[1:])])
-    experts.gate_up_proj = torch.nn.Parameter(padded)
+    if experts.gate_up_proj.shape[0] == n:  # 5.25's layout: make it the older one (5.17 .. 5.24 build it so)
+        with torch.no_grad():
+            padded = torch.cat([experts.gate_up_proj, torch.zeros(z, *experts.gate_up_proj.shape[1:])])
+        experts.gate_up_proj = torch.nn.Parameter(padded)
+    padded = experts.gate_up_proj.detach()
+    assert padded.shape[0] == n + z
     ours = ScMoEDecoder.from_hf(hf, backend="reference")
     assert torch.equal(ours.layers[0].mlp.experts.w_gate_up, padded[:n])
     assert _rel(ours(ids), want) <= 1e-5

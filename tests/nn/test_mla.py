@@ -10,6 +10,7 @@ full run; the Triton backend (interpreter) equals the reference.
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -227,7 +228,9 @@ def test_cache_holds_hf_latents():
     ours(x, cache=cache)
     hf_cache = transformers.DynamicCache(config=cfg)
     positions = torch.arange(5)[None]
-    hf(x, LongcatFlashRotaryEmbedding(cfg)(x, positions), None, cache=hf_cache)
+    # the cache argument's name: past_key_values (transformers 5.17) or cache (5.25)
+    name = "cache" if "cache" in inspect.signature(type(hf).forward).parameters else "past_key_values"
+    hf(x, LongcatFlashRotaryEmbedding(cfg)(x, positions), None, **{name: hf_cache})
     latent, rope_key = hf_cache.layers[0].keys, hf_cache.layers[0].values  # [B, 1, T, r], [B, 1, T, d_r]
     torch.testing.assert_close(cache.entries, torch.cat([latent[:, 0], rope_key[:, 0]], dim=-1), rtol=1e-6,
                                atol=1e-6)
