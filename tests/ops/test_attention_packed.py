@@ -140,6 +140,119 @@ def test_packed_matches_reference_and_per_sequence_path(dtype, causal, d, device
         torch.testing.assert_close(a, b, **close, msg=name)
 
 
+# Sequences without queries (keys only) and without keys (queries only) around the interpreter's 32-row query tiles
+# and 32-key key tiles. Query tile 0 (rows 0-31): sequences 1, 2 (no keys), 3 and the start of 7, with 4, 5 (40
+# keys: a whole key block of them) and 6 (no queries) between them; sequence 0 (no queries) holds the first keys (key
+# tile 0, with the keys of 1 and 3); tile 1: the end of 7, then 8 (no queries) between the tiles, 9, 10 (no keys),
+# 11, and 12 (no queries) after the last query's keys, and padding rows. Causal: sequences 3 and 7 have 2 and 1 blind
+# rows.
+GAP_Q = [0, 10, 3, 12, 0, 0, 0, 10, 0, 13, 5, 7, 0]
+GAP_K = [6, 10, 0, 10, 7, 40, 3, 9, 5, 13, 0, 9, 4]
+GAP_CASES = [(torch.float32, False, 40, float("nan")), (torch.float32, True, 32, float("inf")),
+             (torch.float16, False, 32, float("inf")), (torch.float16, True, 40, float("nan"))]
+
+
+def _gap_problem(dtype, d, device, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(sum(GAP_Q) + PAD_Q, 4, d, generator=g).to(device=device, dtype=dtype)
+    k = torch.randn(sum(GAP_K) + PAD_K, 2, d, generator=g).to(device=device, dtype=dtype)
+    v = torch.randn(sum(GAP_K) + PAD_K, 2, d, generator=g).to(device=device, dtype=dtype)
+    dout = torch.randn(q.shape, generator=g).to(device)
+    kwargs = dict(cu_seqlens_q=_cu(GAP_Q, device), cu_seqlens_k=_cu(GAP_K, device), max_seqlen_q=max(GAP_Q),
+                  max_seqlen_k=max(GAP_K))
+    return q, k, v, dout, kwargs
+
+
+def _segments(lengths, keep, total, device):
+    """bool mask over ``total`` packed rows: the rows of the sequences ``b`` with ``keep(b)``."""
+    mask = torch.zeros(total, dtype=torch.bool)
+    start = 0
+    for b, n in enumerate(lengths):
+        mask[start:start + n] = keep(b)
+        start += n
+    return mask.to(device)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype,causal,d,poison", GAP_CASES,
+                         ids=[f"{str(c[0])[6:]}-{'causal' if c[1] else 'full'}-D{c[2]}-{c[3]}" for c in GAP_CASES])
+def test_packed_keys_of_sequences_without_queries_never_leak(dtype, causal, d, poison, device, monkeypatch):
+    """Keys/values of sequences without queries (before, inside, between and after the query tiles, one longer than
+    a key block) hold NaN or +inf (-inf in V), as do the padding rows and the q rows of sequences without keys: the
+    packed kernels never read them. Forward and dq/dk/dv, both dQ modes, are bitwise those of clean inputs, within
+    2x the same-dtype reference's error of float64 truth and close to the per-sequence kernels; the query-less keys
+    get exact-zero dk/dv, the key-less rows exact-zero out/dq."""
+    q, k, v, dout, kwargs = _gap_problem(dtype, d, device)
+    nq, nk = sum(GAP_Q), sum(GAP_K)
+    dead_k = _segments(GAP_K, lambda b: GAP_Q[b] == 0, k.shape[0], device)  # keys no query sees
+    dead_k[nk:] = True
+    blind = _segments(GAP_Q, lambda b: GAP_K[b] == 0, q.shape[0], device)  # rows that see no key
+    qp, kp, vp = q.clone(), k.clone(), v.clone()
+    kp[dead_k], vp[dead_k], qp[blind] = poison, -poison, poison
+    qp[nq:] = poison
+    assert dead_k[:nk].sum() == 6 + 7 + 40 + 3 + 5 + 4 and blind[:nq].sum() == 3 + 5
+
+    ref_kwargs = dict(cu_seqlens_q=kwargs["cu_seqlens_q"], cu_seqlens_k=kwargs["cu_seqlens_k"], causal=causal)
+    truth = _fwd_bwd(attention_reference, qp.double(), kp.double(), vp.double(), dout.double(), **ref_kwargs)
+    same_dtype = _fwd_bwd(attention_reference, qp, kp, vp, dout, upcast=False, **ref_kwargs)
+    calls = _spy(monkeypatch)
+    _with_mode(monkeypatch, False)
+    unpacked = _fwd_bwd(attention, qp, kp, vp, dout, causal=causal, backend="triton", **kwargs)
+    assert calls == {"fwd": 0, "bwd": 0}
+    _with_mode(monkeypatch, True)
+    runs = {}
+    for name, det, inputs in (("clean", True, (q, k, v)), ("poisoned", True, (qp, kp, vp)),
+                              ("atomic", False, (qp, kp, vp))):
+        with mmkernels.deterministic(det):
+            runs[name] = _fwd_bwd(attention, *inputs, dout, causal=causal, backend="triton", **kwargs)
+    assert calls == {"fwd": 3, "bwd": 3}
+    close = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    for i, name in enumerate(("out", "dq", "dk", "dv")):
+        ours = runs["poisoned"][i]
+        torch.testing.assert_close(ours, runs["clean"][i], rtol=0, atol=0,
+                                   msg=f"{name}: a value no query may see changed the packed result")
+        assert_within_ref_error(ours, same_dtype[i], truth[i], name=name)
+        assert_within_ref_error(runs["atomic"][i], same_dtype[i], truth[i], name=f"{name} (atomic dQ)")
+        torch.testing.assert_close(ours, unpacked[i], **close, msg=f"{name}: packed differs from the per-sequence "
+                                                                    "kernels")
+    for out, dq, dk, dv in (runs["poisoned"], runs["atomic"]):
+        assert torch.all(dk[dead_k] == 0) and torch.all(dv[dead_k] == 0)
+        assert torch.all(out[blind] == 0) and torch.all(dq[blind] == 0)
+        assert torch.all(out[nq:] == 0) and torch.all(dq[nq:] == 0)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_packed_nan_in_a_real_sequence_reaches_its_tile_neighbours_only(dtype, device, monkeypatch):
+    """The documented property of sharing a tile (docs/ops/attention.md): NaN in the valid K/V rows of sequence 1
+    reaches the out and dq of sequence 3 (same query tile and key block: ``0 * NaN`` in ``P V`` and ``dS K``), where
+    the per-sequence kernels keep it in sequence 1. It reaches nothing else: the key-less rows of that tile keep
+    exact-zero out/dq, the query-less keys exact-zero dk/dv, and the sequences of the other query tile and key blocks
+    (9, 11) are bitwise those of clean inputs."""
+    q, k, v, dout, kwargs = _gap_problem(dtype, 32, device)
+    s1_k = _segments(GAP_K, lambda b: b == 1, k.shape[0], device)
+    kp, vp = k.clone(), v.clone()
+    kp[s1_k], vp[s1_k] = float("nan"), float("nan")
+    dead_k = _segments(GAP_K, lambda b: GAP_Q[b] == 0, k.shape[0], device)
+    blind = _segments(GAP_Q, lambda b: GAP_K[b] == 0, q.shape[0], device)
+    s3 = _segments(GAP_Q, lambda b: b == 3, q.shape[0], device)
+    later_q = _segments(GAP_Q, lambda b: b in (9, 11), q.shape[0], device)
+    later_k = _segments(GAP_K, lambda b: b in (9, 11), k.shape[0], device)
+    _with_mode(monkeypatch, False)
+    unpacked = _fwd_bwd(attention, q, kp, vp, dout, backend="triton", **kwargs)
+    _with_mode(monkeypatch, True)
+    for det in (True, False):
+        with mmkernels.deterministic(det):
+            clean = _fwd_bwd(attention, q, k, v, dout, backend="triton", **kwargs)
+            out, dq, dk, dv = _fwd_bwd(attention, q, kp, vp, dout, backend="triton", **kwargs)
+        assert torch.isnan(out[s3]).all() and torch.isnan(dq[s3]).all()  # the tile neighbour: the known property
+        assert torch.isfinite(unpacked[0][s3]).all() and torch.isfinite(unpacked[1][s3]).all()
+        assert torch.all(out[blind] == 0) and torch.all(dq[blind] == 0)
+        assert torch.all(dk[dead_k] == 0) and torch.all(dv[dead_k] == 0)
+        for a, b, rows in zip((out, dq, dk, dv), clean, (later_q, later_q, later_k, later_k), strict=True):
+            torch.testing.assert_close(a[rows], b[rows], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_packed_dropout_uses_the_per_sequence_stream(dtype, device, monkeypatch):
     """Same seed, same kept probabilities: the packed path equals the per-sequence one (forward and gradients, to

@@ -26,9 +26,17 @@ to 128. Here the head dim is cut into two power-of-two chunks (:func:`head_dim_c
 32); the score is ``q0 k0^T + q1 k1^T`` (two accumulating dots) and O, dQ, dK, dV are kept as two accumulators. A
 head dim that gains nothing from a split (powers of two, 112 -> 64 + 64) runs as one chunk.
 
-Caveat of sharing a tile: a non-finite value in one sequence's valid K/V/dO rows can reach the other sequences of
-its tile (``0 * NaN`` inside the ``P V`` / ``dS Q`` products), where the per-sequence kernels keep it inside its
-sequence. Padding rows and keys that no row sees are never loaded, so the contract on invalid regions holds.
+Invalid regions: padding rows/keys, rows that see no key and keys that no row sees are never loaded into a product
+(or their results are stored as exact zeros), so NaN/inf there reaches nothing. That includes the keys of a
+sequence without queries (``cu_seqlens_q`` repeats a value while ``cu_seqlens_k`` grows) lying inside a tile's key
+range ``[lo, hi)``: the forward and dQ programs load K/V under a column mask "some row of the tile sees this key"
+(:func:`_seen_cols`), the dK/dV programs load only the keys some query row sees, and they leave the others'
+dk/dv at zero.
+
+Caveat of sharing a tile: a non-finite value in one sequence A's *valid* rows reaches the other sequences B whose
+rows share its query tile (forward, dQ) or key block (dK/dV) through ``0 * NaN`` inside one ``tl.dot``: A's V ->
+B's out (``P V``), A's K -> B's dq (``dS K``), A's q -> B's dk (``dS^T Q``), A's dO -> B's dv (``P^T dO``). The
+per-sequence kernels keep it inside A; ``docs/ops/attention.md`` says how to avoid it.
 
 Which varlen kernels run (these or the per-sequence ones) is decided in one place, ``attention_varlen.py`` (its
 ``packed_pays`` rule and this module's :func:`packed_fits`); neither kernel module imports the other.
@@ -110,6 +118,19 @@ def _query_tile(CU_Q, CU_K, tile, NUM_SEQS, BLOCK_M: tl.constexpr, CAUSAL: tl.co
 
 
 @triton.jit
+def _seen_cols(CU_Q, CU_K, cols, hi, NUM_SEQS):
+    """bool ``[BLOCK_N]``: the keys of a query tile's key block that some row of the tile may see. The keys of a
+    sequence without queries (``cu_seqlens_q`` repeats a value while ``cu_seqlens_k`` grows) can lie inside the
+    tile's ``[lo, hi)``, between two of its sequences: they are not loaded (their NaN/inf would reach every row
+    through ``0 * NaN`` in ``P V`` / ``dS K``). Sequences keep their order in q and k, so a key in ``[lo, hi)`` whose
+    sequence has a query belongs to a sequence of the tile: the test is on the key's own sequence (a binary search
+    of ``[BLOCK_N]``, no ``[BLOCK_M, BLOCK_N]`` mask held across the dot: the kernels are at the register limit)."""
+    seq = _seq_ids(CU_K, cols, NUM_SEQS)
+    has_queries = tl.load(CU_Q + seq + 1) > tl.load(CU_Q + seq)
+    return (cols < hi) & has_queries
+
+
+@triton.jit
 def _load_rows(base, rows, row_mask, stride, offs_d, HEAD_DIM: tl.constexpr):
     """``[len(rows), len(offs_d)]`` elements of packed rows (int64 ``rows``) of one head; masked rows and the
     head-dim padding read 0."""
@@ -172,7 +193,7 @@ def _packed_fwd_kernel(
     drop_base = (seq.to(tl.int64) * HQ + h) * LQ
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        col_ok = cols < hi  # [lo, hi) holds only valid keys (never padding past cu_seqlens_k[-1])
+        col_ok = _seen_cols(CU_Q, CU_K, cols, hi, NUM_SEQS)  # loads: never the keys of query-less sequences
         cols64 = cols.to(tl.int64)
         kt0 = _load_rows_t(k_base, cols64, col_ok, stride_kl, offs_d0, HEAD_DIM)
         s = tl.dot(q0, kt0, input_precision=PRECISION)
@@ -204,9 +225,12 @@ def _packed_fwd_kernel(
     if DROPOUT:
         scale = scale * drop_scale  # inverted dropout: kept probabilities scaled by 1 / (1 - p)
     o_base = OUT + h * stride_oh
-    _store_rows(o_base, rows64, row_ok, stride_ol, offs_d0, acc0 * scale[:, None], HEAD_DIM)
+    # rows that see no key: exact zeros (their acc is 0 * the values of the keys other rows of the tile see)
+    _store_rows(o_base, rows64, row_ok, stride_ol, offs_d0, tl.where(empty[:, None], 0.0, acc0 * scale[:, None]),
+                HEAD_DIM)
     if BLOCK_D1 > 0:
-        _store_rows(o_base, rows64, row_ok, stride_ol, offs_d1, acc1 * scale[:, None], HEAD_DIM)
+        _store_rows(o_base, rows64, row_ok, stride_ol, offs_d1,
+                    tl.where(empty[:, None], 0.0, acc1 * scale[:, None]), HEAD_DIM)
     lse = tl.where(empty, float("inf"), (m_i + tl.log2(l_safe)) * LN2_JIT)
     tl.store(LSE + h * stride_lh + rows64, lse, mask=row_ok)
 
@@ -273,14 +297,16 @@ def _packed_bwd_dkdv_kernel(
     cols64 = cols.to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d0 = tl.arange(0, BLOCK_D0)
-    k0 = _load_rows(K + hk * stride_kh, cols64, col_ok, stride_kl, offs_d0, HEAD_DIM)
-    v0 = _load_rows(V + hk * stride_vh, cols64, col_ok, stride_vl, offs_d0, HEAD_DIM)
+    # keys that no row sees (a sequence without queries, causal keys past every row's diagonal, padding) are not
+    # loaded: the atomic dQ product dS K would carry their NaN to the block's other rows through 0 * NaN
+    k0 = _load_rows(K + hk * stride_kh, cols64, sees, stride_kl, offs_d0, HEAD_DIM)
+    v0 = _load_rows(V + hk * stride_vh, cols64, sees, stride_vl, offs_d0, HEAD_DIM)
     dk0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
     dv0 = tl.zeros([BLOCK_N, BLOCK_D0], dtype=tl.float32)
     if BLOCK_D1 > 0:
         offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
-        k1 = _load_rows(K + hk * stride_kh, cols64, col_ok, stride_kl, offs_d1, HEAD_DIM)
-        v1 = _load_rows(V + hk * stride_vh, cols64, col_ok, stride_vl, offs_d1, HEAD_DIM)
+        k1 = _load_rows(K + hk * stride_kh, cols64, sees, stride_kl, offs_d1, HEAD_DIM)
+        v1 = _load_rows(V + hk * stride_vh, cols64, sees, stride_vl, offs_d1, HEAD_DIM)
         dk1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
         dv1 = tl.zeros([BLOCK_N, BLOCK_D1], dtype=tl.float32)
     seed = dropout_seed(SEED, DROPOUT)
@@ -334,11 +360,13 @@ def _packed_bwd_dkdv_kernel(
                     tl.atomic_add(dq_base + rows64[:, None] * stride_dql + offs_d1[None, :],
                                   tl.dot(ds, k1, input_precision=PRECISION) * sm_scale,
                                   mask=seen[:, None] & (offs_d1[None, :] < HEAD_DIM), sem="relaxed")
-    _store_rows(DK + hk * stride_dkh, cols64, col_ok, stride_dkl, offs_d0, dk0 * sm_scale, HEAD_DIM)
-    _store_rows(DV + hk * stride_dvh, cols64, col_ok, stride_dvl, offs_d0, dv0, HEAD_DIM)
+    # keys that no row sees keep the launcher's zeros (their dS / P columns are 0, but the block's rows may hold
+    # another sequence's NaN q / dO)
+    _store_rows(DK + hk * stride_dkh, cols64, sees, stride_dkl, offs_d0, dk0 * sm_scale, HEAD_DIM)
+    _store_rows(DV + hk * stride_dvh, cols64, sees, stride_dvl, offs_d0, dv0, HEAD_DIM)
     if BLOCK_D1 > 0:
-        _store_rows(DK + hk * stride_dkh, cols64, col_ok, stride_dkl, offs_d1, dk1 * sm_scale, HEAD_DIM)
-        _store_rows(DV + hk * stride_dvh, cols64, col_ok, stride_dvl, offs_d1, dv1, HEAD_DIM)
+        _store_rows(DK + hk * stride_dkh, cols64, sees, stride_dkl, offs_d1, dk1 * sm_scale, HEAD_DIM)
+        _store_rows(DV + hk * stride_dvh, cols64, sees, stride_dvl, offs_d1, dv1, HEAD_DIM)
 
 
 @triton.jit
@@ -378,7 +406,7 @@ def _packed_bwd_dq_kernel(
     drop_base = (seq.to(tl.int64) * HQ + h) * LQ
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        col_ok = cols < hi
+        col_ok = _seen_cols(CU_Q, CU_K, cols, hi, NUM_SEQS)
         cols64 = cols.to(tl.int64)
         kt0 = _load_rows_t(k_base, cols64, col_ok, stride_kl, offs_d0, HEAD_DIM)
         vt0 = _load_rows_t(v_base, cols64, col_ok, stride_vl, offs_d0, HEAD_DIM)
@@ -400,9 +428,10 @@ def _packed_bwd_dq_kernel(
         if BLOCK_D1 > 0:
             dq1 = tl.dot(ds.to(kt1.dtype), tl.trans(kt1), dq1, input_precision=PRECISION)
     dq_base = DQ + h * stride_dqh
-    _store_rows(dq_base, rows64, row_ok, stride_dql, offs_d0, dq0 * sm_scale, HEAD_DIM)
+    sees = k_last > k_first  # rows that see no key keep the launcher's zeros (0 * the tile's keys otherwise)
+    _store_rows(dq_base, rows64, sees, stride_dql, offs_d0, dq0 * sm_scale, HEAD_DIM)
     if BLOCK_D1 > 0:
-        _store_rows(dq_base, rows64, row_ok, stride_dql, offs_d1, dq1 * sm_scale, HEAD_DIM)
+        _store_rows(dq_base, rows64, sees, stride_dql, offs_d1, dq1 * sm_scale, HEAD_DIM)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -436,7 +465,8 @@ def _configs(width: int, dtype: torch.dtype, target: tuning.Target, dropout: boo
         return _Config(32, 32, 4, 2), _Config(16, 16, 8, 1), _Config(16, 16, 4, 1)
     if width <= 64:
         kv = _Config(16, 64, 8, 1 if dropout else 2)  # Philox's registers: one stage fewer with dropout
-        return _Config(64, 64, 4, 3), kv, _Config(64, 32, 4, 2)
+        # 8 warps: with 4 (any stage count) the seen-key mask of the loads spills 12 bytes on sm_80
+        return _Config(64, 64, 8, 3), kv, _Config(64, 32, 4, 2)
     if width <= 128:
         # 64 + 16 or 64 + 32: 32-key forward tiles (64 spill on sm_80). The backward configs are what the
         # interpreter-sized tests shape; on a GPU these widths' half-precision backward runs the per-sequence
