@@ -112,13 +112,14 @@ if [ "$mla_budget" -ge 20 ] && { [ ${#OPS[@]} -eq 0 ] || printf '%s\n' "${OPS[@]
 fi
 
 # Hugging Face models patched vs unpatched (realistic sizes on a GPU): CLIP ViT-L/14-336 tower, BLIP-2's Q-Former at
-# B=64, a Mixtral-shaped MoE block. One merged hf.json (the device tool brings back at most 8 files).
+# B=64, a Mixtral-shaped MoE block, Qwen2.5-VL-7B's packed tower (3 images + a video, 9764 patches; host syncs per
+# forward). One merged hf.json (the device tool brings back at most 8 files).
 hf_budget=$(atmost "${HF_TIMEOUT:-90}" $(( $(left) - 15 )))
 if [ "$hf_budget" -ge 20 ]; then
   stamp "HF patch benchmarks (budget ${hf_budget}s)"
   mkdir -p "$OUT/hf"
   hf_t0=$(date +%s)
-  for model in clip blip2-qformer mixtral-moe; do
+  for model in clip blip2-qformer mixtral-moe qwen2_5_vl; do
     remaining=$(( hf_budget - ($(date +%s) - hf_t0) ))
     [ "$remaining" -ge 10 ] || { stamp "hf: no time left for $model"; break; }
     timeout "$remaining" "$PY" -m mmkernels.bench hf --model "$model" --out "$OUT/hf" \

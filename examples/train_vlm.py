@@ -341,11 +341,6 @@ def plot(records: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit status 2, like mmkernels-bench
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def _number(low: float, *, strict: bool = False, kind=float):
     """argparse ``type=``: a finite number ``>= low`` (``> low`` when ``strict``)."""
     def parse(text: str):
@@ -416,7 +411,7 @@ def _check(a, p: argparse.ArgumentParser) -> None:
 
 def main(argv=None) -> None:
     defaults = TrainConfig()
-    p = _Parser(description=__doc__.split("\n\n")[0])
+    p = _args.OneLineParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default=defaults.preset, choices=["tiny", "small"])
     p.add_argument("--steps", type=_number(1, kind=int), default=defaults.steps)
     p.add_argument("--batch", type=_number(1, kind=int), default=defaults.batch)

@@ -15,7 +15,6 @@ token (target K_e) and the max/mean FFN load (1.0 is perfect balance).
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -24,23 +23,11 @@ from mmkernels.bench import _args
 from mmkernels.nn import ZeroComputeMoE, update_expert_biases
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit status 2, like mmkernels-bench
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _device(text: str) -> torch.device:
-    try:
-        return _args.device(text)
-    except _args.UsageError as exc:
-        raise argparse.ArgumentTypeError(str(exc).removeprefix("--device ")) from None
-
-
 def main(argv=None) -> None:
-    parser = _Parser(description=__doc__.split("\n\n")[0])
+    parser = _args.OneLineParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=_args.positive_int, default=200)
     parser.add_argument("--tokens", type=_args.positive_int, default=2048, help="tokens per step")
-    parser.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=_args.device_type, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=_args.threads, default=None,
                         help="torch intra-op threads on a CPU, at most 4 per CPU (default 1: this block's matrices are "
                              "small, and more threads cost more in synchronisation than they give, many times slower "

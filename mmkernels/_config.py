@@ -22,9 +22,9 @@ def set_deterministic(enabled: bool) -> None:
     bool.
     """
     global _DETERMINISTIC
-    if not isinstance(enabled, bool):  # bool("no") is True: a string or a number here is a mistake
-        raise TypeError(f"set_deterministic: enabled must be a bool, got {type(enabled).__name__} {enabled!r}")
-    _DETERMINISTIC = enabled
+    from .ops._validate import flag  # bool("no") is True: a string or a number here is a mistake
+
+    _DETERMINISTIC = flag("enabled", enabled, op="set_deterministic")
 
 
 def is_deterministic() -> bool:
@@ -61,8 +61,9 @@ def set_debug_checks(enabled: bool | None) -> None:
     The test suite runs with them on. Raises ``TypeError`` unless ``enabled`` is a bool or None.
     """
     global _DEBUG_CHECKS, _DEBUG_FROM_ENV
-    if enabled is not None and not isinstance(enabled, bool):
-        raise TypeError(f"set_debug_checks: enabled must be a bool or None, got {type(enabled).__name__} {enabled!r}")
+    from .ops._validate import flag
+
+    enabled = flag("enabled", enabled, op="set_debug_checks", none=True)
     _DEBUG_CHECKS = enabled
     if enabled is None:
         _DEBUG_FROM_ENV = None

@@ -169,6 +169,7 @@ class count_host_syncs:  # noqa: N801 - used as a context manager, like torch's 
     def __enter__(self) -> HostSyncs:
         found = HostSyncs()
         skip = self.skip
+        inside: list[str] = []  # the counted call in progress (its nested re-entry is not a second read)
 
         def wrap(owner, name):
             original = getattr(owner, name, None)
@@ -176,10 +177,16 @@ class count_host_syncs:  # noqa: N801 - used as a context manager, like torch's 
                 return
 
             def counted(*args, **kwargs):
+                if inside:  # the same call seen again through the TorchFunctionMode below: counted once
+                    return original(*args, **kwargs)
                 where = _caller(skip)
                 if where is not None:
                     found.calls.append(f"{name} at {where}")
-                return original(*args, **kwargs)
+                inside.append(name)
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    inside.pop()
 
             self._saved.append((owner, name, original))
             setattr(owner, name, counted)
@@ -188,21 +195,32 @@ class count_host_syncs:  # noqa: N801 - used as a context manager, like torch's 
             wrap(torch.Tensor, name)
         for name in _SYNC_FUNCTIONS:
             wrap(torch, name)
-        getitem = torch.Tensor.__getitem__
-
-        def indexed(t, index):
-            items = index if isinstance(index, tuple) else (index,)
-            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items):
-                where = _caller(skip)
-                if where is not None:
-                    found.calls.append(f"boolean-mask index at {where}")
-            return getitem(t, index)
-
-        self._saved.append((torch.Tensor, "__getitem__", getitem))
-        torch.Tensor.__getitem__ = indexed
+        # Boolean-mask indexing is seen through a TorchFunctionMode, not by replacing ``Tensor.__getitem__``: a Python
+        # ``__getitem__`` on the class makes torch.tensor([0-d tensors]) treat each element as a sequence and fail.
+        self._mode = _BoolIndexMode(found, skip)
+        self._mode.__enter__()
         return found
 
     def __exit__(self, *exc) -> None:
+        self._mode.__exit__(*exc)
         while self._saved:
             owner, name, original = self._saved.pop()
             setattr(owner, name, original)
+
+
+class _BoolIndexMode(torch.overrides.TorchFunctionMode):
+    """Records ``t[mask]`` with a boolean ``mask`` (a host sync: the result's size is the mask's count)."""
+
+    def __init__(self, found: HostSyncs, skip: tuple[str, ...]) -> None:
+        super().__init__()
+        self.found, self.skip = found, skip
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.__getitem__ and len(args) == 2:
+            index = args[1]
+            items = index if isinstance(index, tuple) else (index,)
+            if any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items):
+                where = _caller(self.skip)
+                if where is not None:
+                    self.found.calls.append(f"boolean-mask index at {where}")
+        return func(*args, **(kwargs or {}))

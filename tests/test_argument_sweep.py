@@ -35,7 +35,17 @@ import torch
 import mmkernels
 from mmkernels import ops
 from mmkernels._backends import registered_ops
-from mmkernels.models import QFormer, ScMoEConfig, ScMoEDecoder, ScMoEDecoderLayer, VisionLanguageModel, ViT, VLMConfig
+from mmkernels.models import (
+    GatedCrossAttentionBlock,
+    PerceiverResampler,
+    QFormer,
+    ScMoEConfig,
+    ScMoEDecoder,
+    ScMoEDecoderLayer,
+    VisionLanguageModel,
+    ViT,
+    VLMConfig,
+)
 from mmkernels.models.qformer import QFormerConfig
 from mmkernels.models.vit import ViTConfig
 from mmkernels.nn import (
@@ -251,6 +261,22 @@ MODULE_INPUTS: dict[str, tuple[Callable, list[tuple[str, Callable, type]]]] = {
         ("image_embeds", lambda m: m(_r(2, 3, 12), torch.ones(2, 5, 10, dtype=torch.long)), TypeError),
         ("query_embeds", lambda m: m(_r(2, 3, 12).to("meta"), _r(2, 5, 10)), ValueError),
     ]),
+    "PerceiverResampler": (lambda: PerceiverResampler(16, 1, dim_head=4, heads=2, num_latents=3, num_media_embeds=2), [
+        ("x", lambda m: m(_r(2, 2, 5, 16).to(H)), TypeError),
+        ("x", lambda m: m(_r(2, 2, 5, 16).to("meta")), ValueError),
+        ("x", lambda m: m(_r(16)), ValueError),
+        ("x", lambda m: m(_r(2, 2, 5, 15)), ValueError),
+        ("num_media_embeds", lambda m: m(_r(2, 3, 5, 16)), ValueError),
+    ]),
+    "GatedCrossAttentionBlock": (lambda: GatedCrossAttentionBlock(16, dim_head=4, heads=2), [
+        ("x", lambda m: m(_r(2, 5, 16).to(H), _r(2, 1, 3, 16)), TypeError),
+        ("x", lambda m: m(_r(5, 16), _r(2, 1, 3, 16)), ValueError),
+        ("media", lambda m: m(_r(2, 5, 16), _r(2, 1, 3, 16).to(H)), TypeError),
+        ("media", lambda m: m(_r(2, 5, 16), _r(2, 3, 16)), ValueError),
+        ("media_locations", lambda m: m(_r(2, 5, 16), _r(2, 1, 3, 16), torch.ones(2, 5)), TypeError),
+        ("media_locations", lambda m: m(_r(2, 5, 16), _r(2, 1, 3, 16), torch.ones(2, 6, dtype=torch.bool)),
+         ValueError),
+    ]),
     "ScMoEDecoderLayer": (lambda: ScMoEDecoderLayer(ScMoEConfig.preset("tiny")), [
         ("hidden", lambda m: m(_r(1, 5, 32).to(H)), TypeError),
         ("hidden", lambda m: m(_r(5, 32)), ValueError),
@@ -323,6 +349,12 @@ CONSTRUCTORS = [
      [("backend", "bogus", mmkernels.BackendError)]),
     (ViT, dict(config=TINY_VIT), [("config", {}, TypeError), ("config", "vit_nonexistent", ValueError)]),
     (QFormer, dict(config=TINY_QF), [("config", {}, TypeError)]),
+    (PerceiverResampler, dict(dim=16, depth=1), [("ff_mult", "4", TypeError), ("ff_mult", 0.01, ValueError),
+                                                 ("ff_mult", float("inf"), ValueError),
+                                                 ("backend", "bogus", mmkernels.BackendError)]),
+    (GatedCrossAttentionBlock, dict(dim=16), [("ff_mult", float("nan"), ValueError),
+                                              ("only_attend_immediate_media", 1, TypeError),
+                                              ("backend", "bogus", mmkernels.BackendError)]),
     (ScMoEDecoder, dict(config=ScMoEConfig.preset("tiny")), [("config", {}, TypeError)]),
     (ScMoEDecoderLayer, dict(config=ScMoEConfig.preset("tiny")), [("config", {}, TypeError)]),
     (VisionLanguageModel, dict(config="tiny"), [("config", {}, TypeError), ("config", None, TypeError),
@@ -616,8 +648,52 @@ def test_numpy_integers_are_taken_like_ints(op):
             assert len(results[0]) == len(results[1])
             for a, b in zip(*results):
                 assert torch.equal(a, b), (op, name, kind)
-        with pytest.raises(TypeError, match=rf"^{_op(op)}: {name} must be an int, got bool"):
+        with pytest.raises(TypeError, match=rf"^{_op(op)}: {name} must be an int, got numpy\.bool_?$"):
             _call(op, _good_args(op) | {name: np.bool_(True)}, backend)
+
+
+# ---- switches take Python and NumPy bools, nothing else -------------------------------------------------------------
+
+def _flag_args(op: str) -> list[str]:
+    return [n for n, val in _good_args(op).items() if isinstance(val, bool)]
+
+
+@pytest.mark.parametrize("op", [op for op in CALLS if _flag_args(op)])
+def test_numpy_bools_are_taken_like_bools(op):
+    """Before: media_cross_attention(only_immediate=np.bool_(False)) was "must be a bool, got bool" (NumPy 2 names its
+    bool type ``bool``). Every bool argument of every op, both values, with a NumPy bool gives the result of the
+    Python bool; a wrong type is named with its module (``numpy.int64``, not ``int64``)."""
+    np = pytest.importorskip("numpy")
+    for name in _flag_args(op):
+        for flag in (True, False):
+            results = []
+            for value in (flag, np.bool_(flag)):
+                kwargs = _good_args(op) | {name: value}
+                torch.manual_seed(0)
+                out = _call(op, kwargs, "reference")
+                results.append([x for x in torch.utils._pytree.tree_leaves((out, kwargs))
+                                if isinstance(x, torch.Tensor)])
+            for a, b in zip(*results, strict=True):
+                assert torch.equal(a, b), (op, name, flag)
+        with pytest.raises(TypeError, match=rf"^{_op(op)}: {name} must be a bool, got numpy\.int64$"):
+            _call(op, _good_args(op) | {name: np.int64(1)}, "reference")
+
+
+def test_numpy_bools_in_module_constructors_and_config():
+    """The same rule for module and config switches and the library's global switches."""
+    np = pytest.importorskip("numpy")
+    from mmkernels.models import GatedCrossAttentionBlock
+
+    block = GatedCrossAttentionBlock(16, dim_head=8, heads=2, only_attend_immediate_media=np.bool_(False))
+    assert block.only_attend_immediate_media is False
+    block.only_attend_immediate_media = np.bool_(True)
+    assert block.only_attend_immediate_media is True
+    with pytest.raises(TypeError, match=r"only_attend_immediate_media must be a bool, got str$"):
+        block.only_attend_immediate_media = "False"
+    with mmkernels.deterministic(np.bool_(True)):
+        assert mmkernels.is_deterministic() is True
+    with pytest.raises(TypeError, match=r"^set_debug_checks: enabled must be a bool or None, got numpy\.float64$"):
+        mmkernels.set_debug_checks(np.float64(1.0))
 
 
 def test_numpy_integers_in_module_constructors():
@@ -643,6 +719,8 @@ DTYPE_BUILDS = {
     ScMoEDecoder: dict(config=ScMoEConfig.preset("tiny")),
     ScMoEDecoderLayer: dict(config=ScMoEConfig.preset("tiny")),
     VisionLanguageModel: dict(config="tiny"),
+    PerceiverResampler: dict(dim=16, depth=1, dim_head=4, heads=2, num_latents=3),
+    GatedCrossAttentionBlock: dict(dim=16, dim_head=4, heads=2),
 }
 
 

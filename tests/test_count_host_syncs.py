@@ -62,3 +62,15 @@ def test_calls_from_skipped_packages_do_not_count():
     with count_host_syncs(skip=("tests", "test_count_host_syncs")) as syncs:
         t.tolist()
     assert syncs.count == 0
+
+
+def test_code_that_builds_tensors_from_0d_tensors_runs_unchanged():
+    """transformers' Qwen-VL rope index does ``torch.tensor([0-d tensors])``: the counter must not change what such
+    code does (a Python ``Tensor.__getitem__`` on the class made torch treat each 0-d tensor as a sequence)."""
+    parts = [torch.tensor(3), torch.tensor(4)]
+    with count_host_syncs() as syncs:
+        built = torch.tensor(parts)
+        masked = torch.arange(4)[torch.tensor([True, False, True, False])]
+    assert built.tolist() == [3, 4] and masked.tolist() == [0, 2]
+    # each element read once (on a GPU, one wait each), and the mask index
+    assert [c.split(" at ")[0] for c in syncs.calls] == ["__index__", "__index__", "boolean-mask index"], syncs.calls

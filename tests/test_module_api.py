@@ -57,6 +57,16 @@ TINY_VIT = ViTConfig(image_size=(12, 8), patch_size=4, hidden_size=24, num_layer
 TINY_QFORMER = QFormerConfig(hidden_size=24, num_hidden_layers=2, num_attention_heads=3, intermediate_size=40,
                              encoder_hidden_size=20, hidden_dropout_prob=0.0)
 
+def _gated_block():
+    m = mmkernels.models.GatedCrossAttentionBlock(16, dim_head=4, heads=3, ff_mult=1.5)
+    with torch.no_grad():  # gates open (they start at 0: the attention would not reach the output)
+        m.attn_gate.fill_(0.6)
+        m.ff_gate.fill_(-0.3)
+    return m
+
+
+_MEDIA_LOCATIONS = torch.tensor([[False, True, False, False, True, False], [True, False, False, False, False, False]])
+
 CASES: dict[str, Case] = {
     "Attention": Case(lambda: mmkernels.nn.Attention(16, 4, num_kv_heads=2, softmax_scale=0.3, causal=True),
                       lambda dt: (_randn(2, 5, 16, dtype=dt),)),
@@ -91,6 +101,11 @@ CASES: dict[str, Case] = {
     "ScMoEDecoderLayer": Case(lambda: mmkernels.models.ScMoEDecoderLayer(mmkernels.models.ScMoEConfig.preset("tiny")),
                               lambda dt: (_randn(2, 5, 32, dtype=dt),),
                               fp32_state=("mlp.router.weight", "mlp.balancer.bias", "mlp.balancer.state")),
+    "PerceiverResampler": Case(lambda: mmkernels.models.PerceiverResampler(16, 2, dim_head=4, heads=3, num_latents=3,
+                                                                           num_media_embeds=2, ff_mult=1.5),
+                               lambda dt: (_randn(2, 2, 5, 16, dtype=dt),)),
+    "GatedCrossAttentionBlock": Case(_gated_block, lambda dt: (_randn(2, 6, 16, dtype=dt),
+                                                               _randn(2, 2, 3, 16, dtype=dt), _MEDIA_LOCATIONS)),
     "QFormer": Case(lambda: mmkernels.models.QFormer(TINY_QFORMER).eval(),
                     lambda dt: (_randn(2, 4, 24, dtype=dt), _randn(2, 9, 20, dtype=dt))),
 }

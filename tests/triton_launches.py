@@ -184,6 +184,16 @@ def _record_gpu_configs() -> None:
             patch_embed_bwd_input(g, w, px, True)
             patch_embed_bwd_weight(g, px, p, True)
             patch_embed_bwd_tokens(g, n, True, True)
+        # vision rotary embedding (issue 22): Qwen2.5-VL-7B tower (16 heads, D 80), InternViT-like 25 heads with a
+        # [T, D/2] table, D 256 (the kernel's largest); forward and transposed (backward) maps
+        from mmkernels.kernels.triton.rotary import rotary_embedding_fwd
+
+        for t, h, d, half in [(4096, 16, 80, False), (16384, 16, 80, False), (1024, 25, 64, True),
+                              (777, 8, 256, False)]:
+            q, k, _ = torch.randn(t, 3, h, d, dtype=dtype).unbind(1)
+            tab = torch.randn(t, d // 2 if half else d)
+            for transpose in (False, True):
+                rotary_embedding_fwd(q, k, tab, tab, transpose)
         # grouped experts: LongCat-Flash-Lite-like widths (smaller counts; configs depend on dtype only)
         t, n_exp, z, k, dm, di = 256, 16, 8, 12, 3072, 1024
         r = moe_route(torch.randn(t, n_exp + z), top_k=k, num_ffn_experts=n_exp, routed_scaling_factor=6.0)

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["MAX_MS", "UsageError", "check_env", "device", "in_file", "matplotlib_problem", "milliseconds", "open_log",
-           "out_dir", "out_file", "positive_int", "replace_file", "threads"]
+__all__ = ["MAX_MS", "OneLineParser", "UsageError", "check_env", "device", "device_type", "in_file",
+           "matplotlib_problem", "milliseconds", "open_log", "out_dir", "out_file", "positive_int", "replace_file",
+           "threads"]
 
 MAX_MS = 3_600_000.0  # the longest warm-up or timed time a flag takes: one hour
 MAX_THREADS_PER_CPU = 4  # --threads stops at this many per CPU (torch crashes far past the core count)
@@ -56,6 +57,22 @@ def device(text: str | None, flag: str = "--device", kinds: Sequence[str] = ("cp
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UsageError(f"{flag} {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
+
+
+def device_type(text: str) -> torch.device:
+    """:func:`device` as an argparse ``type=``: a bad value becomes the parser's one-line error."""
+    try:
+        return device(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--device ")) from None
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr and exit status 2, like ``mmkernels-bench`` (the
+    examples' command lines)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def out_dir(text: str, flag: str = "--out", files: Sequence[str] = ()) -> Path:

@@ -122,9 +122,8 @@ class ScMoEConfig:
             v.real("target_ffn_per_token", self.target_ffn_per_token, op=name, low=0.0, high=float(self.top_k))
         v.real("rms_norm_eps", self.rms_norm_eps, op=name, low=0.0)
         v.real("rope_theta", self.rope_theta, op=name, low=1.0)
-        if not isinstance(self.tie_word_embeddings, bool):
-            raise TypeError(f"{name}: tie_word_embeddings must be a bool, got "
-                            f"{type(self.tie_word_embeddings).__name__}")
+        tie = v.flag("tie_word_embeddings", self.tie_word_embeddings, op=name)
+        object.__setattr__(self, "tie_word_embeddings", tie)
         v.real("initializer_range", self.initializer_range, op=name, low=0.0)
         v.real("bias_ki", self.bias_ki, op=name, low=0.0)
         v.real("balance_loss_coef", self.balance_loss_coef, op=name, low=0.0)
@@ -160,8 +159,7 @@ class ScMoEConfig:
             raise ValueError(f"{name}: with attention='mla' head_dim is qk_nope_head_dim + qk_rope_head_dim = {qk}, "
                              f"got {self.head_dim}")
         object.__setattr__(self, "head_dim", qk)
-        if not isinstance(self.attention_bias, bool):
-            raise TypeError(f"{name}: attention_bias must be a bool, got {type(self.attention_bias).__name__}")
+        object.__setattr__(self, "attention_bias", v.flag("attention_bias", self.attention_bias, op=name))
         v.probability("attention_dropout", self.attention_dropout, op=name)
         v.real("mla_rms_norm_eps", self.mla_rms_norm_eps, op=name, low=0.0)
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
@@ -554,9 +552,7 @@ class KVCache:
 
     def __init__(self, num_layers: int, *, latent: bool = False) -> None:
         self.num_layers = v.integer("num_layers", num_layers, op="KVCache", low=1)
-        if not isinstance(latent, bool):
-            raise TypeError(f"KVCache: latent must be a bool, got {type(latent).__name__}")
-        self.is_latent = latent
+        self.is_latent = v.flag("latent", latent, op="KVCache")
         self.reset()
 
     def reset(self) -> None:

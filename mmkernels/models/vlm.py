@@ -47,10 +47,13 @@ class VisionLanguageModel(nn.Module):
             ``moe_unpermute``, ``expert_bias_update_``); a name reaches every op (an op without it raises
             :class:`mmkernels.BackendError` here).
 
-    ``forward(pixel_values [B, C, H, W], input_ids [B, L], *, padding_mask=None) -> logits [B, L, V]`` for the text
-    positions (position i predicts token i+1). ``padding_mask`` bool [B, L], right padding (see
-    :class:`ScMoEDecoder`). ``generate(pixel_values, input_ids, max_new_tokens) -> [B, L + max_new_tokens]``:
-    greedy decoding with a :class:`KVCache`.
+    ``forward(pixel_values [B, C, H, W], input_ids [B, L], *, padding_mask=None, qformer_input_ids=None,
+    qformer_attention_mask=None) -> logits [B, L, V]`` for the text positions (position i predicts token i+1).
+    ``padding_mask`` bool [B, L], right padding (see :class:`ScMoEDecoder`). ``qformer_input_ids`` /
+    ``qformer_attention_mask`` [B, Lt]: InstructBLIP's instruction for the Q-Former (HF's names; the Q-Former needs
+    its text path, ``config.qformer.vocab_size``), see :meth:`encode_image`.
+    ``generate(pixel_values, input_ids, max_new_tokens, *, qformer_input_ids=None, qformer_attention_mask=None) ->
+    [B, L + max_new_tokens]``: greedy decoding with a :class:`KVCache`.
 
     ``vlm.backend = ...`` checks the whole choice against every op of the model (``BackendError`` naming the op)
     before any part changes, then hands the vision tower, the Q-Former and the decoder their shares.
@@ -92,21 +95,32 @@ class VisionLanguageModel(nn.Module):
 
     # -- the pieces ---------------------------------------------------------------------------------------------
 
-    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, pixel_values: torch.Tensor, *, qformer_input_ids: torch.Tensor | None = None,
+                     qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The Q-Former's query outputs [B, Nq, Dq] for ``pixel_values`` [B, C, H, W] (HF BLIP-2's
-        ``qformer(query_embeds=query_tokens, encoder_hidden_states=vision(pixels))`` ``last_hidden_state``)."""
+        ``qformer(query_embeds=query_tokens, encoder_hidden_states=vision(pixels))`` ``last_hidden_state``).
+
+        ``qformer_input_ids`` [B, Lt] / ``qformer_attention_mask`` [B, Lt]: InstructBLIP's instruction, fed to the
+        Q-Former beside the queries (``QFormer(..., input_ids=, attention_mask=)``; the Q-Former needs its text path,
+        ``config.qformer.vocab_size``), as HF ``InstructBlipForConditionalGeneration`` does; the query rows are
+        returned."""
         v.tensor("pixel_values", pixel_values, dim=4, op=_NAME)
         image = self.vision(pixel_values)
         queries = self.query_tokens.expand(image.shape[0], -1, -1)
-        return self.qformer(queries, image)
+        return self.qformer(queries, image, input_ids=qformer_input_ids, attention_mask=qformer_attention_mask)
 
-    def image_prefix(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The projected query outputs [B, Nq, D] that the decoder sees before the text."""
-        return self.projector(self.encode_image(pixel_values))
+    def image_prefix(self, pixel_values: torch.Tensor, *, qformer_input_ids: torch.Tensor | None = None,
+                     qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The projected query outputs [B, Nq, D] that the decoder sees before the text (instruction: see
+        :meth:`encode_image`)."""
+        return self.projector(self.encode_image(pixel_values, qformer_input_ids=qformer_input_ids,
+                                                qformer_attention_mask=qformer_attention_mask))
 
-    def _inputs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    def _inputs(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, qformer_input_ids=None,
+                qformer_attention_mask=None) -> torch.Tensor:
         v.tensor("input_ids", input_ids, dtypes=(torch.int64, torch.int32), dim=2, op=_NAME)
-        prefix = self.image_prefix(pixel_values)
+        prefix = self.image_prefix(pixel_values, qformer_input_ids=qformer_input_ids,
+                                   qformer_attention_mask=qformer_attention_mask)
         if prefix.shape[0] != input_ids.shape[0]:
             raise ValueError(f"{_NAME}: pixel_values and input_ids must share the batch size, got "
                              f"{prefix.shape[0]} and {input_ids.shape[0]}")
@@ -122,9 +136,10 @@ class VisionLanguageModel(nn.Module):
         return input_ids
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, *,
-                padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+                padding_mask: torch.Tensor | None = None, qformer_input_ids: torch.Tensor | None = None,
+                qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         nq = self.config.num_query_tokens
-        embeds = self._inputs(pixel_values, input_ids)
+        embeds = self._inputs(pixel_values, input_ids, qformer_input_ids, qformer_attention_mask)
         mask = None
         if padding_mask is not None:
             v.tensor("padding_mask", padding_mask, dtypes=(torch.bool,), op=_NAME)
@@ -136,8 +151,12 @@ class VisionLanguageModel(nn.Module):
         return self.decoder.lm_head(hidden[:, nq:])  # the LM head only where a text token is predicted
 
     @torch.no_grad()
-    def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding: ``[B, L + max_new_tokens]`` (``input_ids`` followed by the argmax tokens).
+    def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, max_new_tokens: int, *,
+                 qformer_input_ids: torch.Tensor | None = None,
+                 qformer_attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Greedy decoding: ``[B, L + max_new_tokens]`` (``input_ids`` followed by the argmax tokens). An instruction
+        for the Q-Former (``qformer_input_ids`` / ``qformer_attention_mask``, see :meth:`encode_image`) shapes the
+        image prefix once.
 
         The prompt (image prefix + ``input_ids``, all rows of one length L >= 1) is run once into a
         :class:`KVCache`, then one token per step. Call in eval mode (in training mode the MoE would count the
@@ -150,7 +169,8 @@ class VisionLanguageModel(nn.Module):
         if max_new_tokens == 0:
             return input_ids
         cache = self.decoder.new_cache()
-        hidden = self.decoder.hidden_states(inputs_embeds=self._inputs(pixel_values, input_ids), kv_cache=cache)
+        embeds = self._inputs(pixel_values, input_ids, qformer_input_ids, qformer_attention_mask)
+        hidden = self.decoder.hidden_states(inputs_embeds=embeds, kv_cache=cache)
         for step in range(max_new_tokens):
             token = self.decoder.lm_head(hidden[:, -1]).argmax(-1, keepdim=True).to(input_ids.dtype)
             out.append(token)
@@ -167,6 +187,9 @@ class VisionLanguageModel(nn.Module):
         (the model object, or its state dict with ``hf_config`` its ``Blip2Config``): a thin call into
         :mod:`mmkernels.models.convert.blip2` (which uses :func:`mmkernels.models.convert.vit.hf_to_mmkernels` and
         :func:`mmkernels.models.convert.qformer.hf_to_mmkernels`).
+        An InstructBLIP model (``InstructBlipForConditionalGeneration``, or its state dict with its
+        ``InstructBlipConfig``) converts the same way, its Q-Former with the text path (word / position embeddings,
+        text FFN), so the model takes an instruction (``qformer_input_ids=``).
         The projector and the decoder are ours and freshly initialised (``decoder`` defaults to the tiny ScMoE
         preset); the HF language model and its projection are not used. Nothing is downloaded. Same dtype as the
         source weights; train/eval mode of the source object (eval for a state dict).

@@ -300,8 +300,7 @@ class MultiHeadLatentAttention(nn.Module):
             raise ValueError(f"{_NAME}: qk_nope_head_dim + qk_rope_head_dim must be <= {MAX_HEAD_DIM}, got "
                              f"{self.qk_head_dim}")
         self.v_head_dim = check.integer("v_head_dim", v_head_dim, op=_NAME, low=1, high=MAX_HEAD_DIM)
-        if not isinstance(attention_bias, bool):
-            raise TypeError(f"{_NAME}: attention_bias must be a bool, got {type(attention_bias).__name__}")
+        attention_bias = check.flag("attention_bias", attention_bias, op=_NAME)
         self.rms_norm_eps = check.real("rms_norm_eps", rms_norm_eps, op=_NAME, low=0.0)
         self.dropout = check.probability("dropout", dropout, op=_NAME)
         self.rotary = MLARotary(self.qk_rope_head_dim, rope_theta, rope_scaling)

@@ -204,9 +204,7 @@ class RoutedMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, *, padding_mask: torch.Tensor | None = None,
                 return_router_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if not isinstance(return_router_logits, bool):
-            raise TypeError(f"{self._name}: return_router_logits must be a bool, got "
-                            f"{type(return_router_logits).__name__}")
+        return_router_logits = v.flag("return_router_logits", return_router_logits, op=self._name)
         handle = self.dispatch(x, padding_mask=padding_mask)
         dispatched = handle.wait()
         y = self.combine(self.run_experts(dispatched), dispatched).wait()
@@ -288,9 +286,7 @@ class ZeroComputeMoE(RoutedMoE):
         self.top_k = v.integer("top_k", top_k, op=name, low=1, high=n_total)
         self.routed_scaling_factor = v.real("routed_scaling_factor", routed_scaling_factor, op=name)
         self.scoring = v.choice("scoring", scoring, ("softmax", "sigmoid"), op=name)
-        if not isinstance(renormalize, bool):
-            raise TypeError(f"{name}: renormalize must be a bool, got {type(renormalize).__name__}")
-        self.renormalize = renormalize
+        self.renormalize = v.flag("renormalize", renormalize, op=name)
         if balancer_kwargs is not None and "backend" in balancer_kwargs:
             raise ValueError(f"{name}: pass the balancer's backend as backend={{'expert_bias_update_': ...}}")
         self.router = FP32Linear(hidden_size, n_total, bias=False, device=device)

@@ -80,12 +80,30 @@ def no_overlap(op: str, written: Iterable[str], **tensors: torch.Tensor) -> None
                                  f"(e.g. {b}.clone())")
 
 
+def type_name(value) -> str:
+    """``value``'s type for an error message, qualified outside the builtins: a NumPy bool is ``numpy.bool``, not
+    ``bool`` (which would read "must be a bool, got bool")."""
+    t = type(value)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+
+
+def flag(name: str, value, *, op: str, none: bool = False) -> bool | None:
+    """A switch as a Python bool: ``bool`` or a NumPy bool (``numpy.bool_(True)``, e.g. read from an array);
+    anything else (``0``, ``"yes"``, ``None``, a tensor) is a ``TypeError``: a truthiness rule would silently take
+    ``"False"`` for True. ``none=True``: None is accepted too (and returned)."""
+    if type(value) is bool or (none and value is None):  # the common case passes straight through
+        return value
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+        return bool(value)
+    raise TypeError(f"{op}: {name} must be a bool{' or None' if none else ''}, got {type_name(value)}")
+
+
 def integer(name: str, value, *, op: str, low: int | None = None, high: int | None = None) -> int:
     """An integer as a Python int: ``int`` or any ``numbers.Integral`` (``numpy.int64(2)``), never a bool (nor a
     NumPy bool) or a float, even an integral one (``2.0``)."""
     if type(value) is not int:  # the common case passes straight through
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+            raise TypeError(f"{op}: {name} must be an int, got {type_name(value)}")
         value = int(value)
     if (low is not None and value < low) or (high is not None and value > high):
         if high is None:
@@ -121,7 +139,7 @@ def real(name: str, value, *, op: str, low: float | None = None, high: float | N
         raise TypeError(f"{op}: {name} must be a Python number, not a tensor (reading a device tensor would "
                         "synchronise with the host)")
     if isinstance(value, bool) or not isinstance(value, numbers.Real | torch.SymFloat | torch.SymInt):
-        raise TypeError(f"{op}: {name} must be a number, got {type(value).__name__}")
+        raise TypeError(f"{op}: {name} must be a number, got {type_name(value)}")
     if compiling or isinstance(value, torch.SymFloat | torch.SymInt):
         return value  # possibly symbolic (dynamic=True): no concrete value to check while tracing
     return _real_range(name, float(value), op, low, high, float32)

@@ -192,8 +192,7 @@ def attention(
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"{OP}: q, k and v must have the same dtype, got q {_dtype_name(q.dtype)}, "
                         f"k {_dtype_name(k.dtype)}, v {_dtype_name(v.dtype)}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"{OP}: causal must be a bool, got {type(causal).__name__}")
+    causal = check.flag("causal", causal, op=OP)
     if (cu_seqlens_q is None) != (cu_seqlens_k is None):
         raise ValueError(f"{OP}: pass both cu_seqlens_q and cu_seqlens_k (varlen) or neither (dense)")
     varlen = cu_seqlens_q is not None

@@ -159,8 +159,7 @@ def moe_route(
         v.same_device(op, logits=logits, bias=bias)
     v.choice("scoring", scoring, SCORINGS, op=op)
     scale = v.real("routed_scaling_factor", routed_scaling_factor, op=op)
-    if not isinstance(renormalize, bool):
-        raise TypeError(f"{op}: renormalize must be a bool, got {type(renormalize).__name__}")
+    renormalize = v.flag("renormalize", renormalize, op=op)
     groups = v.integer("n_groups", n_groups, op=op, low=1, high=e)
     if e % groups:
         raise ValueError(f"{op}: n_groups ({groups}) must divide the number of experts ({e})")

@@ -211,8 +211,7 @@ def qformer_cross_attention(
         raise ValueError(f"{OP}: q must have at least one head, got shape {tuple(q.shape)}")
     if not 1 <= D <= MAX_HEAD_DIM:
         raise ValueError(f"{OP}: head dim D must be in [1, {MAX_HEAD_DIM}], got {D}")
-    if not isinstance(validate_kv_lens, bool):
-        raise TypeError(f"{OP}: validate_kv_lens must be a bool, got {type(validate_kv_lens).__name__}")
+    validate_kv_lens = check.flag("validate_kv_lens", validate_kv_lens, op=OP)
     if kv_lens is not None:
         kv_lens = _check_kv_lens(kv_lens, B, Lk, device, check_range=validate_kv_lens)
     scale = D**-0.5 if softmax_scale is None else check.real("softmax_scale", softmax_scale, op=OP)

@@ -164,6 +164,8 @@ HF = [
     (["hf", "--model", "vit", "--backend", "bogus"], "--backend"),
     (["hf", "--model", "vit", "--backend", "cpp"], "--backend"),
     (["hf", "--model", "mixtral-moe", "--backend", "triton"], "--backend"),
+    *[(["hf", "--model", m, "--backend", "cpp"], "--backend")
+      for m in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "internvl")],  # issue 22's towers: attention has no cpp
     (["hf", "--model", "vit", "--out", "FILE"], "--out"),
     (["hf", "--model", "vit", "--out", "PROC"], "--out"),
     (["hf", "--model", "vit", "--rep-ms", "nan"], "--rep-ms"),

@@ -75,6 +75,142 @@ def llava():
     return transformers.LlavaForConditionalGeneration(cfg)
 
 
+
+# ---- Qwen-VL packed native-resolution towers and InternVL (integrations/hf/qwen_vl.py, vision.py) ---------------
+# Three images of different sizes and a 2-frame video (t=2 after the temporal patch): 88 patches of 3*2*4*4 values,
+# head dim 20 (2 heads of a 40-wide tower). Qwen2.5-VL: window layers (2x2 merged tokens = 16 patches per window)
+# split every image into several windows, and full-attention layers.
+QWEN_GRID = ((1, 4, 6), (1, 8, 4), (2, 4, 4))
+QWEN_V = dict(in_channels=3, patch_size=4, temporal_patch_size=2, spatial_merge_size=2, num_heads=2)
+QWEN_TEXT = dict(vocab_size=64, hidden_size=24, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 2, 2]})
+VISION_START, VISION_END = 62, 63
+
+
+def _qwen_vision(family: str) -> dict:
+    if family == "qwen2_vl":
+        return dict(depth=2, embed_dim=40, hidden_size=24, mlp_ratio=2, **QWEN_V)
+    if family == "qwen2_5_vl":
+        return dict(depth=4, hidden_size=40, intermediate_size=48, window_size=16, fullatt_block_indexes=[1, 3],
+                    out_hidden_size=24, **QWEN_V)
+    return dict(depth=3, hidden_size=40, intermediate_size=48, out_hidden_size=24, num_position_embeddings=16,
+                deepstack_visual_indexes=[1], **QWEN_V)
+
+
+_QWEN = {"qwen2_vl": ("Qwen2VLVisionConfig", "Qwen2VisionTransformerPretrainedModel", "Qwen2VLConfig",
+                      "Qwen2VLForConditionalGeneration"),
+         "qwen2_5_vl": ("Qwen2_5_VLVisionConfig", "Qwen2_5_VisionTransformerPretrainedModel", "Qwen2_5_VLConfig",
+                        "Qwen2_5_VLForConditionalGeneration"),
+         "qwen3_vl": ("Qwen3VLVisionConfig", "Qwen3VLVisionModel", "Qwen3VLConfig", "Qwen3VLForConditionalGeneration")}
+
+
+def qwen_tower(family: str):
+    import importlib
+
+    vision_cfg, tower, _, _ = _QWEN[family]
+    mod = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    return getattr(mod, tower)(getattr(transformers, vision_cfg)(**_qwen_vision(family)))
+
+
+def qwen_vlm(family: str):
+    _, _, cfg, cls = _QWEN[family]
+    text = dict(QWEN_TEXT, head_dim=12) if family == "qwen3_vl" else QWEN_TEXT
+    config = getattr(transformers, cfg)(text_config=text, vision_config=_qwen_vision(family),
+                                        image_token_id=IMAGE_TOKEN, video_token_id=61,
+                                        vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+    return getattr(transformers, cls)(config)
+
+
+def qwen_patches(grid=QWEN_GRID, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """(hidden_states [patches, 96], grid_thw [n, 3]) of the packed images."""
+    grid_thw = torch.tensor(grid)
+    n = int((grid_thw[:, 0] * grid_thw[:, 1] * grid_thw[:, 2]).sum())
+    return torch.randn(n, 3 * 2 * 4 * 4, generator=torch.Generator().manual_seed(seed)), grid_thw
+
+
+def _qwen_tower_inputs():
+    hidden, grid = qwen_patches()
+    return dict(hidden_states=hidden, grid_thw=grid)
+
+
+def _qwen_vlm_inputs():
+    hidden, grid = qwen_patches(QWEN_GRID[:2])  # two images: 6 and 8 merged tokens
+    ids = [5, VISION_START] + [IMAGE_TOKEN] * 6 + [VISION_END, VISION_START] + [IMAGE_TOKEN] * 8 + [VISION_END, 7]
+    ids = torch.tensor([ids])
+    return dict(input_ids=ids, pixel_values=hidden, image_grid_thw=grid, mm_token_type_ids=(ids == IMAGE_TOKEN).int())
+
+
+def _tower_out(out):
+    """Both outputs of a Qwen tower: the blocks' (window-ordered) hidden states and the merged features."""
+    return torch.cat([out.last_hidden_state.flatten(), out.pooler_output.flatten()])
+
+
+INTERNVL_V = dict(hidden_size=18, num_attention_heads=3, intermediate_size=20, num_hidden_layers=2, image_size=16,
+                  patch_size=4, use_qk_norm=True, use_absolute_position_embeddings=True, attention_dropout=0.0)
+
+
+def internvl_vision():
+    return transformers.InternVLVisionModel(transformers.InternVLVisionConfig(**INTERNVL_V))
+
+
+def internvl():
+    text = transformers.Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    cfg = transformers.InternVLConfig(vision_config=transformers.InternVLVisionConfig(**INTERNVL_V), text_config=text,
+                                      image_token_id=IMAGE_TOKEN, downsample_ratio=0.5, vision_feature_layer=-1)
+    return transformers.InternVLForConditionalGeneration(cfg)
+
+
+
+# ---- IDEFICS (v1): perceiver resampler + gated cross-attention (integrations/hf/idefics.py) -----------------------
+IDEFICS_B, IDEFICS_LT, IDEFICS_M, IDEFICS_IMG = 2, 11, 3, 8  # 3 image slots per sample
+
+
+def idefics_config(qk: bool = True, resampler: bool = True, alpha_type: str = "vector", dropout: float = 0.0):
+    return transformers.IdeficsConfig(
+        vocab_size=64, additional_vocab_size=2, hidden_size=24, intermediate_size=20, num_hidden_layers=2,
+        num_attention_heads=3, cross_layer_interval=1, qk_layer_norms=qk, dropout=dropout,
+        freeze_text_layers=False, freeze_vision_layers=False, freeze_lm_head=False,
+        # HF's "normal" init of a float alpha passes an int size to torch.normal: "ones" there (tanh(1) = 0.76)
+        alpha_initializer="normal" if alpha_type == "vector" else "ones", alphas_initializer_range=1.0,
+        alpha_type=alpha_type, use_resampler=resampler,
+        max_position_embeddings=64,
+        vision_config=dict(embed_dim=18, image_size=IDEFICS_IMG, intermediate_size=20, patch_size=4,
+                           num_hidden_layers=1, num_attention_heads=3),
+        perceiver_config=dict(use_resampler=resampler, resampler_n_latents=5, resampler_depth=2, resampler_n_heads=2,
+                              resampler_head_dim=7, qk_layer_norms_perceiver=qk))
+
+
+def idefics(**kw):
+    torch.manual_seed(0)
+    return transformers.IdeficsForVisionText2Text(idefics_config(**kw)).eval()
+
+
+def idefics_inputs(mask: torch.Tensor | None = None, seed: int = 1) -> dict:
+    """Token ids, pixels of 3 image slots per sample and the image attention mask ``[B, Lt, M]`` (default: text
+    before the first image, two images, an end of document, a third image; sample 0 uses two slots)."""
+    if mask is None:
+        rows = torch.tensor([[-1, -1, 0, 0, 0, 1, 1, 1, 1, 1, 1], [0, 0, 0, -1, -1, 1, 1, 2, 2, 2, 2]])
+        mask = torch.nn.functional.one_hot(rows.clamp(min=0), IDEFICS_M) * (rows >= 0)[..., None]
+    g = torch.Generator().manual_seed(seed)
+    return dict(input_ids=torch.randint(3, 60, (IDEFICS_B, IDEFICS_LT), generator=g),
+                pixel_values=torch.randn(IDEFICS_B, IDEFICS_M, 3, IDEFICS_IMG, IDEFICS_IMG, generator=g),
+                image_attention_mask=mask)
+
+def _qwen_models() -> dict:
+    """The Qwen-VL towers and models, each where this transformers has it."""
+    out = {}
+    depth = {"qwen2_vl": 2, "qwen2_5_vl": 4, "qwen3_vl": 3}
+    for family, (vision_cfg, tower, _, cls) in _QWEN.items():
+        if not hasattr(transformers, vision_cfg):
+            continue
+        kinds = {"attention": depth[family], "rotary": depth[family], "patch_embed": 1, "tower": 1}
+        ops = {"attention", "rotary_embedding", "patch_embed"}
+        out[tower] = (lambda f=family: qwen_tower(f), _qwen_tower_inputs, _tower_out, kinds, ops)
+        out[cls] = (lambda f=family: qwen_vlm(f), _qwen_vlm_inputs, _logits, kinds, ops)
+    return out
+
 def _qformer_inputs():
     mask = torch.ones(3, 7, dtype=torch.long)
     mask[1, 4:] = 0  # padded image tokens of a smaller image
@@ -114,6 +250,18 @@ MODELS = {
         {"attention", "patch_embed", "qformer_cross_attention"}),
     "LlavaForConditionalGeneration": (llava, lambda: dict(pixel_values=_pixels(), input_ids=_ids(4)), _logits,
                                       {"attention": 2, "patch_embed": 1}, {"attention", "patch_embed"}),
+    "InternVLVisionModel": (internvl_vision, lambda: dict(pixel_values=_pixels(h=16, w=16)), _hidden,
+                            {"attention": 2, "patch_embed": 1}, {"attention", "patch_embed"}),
+    "InternVLForConditionalGeneration": (
+        internvl, lambda: dict(pixel_values=_pixels(b=2, h=16, w=16),
+                               input_ids=torch.tensor([[IMAGE_TOKEN] * 4 + [5, 6], [IMAGE_TOKEN] * 4 + [7, 8]])),
+        _logits, {"attention": 2, "patch_embed": 1}, {"attention", "patch_embed"}),
+    **_qwen_models(),
+    **({"IdeficsForVisionText2Text": (
+        idefics, idefics_inputs, _logits,
+        # the resampler's 2 attentions (swapped forwards) + the vision tower's layer (config switch)
+        {"attention": 3, "patch_embed": 1, "gated_cross_attention": 2, "media_cross_attention": 2},
+        {"attention", "patch_embed", "media_cross_attention"})} if hasattr(transformers, "IdeficsConfig") else {}),
 }
 
 

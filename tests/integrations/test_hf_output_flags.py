@@ -16,7 +16,9 @@ transformers = pytest.importorskip("transformers")
 
 ATOL, RTOL = 2e-5, 1e-5
 WEIGHTS = "output_attentions=True needs the attention weights"
-TOWERS = {"ViTModel", "CLIPVisionModel", "SiglipVisionModel", "Blip2VisionModel", "Blip2QFormerModel"}
+TOWERS = {"ViTModel", "CLIPVisionModel", "SiglipVisionModel", "Blip2VisionModel", "Blip2QFormerModel",
+          "InternVLVisionModel", "Qwen2VisionTransformerPretrainedModel", "Qwen2_5_VisionTransformerPretrainedModel",
+          "Qwen3VLVisionModel"}
 
 # name: (where the flag is set, flags)
 CASES = {
@@ -102,10 +104,11 @@ def test_output_flags_as_unpatched(case, impl, hf_any_model, hf_models, ops_run,
         return
     assert not isinstance(got, Exception), got
     _assert_same(got, ref)
-    assert {op for op, _ in ops_run} >= ops - {"attention", "qformer_cross_attention"}
+    # The ops of an attention module (a Qwen-VL tower's rotary is part of its attention forward) may hand back.
+    assert {op for op, _ in ops_run} >= ops - {"attention", "qformer_cross_attention", "rotary_embedding"}
     if flags.get("output_attentions"):  # weights recorded or passed: the model's own attention ran, counted
-        assert set(report.fallbacks) <= {WEIGHTS, f"Blip2QFormerMultiHeadAttention: {WEIGHTS}",
-                                         f"InstructBlipQFormerMultiHeadAttention: {WEIGHTS}"}, report.fallbacks
+        # the attention function's own fallback, or a swapped forward's (named by its class)
+        assert all(r == WEIGHTS or r.endswith(f"Attention: {WEIGHTS}") for r in report.fallbacks), report.fallbacks
         weights = ref.get("attentions") if isinstance(ref, dict) else None
         if weights and hf_any_model in TOWERS:  # weights of our modules (composites: the language model's)
             assert sum(report.fallbacks.values()) >= len(weights), report.fallbacks

@@ -10,6 +10,7 @@ import torch
 
 import mmkernels
 from mmkernels.integrations.hf import patch, unpatch
+from mmkernels.integrations.hf._patching import is_swapped
 
 transformers = pytest.importorskip("transformers")
 
@@ -24,7 +25,7 @@ def _build(hf_models, name):
 
 def _attn_impls(model):
     return {id(m.config): m.config.__dict__.get("_attn_implementation_internal")
-            for m in model.modules() if hasattr(m, "config")}
+            for m in model.modules() if hasattr(getattr(m, "config", None), "_attn_implementation")}
 
 
 def test_patch_matches_and_unpatch_is_exact(hf_vision_model, hf_models, ops_run, no_backend_env):
@@ -49,7 +50,10 @@ def test_patch_matches_and_unpatch_is_exact(hf_vision_model, hf_models, ops_run,
         assert list(model.state_dict()) == keys
         assert [(n, p) for n, p in model.named_parameters()] == params  # same tensors, same order
 
-        assert unpatch(model) == kinds.get("patch_embed", 0) + kinds.get("qformer", 0)
+        # Every swapped forward is restored (attention switched through configs is not a swapped forward).
+        swapped = sum(1 for m in model.modules() if is_swapped(m))
+        assert swapped >= kinds.get("patch_embed", 0) + kinds.get("qformer", 0)
+        assert unpatch(model) == swapped
         ops_run.clear()
         again = output(model(**inputs))
         assert not ops_run, ops_run
@@ -241,14 +245,19 @@ def test_compile(name, fullgraph, hf_models, ops_run, no_backend_env):
 def test_qformer_with_a_padded_image_mask_compiles_as_one_graph(hf_models, ops_run, no_backend_env):
     """The Q-Former patch turns the image mask into kv_lens without a host read inside torch.compile (a device-side
     assertion instead of a bool()), so the patched Q-Former with a padded image mask compiles with fullgraph=True,
-    matches the eager unpatched model and trains."""
+    matches the eager unpatched model and trains. On transformers < 5.25 (5.17 tested) the mask reaches our
+    attention-mask check under compile, a graph break (docs/integrations/hf.md): there it compiles with breaks and
+    must still match and train."""
+    from packaging.version import Version
+
+    fullgraph = Version(transformers.__version__) >= Version("5.25")
     model, inputs, output, _, _ = _build(hf_models, "Blip2QFormerModel")
     assert not inputs["encoder_attention_mask"].all()  # padded image tokens
     with torch.no_grad():
         ref = output(model(**inputs))
     patch(model)
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=fullgraph)
     out = output(compiled(**inputs))
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=RTOL)
     assert "qformer_cross_attention" in {op for op, _ in ops_run}
@@ -274,6 +283,9 @@ def test_bench_cli(capsys):
 
 def test_package_exports():
     assert mmkernels.integrations.hf.patch is patch
+    from mmkernels.integrations.hf import PATCH_OPS  # the keys a backend mapping may use (docs/integrations/hf.md)
+
+    assert "rotary_embedding" in PATCH_OPS and "media_cross_attention" in PATCH_OPS
 
 
 def test_deepcopy_and_save_pretrained_of_a_patched_model(hf_models, tmp_path, ops_run, no_backend_env):

@@ -4,6 +4,9 @@ InstructBLIP's Q-Former for query tokens, the converter's errors, the FLOP split
 
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 import torch
 
@@ -12,6 +15,11 @@ from mmkernels.models.convert.qformer import ConversionError, hf_to_mmkernels
 from mmkernels.models.qformer import PRESETS, QFormerConfig, qformer_flops
 from mmkernels.ops.qformer_attention import QFORMER_BACKENDS
 from mmkernels.testing import assert_within_ref_error
+
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)  # tests/ (importlib import mode)
+from random_weights import randomise  # noqa: E402  (tests/random_weights.py)
 
 transformers = pytest.importorskip("transformers")
 
@@ -22,21 +30,9 @@ SMALL = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, interme
              encoder_hidden_size=40, cross_attention_frequency=2)
 
 
-def _randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter random (HF zeroes biases and sets LayerNorms to 1: too easy to match)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("weight") and p.dim() == 1:
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g) * (1 if p.dim() > 1 else 4))
-    return model.eval()
-
-
 def hf_qformer(attn="eager", **overrides):
     cfg = transformers.Blip2QFormerConfig(**{**SMALL, **overrides}, attn_implementation=attn)
-    return _randomise(transformers.Blip2QFormerModel(cfg))
+    return randomise(transformers.Blip2QFormerModel(cfg))
 
 
 def inputs(B, Lq, Lk, d, e, lens=None, seed=0):
@@ -95,7 +91,7 @@ def test_bf16_within_2x_of_hf_bf16():
 @pytest.fixture(scope="module")
 def hf_real():
     torch.manual_seed(0)
-    return _randomise(transformers.Blip2QFormerModel(transformers.Blip2QFormerConfig(attn_implementation="sdpa")))
+    return randomise(transformers.Blip2QFormerModel(transformers.Blip2QFormerConfig(attn_implementation="sdpa")))
 
 
 @pytest.mark.parametrize("lens", [None, [257, 130]], ids=["nomask", "mask"])
@@ -111,10 +107,10 @@ def test_matches_hf_real_config(hf_real, lens):
 
 
 def test_instructblip_query_only_forward_matches():
-    """InstructBLIP's Q-Former with no instruction tokens (input_ids=None) computes the same as BLIP-2's; its text
-    weights (word/position embeddings, text FFN) are recognised and dropped."""
+    """InstructBLIP's Q-Former with no instruction tokens (input_ids=None) computes the same as BLIP-2's (its text
+    path, loaded, is unused; with an instruction: tests/models/test_qformer_instruction.py)."""
     cfg = transformers.InstructBlipQFormerConfig(**SMALL, attn_implementation="eager")
-    hf = _randomise(transformers.InstructBlipQFormerModel(cfg))
+    hf = randomise(transformers.InstructBlipQFormerModel(cfg))
     ours = QFormer.from_hf(hf, backend="reference")
     q, img, mask = inputs(2, 8, 15, 64, 40, [15, 4])
     want = hf(input_ids=None, query_embeds=q, encoder_hidden_states=img, encoder_attention_mask=mask)

@@ -4,7 +4,9 @@ embeddings), conversion errors, gradients to every parameter, torch.compile."""
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 
 import pytest
 import torch
@@ -13,42 +15,35 @@ from mmkernels.models import ViT
 from mmkernels.models.convert.vit import ConversionError, hf_to_mmkernels, timm_to_mmkernels
 from mmkernels.models.vit import PRESETS, ViTConfig
 
+_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)  # tests/ (importlib import mode)
+from random_weights import randomise  # noqa: E402  (tests/random_weights.py)
+
 transformers = pytest.importorskip("transformers")
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
 
 RTOL, ATOL = 1e-5, 1e-5  # fp32 parity (LayerNorm-normalised outputs are O(1))
 
 
-def _randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter random (HF/timm zero their biases and BLIP-2 inits with std 1e-10: too easy to match)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("weight") and p.dim() == 1:  # LayerNorm gains near 1
-                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g) * (1 if p.dim() > 1 else 4))
-    return model.eval()
-
-
 def hf_vit(image_size=32, patch_size=8, channels=3, qkv_bias=True):
     cfg = transformers.ViTConfig(image_size=image_size, patch_size=patch_size, num_channels=channels, hidden_size=48,
                                  num_hidden_layers=2, num_attention_heads=4, intermediate_size=80, qkv_bias=qkv_bias,
                                  attn_implementation="sdpa")
-    return _randomise(transformers.ViTModel(cfg))
+    return randomise(transformers.ViTModel(cfg))
 
 
 def hf_blip2(image_size=28, patch_size=14):
     cfg = transformers.Blip2VisionConfig(image_size=image_size, patch_size=patch_size, hidden_size=64,
                                          num_hidden_layers=2, num_attention_heads=8, intermediate_size=96)
-    return _randomise(transformers.Blip2VisionModel(cfg))
+    return randomise(transformers.Blip2VisionModel(cfg))
 
 
 def timm_model(**kw):
     args = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, mlp_ratio=2.0, num_classes=10,
                 dynamic_img_size=True)
     args.update(kw)
-    return _randomise(timm_vit.VisionTransformer(**args))
+    return randomise(timm_vit.VisionTransformer(**args))
 
 
 def close(a, b):
@@ -135,7 +130,7 @@ def test_hf_vit_old_key_names():
 def test_hf_classification_wrapper_and_prefix():
     cfg = transformers.ViTConfig(image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1,
                                  num_attention_heads=2, intermediate_size=40, num_labels=5)
-    clf = _randomise(transformers.ViTForImageClassification(cfg))
+    clf = randomise(transformers.ViTForImageClassification(cfg))
     ours = ViT.from_hf(clf)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -200,7 +195,7 @@ def test_blip2_g14_head_dim_88_tiny():
     """Head dim 88 (ViT-g/14) with few layers and a small image, against HF."""
     cfg = transformers.Blip2VisionConfig(image_size=28, patch_size=14, hidden_size=176, num_hidden_layers=1,
                                          num_attention_heads=2, intermediate_size=64)
-    hf = _randomise(transformers.Blip2VisionModel(cfg))
+    hf = randomise(transformers.Blip2VisionModel(cfg))
     ours = ViT.from_hf(hf)
     assert ours.config.head_dim == 88
     x = torch.randn(1, 3, 28, 28)

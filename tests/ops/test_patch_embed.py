@@ -295,3 +295,30 @@ def test_pos_embed_without_cls_counts_patches_only():
     patch_embed(x, w, pos_embed=torch.randn(4, 8), backend="reference")
     with pytest.raises(ValueError, match="L = 4"):
         patch_embed(x, w, pos_embed=torch.randn(5, 8), backend="reference")
+
+
+# ---- flattened 2-D / 3-D patches (Qwen-VL towers: a stride = kernel Conv3d over pre-flattened patches) ----------
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("n, c, t, p, d, bias", [(37, 3, 2, 4, 40, False), (1, 3, 2, 6, 17, True),
+                                                 (5, 1, 3, 2, 8, True), (0, 3, 2, 4, 8, True)])
+def test_flattened_patches_equal_conv3d(n, c, t, p, d, bias, backend):
+    """``patch_embed`` over N one-patch images of C*T channels is the Conv3d (stride = kernel) over flattened
+    patches, forward and every gradient (views of the inputs: nothing copied)."""
+    g = torch.Generator().manual_seed(n + d)
+    x = torch.randn(n, c * t * p * p, generator=g, requires_grad=True)
+    w = torch.randn(d, c, t, p, p, generator=g, requires_grad=True)
+    b = torch.randn(d, generator=g, requires_grad=True) if bias else None
+    ref = torch.nn.functional.conv3d(x.double().view(-1, c, t, p, p), w.double(), None if b is None else b.double(),
+                                     stride=(t, p, p)).view(n, d)
+    out = patch_embed(x.view(n, c * t, p, p), w.view(d, c * t, p, p), b, backend=backend).view(n, d)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    grad = torch.randn(n, d, generator=g)
+    wanted = [x, w] + ([b] if bias else [])
+    got = torch.autograd.grad(out, wanted, grad, allow_unused=True)
+    exp = torch.autograd.grad(ref, wanted, grad.double(), allow_unused=True)
+    for name, a, e in zip(("x", "w", "b"), got, exp):
+        e = torch.zeros_like(a) if e is None else e
+        torch.testing.assert_close(a.double(), e.double(), atol=1e-4, rtol=1e-5,
+                                   msg=lambda m, name=name: f"{name}: {m}")

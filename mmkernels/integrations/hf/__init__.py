@@ -10,10 +10,11 @@ from __future__ import annotations
 from ._patching import PatchReport, Replacement, Skipped
 from .attention import ATTN_NAME, FALLBACKS, attention_forward, register
 from .moe import EXPERTS_FALLBACKS, EXPERTS_NAME, experts_forward, register_experts
-from .patch import COVERED, patch, unpatch
+from .patch import COVERED, PATCH_OPS, patch, unpatch
 
-__all__ = ["ATTN_NAME", "COVERED", "EXPERTS_FALLBACKS", "EXPERTS_NAME", "FALLBACKS", "PatchReport", "Replacement",
-           "Skipped", "attention_forward", "experts_forward", "patch", "register", "register_experts", "unpatch"]
+__all__ = ["ATTN_NAME", "COVERED", "EXPERTS_FALLBACKS", "EXPERTS_NAME", "FALLBACKS", "PATCH_OPS", "PatchReport",
+           "Replacement", "Skipped", "attention_forward", "experts_forward", "patch", "register", "register_experts",
+           "unpatch"]
 
 register()
 register_experts()

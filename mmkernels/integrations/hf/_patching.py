@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import pickle
 import types
 from collections.abc import Callable, Iterator, Mapping
@@ -149,12 +150,17 @@ def _hooked(module: torch.nn.Module) -> bool:
     return getattr(module, "_hf_hook", None) is not None and _HOOK_SLOT in module.__dict__
 
 
-def swap_forward(module: torch.nn.Module, forward: Callable, kind: str) -> bool:
+def swap_forward(module: torch.nn.Module, forward: Callable, kind: str,
+                 state: tuple[str, object] | None = None) -> bool:
     """Make ``forward(module, *args, **kwargs)`` the module's forward. Returns False, changing nothing, when the
     module is already swapped. The original stays reachable as ``original_forward(module)``. Under an accelerate hook
-    the hook's ``_old_forward`` is swapped, so the hook keeps running around ours."""
+    the hook's ``_old_forward`` is swapped, so the hook keeps running around ours. ``state``: ``(attribute, value)``
+    the replacement reads (its report, its backend), set only when this call swaps: a module patched before (through
+    a part of the model) keeps reporting to the patch that swapped it."""
     if is_swapped(module):
         return False
+    if state is not None:
+        module.__dict__[state[0]] = state[1]
     if not _picklable(forward):
         raise TypeError(f"swap_forward: the replacement for {type(module).__name__} must be a module-level function or "
                         f"a functools.partial of one (a patched model must pickle), got {forward!r}")
@@ -280,6 +286,24 @@ def weights_recorded(module: torch.nn.Module, kwargs: Mapping | None = None) -> 
         return True
     keys = _recording_keys(module)
     return bool(keys and any(k != "hidden_states" for k in keys))
+
+
+def family_classes(module_name: str, names, report: PatchReport, kind: str) -> dict[str, type]:
+    """The classes of ``names`` that this transformers has; the missing ones are reported as skipped. An entry
+    ``"A|B"`` names alternatives (a class renamed between releases): reported only when none exists."""
+    try:
+        mod = importlib.import_module(module_name)
+    except ImportError as exc:
+        report.skip("", kind, f"{module_name} cannot be imported ({exc})")
+        return {}
+    found = {}
+    for entry in names:
+        hits = {n: c for n in entry.split("|") if isinstance(c := getattr(mod, n, None), type)}
+        if hits:
+            found.update(hits)
+        else:
+            report.skip("", kind, f"{module_name}.{entry} does not exist in this transformers version: not patched")
+    return found
 
 
 def op_backend(backend: str | Mapping[str, str] | None, op: str) -> str | None:

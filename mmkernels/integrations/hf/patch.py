@@ -2,14 +2,19 @@
 
 What ``patch`` changes, and nothing else:
 - ``attention``: every covered attention module (vision towers and Q-Formers: ViT, CLIP vision, SigLIP vision,
-  BLIP-2 / InstructBLIP vision and Q-Former; and LongCat-Flash's multi-head latent attention, whose 192-wide
-  queries/keys and 128-wide values run as one call of the op, unpadded) gets a private copy of its config whose
-  ``_attn_implementation`` is ``"mmkernels"`` (its ``config`` attribute; ``unpatch`` puts the model's config back).
+  BLIP-2 / InstructBLIP vision and Q-Former, InternVL's InternViT; and LongCat-Flash's multi-head latent attention,
+  whose 192-wide queries/keys and 128-wide values run as one call of the op, unpadded) gets a private copy of its
+  config whose ``_attn_implementation`` is ``"mmkernels"`` (its ``config`` attribute; ``unpatch`` puts the model's
+  config back).
   The model's configs are not changed, so they save, validate and accept flags (``config.output_attentions =
   True``) exactly as before, and a call our kernels cannot take runs what the model's config names. Other language
   models (LLaVA's, BLIP-2's OPT/T5) keep their attention (``attn_implementation="mmkernels"`` opts one in by name).
 - ``patch_embed`` / ``qformer`` / ``moe``: the forward of the covered modules is redirected (see ``_patching``);
   parameters, buffers and sub-modules are never touched.
+- the packed native-resolution towers of Qwen2-VL / Qwen2.5-VL / Qwen3-VL (``qwen_vl``): their vision attention
+  (rotary + one varlen call per block, under ``attention``), their Conv3d patch embedding (one GEMM, under
+  ``patch_embed``) and the tower itself (packed lengths once per forward, under ``attention``) are redirected
+  forwards too.
 
 A patched model pickles (``torch.save``/``torch.load``, ``copy.deepcopy``) as a patched model, and ``unpatch`` works
 on the copy; ``save_pretrained`` and state dicts are the plain HF ones. accelerate hooks (``cpu_offload``,
@@ -21,7 +26,6 @@ in the report (only for the families the model uses).
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping
 
 from torch import nn
@@ -29,8 +33,10 @@ from torch import nn
 from ... import ops as _ops  # noqa: F401  (registers every op's backends before names are checked)
 from ..._backends import BACKENDS, BackendError, resolve_backends
 from . import attention as _attention
-from ._patching import PatchReport, restore_all
+from ._patching import PatchReport, family_classes, is_swapped, restore_all
+from .idefics import patch_idefics
 from .qformer import patch_qformer
+from .qwen_vl import patch_packed_towers
 from .vision import patch_vision_embeddings
 
 __all__ = ["COVERED", "PATCH_OPS", "patch", "unpatch"]
@@ -46,34 +52,20 @@ COVERED: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
         ("InstructBlipAttention", "InstructBlipQFormerMultiHeadAttention"), ("InstructBlipVisionEmbeddings",),
         ("InstructBlipQFormerLayer",)),
     "transformers.models.longcat_flash.modeling_longcat_flash": (("LongcatFlashMLA",), (), ()),
+    "transformers.models.internvl.modeling_internvl": (("InternVLVisionAttention",), ("InternVLVisionEmbeddings",), ()),
+    "transformers.models.idefics.vision": (("IdeficsVisionAttention",), ("IdeficsVisionEmbeddings",), ()),
 }
 # Attention classes covered in a language model too (the rest are covered only under a vision / Q-Former config).
 DECODER_ATTENTION = frozenset({"LongcatFlashMLA"})
 # The ops ``patch`` can run (the keys a ``backend`` mapping may use), and the op behind each kind of replacement
 # that does not check its own backend (the MoE part checks moe_route / moe_experts when it patches a block).
-PATCH_OPS = ("attention", "patch_embed", "qformer_cross_attention", "moe_route", "moe_experts")
-_KIND_OPS = {"attention": "attention", "patch_embed": "patch_embed", "qformer": "qformer_cross_attention"}
+PATCH_OPS = ("attention", "patch_embed", "qformer_cross_attention", "rotary_embedding", "media_cross_attention",
+             "moe_route", "moe_experts")
+_KIND_OPS = {"attention": "attention", "patch_embed": "patch_embed", "qformer": "qformer_cross_attention",
+             "rotary": "rotary_embedding", "media_cross_attention": "media_cross_attention"}
 _OWNER = "mmkernels.integrations.hf.patch"
 _STATE = "_mmkernels_hf_patch"  # on the root module: {"report", "backend", "moe"}
 _DETAIL = "ops.attention via attn_implementation='mmkernels' (padding -> varlen; other masks fall back)"
-
-
-def _classes(module_name: str, names, report: PatchReport, kind: str) -> dict[str, type]:
-    """The classes of ``names`` that this transformers has; the missing ones are reported as skipped. An entry
-    ``"A|B"`` names alternatives (a class renamed between releases): reported only when none exists."""
-    try:
-        mod = importlib.import_module(module_name)
-    except ImportError as exc:
-        report.skip("", kind, f"{module_name} cannot be imported ({exc})")
-        return {}
-    found = {}
-    for entry in names:
-        hits = {n: c for n in entry.split("|") if isinstance(c := getattr(mod, n, None), type)}
-        if hits:
-            found.update(hits)
-        else:
-            report.skip("", kind, f"{module_name}.{entry} does not exist in this transformers version: not patched")
-    return found
 
 
 def _is_vision_or_qformer(config) -> bool:
@@ -87,9 +79,11 @@ def patch(model: nn.Module, *, attention: bool = True, patch_embed: bool = True,
 
     Args:
         model: any ``nn.Module`` holding HF modules (a ``PreTrainedModel`` or a part of one).
-        attention: vision-tower and Q-Former attention through ``"mmkernels"`` (:func:`mmkernels.ops.attention`).
-        patch_embed: ViT / CLIP / SigLIP / BLIP-2 / InstructBLIP patch embeddings through
-            :func:`mmkernels.ops.patch_embed` (``interpolate_pos_encoding`` included).
+        attention: vision-tower and Q-Former attention through ``"mmkernels"`` (:func:`mmkernels.ops.attention`);
+            in Qwen2-VL / Qwen2.5-VL / Qwen3-VL towers also the rotary (:func:`mmkernels.ops.rotary_embedding`).
+        patch_embed: ViT / CLIP / SigLIP / BLIP-2 / InstructBLIP / InternVL patch embeddings through
+            :func:`mmkernels.ops.patch_embed` (``interpolate_pos_encoding`` included), and the Qwen-VL Conv3d over
+            flattened patches (one GEMM).
         qformer: BLIP-2 / InstructBLIP Q-Former cross-attention through :func:`mmkernels.ops.qformer_cross_attention`.
         moe: Mixtral / LongCat-Flash / DeepSeek-V3 MoE blocks through ``moe_route`` / ``moe_experts``
             (:mod:`mmkernels.integrations.hf.moe`).
@@ -103,7 +97,8 @@ def patch(model: nn.Module, *, attention: bool = True, patch_embed: bool = True,
     Returns:
         :class:`PatchReport`: modules replaced (path, kind, class), parts skipped and why, and (growing as the
         model runs) calls that fell back to the model's own code. Patching a patched model is a no-op that returns
-        the first report; call :func:`unpatch` first to change the options.
+        the first report; call :func:`unpatch` first to change the options. If a part of it was unpatched since
+        (``unpatch(model.visual)``), the whole model is unpatched and patched afresh, with a new report.
 
     Raises ``TypeError`` when ``model`` is not an ``nn.Module``, and :class:`mmkernels.BackendError` when
     ``backend`` names an unknown backend or op, or one that an op this model would run does not implement (e.g.
@@ -114,7 +109,9 @@ def patch(model: nn.Module, *, attention: bool = True, patch_embed: bool = True,
     _check_backend_names(backend)
     state = model.__dict__.get(_STATE)
     if state is not None:
-        return state["report"]
+        if _still_patched(model, state["report"]):
+            return state["report"]
+        unpatch(model)  # a part was unpatched since (``unpatch(model.visual)``): patch the whole model afresh
     config = getattr(model, "config", None)
     report = PatchReport(model_type=getattr(config, "model_type", "") or type(model).__name__)
     state = {"report": report, "backend": backend}
@@ -128,6 +125,18 @@ def patch(model: nn.Module, *, attention: bool = True, patch_embed: bool = True,
         unpatch(model)  # all or nothing: an error (e.g. a BackendError from the MoE part) leaves the model as it was
         raise
     return report
+
+
+def _still_patched(model: nn.Module, report: PatchReport) -> bool:
+    """Whether every module the report names still runs our code (swapped forward or switched attention)."""
+    for r in report.replaced:
+        try:
+            module = model.get_submodule(r.path)
+        except AttributeError:
+            return False
+        if not (is_swapped(module) or _attention.ENTRY_ATTR in module.__dict__):
+            return False
+    return True
 
 
 def _check_backend_names(backend) -> None:
@@ -155,7 +164,7 @@ def _patch(model: nn.Module, state: dict, *, attention: bool, patch_embed: bool,
         _attention.register()
         attn_classes: dict[str, type] = {}
         for module_name, (attn, _, _) in families.items():
-            attn_classes.update(_classes(module_name, attn, report, "attention"))
+            attn_classes.update(family_classes(module_name, attn, report, "attention"))
         views: dict[int, object] = {}
         for path, module in model.named_modules():
             cls = attn_classes.get(type(module).__name__)
@@ -174,15 +183,21 @@ def _patch(model: nn.Module, state: dict, *, attention: bool, patch_embed: bool,
                                         for m in model.modules()):
                 report.skip("", "attention", f"no attention module of {module_name} reads a config with "
                             "_attn_implementation in this transformers version: attention not patched")
+    # Packed native-resolution towers (Qwen2-VL, Qwen2.5-VL, Qwen3-VL): their attention, rotary and Conv3d patch
+    # embedding are swapped forwards (see qwen_vl), not an attention implementation.
+    patch_packed_towers(model, report, attention=attention, patch_embed=patch_embed, backend=backend)
+    if attention:  # IDEFICS (v1): its perceiver resampler's attention and its gated cross-attention layers
+
+        patch_idefics(model, report, backend=backend)
     if patch_embed:
         emb_classes: dict[str, type] = {}
         for module_name, (_, emb, _) in families.items():
-            emb_classes.update(_classes(module_name, emb, report, "patch_embed"))
+            emb_classes.update(family_classes(module_name, emb, report, "patch_embed"))
         patch_vision_embeddings(model, report, emb_classes, backend=backend)
     if qformer:
         layer_classes: dict[str, type] = {}
         for module_name, (_, _, layers) in families.items():
-            layer_classes.update(_classes(module_name, layers, report, "qformer"))
+            layer_classes.update(family_classes(module_name, layers, report, "qformer"))
         patch_qformer(model, report, layer_classes, backend=backend)
         # A cross-attention module whose forward is now ours no longer reaches the attention function.
         ours = {r.path for r in report.replaced if r.kind == "qformer"}
@@ -205,7 +220,8 @@ def unpatch(model: nn.Module) -> int:
     patched model).
 
     Returns the number of modules whose ``forward`` was restored (patch embeddings, Q-Former layers, MoE blocks,
-    experts and routers); attention is switched through configs and not counted. An unpatched model is left alone
+    experts and routers, Qwen-VL towers and their vision attention); attention switched through configs is not
+    counted. An unpatched model is left alone
     (0). The model's configs were never changed: a ``set_attn_implementation`` call made while patched takes effect
     for the attention modules at ``unpatch`` (and for fallbacks at once)."""
     if not isinstance(model, nn.Module):

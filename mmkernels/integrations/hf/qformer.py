@@ -127,7 +127,6 @@ def patch_qformer(model: nn.Module, report: PatchReport, classes: dict[str, type
         if missing:
             report.skip(path, "qformer", f"{name} has no {', '.join(missing)} in this transformers version")
             continue
-        attn.__dict__[_STATE] = (report, backend)
-        if swap_forward(attn, _forward, "qformer"):
+        if swap_forward(attn, _forward, "qformer", state=(_STATE, (report, backend))):
             report.add(f"{path}.crossattention.attention", "qformer", attn,
                        "ops.qformer_cross_attention (encoder_attention_mask -> kv_lens)")

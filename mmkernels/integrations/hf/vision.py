@@ -8,7 +8,11 @@ Covered embedding classes (each reads its own parameters; nothing is copied or r
 - ``CLIPVisionEmbeddings``: ``patch_embedding`` (no bias), ``class_embedding``, ``position_embedding(position_ids)``;
 - ``SiglipVisionEmbeddings``: no cls token, ``position_embedding(position_ids)``;
 - ``Blip2VisionEmbeddings`` / ``InstructBlipVisionEmbeddings``: ``class_embedding``, ``position_embedding``
-  (sliced to the token count, as HF does).
+  (sliced to the token count, as HF does);
+- ``IdeficsVisionEmbeddings`` (IDEFICS v1's CLIP-style tower): as CLIP's;
+- ``InternVLVisionEmbeddings`` (InternViT, the tower of InternVL): ``patch_embeddings.projection`` (Conv2d with
+  bias), ``cls_token``, ``position_embeddings`` when the config has them (resized by the model's own
+  ``interpolate_pos_encoding``, which it always calls), then its dropout.
 
 A call the fused op cannot take runs the model's own forward (and is counted in the report): ViT's
 ``bool_masked_pos`` (mask tokens), an image size that is not a multiple of the patch size, a projection that is not
@@ -36,6 +40,8 @@ EMBEDDING_FAMILIES = {
     "SiglipVisionEmbeddings": ("patch_embedding", None, "embedding"),
     "Blip2VisionEmbeddings": ("patch_embedding", "class_embedding", "blip2"),
     "InstructBlipVisionEmbeddings": ("patch_embedding", "class_embedding", "blip2"),
+    "InternVLVisionEmbeddings": ("patch_embeddings.projection", "cls_token", "internvl"),
+    "IdeficsVisionEmbeddings": ("patch_embedding", "class_embedding", "embedding"),
 }
 _STATE = "_mmkernels_patch_embed"  # (conv path, cls attr, style, report, backend) on the patched module
 
@@ -62,6 +68,10 @@ def _pos_embed(self, style: str, n_tokens: int, dim: int, height: int, width: in
     proxy = like.new_empty((0, n_tokens, dim))  # the models' resize reads only the token count and width
     if style == "vit":
         return self.interpolate_pos_encoding(proxy, height, width) if interpolate else self.position_embeddings
+    if style == "internvl":  # absolute positions are optional; the model always resizes them (a no-op at its size)
+        if self.position_embeddings is None:
+            return None
+        return self.interpolate_pos_encoding(proxy, height, width)
     if style == "embedding":
         if interpolate:
             return self.interpolate_pos_encoding(proxy, height, width)
@@ -72,9 +82,10 @@ def _pos_embed(self, style: str, n_tokens: int, dim: int, height: int, width: in
 
 def _forward(self, pixel_values: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     conv_path, cls_attr, style, report, backend = self.__dict__[_STATE]
-    names = ("bool_masked_pos", "interpolate_pos_encoding") if style == "vit" else ("interpolate_pos_encoding",)
+    names = {"vit": ("bool_masked_pos", "interpolate_pos_encoding"), "internvl": ("bool_masked_pos",)}.get(
+        style, ("interpolate_pos_encoding",))
     given = dict(zip(names, args), **kwargs)
-    interpolate = bool(given.get("interpolate_pos_encoding", False))
+    interpolate = style == "internvl" or bool(given.get("interpolate_pos_encoding", False))
     bool_masked_pos = given.get("bool_masked_pos")
     conv = _get(self, conv_path)
 
@@ -84,7 +95,8 @@ def _forward(self, pixel_values: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
     if bool_masked_pos is not None:
         return fallback("bool_masked_pos (mask tokens)")
-    if not _plain_conv(conv) or (style == "vit" and not plain_forward(self.patch_embeddings)):
+    wrapped = style in ("vit", "internvl")  # the conv sits in a patch-embeddings module whose forward we skip
+    if not _plain_conv(conv) or (wrapped and not plain_forward(self.patch_embeddings)):
         return fallback("the patch projection is not a plain stride-P Conv2d any more")
     if pixel_values.dim() != 4 or pixel_values.shape[1] != conv.in_channels:
         return original_forward(self)(pixel_values, *args, **kwargs)  # the model raises its own error
@@ -98,11 +110,11 @@ def _forward(self, pixel_values: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return fallback(f"image size {h}x{w} is not a multiple of the patch size {p}")
     cls = getattr(self, cls_attr) if cls_attr is not None else None
     n_tokens = (1 if cls is not None else 0) + (h // p) * (w // p)
-    skipped = (self.patch_embeddings, conv) if style == "vit" else (conv,)  # modules whose forward we do not call
+    skipped = (self.patch_embeddings, conv) if wrapped else (conv,)  # modules whose forward we do not call
     with materialized(*skipped):  # accelerate: their offloaded weights, loaded around our read (their hooks)
         dtype = conv.weight.dtype
         pos = _pos_embed(self, style, n_tokens, conv.out_channels, h, w, interpolate, conv.weight)
-        if pos.shape[-2] != n_tokens:
+        if pos is not None and pos.shape[-2] != n_tokens:
             # More patches than positions: the model raises its own error.
             return original_forward(self)(pixel_values, *args, **kwargs)
         compute = dtype
@@ -111,7 +123,7 @@ def _forward(self, pixel_values: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             compute = torch.get_autocast_dtype(device)  # what Conv2d would run in
         weight, bias = conv.weight.to(compute), None if conv.bias is None else conv.bias.to(compute)
     out = patch_embed(
-        pixel_values.to(compute), weight, bias, pos_embed=pos.to(compute),
+        pixel_values.to(compute), weight, bias, pos_embed=None if pos is None else pos.to(compute),
         cls_token=None if cls is None else cls.to(compute), backend=op_backend(backend, "patch_embed"),
     )
     if out.dtype != dtype:
@@ -132,7 +144,7 @@ def patch_vision_embeddings(model: nn.Module, report: PatchReport, classes: dict
         conv = _get(module, conv_path)
         missing = [a for a in (conv_path, cls_attr) if a is not None and _get(module, a) is None]
         missing += [a for a in ({"vit": ("position_embeddings",), "embedding": ("position_embedding", "position_ids"),
-                                 "blip2": ("position_embedding",)}[style]) if _get(module, a) is None]
+                                 "blip2": ("position_embedding",), "internvl": ()}[style]) if _get(module, a) is None]
         if missing or not hasattr(module, "interpolate_pos_encoding"):
             report.skip(path, "patch_embed", f"{name} has no {', '.join(missing) or 'interpolate_pos_encoding'} in "
                         "this transformers version")
@@ -140,6 +152,5 @@ def patch_vision_embeddings(model: nn.Module, report: PatchReport, classes: dict
         if not _plain_conv(conv):
             report.skip(path, "patch_embed", f"{conv_path} is not a plain stride-P Conv2d ({type(conv).__name__})")
             continue
-        module.__dict__[_STATE] = (conv_path, cls_attr, style, report, backend)
-        if swap_forward(module, _forward, "patch_embed"):
+        if swap_forward(module, _forward, "patch_embed", state=(_STATE, (conv_path, cls_attr, style, report, backend))):
             report.add(path, "patch_embed", module, "ops.patch_embed (conv + bias + cls + pos in one kernel)")

@@ -18,8 +18,13 @@ def patch_embed_reference(
     """``[B, (1 if cls) + (H/P)*(W/P), D]``. ``pos_embed`` ``[L, D]`` (or ``[1, L, D]``), ``cls_token`` ``[D]``
     (or ``[1, 1, D]``)."""
     p = weight.shape[-1]
-    x = F.conv2d(pixels, weight, bias, stride=p)  # [B, D, Hp, Wp]
-    x = x.flatten(2).transpose(1, 2)  # [B, N, D]
+    if pixels.shape[-2:] == (p, p):
+        # One patch per image (the flattened patches of Qwen-VL towers): the convolution is one GEMM, run as one.
+        k = weight[0].numel()
+        x = F.linear(pixels.reshape(pixels.shape[0], k), weight.reshape(weight.shape[0], k), bias)[:, None, :]
+    else:
+        x = F.conv2d(pixels, weight, bias, stride=p)  # [B, D, Hp, Wp]
+        x = x.flatten(2).transpose(1, 2)  # [B, N, D]
     if cls_token is not None:
         x = torch.cat([cls_token.reshape(1, 1, -1).expand(x.shape[0], 1, -1).to(x.dtype), x], dim=1)
     if pos_embed is not None:

@@ -473,9 +473,15 @@ def _valid_value(space: Space, param: str, value: Any) -> bool:
         return value in (1, 2, 4, 8, 16, 32)
     if param == "num_stages":
         return 1 <= value <= 8
-    # blocks: powers of two that tl.dot accepts, no larger than the space's largest candidate (a larger tile is
-    # past what the estimates and the tuner ever checked: on a card it would fail with OutOfResources or spill)
-    return 16 <= value <= max(space.params[param]) and value & (value - 1) == 0
+    # blocks: powers of two that tl.dot accepts (>= 16, or down to the space's smallest candidate for a kernel
+    # without tl.dot, e.g. the rotary embedding's token and head blocks), no larger than the space's largest
+    # candidate (a larger tile is past what the estimates and the tuner ever checked: on a card it would fail with
+    # OutOfResources or spill)
+    return _block_floor(space, param) <= value <= max(space.params[param]) and value & (value - 1) == 0
+
+
+def _block_floor(space: Space, param: str) -> int:
+    return min(16, min(space.params[param]))
 
 
 _VALID = {"num_warps": "1, 2, 4, 8, 16 or 32", "num_stages": "an integer in 1...8"}
@@ -679,7 +685,8 @@ def _entry_problem(space: Space, key: str, cfg: Any) -> str | None:
     missing = sorted(set(space.params) - set(params))
     if missing:
         return f"missing parameter(s) {', '.join(missing)}"
-    bad = [f"{k}={v!r} (must be {_VALID.get(k) or f'a power of two in 16...{max(space.params[k])}'})"
+    bad = [f"{k}={v!r} (must be "
+           f"{_VALID.get(k) or f'a power of two in {_block_floor(space, k)}...{max(space.params[k])}'})"
            for k, v in params.items() if not _valid_value(space, k, v)]
     if bad:
         return f"invalid value(s) {', '.join(bad)}"

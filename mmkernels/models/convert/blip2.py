@@ -1,5 +1,7 @@
 """HF BLIP-2 (``Blip2Model`` / ``Blip2ForConditionalGeneration``, or its state dict with its ``Blip2Config``) -> the
-vision tower, learned queries and Q-Former of :class:`mmkernels.models.VisionLanguageModel`.
+vision tower, learned queries and Q-Former of :class:`mmkernels.models.VisionLanguageModel`. InstructBLIP
+(``InstructBlipForConditionalGeneration`` / ``InstructBlipConfig``) converts the same way, its Q-Former with the text
+path (word / position embeddings, text FFN) so that the model takes an instruction (``qformer_input_ids=``).
 
 :func:`from_hf_blip2` reads the configs and converts the weights (through :mod:`.vit` and :mod:`.qformer`);
 :func:`load_blip2` copies them into a built model. ``VisionLanguageModel.from_hf_blip2`` is these two calls around
@@ -68,7 +70,9 @@ def from_hf_blip2(model, *, decoder: ScMoEConfig | None = None, hf_config=None) 
     else:
         raise TypeError(f"{_OP}: model must be a HF BLIP-2 model or its state dict, got {type(model).__name__}")
     vision_cfg = vconv.vit_config_from_hf(hf_config.vision_config)
-    q_cfg = QFormerConfig.from_hf(hf_config.qformer_config)
+    # InstructBLIP's Q-Former text path (instruction tokens) when the weights hold its word embeddings
+    q_cfg = QFormerConfig.from_hf(hf_config.qformer_config,
+                                  text_input=f"qformer.{qconv.TEXT_EMBEDDING_KEY}" in state_dict)
     if "query_tokens" not in state_dict:
         raise ConversionError(f"{_OP}: no query_tokens in the state dict (not a BLIP-2 model?)")
     queries = state_dict["query_tokens"]

@@ -13,11 +13,18 @@ HF                                                                    mmkernels
 ``encoder.layer.L.crossattention.output.dense.*`` / ``.LayerNorm.*``  ``layers.L.cross_out.*`` / ``cross_norm.*``
 ``encoder.layer.L.intermediate_query.dense.*``                        ``layers.L.fc1.*``
 ``encoder.layer.L.output_query.dense.*`` / ``.LayerNorm.*``           ``layers.L.fc2.*`` / ``ffn_norm.*``
+``embeddings.word_embeddings.*``                                      ``word_embeddings.*`` (text path)
+``embeddings.position_embeddings.*``                                  ``position_embeddings.*`` (text path)
+``encoder.layer.L.intermediate.dense.*`` (L < last)                   ``layers.L.text_fc1.*`` (text path)
+``encoder.layer.L.output.dense.*`` / ``.LayerNorm.*`` (L < last)      ``layers.L.text_fc2.*`` / ``text_ffn_norm.*``
 ====================================================================  ==========================================
 
-Text-path weights that never touch query tokens are recognised and dropped: ``encoder.layer.L.intermediate.*``,
-``encoder.layer.L.output.*`` (the text FFN), ``embeddings.word_embeddings.*``, ``embeddings.position_embeddings.*``,
-``embeddings.position_ids``. Anything else unknown, or anything missing, is a :class:`ConversionError` listing the
+With ``config.vocab_size`` set (InstructBLIP's text path) the word / position embeddings and the text FFN of every
+layer but the last are loaded; the last layer's text FFN is recognised and dropped (its output, the text rows of HF's
+``last_hidden_state``, never reaches the query outputs: HF gives it zero gradients). Without it (BLIP-2), every
+text-path weight is recognised and dropped: ``encoder.layer.L.intermediate.*``, ``encoder.layer.L.output.*`` (the
+text FFN), ``embeddings.word_embeddings.*``, ``embeddings.position_embeddings.*``. ``embeddings.position_ids`` (a
+buffer) is always dropped. Anything else unknown, or anything missing, is a :class:`ConversionError` listing the
 keys. A full BLIP-2 / InstructBLIP state dict works too: the ``qformer.`` prefix is detected and other keys
 (vision model, language model, ``query_tokens``) are ignored. Nothing is downloaded.
 """
@@ -33,7 +40,9 @@ import torch
 from ..qformer_config import QFormerConfig
 from ._common import ConversionError, check_keys, check_value, strip_prefix
 
-__all__ = ["ConversionError", "from_hf", "hf_to_mmkernels"]
+__all__ = ["TEXT_EMBEDDING_KEY", "ConversionError", "from_hf", "hf_to_mmkernels"]
+
+TEXT_EMBEDDING_KEY = "embeddings.word_embeddings.weight"  # present: the HF Q-Former has InstructBLIP's text path
 
 _SOURCE = "QFormer from HF Blip2QFormerModel"
 _TEXT_ONLY = re.compile(
@@ -81,6 +90,15 @@ def hf_to_mmkernels(state_dict: Mapping[str, torch.Tensor], config: QFormerConfi
         expected[f"{p}output_query.dense.bias"] = (d,)
         expected[f"{p}output_query.LayerNorm.weight"] = (d,)
         expected[f"{p}output_query.LayerNorm.bias"] = (d,)
+        if config.has_text_input and i < config.num_hidden_layers - 1:
+            expected[f"{p}intermediate.dense.weight"] = (config.intermediate_size, d)
+            expected[f"{p}intermediate.dense.bias"] = (config.intermediate_size,)
+            expected[f"{p}output.dense.weight"] = (d, config.intermediate_size)
+            for name in ("output.dense.bias", "output.LayerNorm.weight", "output.LayerNorm.bias"):
+                expected[f"{p}{name}"] = (d,)
+    if config.has_text_input:
+        expected["embeddings.word_embeddings.weight"] = (config.vocab_size, d)
+        expected["embeddings.position_embeddings.weight"] = (config.max_position_embeddings, d)
 
     unknown = [k for k in sd if k not in expected and not _TEXT_ONLY.match(k)]
     missing = [k for k in expected if k not in sd]
@@ -105,6 +123,10 @@ def hf_to_mmkernels(state_dict: Mapping[str, torch.Tensor], config: QFormerConfi
             out[f"{o}fc1.{suffix}"] = sd[f"{p}intermediate_query.dense.{suffix}"]
             out[f"{o}fc2.{suffix}"] = sd[f"{p}output_query.dense.{suffix}"]
             out[f"{o}ffn_norm.{suffix}"] = sd[f"{p}output_query.LayerNorm.{suffix}"]
+            if f"{p}intermediate.dense.{suffix}" in expected:
+                out[f"{o}text_fc1.{suffix}"] = sd[f"{p}intermediate.dense.{suffix}"]
+                out[f"{o}text_fc2.{suffix}"] = sd[f"{p}output.dense.{suffix}"]
+                out[f"{o}text_ffn_norm.{suffix}"] = sd[f"{p}output.LayerNorm.{suffix}"]
         if i % config.cross_attention_frequency == 0:
             x = f"{p}crossattention."
             for suffix in ("weight", "bias"):
@@ -115,6 +137,9 @@ def hf_to_mmkernels(state_dict: Mapping[str, torch.Tensor], config: QFormerConfi
             kv_b += [sd[f"{x}attention.key.bias"], sd[f"{x}attention.value.bias"]]
     out["kv_proj.weight"] = torch.cat(kv_w)
     out["kv_proj.bias"] = torch.cat(kv_b)
+    if config.has_text_input:
+        out["word_embeddings.weight"] = sd["embeddings.word_embeddings.weight"]
+        out["position_embeddings.weight"] = sd["embeddings.position_embeddings.weight"]
     return out
 
 
@@ -123,9 +148,11 @@ def from_hf(model, *, hidden_dropout_prob: float | None = None
     """``(config, state_dict, like, training)`` of :class:`QFormer` for a loaded HF ``Blip2QFormerModel`` /
     ``InstructBlipQFormerModel`` (or a BLIP-2 / InstructBLIP model holding one as ``.qformer``): ``like`` is one of
     its parameters (the device and dtype to build on), ``training`` its mode. ``hidden_dropout_prob`` overrides the
-    config's. :meth:`QFormer.from_hf` builds the model from them."""
+    config's. The text path (InstructBLIP's instruction tokens) is built when the model holds word embeddings
+    (``embeddings.word_embeddings``). :meth:`QFormer.from_hf` builds the model from them."""
     qformer = getattr(model, "qformer", model)
-    config = QFormerConfig.from_hf(qformer.config)
+    state_dict = qformer.state_dict()
+    config = QFormerConfig.from_hf(qformer.config, text_input=TEXT_EMBEDDING_KEY in state_dict)
     if hidden_dropout_prob is not None:
         config = dataclasses.replace(config, hidden_dropout_prob=hidden_dropout_prob)
-    return config, hf_to_mmkernels(qformer.state_dict(), config), next(qformer.parameters()), bool(qformer.training)
+    return config, hf_to_mmkernels(state_dict, config), next(qformer.parameters()), bool(qformer.training)

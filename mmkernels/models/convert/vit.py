@@ -230,12 +230,13 @@ def _image_size(x) -> int | tuple[int, int]:
 
 
 def vit_config_from_hf(config) -> ViTConfig:
-    """A :class:`ViTConfig` from a HF ``ViTConfig`` or ``Blip2VisionConfig`` (or a ``Blip2Config``: its vision part)."""
+    """A :class:`ViTConfig` from a HF ``ViTConfig`` or ``Blip2VisionConfig`` / ``InstructBlipVisionConfig`` (the same
+    tower; or a ``Blip2Config`` / ``InstructBlipConfig``: its vision part)."""
     model_type = getattr(config, "model_type", None)
-    if model_type in ("blip-2", "blip_2") and hasattr(config, "vision_config"):
+    if model_type in ("blip-2", "blip_2", "instructblip") and hasattr(config, "vision_config"):
         config = config.vision_config
         model_type = config.model_type
-    if model_type not in ("vit", "blip_2_vision_model"):
+    if model_type not in ("vit", "blip_2_vision_model", "instructblip_vision_model"):
         raise ConversionError(f"vit_config_from_hf: expected a ViT or BLIP-2 vision config, "
                               f"got model_type={model_type!r}")
     source = f"HF {type(config).__name__}"
