@@ -9,10 +9,13 @@ __version__ = "0.1.0"
 
 from ._backends import BACKENDS, BackendError, available_backends, registered_ops
 from ._config import (
+    batch_invariant,
     debug_checks,
     debug_checks_enabled,
     deterministic,
+    is_batch_invariant,
     is_deterministic,
+    set_batch_invariant,
     set_debug_checks,
     set_deterministic,
 )
@@ -30,16 +33,19 @@ __all__ = [
     "ExtensionWarning",
     "__version__",
     "available_backends",
+    "batch_invariant",
     "debug_checks",
     "debug_checks_enabled",
     "deterministic",
     "distributed",
     "extension_status",
     "info",
+    "is_batch_invariant",
     "is_deterministic",
     "nn",
     "ops",
     "registered_ops",
+    "set_batch_invariant",
     "set_debug_checks",
     "set_deterministic",
 ]

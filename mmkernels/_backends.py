@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._config import is_batch_invariant
 from ._env import BACKEND_CHOICES, EnvVarError, backend_override, triton_interpreting
 from ._extension import extension_status
 
@@ -107,16 +108,22 @@ class OpBackends:
     impls: dict[str, Callable] = field(default_factory=dict)
     # Per backend, the inputs it can take: ``supports(*args)`` is None when it can, else the reason ("N+Z <= 1024").
     supports: dict[str, Callable[..., str | None]] = field(default_factory=dict)
+    # The backends that honour the batch-invariant mode (``mmkernels.set_batch_invariant``): under the mode, auto
+    # selection takes only these and an explicit choice of another raises.
+    batch_invariant: set[str] = field(default_factory=set)
     _resolved: dict = field(default_factory=dict, repr=False)  # select()'s cache
 
     def __post_init__(self) -> None:
         _REGISTRY[self.op] = self
 
-    def register(self, name: str, *, supports: Callable[..., str | None] | None = None
-                 ) -> Callable[[Callable], Callable]:
+    def register(self, name: str, *, supports: Callable[..., str | None] | None = None,
+                 batch_invariant: bool = False) -> Callable[[Callable], Callable]:
         """Decorator: ``fn`` implements the op on backend ``name``. ``supports``, called with the same arguments as
         ``fn``, declares the backend's limits (sizes, dtypes, shapes): auto-selection skips a backend whose
-        ``supports`` returns a reason, and an explicit choice raises :class:`BackendError` with it."""
+        ``supports`` returns a reason, and an explicit choice raises :class:`BackendError` with it.
+        ``batch_invariant``: the implementation honours the batch-invariant mode (its results for a row do not
+        depend on the rest of the call while ``mmkernels.is_batch_invariant()``; tested by
+        ``tests/test_batch_invariance.py``)."""
         if name not in BACKENDS:
             raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
 
@@ -125,6 +132,10 @@ class OpBackends:
             self.impls[name] = fn
             if supports is not None:
                 self.supports[name] = supports
+            if batch_invariant:
+                self.batch_invariant.add(name)
+            else:
+                self.batch_invariant.discard(name)
             return fn
 
         return deco
@@ -145,7 +156,7 @@ class OpBackends:
         cached candidates. Not cached while compiling (the trace resolves it once anyway).
         """
         device = torch.device(device)
-        key = (device.type, backend, *_env_key())
+        key = (device.type, backend, is_batch_invariant(), *_env_key())
         compiling = torch.compiler.is_compiling()
         plan = None if compiling else self._resolved.get(key)
         if plan is None:
@@ -176,16 +187,28 @@ class OpBackends:
             reason = backend_unavailable_reason(backend, device)
             if reason is not None:
                 raise BackendError(f"{self.op}: {source}{backend!r} cannot run: {reason}")
+            if is_batch_invariant() and backend not in self.batch_invariant:
+                raise BackendError(f"{self.op}: {source}{backend!r} does not honour the batch-invariant mode "
+                                   f"(mmkernels.set_batch_invariant); backends that do: "
+                                   f"{sorted(self.batch_invariant) or 'none'}")
             return source, (backend,)
         candidates = []
+        invariant = is_batch_invariant()
         for name in self.auto_order.get(device.type, ("reference",)):
             if name not in self.impls:
+                continue
+            if invariant and name not in self.batch_invariant:
+                _debug("%s: auto skips %r: it does not honour the batch-invariant mode", self.op, name)
                 continue
             reason = backend_unavailable_reason(name, device)
             if reason is None:
                 candidates.append(name)
             else:
                 _debug("%s: auto skips %r: %s", self.op, name, reason)
+        if invariant and not candidates:
+            raise BackendError(f"{self.op}: no backend that honours the batch-invariant mode "
+                               f"(mmkernels.set_batch_invariant) can run on {device}; backends that do: "
+                               f"{sorted(self.batch_invariant) or 'none'}")
         if not candidates and "reference" not in self.impls:
             raise BackendError(f"{self.op}: no backend can run on {device}")
         return None, tuple(candidates)
@@ -202,7 +225,7 @@ class OpBackends:
             if source is not None:
                 raise BackendError(f"{self.op}: {source}{name!r} cannot run: {reason}")
             _debug("%s: auto skips %r: %s", self.op, name, reason)
-        if "reference" in self.impls:
+        if "reference" in self.impls and (not is_batch_invariant() or "reference" in self.batch_invariant):
             return "reference"
         raise BackendError(f"{self.op}: no backend can run on {device}")
 

@@ -1,4 +1,4 @@
-"""Process-wide switches: deterministic kernels, and debug checks of index values."""
+"""Process-wide switches: deterministic kernels, batch-invariant kernels, and debug checks of index values."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 
 from . import _env
 
-__all__ = ["debug_checks", "debug_checks_enabled", "deterministic", "is_deterministic", "set_debug_checks",
-           "set_deterministic"]
+__all__ = ["batch_invariant", "debug_checks", "debug_checks_enabled", "deterministic", "is_batch_invariant",
+           "is_deterministic", "set_batch_invariant", "set_debug_checks", "set_deterministic"]
 
 _DETERMINISTIC = False
 
@@ -28,7 +28,9 @@ def set_deterministic(enabled: bool) -> None:
 
 
 def is_deterministic() -> bool:
-    return _DETERMINISTIC or torch.are_deterministic_algorithms_enabled()
+    """Whether the ops pick bitwise-reproducible kernels: :func:`set_deterministic`, ``torch.use_deterministic_
+    algorithms(True)``, or the batch-invariant mode (which implies it: no atomics whose order depends on scheduling)."""
+    return _DETERMINISTIC or _BATCH_INVARIANT or torch.are_deterministic_algorithms_enabled()
 
 
 @contextlib.contextmanager
@@ -40,6 +42,51 @@ def deterministic(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         set_deterministic(previous)
+
+
+# ---- batch invariance ------------------------------------------------------------------------------------------
+_BATCH_INVARIANT = False
+
+
+def set_batch_invariant(enabled: bool) -> None:
+    """Batch-invariant mode: every op's result for a row (a token, a sequence, an image) is bitwise the same whatever
+    else is in the call: alone, in a batch of any size, padded, packed varlen with other sequences, at any position.
+
+    On, each op picks kernels whose reduction order depends only on the row's own data and the model's sizes (head
+    dim, expert width): fixed tile shapes and launch configs (never the tuned per-shape tables), no split-K that
+    depends on the batch, no packed varlen tiles shared between sequences, per-sequence reference paths, and no
+    atomics (it implies :func:`is_deterministic`). The products of the rest of the model (``nn.Linear``,
+    ``torch.matmul``: ``aten.mm`` / ``addmm`` / ``bmm``) run in fixed 64-row blocks (``mmkernels.batch_invariance``).
+    A backend that cannot honour the mode is skipped by automatic selection and raises ``BackendError`` when asked
+    for by name; no op silently runs its fast path. What it guarantees and costs: docs/batch_invariance.md.
+
+    Raises ``TypeError`` unless ``enabled`` is a bool.
+    """
+    global _BATCH_INVARIANT
+    from .ops._validate import flag
+
+    enabled = flag("enabled", enabled, op="set_batch_invariant")
+    from . import batch_invariance
+
+    batch_invariance.route_matmuls(enabled)
+    _BATCH_INVARIANT = enabled
+
+
+def is_batch_invariant() -> bool:
+    """Whether the batch-invariant mode is on (see :func:`set_batch_invariant`)."""
+    return _BATCH_INVARIANT
+
+
+@contextlib.contextmanager
+def batch_invariant(enabled: bool = True) -> Iterator[None]:
+    """Context manager form of :func:`set_batch_invariant`: restores the previous setting on exit. Composes with
+    :func:`deterministic` (either order)."""
+    previous = _BATCH_INVARIANT
+    set_batch_invariant(enabled)
+    try:
+        yield
+    finally:
+        set_batch_invariant(previous)
 
 
 # ---- debug checks -----------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import sys
 import torch
 
 from ._backends import BackendError, backend_unavailable_reason, registered_ops, triton_available
+from ._config import is_batch_invariant
 from ._env import VARIABLES, EnvVarError, check
 from ._extension import extension_status
 
@@ -75,6 +76,12 @@ def info(as_dict: bool = False):
         "ops": {},
     }
     report["environment"] = _environment()
+    report["batch_invariant"] = {
+        "enabled": is_batch_invariant(),
+        "ops": {name: sorted(op.batch_invariant) for name, op in sorted(registered_ops().items())},
+        "not_honoured": {name: sorted(set(op.impls) - op.batch_invariant)
+                         for name, op in sorted(registered_ops().items()) if set(op.impls) - op.batch_invariant},
+    }
     report["auto"] = {}
     for name, op in sorted(registered_ops().items()):
         report["ops"][name] = {
@@ -103,6 +110,11 @@ def format_report(report: dict, brief: bool = False) -> str:
     env = report.get("environment", {})
     lines.append("environment: " + ("; ".join(f"{k}={v['value']!r} -> {v['meaning']}" for k, v in env.items())
                                    if env else "no MMKERNELS_* variable set"))
+    inv = report.get("batch_invariant")
+    if inv is not None:
+        refused = "; ".join(f"{op} ({', '.join(b)})" for op, b in inv["not_honoured"].items()) or "none"
+        lines.append(f"batch-invariant mode: {'on' if inv['enabled'] else 'off'} (mmkernels.set_batch_invariant); "
+                     f"backends that do not honour it (skipped / refused in the mode): {refused}")
     if brief:
         return "\n".join(lines)
     lines.append("backends per op (device: backend = status; auto = what backend=None runs here now):")

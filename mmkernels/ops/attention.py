@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .._backends import OpBackends, triton_available
-from .._config import debug_checks_enabled, is_deterministic
+from .._config import debug_checks_enabled, is_batch_invariant, is_deterministic
 from ..kernels.reference.attention import attention_reference
 from . import _validate as check
 
@@ -35,7 +35,7 @@ DTYPES = (*KERNEL_DTYPES, torch.float64)  # float64 runs on the reference only
 ATTENTION_BACKENDS = OpBackends(OP, auto_order={"cuda": ("triton", "reference"), "cpu": ("reference",)})
 
 
-@ATTENTION_BACKENDS.register("reference")
+@ATTENTION_BACKENDS.register("reference", batch_invariant=True)
 def _reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
                dropout_p=0.0):
     return attention_reference(q, k, v, causal, softmax_scale, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
@@ -88,7 +88,7 @@ if triton_available():
 
     _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
-    @ATTENTION_BACKENDS.register("triton", supports=check.first_arg_dtype_in(KERNEL_DTYPES))
+    @ATTENTION_BACKENDS.register("triton", supports=check.first_arg_dtype_in(KERNEL_DTYPES), batch_invariant=True)
     def _triton(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, softmax_scale,
                 dropout_p=0.0):
         seed = draw_seed(q.device) if dropout_p > 0.0 else None
@@ -278,4 +278,7 @@ def check_dropout(dropout_p, *, op: str) -> float:
         return value
     if not 0.0 <= value < 1.0:
         raise ValueError(f"{op}: dropout_p must be in [0, 1), got {value}")
+    if value > 0.0 and is_batch_invariant():
+        raise ValueError(f"{op}: dropout is not batch-invariant (its random stream is indexed by the sequence's "
+                         "position in the batch); use dropout_p=0 in the batch-invariant mode (eval / rollout)")
     return value

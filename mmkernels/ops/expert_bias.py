@@ -69,13 +69,13 @@ def check_non_negative_counts(op: str, counts: torch.Tensor) -> None:
 
 # The counts rule is the same on every backend: each checks with torch._assert_async (no host sync) before it
 # writes anything (the C++ kernel also checks negatives itself while it sums them).
-@EXPERT_BIAS_BACKENDS.register("cpp")
+@EXPERT_BIAS_BACKENDS.register("cpp", batch_invariant=True)  # integer counts: exact
 def _cpp(bias, counts, *args) -> None:
     check_non_negative_counts(OP, counts)
     torch.ops.mmkernels.expert_bias_update_(bias, counts, *args)
 
 
-@EXPERT_BIAS_BACKENDS.register("reference")
+@EXPERT_BIAS_BACKENDS.register("reference", batch_invariant=True)
 def _reference(bias, counts, *args) -> None:
     check_non_negative_counts(OP, counts)
     expert_bias_update_reference(bias, counts, *args)
@@ -88,7 +88,7 @@ if triton_available():
     triton_op("mmkernels::expert_bias_update_fwd_triton_", expert_bias_update_triton, mutates_args={"bias", "state"},
               fake=_native_fake)
 
-    @EXPERT_BIAS_BACKENDS.register("triton")
+    @EXPERT_BIAS_BACKENDS.register("triton", batch_invariant=True)
     def _triton(*args) -> None:
         check_non_negative_counts(OP, args[1])
         torch.ops.mmkernels.expert_bias_update_fwd_triton_(*args)

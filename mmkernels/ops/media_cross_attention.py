@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 
 from .._backends import OpBackends, triton_available
-from .._config import debug_checks_enabled
+from .._config import debug_checks_enabled, is_batch_invariant
+from ..kernels.reference.attention import attention_reference
 from ..kernels.reference.media_cross_attention import media_cross_attention_reference, media_index
 from . import _validate as check
 from .attention import MAX_HEAD_DIM  # importing ops/attention registers torch.ops.mmkernels.attention_fwd_triton
@@ -40,9 +41,15 @@ DTYPES = (*KERNEL_DTYPES, torch.float64)  # float64 runs on the reference only
 MEDIA_CROSS_ATTENTION_BACKENDS = OpBackends(OP, auto_order={"cuda": ("triton", "reference"), "cpu": ("reference",)})
 
 
-@MEDIA_CROSS_ATTENTION_BACKENDS.register("reference")
+@MEDIA_CROSS_ATTENTION_BACKENDS.register("reference", batch_invariant=True)
 def _reference(q, k, v, media_locations, only_immediate, softmax_scale):
+    if is_batch_invariant():  # the mask's key axis is M * Nl for every sample: the batch's M would decide
+        return _as_varlen(q, k, v, media_locations, only_immediate, softmax_scale, _reference_varlen)
     return media_cross_attention_reference(q, k, v, media_locations, only_immediate, softmax_scale)
+
+
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    return attention_reference(q, k, v, False, scale, cu_q, cu_k, max_q, max_k)  # per sequence in the mode
 
 
 def varlen_plan(media_locations: torch.Tensor, num_media: int, num_latents: int, only_immediate: bool
@@ -79,27 +86,36 @@ def packed_prefixes(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([flat[:, :(m + 1) * Nl] for m in range(M)], 1).reshape(-1, *x.shape[3:])
 
 
+def _as_varlen(q, k, v, media_locations, only_immediate, softmax_scale, varlen_attention):
+    """The op as ONE varlen attention call (``varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, scale)`` on the
+    flattened rows), the Triton path's plan; the batch-invariant reference runs it with the per-sequence reference."""
+    B, Lt, Hq, _ = q.shape
+    M, Nl, Hkv = k.shape[1], k.shape[2], k.shape[3]
+    cu_q, cu_k, max_k = varlen_plan(media_locations, M, Nl, only_immediate)
+    # The latents of media a sample does not use form key segments of runs without queries: no query sees them
+    # (the packed kernels no longer load them); zeros anyway, so their gradients are exact zeros on every path.
+    used = torch.arange(M, device=k.device)[None, :] < media_locations.sum(1, keepdim=True)  # [B, M]
+    k, v = (torch.where(used[:, :, None, None, None], t, 0.0) for t in (k, v))
+    if only_immediate:  # sequence (b, m) reads the latents of media m
+        kf, vf = k.reshape(-1, Hkv, k.shape[-1]), v.reshape(-1, Hkv, v.shape[-1])
+    else:  # all media: the packed prefixes, M (M + 1) / 2 * Nl latent rows per sample
+        kf, vf = packed_prefixes(k), packed_prefixes(v)
+    qf = q.reshape(B * Lt, Hq, q.shape[-1])
+    qf, kf, vf = (t if t.stride(-1) == 1 else t.contiguous() for t in (qf, kf, vf))
+    out = varlen_attention(qf, kf, vf, cu_q, cu_k, Lt, max_k, softmax_scale)
+    return out.reshape(B, Lt, Hq, v.shape[-1])
+
+
+def _triton_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    return torch.ops.mmkernels.attention_fwd_triton(q, k, v, cu_q, cu_k, max_q, max_k, False, scale, 0.0, None)[0]
+
+
 if triton_available():
 
-    @MEDIA_CROSS_ATTENTION_BACKENDS.register("triton", supports=check.first_arg_dtype_in(KERNEL_DTYPES))
+    @MEDIA_CROSS_ATTENTION_BACKENDS.register("triton", supports=check.first_arg_dtype_in(KERNEL_DTYPES),
+                                             batch_invariant=True)
     def _triton(q, k, v, media_locations, only_immediate, softmax_scale):
-        B, Lt, Hq, _ = q.shape
-        M, Nl, Hkv = k.shape[1], k.shape[2], k.shape[3]
-        cu_q, cu_k, max_k = varlen_plan(media_locations, M, Nl, only_immediate)
-        # The latents of media a sample does not use form key segments of runs without queries. The packed varlen
-        # kernels load the union of a tile's key ranges, which may span such a segment (between two samples), and
-        # multiply its values by p = 0: NaN there would leak. Replaced by zeros (torch.where: zero gradients there).
-        used = torch.arange(M, device=k.device)[None, :] < media_locations.sum(1, keepdim=True)  # [B, M]
-        k, v = (torch.where(used[:, :, None, None, None], t, 0.0) for t in (k, v))
-        if only_immediate:  # sequence (b, m) reads the latents of media m
-            kf, vf = k.reshape(-1, Hkv, k.shape[-1]), v.reshape(-1, Hkv, v.shape[-1])
-        else:  # all media: the packed prefixes, M (M + 1) / 2 * Nl latent rows per sample
-            kf, vf = packed_prefixes(k), packed_prefixes(v)
-        qf = q.reshape(B * Lt, Hq, q.shape[-1])
-        qf, kf, vf = (t if t.stride(-1) == 1 else t.contiguous() for t in (qf, kf, vf))
-        out, _ = torch.ops.mmkernels.attention_fwd_triton(qf, kf, vf, cu_q, cu_k, Lt, max_k, False, softmax_scale,
-                                                          0.0, None)
-        return out.reshape(B, Lt, Hq, v.shape[-1])
+        return _as_varlen(q, k, v, media_locations, only_immediate, softmax_scale, _triton_varlen)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -68,7 +68,7 @@ def _experts_reference_autograd(ctx, grad_out):
 _experts_reference_op.register_autograd(_experts_reference_autograd, setup_context=_experts_reference_setup)
 
 
-@EXPERTS_BACKENDS.register("reference")
+@EXPERTS_BACKENDS.register("reference", batch_invariant=True)
 def _experts_reference_backend(hidden, topk_ids, topk_weights, zero_weight, w_gate_up, w_down):
     # Under torch.compile and on the meta device (no data to loop over) the registered op: its fake gives the shape.
     if torch.compiler.is_compiling() or hidden.is_meta:
@@ -175,7 +175,7 @@ if triton_available():
 
     _experts_triton.register_autograd(_experts_autograd_backward, setup_context=_experts_setup)
 
-    @EXPERTS_BACKENDS.register("triton", supports=KERNEL_ONLY)
+    @EXPERTS_BACKENDS.register("triton", supports=KERNEL_ONLY, batch_invariant=True)
     def _experts_triton_backend(hidden, topk_ids, topk_weights, zero_weight, w_gate_up, w_down):
         order, offsets = tk.align(topk_ids, w_gate_up.shape[0], 0)
         g = tk.tiles(offsets, order.numel(), tk.block_m(hidden.dtype))

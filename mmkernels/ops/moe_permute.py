@@ -28,8 +28,8 @@ MAX_LOCAL_EXPERTS = 2**24  # moe_permute's num_local_experts: its int32 plan off
 
 PERMUTE_BACKENDS = OpBackends("moe_permute", auto_order=AUTO)
 UNPERMUTE_BACKENDS = OpBackends("moe_unpermute", auto_order=AUTO)
-PERMUTE_BACKENDS.register("reference")(moe_permute_reference)
-UNPERMUTE_BACKENDS.register("reference")(moe_unpermute_reference)
+PERMUTE_BACKENDS.register("reference", batch_invariant=True)(moe_permute_reference)
+UNPERMUTE_BACKENDS.register("reference", batch_invariant=True)(moe_unpermute_reference)
 
 
 if triton_available():
@@ -77,7 +77,7 @@ if triton_available():
 
     _permute.register_autograd(_permute_backward, setup_context=_permute_setup)
 
-    @PERMUTE_BACKENDS.register("triton", supports=KERNEL_ONLY)
+    @PERMUTE_BACKENDS.register("triton", supports=KERNEL_ONLY, batch_invariant=True)
     def _permute_backend(hidden, topk_ids, num_local_experts, expert_offset):
         return torch.ops.mmkernels.moe_permute(hidden.contiguous(), topk_ids, num_local_experts, expert_offset,
                                                is_deterministic())
@@ -143,7 +143,7 @@ if triton_available():
 
     _unpermute.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
 
-    @UNPERMUTE_BACKENDS.register("triton", supports=KERNEL_ONLY)
+    @UNPERMUTE_BACKENDS.register("triton", supports=KERNEL_ONLY, batch_invariant=True)
     def _unpermute_backend(expert_out, slots, offsets, topk_weights, zero_weight, hidden):
         return torch.ops.mmkernels.moe_unpermute(expert_out, slots, offsets, topk_weights, zero_weight, hidden,
                                                  is_deterministic())

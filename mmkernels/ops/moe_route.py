@@ -85,13 +85,13 @@ def _route_cuda_supports(logits, bias, top_k, num_ffn, scoring, scale, renormali
 
 
 @ROUTE_BACKENDS.register("cuda", supports=lambda *a: KERNEL_ONLY(*a) or _route_cuda_supports(*a))
-@ROUTE_BACKENDS.register("cpp", supports=KERNEL_ONLY)
+@ROUTE_BACKENDS.register("cpp", supports=KERNEL_ONLY, batch_invariant=True)
 def _route_native(*args):
     weights, zero_weight, ids, counts = torch.ops.mmkernels.moe_route(*args)
     return ids, weights, zero_weight, counts
 
 
-@ROUTE_BACKENDS.register("reference")
+@ROUTE_BACKENDS.register("reference", batch_invariant=True)
 def _route_reference(logits, bias, top_k, num_ffn, scoring, scale, renormalize, n_groups, topk_groups):
     ids, w, zw, counts = moe_route_reference(logits, bias, top_k, num_ffn, scoring, scale, renormalize, n_groups,
                                              topk_groups)

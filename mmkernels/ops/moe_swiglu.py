@@ -17,7 +17,7 @@ from .moe_common import AUTO, FLOAT_DTYPES, KERNEL_ONLY, check_experts
 __all__ = ["SWIGLU_BACKENDS", "moe_grouped_swiglu"]
 
 SWIGLU_BACKENDS = OpBackends("moe_grouped_swiglu", auto_order=AUTO)
-SWIGLU_BACKENDS.register("reference")(moe_grouped_swiglu_reference)
+SWIGLU_BACKENDS.register("reference", batch_invariant=True)(moe_grouped_swiglu_reference)
 
 
 if triton_available():
@@ -75,7 +75,7 @@ if triton_available():
 
     _swiglu_triton.register_autograd(_swiglu_autograd_backward, setup_context=_swiglu_setup)
 
-    @SWIGLU_BACKENDS.register("triton", supports=KERNEL_ONLY)
+    @SWIGLU_BACKENDS.register("triton", supports=KERNEL_ONLY, batch_invariant=True)
     def _swiglu_backend(rows, offsets, w_gate_up, w_down):
         # Same rule as the reference: offsets clamped into [0, M] and made non-decreasing (no out-of-range tile).
         offsets = offsets.long().clamp(0, rows.shape[0]).cummax(0).values.to(torch.int32)

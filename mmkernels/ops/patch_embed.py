@@ -24,7 +24,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # float6
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 PATCH_EMBED_BACKENDS = OpBackends(OP, auto_order={"cuda": ("triton", "reference"), "cpu": ("reference",)})
-PATCH_EMBED_BACKENDS.register("reference")(patch_embed_reference)
+PATCH_EMBED_BACKENDS.register("reference", batch_invariant=True)(patch_embed_reference)
 
 
 if triton_available():
@@ -96,7 +96,7 @@ if triton_available():
 
     _fwd.register_autograd(_backward, setup_context=_setup_context)
 
-    @PATCH_EMBED_BACKENDS.register("triton", supports=v.first_arg_dtype_in(KERNEL_DTYPES))
+    @PATCH_EMBED_BACKENDS.register("triton", supports=v.first_arg_dtype_in(KERNEL_DTYPES), batch_invariant=True)
     def _triton(pixels, weight, bias=None, pos_embed=None, cls_token=None):
         return torch.ops.mmkernels.patch_embed_fwd_triton(pixels, weight, bias, pos_embed, cls_token)
 

@@ -36,7 +36,7 @@ DTYPES = (*KERNEL_DTYPES, torch.float64)  # float64 runs on the reference only
 QFORMER_BACKENDS = OpBackends(OP, auto_order={"cuda": ("triton", "reference"), "cpu": ("reference",)})
 
 
-@QFORMER_BACKENDS.register("reference")
+@QFORMER_BACKENDS.register("reference", batch_invariant=True)
 def _reference(q, k, v, kv_lens, softmax_scale, dropout_p=0.0):
     return qformer_attention_reference(q, k, v, kv_lens, softmax_scale, dropout_p=dropout_p)
 
@@ -79,7 +79,7 @@ if triton_available():
 
     _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
-    @QFORMER_BACKENDS.register("triton", supports=check.first_arg_dtype_in(KERNEL_DTYPES))
+    @QFORMER_BACKENDS.register("triton", supports=check.first_arg_dtype_in(KERNEL_DTYPES), batch_invariant=True)
     def _triton(q, k, v, kv_lens, softmax_scale, dropout_p=0.0, num_splits: int = 0):
         seed = draw_seed(q.device) if dropout_p > 0.0 else None
         out, _ = torch.ops.mmkernels.qformer_attention_fwd_triton(q, k, v, kv_lens, softmax_scale, num_splits,

@@ -27,7 +27,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_KERNEL_HEAD_DIM = 256
 
 ROTARY_BACKENDS = OpBackends(OP, auto_order={"cuda": ("triton", "reference"), "cpu": ("reference",)})
-ROTARY_BACKENDS.register("reference")(rotary_embedding_reference)
+ROTARY_BACKENDS.register("reference", batch_invariant=True)(rotary_embedding_reference)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -97,7 +97,7 @@ if triton_available():
 
     _fwd.register_autograd(_backward, setup_context=_setup_context)
 
-    @ROTARY_BACKENDS.register("triton", supports=_kernel_supports)
+    @ROTARY_BACKENDS.register("triton", supports=_kernel_supports, batch_invariant=True)
     def _triton(q, k, cos, sin):
         return torch.ops.mmkernels.rotary_embedding_fwd_triton(q, k, cos, sin, False)
 

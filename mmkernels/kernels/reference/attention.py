@@ -14,13 +14,20 @@ Varlen input is gathered into a padded ``[B, max_seqlen, H, D]`` batch by index 
 host read when ``max_seqlen_*`` are given), so the reference also runs under ``torch.compile(fullgraph=True)``.
 It materialises the ``[B, H, Lq, Lk]`` score matrix: fine for tests and as a baseline, not for long sequences.
 Differentiable (also twice) through PyTorch autograd.
+
+Batch-invariant mode (:func:`mmkernels.set_batch_invariant`): each sequence (each batch entry when dense, each
+``cu_seqlens`` segment when varlen) runs on its own, at its own lengths, so its products and softmax sums have the
+same shapes whatever else is in the call (:func:`attention_reference_per_sequence`; varlen reads ``cu_seqlens`` on
+the host once per call).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["attention_reference", "attention_reference_with_lse"]
+from ..._config import is_batch_invariant
+
+__all__ = ["attention_reference", "attention_reference_per_sequence", "attention_reference_with_lse"]
 
 
 def _math_dtype(dtype: torch.dtype, upcast: bool) -> torch.dtype:
@@ -142,6 +149,8 @@ def attention_reference_with_lse(
     Triton kernels' own mask.
     """
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    if is_batch_invariant() and dropout_p == 0.0:
+        return attention_reference_per_sequence(q, k, v, causal, scale, cu_seqlens_q, cu_seqlens_k, upcast=upcast)
     if cu_seqlens_q is None:
         visible = _causal(q.shape[1], k.shape[1], q.device)[None] if causal else None
         return _masked(q, k, v, visible, scale, upcast, dropout_p, dropout_mask)
@@ -151,6 +160,58 @@ def attention_reference_with_lse(
         max_seqlen_k = int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max()) if cu_seqlens_k.numel() > 1 else 0
     return _varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, upcast,
                    dropout_p, dropout_mask)
+
+
+def attention_reference_per_sequence(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    scale: float,
+    cu_seqlens_q: torch.Tensor | None = None,
+    cu_seqlens_k: torch.Tensor | None = None,
+    *,
+    upcast: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) as :func:`attention_reference_with_lse` (no dropout), one sequence at a time: batch entry ``b``
+    (dense) or segment ``b`` of ``cu_seqlens`` (varlen, read on the host) is computed from its own rows at its own
+    lengths, so its result does not depend on the other sequences, their number, their lengths or its position (the
+    batch-invariant mode's path; with ``mmkernels.set_batch_invariant`` the products also run in fixed row blocks).
+    Empty sequences and padding rows past ``cu_seqlens_q[-1]``: zeros, lse ``+inf``."""
+    if cu_seqlens_q is None:
+        visible = _causal(q.shape[1], k.shape[1], q.device)[None] if causal else None
+        outs, lses = [], []
+        for b in range(q.shape[0]):
+            o, lse = _masked(q[b:b + 1], k[b:b + 1], v[b:b + 1], visible, scale, upcast, 0.0, None)
+            outs.append(o)
+            lses.append(lse)
+        if not outs:
+            return _masked(q, k, v, visible, scale, upcast, 0.0, None)
+        return torch.cat(outs), torch.cat(lses)
+    bounds_q = cu_seqlens_q.tolist()
+    bounds_k = cu_seqlens_k.tolist()
+    math_dtype = _math_dtype(q.dtype, upcast)
+    out = q.new_zeros((*q.shape[:-1], v.shape[-1]))
+    lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=math_dtype, device=q.device)
+    pieces, lse_pieces, rows = [], [], []
+    for b in range(len(bounds_q) - 1):
+        q0, q1, k0, k1 = bounds_q[b], bounds_q[b + 1], bounds_k[b], bounds_k[b + 1]
+        if q1 == q0:
+            continue
+        if k1 == k0:  # a sequence without keys: zeros, lse +inf (the buffers' values)
+            continue
+        visible = _causal(q1 - q0, k1 - k0, q.device)[None] if causal else None
+        o, l_ = _masked(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], visible, scale, upcast, 0.0, None)
+        pieces.append(o[0])
+        lse_pieces.append(l_[0])
+        rows.append((q0, q1))
+    if not pieces:
+        return out, lse
+    # scatter the sequences' rows back (index_copy: its backward gathers each row's gradient, no sums)
+    index = torch.cat([torch.arange(a, b_, device=q.device) for a, b_ in rows])
+    out = out.index_copy(0, index, torch.cat(pieces))
+    lse = lse.index_copy(1, index, torch.cat(lse_pieces, 1).to(lse.dtype))
+    return out, lse
 
 
 def attention_reference(

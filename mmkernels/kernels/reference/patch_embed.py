@@ -1,11 +1,16 @@
 """PyTorch reference of the ViT patch embedding, written the way timm and HF do it:
 ``conv2d(stride=P) -> flatten -> transpose -> cat cls -> add pos``. Differentiable through PyTorch autograd; the
-tests' oracle (run in float64) and the benchmarks' eager baseline."""
+tests' oracle (run in float64) and the benchmarks' eager baseline. In the batch-invariant mode
+(:func:`mmkernels.set_batch_invariant`) the convolution runs as im2col + GEMM (``unfold`` and ``F.linear``, whose
+product the mode runs in fixed row blocks): a convolution's algorithm follows the batch size, a patch's row of the
+GEMM does not."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ..._config import is_batch_invariant
 
 
 def patch_embed_reference(
@@ -22,6 +27,9 @@ def patch_embed_reference(
         # One patch per image (the flattened patches of Qwen-VL towers): the convolution is one GEMM, run as one.
         k = weight[0].numel()
         x = F.linear(pixels.reshape(pixels.shape[0], k), weight.reshape(weight.shape[0], k), bias)[:, None, :]
+    elif is_batch_invariant():
+        cols = F.unfold(pixels, p, stride=p).transpose(1, 2)  # [B, N, C*P*P], (c, i, j) order as the weight
+        x = F.linear(cols, weight.reshape(weight.shape[0], -1), bias)
     else:
         x = F.conv2d(pixels, weight, bias, stride=p)  # [B, D, Hp, Wp]
         x = x.flatten(2).transpose(1, 2)  # [B, N, D]

@@ -9,12 +9,17 @@ would still leave ``0 * NaN`` in ``P V`` and in the backward's ``dS K``).
 ``upcast=True`` (default, the backend's behaviour) computes in fp32 (float64 stays float64), so fp16 scores past
 65504 do not overflow; ``upcast=False`` runs the products in the input dtype and the softmax in fp32, as an eager
 PyTorch user would write it (the "same-dtype reference" of the flash-attn accuracy rule). Differentiable through
-ordinary autograd. No host synchronisation.
+ordinary autograd. No host synchronisation, except in the batch-invariant mode (:func:`mmkernels.set_batch_invariant`):
+there each sample runs on its own with its keys cut at ``kv_lens[b]`` (read on the host), so a sample's result is the
+same alone, in any batch and with any padding.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ..._config import is_batch_invariant
+from .attention import attention_reference_per_sequence
 
 __all__ = ["key_padding_mask", "qformer_attention_reference"]
 
@@ -42,6 +47,8 @@ def qformer_attention_reference(
     kernels' own mask)."""
     out_dtype = q.dtype
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if is_batch_invariant() and upcast and dropout_p == 0.0:
+        return _per_sample(q, k, v, kv_lens, scale)
     if upcast:
         math_dtype = torch.promote_types(q.dtype, torch.float32)
         q, k, v = q.to(math_dtype), k.to(math_dtype), v.to(math_dtype)
@@ -64,3 +71,19 @@ def qformer_attention_reference(
         drop_keep = dropout_mask if dropout_mask is not None else torch.rand_like(probs) >= dropout_p
         probs = torch.where(drop_keep, probs * (1.0 / (1.0 - dropout_p)), 0.0)
     return torch.einsum("bhqk,bkhd->bqhd", probs.to(v.dtype), v).to(out_dtype)
+
+
+def _per_sample(q, k, v, kv_lens, scale) -> torch.Tensor:
+    """The batch-invariant path: sample ``b`` attends to its first ``kv_lens[b]`` keys (clamped to ``[0, Lk]``) on
+    its own; a sample without keys gets zeros (and zero gradients)."""
+    lk = k.shape[1]
+    lens = [lk] * q.shape[0] if kv_lens is None else [min(max(n, 0), lk) for n in kv_lens.tolist()]
+    outs = []
+    for b, n in enumerate(lens):
+        if n == 0:
+            outs.append(q.new_zeros((1, *q.shape[1:-1], v.shape[-1])))
+            continue
+        outs.append(attention_reference_per_sequence(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], False, scale)[0])
+    if not outs:
+        return q.new_zeros((*q.shape[:-1], v.shape[-1]))
+    return torch.cat(outs)

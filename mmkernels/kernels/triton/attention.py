@@ -48,6 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._config import is_batch_invariant
 from . import tuning
 from ._common import (
     LN2_JIT,
@@ -610,7 +611,10 @@ def _head_dims(head_dim: int, head_dv: int) -> _HeadDims:
 def _fit(block: int, length) -> int:
     """Shrink a block for short sequences (Lq = 1, 32 learned queries): no point computing 128 padded rows.
 
-    Comparisons only, so a symbolic length (``torch.compile`` with dynamic shapes) becomes guards, not an error."""
+    Comparisons only, so a symbolic length (``torch.compile`` with dynamic shapes) becomes guards, not an error. Not
+    in the batch-invariant mode: the key block sets a row's reduction order, and the max length is the batch's."""
+    if is_batch_invariant():
+        return block
     while block > 16 and length <= block // 2:
         block //= 2
     return block

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..._config import is_batch_invariant
 from ..._env import attention_packed_override
 from . import attention as _dense
 from . import attention_packed as _packed
@@ -35,6 +36,8 @@ def use_packed(q: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, backwar
                target: tuning.Target | None = None) -> bool:
     """Whether a varlen launch on ``q`` runs the packed kernels: :func:`packed_pays` and
     ``attention_packed.packed_fits`` on the same ``target`` (default ``tuning.target_of(q)``)."""
+    if is_batch_invariant():  # a packed tile's key blocks start where its first sequence does: neighbours decide
+        return False
     target = target or tuning.target_of(q)
     return (packed_pays(q, max_seqlen_q, max_seqlen_k, target)
             and _packed.packed_fits(q, backward=backward, target=target))

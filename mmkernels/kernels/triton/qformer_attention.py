@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..._config import is_batch_invariant
 from . import tuning
 from ._common import (
     LN2_JIT,
@@ -285,7 +286,7 @@ def num_key_splits(q: torch.Tensor, lk: int, block_n: int, requested: int = 0, t
     if requested > 0:
         return max(1, min(requested, tiles))
     target = target or tuning.target_of(q)
-    if target.interpreted:
+    if target.interpreted or is_batch_invariant():  # the split count follows B * H: the batch would decide
         return 1
     programs = q.shape[0] * q.shape[2]
     sms = target.sm_count

@@ -77,6 +77,7 @@ import triton.testing
 from torch._subclasses.fake_tensor import is_fake
 
 from ... import __version__, _env
+from ..._config import is_batch_invariant
 
 # optional: the inter-process lock uses filelock (a torch dependency) where it is installed, else fcntl.flock
 filelock = importlib.import_module("filelock") if importlib.util.find_spec("filelock") else None
@@ -833,6 +834,8 @@ def pick(kernel: str, shape: Mapping, default, *, like: torch.Tensor, target: Ta
     Never raises for a missing or bad file (see the module docstring); tunes only with ``MMKERNELS_AUTOTUNE=1``.
     """
     space = SPACES[kernel]
+    if is_batch_invariant():  # the tables and the tuner key on sizes that grow with the batch (tokens, lengths)
+        return default
     forced_cfg = getattr(_local, "forced", {}).get(kernel)
     if forced_cfg is not None:
         return default if forced_cfg is _DEFAULT else _apply(space, default, forced_cfg)
