@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
 
 import torch
@@ -45,7 +46,23 @@ def deterministic(enabled: bool = True) -> Iterator[None]:
 
 
 # ---- batch invariance ------------------------------------------------------------------------------------------
-_BATCH_INVARIANT = False
+# Process-wide, like torch.use_deterministic_algorithms (a backward may run on autograd's device threads). The value
+# is that of the most recently entered batch_invariant() context still open, in any thread, else set_batch_invariant's;
+# a context removes its own entry on exit, so one thread leaving its block never turns the mode off inside another's.
+_BATCH_INVARIANT_SET = False
+_BATCH_INVARIANT = False  # the value in force (read on every op call)
+_CONTEXTS: list[list[bool]] = []  # open batch_invariant() contexts, oldest first: [enabled] cells (identity)
+_LOCK = threading.Lock()
+
+
+def _apply_batch_invariant() -> None:
+    """Recompute the value in force and route the products accordingly (with ``_LOCK`` held)."""
+    global _BATCH_INVARIANT
+    value = _CONTEXTS[-1][0] if _CONTEXTS else _BATCH_INVARIANT_SET
+    from . import batch_invariance
+
+    batch_invariance.route_matmuls(value)
+    _BATCH_INVARIANT = value
 
 
 def set_batch_invariant(enabled: bool) -> None:
@@ -56,20 +73,21 @@ def set_batch_invariant(enabled: bool) -> None:
     dim, expert width): fixed tile shapes and launch configs (never the tuned per-shape tables), no split-K that
     depends on the batch, no packed varlen tiles shared between sequences, per-sequence reference paths, and no
     atomics (it implies :func:`is_deterministic`). The products of the rest of the model (``nn.Linear``,
-    ``torch.matmul``: ``aten.mm`` / ``addmm`` / ``bmm``) run in fixed 64-row blocks (``mmkernels.batch_invariance``).
-    A backend that cannot honour the mode is skipped by automatic selection and raises ``BackendError`` when asked
-    for by name; no op silently runs its fast path. What it guarantees and costs: docs/batch_invariance.md.
+    ``torch.matmul``: ``aten.mm`` / ``addmm`` / ``bmm``) run in fixed 64-row blocks and the CPU's element-wise
+    transcendental functions without scalar tails (``mmkernels.batch_invariance``). A backend that cannot honour the
+    mode is skipped by automatic selection and raises ``BackendError`` when asked for by name; no op silently runs
+    its fast path. What it guarantees and costs: docs/batch_invariance.md.
 
-    Raises ``TypeError`` unless ``enabled`` is a bool.
+    Process-wide (every thread), like ``torch.use_deterministic_algorithms``; an open :func:`batch_invariant` context
+    takes precedence until it exits. Raises ``TypeError`` unless ``enabled`` is a bool.
     """
-    global _BATCH_INVARIANT
+    global _BATCH_INVARIANT_SET
     from .ops._validate import flag
 
     enabled = flag("enabled", enabled, op="set_batch_invariant")
-    from . import batch_invariance
-
-    batch_invariance.route_matmuls(enabled)
-    _BATCH_INVARIANT = enabled
+    with _LOCK:
+        _BATCH_INVARIANT_SET = enabled
+        _apply_batch_invariant()
 
 
 def is_batch_invariant() -> bool:
@@ -79,14 +97,24 @@ def is_batch_invariant() -> bool:
 
 @contextlib.contextmanager
 def batch_invariant(enabled: bool = True) -> Iterator[None]:
-    """Context manager form of :func:`set_batch_invariant`: restores the previous setting on exit. Composes with
-    :func:`deterministic` (either order)."""
-    previous = _BATCH_INVARIANT
-    set_batch_invariant(enabled)
+    """The batch-invariant mode on (or off) inside the block, process-wide. Blocks nest; while several threads are
+    inside blocks, the most recently entered one still open decides, and a block's exit removes only its own entry
+    (another thread's exit never turns the mode off inside this block). Composes with :func:`deterministic`."""
+    from .ops._validate import flag
+
+    cell = [flag("enabled", enabled, op="batch_invariant")]
+    with _LOCK:
+        _CONTEXTS.append(cell)
+        _apply_batch_invariant()
     try:
         yield
     finally:
-        set_batch_invariant(previous)
+        with _LOCK:
+            for i, c in enumerate(_CONTEXTS):  # remove by identity (equal cells may belong to other blocks)
+                if c is cell:
+                    del _CONTEXTS[i]
+                    break
+            _apply_batch_invariant()
 
 
 # ---- debug checks -----------------------------------------------------------------------------------------------

@@ -113,8 +113,10 @@ def format_report(report: dict, brief: bool = False) -> str:
     inv = report.get("batch_invariant")
     if inv is not None:
         refused = "; ".join(f"{op} ({', '.join(b)})" for op, b in inv["not_honoured"].items()) or "none"
-        lines.append(f"batch-invariant mode: {'on' if inv['enabled'] else 'off'} (mmkernels.set_batch_invariant); "
-                     f"backends that do not honour it (skipped / refused in the mode): {refused}")
+        honoured = "; ".join(f"{op} ({', '.join(b)})" for op, b in inv["ops"].items() if b) or "none"
+        lines.append(f"batch-invariant mode: {'on' if inv['enabled'] else 'off'} (mmkernels.set_batch_invariant; "
+                     f"process-wide, set in the program that runs the model); honoured by: {honoured}; not honoured "
+                     f"(skipped by auto, refused by name in the mode): {refused}")
     if brief:
         return "\n".join(lines)
     lines.append("backends per op (device: backend = status; auto = what backend=None runs here now):")

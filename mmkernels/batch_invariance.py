@@ -12,8 +12,10 @@ row's value is what the library's GEMM gives for a block of 64 rows.
 Element-wise transcendental functions have the same problem on a CPU: ATen's vectorised loop computes the last
 ``numel % (2 x vector width)`` elements of a tensor with the scalar function (``std::exp``), the others with the SIMD
 one (Sleef), which round differently, so a token's ``silu`` / ``gelu`` / ``exp`` depends on whether it is the last
-row of the batch. Under the mode their CPU kernels (:data:`ELEMENTWISE`, forward and backward) run on a copy padded
-to a multiple of :data:`PAD_ELEMENTS`, so every element takes the SIMD path. (GPU kernels use one function for every
+row of the batch; with several threads, each thread's chunk has such a tail, at boundaries that move with the
+batch. Under the mode their CPU kernels (:data:`ELEMENTWISE`, forward and backward) run on a copy padded to a
+multiple of :data:`PAD_ELEMENTS`, in pieces of :data:`PIECE_ELEMENTS` (below ATen's parallel grain: one thread per
+piece), so every element takes the SIMD path at any thread count. (GPU kernels use one function for every
 element; row-wise reductions such as softmax and the norms treat each row alone and are invariant already.)
 
 How: the CPU and CUDA kernels of those three ops are replaced while the mode is on (``torch.library.Library``
@@ -34,11 +36,14 @@ import threading
 
 import torch
 
-__all__ = ["BLOCK_ROWS", "ELEMENTWISE", "PAD_ELEMENTS", "block_mm", "route_matmuls", "routed"]
+__all__ = ["BLOCK_ROWS", "ELEMENTWISE", "PAD_ELEMENTS", "PIECE_ELEMENTS", "block_mm", "route_matmuls", "routed"]
 
 BLOCK_ROWS = 64  # rows per product: one GEMM shape per weight, whatever the batch
 _ALIGN = 64  # bytes: MKL's results may depend on the alignment of A's rows
 PAD_ELEMENTS = 64  # >= 2 x the widest SIMD vector (AVX-512: 16 floats): no scalar tail
+# Element-wise pieces below ATen's parallel grain (32768 elements): a piece runs on one thread, so the threads' own
+# chunk boundaries (each with a scalar tail) never cut it; a multiple of PAD_ELEMENTS.
+PIECE_ELEMENTS = 16384
 # element-wise ops whose SIMD and scalar CPU paths round differently: (op, number of tensor arguments)
 ELEMENTWISE = (("silu", 1), ("silu_backward", 2), ("gelu", 1), ("gelu_backward", 2), ("sigmoid", 1),
                ("sigmoid_backward", 2), ("tanh", 1), ("tanh_backward", 2), ("exp", 1), ("log", 1), ("erf", 1))
@@ -125,7 +130,10 @@ def _padded(name: str, tensors: int):
             buf[:n] = t.reshape(-1)
             padded.append(buf)
         out = torch.empty_like(padded[0])
-        out_op(*padded, *args[tensors:], **kwargs, **{"grad_input" if backward else "out": out})
+        name = "grad_input" if backward else "out"
+        for start in range(0, size, PIECE_ELEMENTS):  # one thread per piece, no tail in any piece
+            piece = slice(start, start + PIECE_ELEMENTS)
+            out_op(*[b[piece] for b in padded], *args[tensors:], **kwargs, **{name: out[piece]})
         return out[:n].view(shape)
 
     return run

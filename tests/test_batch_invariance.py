@@ -462,3 +462,70 @@ def test_patched_hf_vit_image_does_not_depend_on_the_batch():
             px[n - 1] = image
             runs[str(n)] = (model(pixel_values=px).last_hidden_state[n - 1],)
     _assert_bitwise(runs, "patched HF ViTModel")
+
+
+@pytest.mark.parametrize("threads", [1, 3, 4])
+def test_elementwise_rows_at_any_thread_count(threads):
+    """ATen splits a large element-wise op across threads, each chunk with its own scalar tail, at boundaries that
+    move with the batch: the mode's pieces stay below the parallel grain (found by the fresh-user trial: silu rows
+    16 of 17 differed at 4 threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n in (17, 33):
+            x = torch.randn(n, 4096, generator=_gen(n))
+            for fn in (torch.nn.functional.silu, torch.sigmoid,
+                       lambda t: torch.nn.functional.gelu(t, approximate="tanh")):
+                y = fn(x)
+                assert [p for p in range(n) if not torch.equal(fn(x[p:p + 1])[0], y[p])] == []
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_thread_leaving_its_block_does_not_turn_the_mode_off_in_another():
+    import threading
+
+    b_in, a_in, b_out, seen = threading.Event(), threading.Event(), threading.Event(), {}
+
+    def thread_b():
+        with mmkernels.batch_invariant():
+            b_in.set()
+            a_in.wait(10)
+        b_out.set()
+
+    def thread_a():
+        b_in.wait(10)
+        with mmkernels.batch_invariant():
+            a_in.set()
+            b_out.wait(10)
+            seen["a"] = mmkernels.is_batch_invariant()
+
+    with mmkernels.batch_invariant(False):
+        threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert seen == {"a": True}
+        assert not mmkernels.is_batch_invariant() and not mmkernels.batch_invariance.routed()
+        with mmkernels.batch_invariant():
+            with mmkernels.batch_invariant(False):
+                assert not mmkernels.is_batch_invariant()
+            assert mmkernels.is_batch_invariant()
+
+
+def test_a_hf_fallback_raises_in_the_mode_instead_of_running_the_models_code():
+    """attn_implementation="mmkernels" hands a call it cannot take to SDPA/eager (counted); in the mode that would be
+    a silent non-invariant path, so it raises (found by the fresh-user trial: left-padded Llama rows)."""
+    transformers = pytest.importorskip("transformers")
+    from mmkernels.integrations.hf import patch
+
+    cfg = transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1,
+                                 num_attention_heads=4, intermediate_size=48)
+    model = transformers.ViTModel(cfg).eval()
+    patch(model)
+    px = torch.randn(2, 3, 16, 16)
+    with pytest.raises(BackendError, match="does not honour the batch-invariant mode"):
+        model(pixel_values=px, output_attentions=True)  # attention weights: the model's own eager code
+    with mmkernels.batch_invariant(False):
+        model(pixel_values=px, output_attentions=True)  # outside the mode: the counted fallback

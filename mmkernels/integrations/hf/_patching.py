@@ -36,6 +36,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..._backends import BackendError
+from ..._config import is_batch_invariant
+
 __all__ = ["IMPL_ATTR", "ORIGINAL_ATTR", "PatchReport", "Replacement", "Skipped", "is_swapped", "materialized",
            "op_backend", "original_forward", "plain_forward", "restore", "restore_all",
            "swap_forward", "weights_recorded"]
@@ -44,6 +47,15 @@ ORIGINAL_ATTR = "_mmkernels_original_forward"  # (slot, had the slot as an insta
 IMPL_ATTR = "_mmkernels_impl"  # the replacement forward, fn(module, *args, **kwargs)
 KIND_ATTR = "_mmkernels_patch_kind"
 _HOOK_SLOT = "_old_forward"  # accelerate's: its hooked wrapper calls ``module._old_forward``
+
+
+def refuse_fallback_in_batch_invariant_mode(reason: str) -> None:
+    """In the batch-invariant mode a call our ops cannot take would run the model's own code (SDPA, eager, HF's
+    experts), which does not honour the mode: ``BackendError`` naming the reason instead of a silent fallback."""
+    if is_batch_invariant():
+        raise BackendError(f"mmkernels.integrations.hf: this call would run the model's own code ({reason}), which "
+                           "does not honour the batch-invariant mode (mmkernels.set_batch_invariant); change the "
+                           "call (see docs/batch_invariance.md) or leave the mode")
 
 
 @dataclass(frozen=True)
@@ -87,6 +99,7 @@ class PatchReport:
         self.skipped.append(Skipped(path, kind, reason))
 
     def fallback(self, reason: str) -> None:
+        refuse_fallback_in_batch_invariant_mode(reason)
         self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
 
     def kinds(self) -> dict[str, int]:

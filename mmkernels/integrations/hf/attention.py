@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 from ...ops.attention import MAX_HEAD_DIM, attention
-from ._patching import op_backend, weights_recorded
+from ._patching import op_backend, refuse_fallback_in_batch_invariant_mode, weights_recorded
 
 __all__ = ["ATTN_NAME", "FALLBACKS", "attention_forward", "register", "switch", "unswitch"]
 
@@ -66,6 +66,7 @@ def _entry(module: torch.nn.Module):
 
 def _fallback(module, query, key, value, attention_mask, reason: str, **kwargs):
     """Run the implementation the model's own config names (SDPA or the modeling file's eager function)."""
+    refuse_fallback_in_batch_invariant_mode(reason)
     FALLBACKS[reason] += 1
     hit = _entry(module)
     previous = getattr(hit[0], "_attn_implementation", None) if hit is not None else None

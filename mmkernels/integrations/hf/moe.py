@@ -76,7 +76,15 @@ from ..._backends import resolve_backends
 from ...models.convert._common import ConversionError
 from ...models.convert._hf_moe import MoELayout, base_module, lookup, moe_layout
 from ...ops.moe import moe_experts, moe_route
-from ._patching import PatchReport, is_swapped, materialized, original_forward, restore, swap_forward
+from ._patching import (
+    PatchReport,
+    is_swapped,
+    materialized,
+    original_forward,
+    refuse_fallback_in_batch_invariant_mode,
+    restore,
+    swap_forward,
+)
 
 __all__ = ["EXPERTS_FALLBACKS", "EXPERTS_NAME", "FAMILIES", "MoEFamily", "experts_forward", "patch_moe",
            "register_experts"]
@@ -202,6 +210,7 @@ def _experts_call(experts, hidden_states, top_k_index, top_k_weights, backend, r
     if reason is None and dtype is None:
         reason = _DTYPE_FALLBACK
     if reason is not None:
+        refuse_fallback_in_batch_invariant_mode(reason)
         EXPERTS_FALLBACKS[reason] += 1
         if report is not None:
             report.fallback(reason)
