@@ -45,6 +45,7 @@ def _grads(out: torch.Tensor, inputs, seed: int, rows) -> list[torch.Tensor]:
     call; the inputs' gradients."""
     dout = torch.randn(out.shape, generator=_gen(1000 + out.numel()))
     dout[rows] = torch.randn(dout[rows].shape, generator=_gen(seed))
+    dout = dout.to(device=out.device, dtype=out.dtype)
     for t in inputs:
         t.grad = None
     out.backward(dout)
@@ -107,17 +108,17 @@ def _cu(lengths) -> torch.Tensor:
     return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
 
 
-def _varlen_run(backend, lens_q, lens_k, t, pad, causal, hq=4, hkv=2, d=16):
+def _varlen_run(backend, lens_q, lens_k, t, pad, causal, hq=4, hkv=2, d=16, device="cpu", dtype=torch.float32):
     """Sequence ``t`` of a varlen call is the target; returns its out rows and its dq, dk, dv rows."""
     g = _gen(len(lens_q) * 100 + pad)
     q = torch.randn(sum(lens_q) + pad, hq, d, generator=g)
     k, v = (torch.randn(sum(lens_k) + pad, hkv, d, generator=g) for _ in range(2))
-    cu_q, cu_k = _cu(lens_q), _cu(lens_k)
+    cu_q, cu_k = _cu(lens_q).to(device), _cu(lens_k).to(device)
     rq, rk = slice(int(cu_q[t]), int(cu_q[t + 1])), slice(int(cu_k[t]), int(cu_k[t + 1]))
     tg = _gen(5)
     q[rq] = torch.randn(q[rq].shape, generator=tg)
     k[rk], v[rk] = torch.randn(k[rk].shape, generator=tg), torch.randn(v[rk].shape, generator=tg)
-    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    q, k, v = (x.to(device=device, dtype=dtype).requires_grad_() for x in (q, k, v))
     out = ops.attention(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lens_q),
                         max_seqlen_k=max(lens_k), causal=causal, backend=backend)
     dq, dk, dv = _grads(out, [q, k, v], 9, rq)
@@ -529,3 +530,28 @@ def test_a_hf_fallback_raises_in_the_mode_instead_of_running_the_models_code():
         model(pixel_values=px, output_attentions=True)  # attention weights: the model's own eager code
     with mmkernels.batch_invariant(False):
         model(pixel_values=px, output_attentions=True)  # outside the mode: the counted fallback
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gpu_varlen_attention_and_linear_rows(causal, dtype):
+    """On a card: the Triton attention (fixed configs, per-sequence kernels, deterministic dQ) at head dim 64 and
+    the blocked cuBLAS products, alone vs in batches of 2, 7, 33."""
+    lq, lk = 130, 257
+    runs = {"alone": _varlen_run("triton", [lq], [lk], 0, 0, causal, d=64, device="cuda", dtype=dtype)}
+    for n in SIZES:
+        g = _gen(n)
+        others_q = torch.randint(0, 300, (n - 1,), generator=g).tolist()
+        others_k = torch.randint(0, 600, (n - 1,), generator=g).tolist()
+        lens_q, lens_k = [*others_q, lq], [*others_k, lk]
+        runs[str(n)] = _varlen_run("triton", lens_q, lens_k, n - 1, 64, causal, d=64, device="cuda", dtype=dtype)
+    _assert_bitwise(runs, f"varlen attention (cuda, {dtype})")
+    lin = torch.nn.Linear(512, 1024, device="cuda", dtype=dtype)
+    x = torch.randn(512, device="cuda", dtype=dtype)
+    rows = []
+    for m in (1, 7, 33, 1000):
+        xs = torch.randn(m, 512, device="cuda", dtype=dtype)
+        xs[m - 1] = x
+        rows.append((lin(xs)[m - 1],))
+    _assert_bitwise(dict(enumerate(rows)), "nn.Linear (cuda)")
