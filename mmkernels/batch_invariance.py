@@ -67,35 +67,34 @@ def block_mm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None,
     every block is one ``[BLOCK_ROWS, K] @ [K, N]`` product (the last block zero-padded), so row ``i`` of the result
     depends only on ``a[i]``, ``b`` and ``bias``. ``bias``: broadcastable to [M, N] (``[N]``, ``[1, N]``, ``[M, N]``,
     ``[M, 1]``)."""
-    m, k = a.shape
+    m = a.shape[0]
     n = b.shape[1]
     out = torch.empty((m, n), dtype=a.dtype, device=a.device)
     if m == 0:
         return out
     a, b = _aligned(a, rows=True), _aligned(b)
     per_row = bias is not None and bias.dim() == 2 and bias.shape[0] == m and m != 1
-    buf_a = buf_out = buf_bias = None
     for start in range(0, m, BLOCK_ROWS):
         rows = min(BLOCK_ROWS, m - start)
-        blk = a[start:start + rows]
-        blk_bias = bias[start:start + rows] if per_row else bias
-        if rows < BLOCK_ROWS:  # pad: the same product shape as every other block
-            buf_a = a.new_zeros((BLOCK_ROWS, k))
-            buf_a[:rows] = blk
-            blk = buf_a
-            if per_row:
-                buf_bias = bias.new_zeros((BLOCK_ROWS, bias.shape[1]))
-                buf_bias[:rows] = blk_bias
-                blk_bias = buf_bias
-        target = out[start:start + BLOCK_ROWS] if rows == BLOCK_ROWS else out.new_empty((BLOCK_ROWS, n))
-        buf_out = target
+        blk = _padded_rows(a[start:start + rows])  # the last block zero-padded: one product shape
+        target = out[start:start + rows] if rows == BLOCK_ROWS else out.new_empty((BLOCK_ROWS, n))
         if bias is None:
             torch.ops.aten.mm.out(blk, b, out=target)
         else:
+            blk_bias = _padded_rows(bias[start:start + rows]) if per_row else bias
             torch.ops.aten.addmm.out(blk_bias, blk, b, beta=beta, alpha=alpha, out=target)
         if rows < BLOCK_ROWS:
-            out[start:] = buf_out[:rows]
+            out[start:] = target[:rows]
     return out
+
+
+def _padded_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with :data:`BLOCK_ROWS` rows: itself when full, else a zero-padded copy."""
+    if t.shape[0] == BLOCK_ROWS:
+        return t
+    buf = t.new_zeros((BLOCK_ROWS, *t.shape[1:]))
+    buf[:t.shape[0]] = t
+    return buf
 
 
 def _mm(a, b):

@@ -92,10 +92,8 @@ def _as_varlen(q, k, v, media_locations, only_immediate, softmax_scale, varlen_a
     B, Lt, Hq, _ = q.shape
     M, Nl, Hkv = k.shape[1], k.shape[2], k.shape[3]
     cu_q, cu_k, max_k = varlen_plan(media_locations, M, Nl, only_immediate)
-    # The latents of media a sample does not use form key segments of runs without queries: no query sees them
-    # (the packed kernels no longer load them); zeros anyway, so their gradients are exact zeros on every path.
-    used = torch.arange(M, device=k.device)[None, :] < media_locations.sum(1, keepdim=True)  # [B, M]
-    k, v = (torch.where(used[:, :, None, None, None], t, 0.0) for t in (k, v))
+    # The latents of media a sample does not use form key segments of runs without queries: no kernel loads them
+    # (per-sequence, packed: _seen_cols) and their gradients stay exact zeros, so no masking copy of k and v here.
     if only_immediate:  # sequence (b, m) reads the latents of media m
         kf, vf = k.reshape(-1, Hkv, k.shape[-1]), v.reshape(-1, Hkv, v.shape[-1])
     else:  # all media: the packed prefixes, M (M + 1) / 2 * Nl latent rows per sample
