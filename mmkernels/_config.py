@@ -73,8 +73,9 @@ def set_batch_invariant(enabled: bool) -> None:
     dim, expert width): fixed tile shapes and launch configs (never the tuned per-shape tables), no split-K that
     depends on the batch, no packed varlen tiles shared between sequences, per-sequence reference paths, and no
     atomics (it implies :func:`is_deterministic`). The products of the rest of the model (``nn.Linear``,
-    ``torch.matmul``: ``aten.mm`` / ``addmm`` / ``bmm``) run in fixed 64-row blocks and the CPU's element-wise
-    transcendental functions without scalar tails (``mmkernels.batch_invariance``). A backend that cannot honour the
+    ``torch.matmul``: ``aten.mm`` / ``addmm`` / ``bmm``) run in fixed 64-row blocks (``mmkernels.batch_invariance``) and
+    the CPU's element-wise functions that are not correctly rounded (exp, pow, the activations, ...) without scalar
+    tails (``mmkernels.batch_invariance_elementwise``). A backend that cannot honour the
     mode is skipped by automatic selection and raises ``BackendError`` when asked for by name; no op silently runs
     its fast path. What it guarantees and costs: docs/batch_invariance.md.
 

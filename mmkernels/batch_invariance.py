@@ -9,16 +9,10 @@ shape per weight: ``[BLOCK_ROWS, K] @ [K, N]`` blocks of rows (the last one zero
 aligned block, so a row's result depends only on the row and the weight. The reduction over ``K`` is untouched, so a
 row's value is what the library's GEMM gives for a block of 64 rows.
 
-Element-wise transcendental functions have the same problem on a CPU: ATen's vectorised loop computes the last
-``numel % (2 x vector width)`` elements of a tensor with the scalar function (``std::exp``), the others with the SIMD
-one (Sleef), which round differently, so a token's ``silu`` / ``gelu`` / ``exp`` depends on whether it is the last
-row of the batch; with several threads, each thread's chunk has such a tail, at boundaries that move with the
-batch. Under the mode their CPU kernels (:data:`ELEMENTWISE`, forward and backward) run on a copy padded to a
-multiple of :data:`PAD_ELEMENTS`, in pieces of :data:`PIECE_ELEMENTS` (below ATen's parallel grain: one thread per
-piece), so every element takes the SIMD path at any thread count. (GPU kernels use one function for every
-element; row-wise reductions such as softmax and the norms treat each row alone and are invariant already.)
+Element-wise transcendental functions have a problem of the same kind on a CPU (a scalar tail that rounds
+differently): :mod:`mmkernels.batch_invariance_elementwise` pads them while the mode is on.
 
-How: the CPU and CUDA kernels of those three ops are replaced while the mode is on (``torch.library.Library``
+How: the CPU and CUDA kernels of the three products are replaced while the mode is on (``torch.library.Library``
 ``IMPL`` registrations, removed when it is turned off); the blocks call the ``.out`` overloads, whose kernels are
 the library's own. ``bmm`` loops over its batch (its batch count is the batch size in HF attention). Not covered:
 ``torch.compile``'d graphs (Inductor emits its own GEMM calls), ``mv``/``dot``, ``baddbmm``, convolutions and
@@ -36,17 +30,12 @@ import threading
 
 import torch
 
-__all__ = ["BLOCK_ROWS", "ELEMENTWISE", "PAD_ELEMENTS", "PIECE_ELEMENTS", "block_mm", "route_matmuls", "routed"]
+from . import batch_invariance_elementwise
+
+__all__ = ["BLOCK_ROWS", "block_mm", "route_matmuls", "routed"]
 
 BLOCK_ROWS = 64  # rows per product: one GEMM shape per weight, whatever the batch
 _ALIGN = 64  # bytes: MKL's results may depend on the alignment of A's rows
-PAD_ELEMENTS = 64  # >= 2 x the widest SIMD vector (AVX-512: 16 floats): no scalar tail
-# Element-wise pieces below ATen's parallel grain (32768 elements): a piece runs on one thread, so the threads' own
-# chunk boundaries (each with a scalar tail) never cut it; a multiple of PAD_ELEMENTS.
-PIECE_ELEMENTS = 16384
-# element-wise ops whose SIMD and scalar CPU paths round differently: (op, number of tensor arguments)
-ELEMENTWISE = (("silu", 1), ("silu_backward", 2), ("gelu", 1), ("gelu_backward", 2), ("sigmoid", 1),
-               ("sigmoid_backward", 2), ("tanh", 1), ("tanh_backward", 2), ("exp", 1), ("log", 1), ("erf", 1))
 
 _lock = threading.Lock()
 _library: torch.library.Library | None = None
@@ -112,32 +101,6 @@ def _bmm(a, b):
     return out
 
 
-def _padded(name: str, tensors: int):
-    """The CPU kernel of element-wise ``aten.<name>`` on copies padded to a multiple of :data:`PAD_ELEMENTS` (its
-    ``.out`` / ``.grad_input`` overload: the library's own kernel)."""
-    backward = name.endswith("_backward")
-    out_op = getattr(getattr(torch.ops.aten, name), "grad_input" if backward else "out")
-
-    def run(*args, **kwargs):
-        shape = args[0].shape
-        n = args[0].numel()
-        size = n + (-n) % PAD_ELEMENTS
-        dtype = args[0].dtype if args[0].is_floating_point() or args[0].is_complex() else torch.get_default_dtype()
-        padded = []
-        for t in args[:tensors]:
-            buf = t.new_zeros(size, dtype=dtype)
-            buf[:n] = t.reshape(-1)
-            padded.append(buf)
-        out = torch.empty_like(padded[0])
-        name = "grad_input" if backward else "out"
-        for start in range(0, size, PIECE_ELEMENTS):  # one thread per piece, no tail in any piece
-            piece = slice(start, start + PIECE_ELEMENTS)
-            out_op(*[b[piece] for b in padded], *args[tensors:], **kwargs, **{name: out[piece]})
-        return out[:n].view(shape)
-
-    return run
-
-
 def route_matmuls(enabled: bool) -> None:
     """Turn the blocked ``mm`` / ``addmm`` / ``bmm`` kernels (CPU and CUDA) and the padded element-wise CPU kernels
     on or off; idempotent."""
@@ -149,8 +112,7 @@ def route_matmuls(enabled: bool) -> None:
                 lib.impl("mm", _mm, key)
                 lib.impl("addmm", _addmm, key)
                 lib.impl("bmm", _bmm, key)
-            for name, tensors in ELEMENTWISE:
-                lib.impl(name, _padded(name, tensors), "CPU")
+            batch_invariance_elementwise.register(lib)
             _library = lib
         elif not enabled and _library is not None:
             _library._destroy()

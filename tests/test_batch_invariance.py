@@ -1,7 +1,8 @@
 """The batch-invariant mode (mmkernels.set_batch_invariant): a row's output and gradient rows are BITWISE the same
 alone, inside batches of 2, 7 and 33 random neighbours at the first, middle and last position, padded, and packed
 varlen with other sequences; on the reference backend and the Triton backend (interpreter, fp32). Ops, the
-blocked products, the models, a decoder's greedy generation; the mode's switches, selection and errors.
+blocked products, the models, a decoder's greedy generation; the mode's switches, selection and errors (the padded
+element-wise kernels: test_batch_invariance_elementwise.py).
 
 Every test builds the target row from its own seeded generator and the neighbours from another, so the target's
 values are identical across the calls and only its company changes."""
@@ -430,23 +431,6 @@ def test_vision_language_model_logits_and_generation_alone_and_in_a_batch():
         assert torch.equal(model.generate(pixels, ids, 4)[0], model.generate(batch_px, batch_ids, 4)[2])
 
 
-def test_elementwise_activations_of_the_last_row_match_a_middle_row():
-    """On a CPU the last numel % (2 x SIMD width) elements took the scalar function (another rounding): the mode pads
-    the element-wise transcendental ops, forward and backward."""
-    x = torch.randn(48, generator=_gen(0))
-    for fn in (torch.nn.functional.silu, torch.nn.functional.gelu, torch.sigmoid, torch.tanh, torch.exp):
-        rows = []
-        for n in (1, 7):
-            xs = torch.randn(n, 48, generator=_gen(n))
-            xs[n - 1 if n == 1 else 3] = x
-            xs.requires_grad_()
-            y = fn(xs)
-            y.backward(torch.ones_like(y))
-            i = 0 if n == 1 else 3
-            rows.append((y[i].detach(), xs.grad[i]))
-        _assert_bitwise(dict(enumerate(rows)), fn.__name__)
-
-
 def test_patched_hf_vit_image_does_not_depend_on_the_batch():
     transformers = pytest.importorskip("transformers")
     from mmkernels.integrations.hf import patch
@@ -463,24 +447,6 @@ def test_patched_hf_vit_image_does_not_depend_on_the_batch():
             px[n - 1] = image
             runs[str(n)] = (model(pixel_values=px).last_hidden_state[n - 1],)
     _assert_bitwise(runs, "patched HF ViTModel")
-
-
-@pytest.mark.parametrize("threads", [1, 3, 4])
-def test_elementwise_rows_at_any_thread_count(threads):
-    """ATen splits a large element-wise op across threads, each chunk with its own scalar tail, at boundaries that
-    move with the batch: the mode's pieces stay below the parallel grain (found by the fresh-user trial: silu rows
-    16 of 17 differed at 4 threads)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for n in (17, 33):
-            x = torch.randn(n, 4096, generator=_gen(n))
-            for fn in (torch.nn.functional.silu, torch.sigmoid,
-                       lambda t: torch.nn.functional.gelu(t, approximate="tanh")):
-                y = fn(x)
-                assert [p for p in range(n) if not torch.equal(fn(x[p:p + 1])[0], y[p])] == []
-    finally:
-        torch.set_num_threads(before)
 
 
 def test_a_thread_leaving_its_block_does_not_turn_the_mode_off_in_another():

@@ -5,12 +5,12 @@ Each shape times one op twice on the same inputs and backend: ``fast`` (the mode
 cost (below 1: slower). The issue's target is at most 15% on a GPU; on a CPU the reference paths run one sequence at
 a time and the products in 64-row blocks (``mmkernels.batch_invariance``), which costs more (docs/batch_invariance.md).
 
-Presets: ``quick`` (tiny: the entering and leaving of the mode, about 0.1 ms per call, dominates), ``cpu`` (what a
-CPU run gets by default) and ``default`` (GPU-sized). Shapes: a packed varlen attention batch (8 sequences of 48-160
-tokens), BLIP-2's Q-Former cross-attention (32 queries over padded image tokens), a ViT patch embedding, routing and
-grouped SwiGLU experts over tokens, the vision rotary embedding, Flamingo's media cross-attention, and an
-``nn.Linear`` (the products of the rest of a model).
-FLOPs: the ops' own counts (attention: the attended pairs); bytes: inputs read and outputs written once.
+Presets: ``quick`` (tiny: the entering and leaving of the mode, about 0.6 ms per call on a CPU, dominates), ``cpu``
+(what a CPU run gets by default) and ``default`` (GPU-sized). Shapes: a packed varlen attention batch (8 sequences
+of 48-160 tokens), BLIP-2's Q-Former cross-attention (32 queries over padded image tokens), a ViT patch embedding,
+routing and grouped SwiGLU experts over tokens, the vision rotary embedding, Flamingo's media cross-attention, and
+an ``nn.Linear`` (the products of the rest of a model). FLOPs: the ops' own counts (attention: the attended pairs);
+bytes: inputs read and outputs written once.
 """
 
 from __future__ import annotations
