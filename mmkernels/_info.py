@@ -52,8 +52,12 @@ def _auto(op, device: torch.device) -> str:
 
 
 def info(as_dict: bool = False):
-    """Describe this installation. Prints a report, or returns it as a dict when ``as_dict``."""
+    """Describe this installation. Prints a report, or returns it as a dict when ``as_dict``. Raises ``TypeError``
+    unless ``as_dict`` is a bool."""
     from . import __version__
+    from .ops._validate import flag
+
+    as_dict = flag("as_dict", as_dict, op="info")
 
     ext = extension_status()
     devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())]

@@ -17,7 +17,8 @@ Arguments with a right answer for an odd value (for instance out-of-range routin
 dispatched") are covered by their op's tests. The module/model half: every constructor rejects bad values naming its
 parameter, and every forward rejects bad inputs naming the module and its argument (a half-precision input to a
 float32 module says ``"ZeroComputeMoE: input x is float16 but the module's weights are float32"``, not an inner op's
-``w_gate_up``).
+``w_gate_up``). Every bool switch of the rest of the public API (modules, configs, ``patch``, the library's own
+switches, the bench API), found by signature, rejects a string, an int and a float.
 """
 
 from __future__ import annotations
@@ -844,3 +845,98 @@ def test_every_converter_names_the_key_of_a_value_that_is_not_a_float_tensor(cha
                 assert re.search(rf"{re.escape(key)} {message}", str(exc)), (name, key, str(exc))
             else:  # only a part the encoder does not use may pass unread: HF ViT's pooler
                 assert name == "ViTModel" and key.startswith("pooler."), (name, key)
+
+
+# ---- every switch of the public API outside the ops takes a bool, nothing else ---------------------------------------
+
+def _tiny_hf_vit():
+    transformers = pytest.importorskip("transformers")
+    return transformers.ViTModel(transformers.ViTConfig(image_size=8, patch_size=4, hidden_size=16,
+                                                        num_hidden_layers=1, num_attention_heads=2,
+                                                        intermediate_size=16))
+
+
+def _enter(context) -> None:
+    with context:
+        pass
+
+
+_MLA = dict(hidden_size=32, num_heads=2, q_lora_rank=None, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
+            v_head_dim=8)
+# "module.name" -> call(**overrides): a valid call of a public callable with a bool switch, the switch overridden
+SWITCH_CALLS: dict[str, Callable] = {
+    "mmkernels.batch_invariant": lambda **kw: _enter(mmkernels.batch_invariant(**kw)),
+    "mmkernels.debug_checks": lambda **kw: _enter(mmkernels.debug_checks(**kw)),
+    "mmkernels.deterministic": lambda **kw: _enter(mmkernels.deterministic(**kw)),
+    "mmkernels.set_batch_invariant": lambda **kw: mmkernels.set_batch_invariant(**kw),
+    "mmkernels.set_debug_checks": lambda **kw: mmkernels.set_debug_checks(**kw),
+    "mmkernels.set_deterministic": lambda **kw: mmkernels.set_deterministic(**kw),
+    "mmkernels.info": lambda **kw: mmkernels.info(**({"as_dict": True} | kw)),
+    "mmkernels.nn.Attention": lambda **kw: Attention(16, 4, **kw),
+    "mmkernels.nn.ExpertBiasController": lambda **kw: ExpertBiasController(
+        num_ffn_experts=8, num_zero_experts=4, top_k=4, target_ffn_per_token=3.0, **kw),
+    "mmkernels.nn.MultiHeadLatentAttention": lambda **kw: mmkernels.nn.MultiHeadLatentAttention(**_MLA, **kw),
+    "mmkernels.nn.PatchEmbed": lambda **kw: PatchEmbed(8, 4, 3, 16, **kw),
+    "mmkernels.nn.QFormerCrossAttention": lambda **kw: QFormerCrossAttention(16, 2, **kw),
+    "mmkernels.nn.ZeroComputeMoE": lambda **kw: ZeroComputeMoE(12, 4, 2, 2, 8, **kw),
+    "mmkernels.models.GatedCrossAttentionBlock": lambda **kw: GatedCrossAttentionBlock(16, **kw),
+    "mmkernels.models.KVCache": lambda **kw: mmkernels.models.KVCache(2, **kw),
+    "mmkernels.models.ScMoEConfig": lambda **kw: ScMoEConfig(**(ScMoEConfig.preset("tiny").__dict__ | kw)),
+    "mmkernels.models.ScMoEDecoder": lambda **kw: ScMoEDecoder(ScMoEConfig.preset("tiny"), **kw),
+    "mmkernels.models.ScMoEDecoderLayer": lambda **kw: ScMoEDecoderLayer(ScMoEConfig.preset("tiny"), **kw),
+    "mmkernels.models.ViTConfig": lambda **kw: ViTConfig(**kw),
+    "mmkernels.models.VisionLanguageModel": lambda **kw: VisionLanguageModel("tiny", **kw),
+    "mmkernels.integrations.hf.patch": lambda **kw: mmkernels.integrations.hf.patch(_tiny_hf_vit(), **kw),
+    "mmkernels.distributed.all_to_all": lambda **kw: mmkernels.distributed.all_to_all(
+        torch.zeros(2, 3), [2], [2], **kw),  # checked before the process group is touched
+    "mmkernels.bench.BenchConfig": lambda **kw: mmkernels.bench.BenchConfig(CPU, None, "quick", None, **kw),
+    "mmkernels.bench.measure_ceilings": lambda **kw: mmkernels.bench.measure_ceilings(CPU, **kw),
+}
+# public callables with a bool parameter that this sweep leaves alone, and why
+SWITCH_EXEMPT = {
+    "mmkernels.integrations.hf.attention_forward": "transformers calls it with its own values (a tensor is_causal "
+                                                   "while tracing)",
+    "mmkernels.bench.Row": "a result record the runner fills",
+    "mmkernels.bench.Timing": "a result record the runner fills",
+    "mmkernels.bench.Suite": "a suite definition (our own suites; checked by tests/bench)",
+}
+# the ops' switches are swept above with their SAMPLES (test_bad_argument_is_an_error_naming_it)
+SWITCH_MODULES = ("mmkernels", "mmkernels.nn", "mmkernels.models", "mmkernels.integrations.hf",
+                  "mmkernels.distributed", "mmkernels.bench", "mmkernels.testing")
+
+
+def _public_switches() -> list[tuple[str, str]]:
+    """(``"module.name"``, parameter) for every bool parameter (a bool default, or annotated ``bool`` /
+    ``bool | None``) of every public callable of :data:`SWITCH_MODULES`."""
+    import importlib
+
+    found = []
+    for module_name in SWITCH_MODULES:
+        module = importlib.import_module(module_name)
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if not callable(obj):
+                continue
+            try:
+                params = inspect.signature(obj).parameters.values()
+            except (TypeError, ValueError):
+                continue
+            for p in params:
+                if isinstance(p.default, bool) or str(p.annotation) in ("bool", "bool | None"):
+                    found.append((f"{module_name}.{name}", p.name))
+    return sorted(set(found))
+
+
+def test_every_public_switch_is_swept_or_exempt():
+    missing = sorted({key for key, _ in _public_switches() if key not in SWITCH_CALLS and key not in SWITCH_EXEMPT})
+    assert not missing, f"add a valid call to SWITCH_CALLS (or a reason to SWITCH_EXEMPT) for {missing}"
+
+
+@pytest.mark.parametrize("key,param", [s for s in _public_switches() if s[0] in SWITCH_CALLS])
+@pytest.mark.parametrize("bad", ["False", 0, 1.0])
+def test_every_public_switch_rejects_what_is_not_a_bool(key, param, bad):
+    """A switch read from a YAML or CLI config as a string would take ``"False"`` for True (found by the fresh-user
+    trial: ``patch(model, attention="false")`` patched the attention; ``Attention(causal="no")``,
+    ``ViTConfig(qkv_bias="no")`` and ``ScMoEDecoder(overlap="no")`` took it for True)."""
+    with pytest.raises(TypeError, match=rf"{param} must be a bool"):
+        SWITCH_CALLS[key](**{param: bad})

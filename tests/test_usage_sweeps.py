@@ -73,6 +73,23 @@ def test_autocast_does_not_change_an_op(op, backend):
         torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("op,backend", OP_BACKENDS)
+def test_every_op_returns_contiguous_results(op, backend):
+    """The docs promise contiguous results (``patch_embed``: ``[B, N, D]``, ``attention``: ``[B, L, H, D]``...), so a
+    caller's ``.view`` works on every backend alike (found by the fresh-user trial: the reference patch embedding
+    returned the convolution's memory transposed, strides ``(20, 1, 4)``; ``.view`` raised there and not on Triton).
+    Both valid calls of the op's test file (its SAMPLES and its USAGE_SAMPLES)."""
+    samples = [_op_inputs(op)]
+    if op != "expert_bias_update_":  # its sample builds its own state
+        samples.append((getattr(ops, op), (), {**op_samples.good_args(op)}))
+    for fn, args, kwargs in samples:
+        out = fn(*args, **kwargs, backend=backend)
+        leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        assert leaves, op
+        for i, t in enumerate(leaves):
+            assert t.is_contiguous(), f"{op} on {backend}: result {i} {tuple(t.shape)} has strides {t.stride()}"
+
+
 # ---- a backend reaches every op ------------------------------------------------------------------------------------
 
 TINY_VIT = ViTConfig(image_size=8, patch_size=4, hidden_size=12, num_layers=1, num_heads=2, mlp_dim=16)

@@ -127,6 +127,9 @@ def measure_ceilings(device: torch.device | str, quick: bool = False,
     CPUs, 4096-8192 on GPUs), on CPUs with the timed code's ``torch.get_num_threads()`` threads. Percent-of-peak
     columns divide by these, not by datasheet numbers. They remain estimates: rows can exceed them (the CLI
     flags that)."""
+    from ..ops._validate import flag
+
+    quick = flag("quick", quick, op="measure_ceilings")
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     threads = None if cuda else torch.get_num_threads()

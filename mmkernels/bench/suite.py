@@ -60,6 +60,12 @@ class BenchConfig:
     # CUDA-graph replay times next to the launch-inclusive ones: None = suites tagged MICROSECOND, True/False = all/none
     cuda_graph: bool | None = None
 
+    def __post_init__(self) -> None:
+        from ..ops._validate import flag
+
+        for name in ("l2_flush", "cuda_graph"):  # a string from a config file would read as True
+            object.__setattr__(self, name, flag(name, getattr(self, name), op="BenchConfig", none=True))
+
 
 @dataclass
 class Case:

@@ -77,8 +77,10 @@ def all_to_all(rows: torch.Tensor, out_splits: list[int], in_splits: list[int], 
 
     Raises:
         ValueError: ``rows`` is not 2-D or does not have ``sum(in_splits)`` rows.
+        TypeError: ``async_op`` is not a bool.
     """
     v.tensor("rows", rows, dim=2, op="all_to_all")
+    async_op = v.flag("async_op", async_op, op="all_to_all")
     if rows.shape[0] != sum(in_splits):
         raise ValueError(f"all_to_all: rows has {rows.shape[0]} rows, in_splits sum to {sum(in_splits)}")
     box: list = []

@@ -99,6 +99,8 @@ class ScMoEConfig:
 
     def __post_init__(self) -> None:
         name = "ScMoEConfig"
+        for switch in ("tie_word_embeddings", "attention_bias"):  # the type first: "False" is not a given value
+            object.__setattr__(self, switch, v.flag(switch, getattr(self, switch), op=name))
         if self.attention not in ("gqa", "mla"):
             raise ValueError(f"{name}: attention must be 'gqa' or 'mla', got {self.attention!r}")
         if self.pad_token_id is not None:
@@ -122,8 +124,6 @@ class ScMoEConfig:
             v.real("target_ffn_per_token", self.target_ffn_per_token, op=name, low=0.0, high=float(self.top_k))
         v.real("rms_norm_eps", self.rms_norm_eps, op=name, low=0.0)
         v.real("rope_theta", self.rope_theta, op=name, low=1.0)
-        tie = v.flag("tie_word_embeddings", self.tie_word_embeddings, op=name)
-        object.__setattr__(self, "tie_word_embeddings", tie)
         v.real("initializer_range", self.initializer_range, op=name, low=0.0)
         v.real("bias_ki", self.bias_ki, op=name, low=0.0)
         v.real("balance_loss_coef", self.balance_loss_coef, op=name, low=0.0)
@@ -159,7 +159,6 @@ class ScMoEConfig:
             raise ValueError(f"{name}: with attention='mla' head_dim is qk_nope_head_dim + qk_rope_head_dim = {qk}, "
                              f"got {self.head_dim}")
         object.__setattr__(self, "head_dim", qk)
-        object.__setattr__(self, "attention_bias", v.flag("attention_bias", self.attention_bias, op=name))
         v.probability("attention_dropout", self.attention_dropout, op=name)
         v.real("mla_rms_norm_eps", self.mla_rms_norm_eps, op=name, low=0.0)
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
@@ -385,7 +384,7 @@ class ScMoEDecoderLayer(nn.Module):
         if not isinstance(config, ScMoEConfig):
             raise TypeError(f"ScMoEDecoderLayer: config must be a ScMoEConfig, got {type(config).__name__}")
         self.config = config
-        self.overlap = bool(overlap)
+        self.overlap = v.flag("overlap", overlap, op="ScMoEDecoderLayer")
         c, factory = config, {"device": device, "dtype": dtype}
         self.input_layernorm = nn.ModuleList(rms_norm(c, **factory) for _ in range(2))
         if c.attention == "mla":
@@ -636,6 +635,7 @@ class ScMoEDecoder(nn.Module):
                  device=None, dtype=None) -> None:
         super().__init__()
         v.module_dtype("ScMoEDecoder", dtype)
+        overlap = v.flag("overlap", overlap, op="ScMoEDecoder")
         if not isinstance(config, ScMoEConfig):
             raise TypeError(f"ScMoEDecoder: config must be a ScMoEConfig, got {type(config).__name__}")
         self.config = config

@@ -47,6 +47,8 @@ class ViTConfig:
         for field in ("patch_size", "in_channels", "hidden_size", "num_heads", "mlp_dim"):
             check.integer(field, getattr(self, field), op=_NAME, low=1)
         check.integer("num_layers", self.num_layers, op=_NAME, low=0)
+        for field in ("qkv_bias", "class_token", "pre_norm"):  # NumPy bools become Python bools
+            object.__setattr__(self, field, check.flag(field, getattr(self, field), op=_NAME))
         check.real("layer_norm_eps", self.layer_norm_eps, op=_NAME, low=0.0)
         check.real("attention_dropout", self.attention_dropout, op=_NAME, low=0.0)
         if self.attention_dropout >= 1.0:

@@ -65,6 +65,7 @@ class VisionLanguageModel(nn.Module):
                  backend: BackendChoice = None, device=None, dtype=None) -> None:
         super().__init__()
         v.module_dtype(_NAME, dtype)
+        overlap = v.flag("overlap", overlap, op=_NAME)
         if isinstance(config, str):
             config = VLMConfig.preset(config)
         if not isinstance(config, VLMConfig):

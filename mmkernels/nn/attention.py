@@ -79,11 +79,14 @@ class Attention(nn.Module):
                 raise ValueError(f"{_NAME}: dim ({dim}) is not divisible by num_heads ({num_heads}); pass head_dim")
             head_dim = dim // num_heads
         self.head_dim = check.integer("head_dim", head_dim, op=_NAME, low=1, high=MAX_HEAD_DIM)
+        cross = check.flag("cross", cross, op=_NAME)
+        qkv_bias = check.flag("qkv_bias", qkv_bias, op=_NAME)
+        out_bias = check.flag("out_bias", out_bias, op=_NAME)
         if kv_dim is not None and not cross:
             raise ValueError(f"{_NAME}: kv_dim is only used with cross=True")
-        self.cross = bool(cross)
+        self.cross = cross
         self.kv_dim = check.integer("kv_dim", kv_dim if kv_dim is not None else dim, op=_NAME, low=1)
-        self.causal = bool(causal)
+        self.causal = check.flag("causal", causal, op=_NAME)
         self.softmax_scale = None if softmax_scale is None else check.real("softmax_scale", softmax_scale, op=_NAME)
         self.backend = backend
 

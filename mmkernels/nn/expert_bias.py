@@ -104,7 +104,7 @@ class ExpertBiasController(nn.Module):
                             f"{type(gain_schedule).__name__}")
         self.gain_schedule = gain_schedule
         self.process_group = process_group
-        self.reduce_counts = reduce_counts
+        self.reduce_counts = v.flag("reduce_counts", reduce_counts, op=_NAME)
         self.backend = backend
         self.steps = 0
         self.register_buffer("bias", torch.zeros(n_total, dtype=torch.float32, device=device))

@@ -125,6 +125,8 @@ class PatchEmbed(nn.Module):
         self.grid_size = (self.image_size[0] // self.patch_size, self.image_size[1] // self.patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.pos_interpolation = v.choice("pos_interpolation", pos_interpolation, POS_INTERPOLATIONS, op=_NAME)
+        bias, cls_token, pos_embed = (v.flag(name, value, op=_NAME) for name, value in
+                                      (("bias", bias), ("cls_token", cls_token), ("pos_embed", pos_embed)))
         self.backend = backend
         factory = {"device": device, "dtype": dtype}
         d = self.embed_dim

@@ -84,9 +84,9 @@ class QFormerCrossAttention(nn.Module):
         self.kv_dim = hidden_size if kv_dim is None else kv_dim
         self.softmax_scale = softmax_scale
         self.backend = backend
-        kw = dict(bias=bias, device=device, dtype=dtype)
+        kw = dict(bias=check.flag("bias", bias, op=_NAME), device=device, dtype=dtype)
         self.query = nn.Linear(hidden_size, hidden_size, **kw)
-        if project_kv:
+        if check.flag("project_kv", project_kv, op=_NAME):
             self.key = nn.Linear(self.kv_dim, hidden_size, **kw)
             self.value = nn.Linear(self.kv_dim, hidden_size, **kw)
         else:

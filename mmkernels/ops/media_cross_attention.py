@@ -143,9 +143,8 @@ def media_cross_attention(
       gives such tokens the uniform average of all latents instead: its mask is all False there and it does not
       zero them; every other row is the same.)
     - Media past the count a sample uses (``media_locations[b].sum()``) reach no output or gradient, whatever
-      they hold (NaN included; the Triton path replaces them by zeros with ``torch.where`` before the attention
-      call, one elementwise pass over k and v, because the packed varlen kernels may load their key segment
-      between two samples' runs); their gradients are exactly zero. More media tokens in a sample than ``M`` is an
+      they hold (NaN included: on the Triton path their key segments belong to varlen runs without queries, which
+      no attention kernel loads); their gradients are exactly zero. More media tokens in a sample than ``M`` is an
       error under :func:`mmkernels.debug_checks` (one host read; the tests run with it); otherwise the result is
       unspecified (the media index is clamped to ``M - 1``: never an out-of-bounds read).
     - GQA: ``Hq`` a multiple of ``Hkv``; head dims ``D, Dv`` in ``[1, 256]``; ``softmax_scale`` defaults to

@@ -218,12 +218,16 @@ def test_repatch_after_a_part_was_unpatched(no_backend_env):
 
 
 def test_a_part_patched_first_keeps_its_report(no_backend_env):
-    """``patch(model.visual)`` then ``patch(model)``: the tower's fallbacks go to the report that lists the tower."""
+    """``patch(model.visual)`` then ``patch(model)``: the tower's fallbacks go to the report of the first patch; the
+    whole's report lists the tower's modules too (under their full paths, noting the earlier patch)."""
     _skip_missing("qwen2_vl")
     model = _M.qwen_vlm("qwen2_vl").eval()
     first = patch(model.model.visual)
     second = patch(model)
-    assert not any(r.path.startswith("model.visual") for r in second.replaced)
+    listed = [r for r in second.replaced if r.path.startswith("model.visual")]
+    assert sorted((r.path, r.kind) for r in listed) == sorted(
+        (f"model.visual.{r.path}" if r.path else "model.visual", r.kind) for r in first.replaced)
+    assert all("patched before by patch() of 'model.visual'" in r.detail for r in listed)
     model.model.visual.patch_embed.proj.register_forward_hook(lambda m, a, o: o)
     inputs = _M._qwen_vlm_inputs()
     with torch.no_grad():

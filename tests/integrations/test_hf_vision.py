@@ -364,6 +364,38 @@ def test_unpatch_of_the_model_undoes_a_patch_of_a_part(hf_models, ops_run, no_ba
     assert not [k for m in model.modules() for k in m.__dict__ if k.startswith("_mmkernels_")]
 
 
+def _running_ours(model) -> set[str]:
+    """Paths of the modules that run our code: a swapped forward or a switched attention."""
+    from mmkernels.integrations.hf import attention as hf_attention
+
+    return {path for path, m in model.named_modules() if is_swapped(m) or hf_attention.ENTRY_ATTR in m.__dict__}
+
+
+PARTS = ("embeddings", "layers.0")  # a patch embedding, a transformer block (its attention)
+STEPS = [(verb, part) for verb in ("patch", "unpatch") for part in ("", *PARTS)]
+
+
+@pytest.mark.parametrize("history", [(a, b, c) for a in STEPS for b in STEPS for c in STEPS],
+                         ids=lambda h: "-".join(f"{v}({p or 'model'})" for v, p in h))
+def test_patch_of_the_model_after_any_history_of_parts_patches_all_of_it(hf_models, no_backend_env, history):
+    """Any three patch / unpatch calls on the model and its parts, then ``patch(model)``: every module a fresh
+    ``patch(model)`` covers runs our code, and the model's report lists exactly the modules that do (found by the
+    fresh-user trial: ``patch(part)``, ``patch(model)``, ``unpatch(part)``, ``patch(model)`` left the part unpatched
+    and returned the old report)."""
+    build = hf_models["ViTModel"][0]
+    fresh = build().eval()
+    patch(fresh)
+    expected = _running_ours(fresh)
+    model = build().eval()
+    for verb, part in history:
+        (patch if verb == "patch" else unpatch)(model.get_submodule(part))
+    report = patch(model)
+    assert _running_ours(model) == expected
+    assert {r.path for r in report.replaced} == expected
+    unpatch(model)
+    assert _running_ours(model) == set()
+
+
 def _change(model, how):
     conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
     if how == "forward_hook":

@@ -26,12 +26,14 @@ in the report (only for the families the model uses).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 from torch import nn
 
 from ... import ops as _ops  # noqa: F401  (registers every op's backends before names are checked)
 from ..._backends import BACKENDS, BackendError, resolve_backends
+from ...ops._validate import flag
 from . import attention as _attention
 from ._patching import PatchReport, family_classes, is_swapped, restore_all
 from .idefics import patch_idefics
@@ -98,14 +100,18 @@ def patch(model: nn.Module, *, attention: bool = True, patch_embed: bool = True,
         :class:`PatchReport`: modules replaced (path, kind, class), parts skipped and why, and (growing as the
         model runs) calls that fell back to the model's own code. Patching a patched model is a no-op that returns
         the first report; call :func:`unpatch` first to change the options. If a part of it was unpatched since
-        (``unpatch(model.visual)``), the whole model is unpatched and patched afresh, with a new report.
+        (``unpatch(model.visual)``), the whole model is unpatched and patched afresh, with a new report. A part
+        patched on its own before keeps its options; the whole's report lists its modules too.
 
-    Raises ``TypeError`` when ``model`` is not an ``nn.Module``, and :class:`mmkernels.BackendError` when
-    ``backend`` names an unknown backend or op, or one that an op this model would run does not implement (e.g.
-    ``"cpp"`` for a ViT: attention has no C++ backend); the model is then left exactly as it was.
+    Raises ``TypeError`` when ``model`` is not an ``nn.Module`` or a switch (``attention``, ...) is not a bool,
+    and :class:`mmkernels.BackendError` when ``backend`` names an unknown backend or op, or one that an op this
+    model would run does not implement (e.g. ``"cpp"`` for a ViT: attention has no C++ backend); the model is then
+    left exactly as it was.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"patch: model must be a torch.nn.Module, got {type(model).__name__}")
+    attention, patch_embed, qformer, moe = (flag(name, value, op="patch") for name, value in (
+        ("attention", attention), ("patch_embed", patch_embed), ("qformer", qformer), ("moe", moe)))
     _check_backend_names(backend)
     state = model.__dict__.get(_STATE)
     if state is not None:
@@ -118,6 +124,7 @@ def patch(model: nn.Module, *, attention: bool = True, patch_embed: bool = True,
     model.__dict__[_STATE] = state
     try:
         _patch(model, state, attention=attention, patch_embed=patch_embed, qformer=qformer, moe=moe, backend=backend)
+        _list_parts_patched_before(model, report)
         if isinstance(backend, str):  # one name for every op: each op this model now runs must implement it
             used = sorted({_KIND_OPS[r.kind] for r in report.replaced if r.kind in _KIND_OPS})
             resolve_backends(_OWNER, backend, used)
@@ -125,6 +132,22 @@ def patch(model: nn.Module, *, attention: bool = True, patch_embed: bool = True,
         unpatch(model)  # all or nothing: an error (e.g. a BackendError from the MoE part) leaves the model as it was
         raise
     return report
+
+
+def _list_parts_patched_before(model: nn.Module, report: PatchReport) -> None:
+    """A part patched on its own before (``patch(model.vision_model)``, then ``patch(model)``) keeps its options and
+    its report; the whole's report lists its modules too, under their full paths, so that ``unpatch`` of that part
+    is noticed by the next ``patch(model)`` (which then patches the whole afresh)."""
+    listed = {(r.path, r.kind) for r in report.replaced}
+    for path, part in model.named_modules():
+        state = part.__dict__.get(_STATE) if path else None
+        for r in state["report"].replaced if state is not None else ():
+            full = f"{path}.{r.path}" if r.path else path
+            if (full, r.kind) not in listed:
+                listed.add((full, r.kind))
+                note = f"patched before by patch() of {path!r}"
+                report.replaced.append(dataclasses.replace(r, path=full, detail=f"{r.detail} ({note})"
+                                                           if r.detail else note))
 
 
 def _still_patched(model: nn.Module, report: PatchReport) -> bool:

@@ -70,7 +70,7 @@ def _masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Te
     out = torch.einsum("bhqk,bkhd->bqhd", p.to(v.dtype), v)
     lse = (row_max + torch.log(denom)).squeeze(-1)
     lse = torch.where(denom.squeeze(-1) == 0, torch.full_like(lse, float("inf")), lse)
-    return out.to(out_dtype), lse
+    return out.to(out_dtype).contiguous(), lse  # einsum leaves [B, H, L, D] memory
 
 
 def _causal(lq, lk, device, diag=None) -> torch.Tensor:

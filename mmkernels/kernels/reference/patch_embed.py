@@ -37,4 +37,4 @@ def patch_embed_reference(
         x = torch.cat([cls_token.reshape(1, 1, -1).expand(x.shape[0], 1, -1).to(x.dtype), x], dim=1)
     if pos_embed is not None:
         x = x + pos_embed.reshape(1, x.shape[1], -1)
-    return x
+    return x.contiguous()  # the conv's [B, D, N] memory transposed: the op returns a row-major [B, N, D]

@@ -70,7 +70,8 @@ def qformer_attention_reference(
     if dropout_p > 0.0:
         drop_keep = dropout_mask if dropout_mask is not None else torch.rand_like(probs) >= dropout_p
         probs = torch.where(drop_keep, probs * (1.0 / (1.0 - dropout_p)), 0.0)
-    return torch.einsum("bhqk,bkhd->bqhd", probs.to(v.dtype), v).to(out_dtype)
+    out = torch.einsum("bhqk,bkhd->bqhd", probs.to(v.dtype), v)
+    return out.to(out_dtype).contiguous()  # einsum leaves [B, H, Lq, D] memory
 
 
 def _per_sample(q, k, v, kv_lens, scale) -> torch.Tensor:
