@@ -10,7 +10,8 @@ aligned block, so a row's result depends only on the row and the weight. The red
 row's value is what the library's GEMM gives for a block of 64 rows.
 
 Element-wise transcendental functions have a problem of the same kind on a CPU (a scalar tail that rounds
-differently): :mod:`mmkernels.batch_invariance_elementwise` pads them while the mode is on.
+differently): :mod:`mmkernels.batch_invariance_elementwise` pads them while the mode is on; a row's ``sum`` alone is
+split across threads where a batch's rows are not: :mod:`mmkernels.batch_invariance_reductions`.
 
 How: the CPU and CUDA kernels of the three products are replaced while the mode is on (``torch.library.Library``
 ``IMPL`` registrations, removed when it is turned off); the blocks call the ``.out`` overloads, whose kernels are
@@ -30,7 +31,7 @@ import threading
 
 import torch
 
-from . import batch_invariance_elementwise
+from . import batch_invariance_elementwise, batch_invariance_reductions
 
 __all__ = ["BLOCK_ROWS", "block_mm", "route_matmuls", "routed"]
 
@@ -108,11 +109,16 @@ def route_matmuls(enabled: bool) -> None:
     with _lock:
         if enabled and _library is None:
             lib = torch.library.Library("aten", "IMPL")
-            for key in ("CPU", "CUDA"):
-                lib.impl("mm", _mm, key)
-                lib.impl("addmm", _addmm, key)
-                lib.impl("bmm", _bmm, key)
-            batch_invariance_elementwise.register(lib)
+            try:
+                for key in ("CPU", "CUDA"):
+                    lib.impl("mm", _mm, key)
+                    lib.impl("addmm", _addmm, key)
+                    lib.impl("bmm", _bmm, key)
+                batch_invariance_elementwise.register(lib)
+                batch_invariance_reductions.register(lib)
+            except BaseException:
+                lib._destroy()  # all or nothing: no kernel of a failed switch stays in place
+                raise
             _library = lib
         elif not enabled and _library is not None:
             _library._destroy()

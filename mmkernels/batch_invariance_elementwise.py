@@ -15,8 +15,8 @@ the correctly rounded value on either path and are left alone. ``tests/test_batc
 ``pointwise``-tagged op (forward, gradient and in-place) at awkward lengths and thread counts, so an op this list
 misses on the test machine fails there by name. GPU kernels use one function for every element: CPU only.
 
-Not covered: the ``out=`` overloads (``torch.exp(x, out=y)``; they are the kernels the padded ones call) and ops
-with several outputs (``log_sigmoid_forward``: its two outputs, invariant on the test machine).
+GLU and ``log_sigmoid_forward`` (fused kernels, not pointwise) run torch's decomposition (:data:`DECOMPOSED`). Not
+covered: the ``out=`` overloads (``torch.exp(x, out=y)``; they are the kernels the padded ones call).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import math
 
 import torch
 
-__all__ = ["ELEMENTWISE", "PAD_ELEMENTS", "PIECE_ELEMENTS", "register"]
+__all__ = ["DECOMPOSED", "ELEMENTWISE", "PAD_ELEMENTS", "PIECE_ELEMENTS", "register"]
 
 PAD_ELEMENTS = 64  # >= 2 x the widest SIMD vector (AVX-512: 16 floats): no scalar tail
 # Pieces below ATen's parallel grain (32768 elements): a piece runs on one thread, so the threads' own chunk
@@ -58,6 +58,10 @@ ELEMENTWISE = (
     "sigmoid_backward", "tanh_backward", "silu_backward", "gelu_backward", "elu_backward", "softplus_backward",
     "hardswish_backward", "hardsigmoid_backward", "logit_backward", "log_sigmoid_backward", "mish_backward",
 )
+# Fused CPU kernels of element-wise activations that are not pointwise (two halves of a dim, two outputs), with the
+# same scalar tails: torch's decomposition runs instead (its exp / sigmoid / log1p are padded, its mul / sub exact).
+# GLU found moving with the batch by the second fresh-user trial (a 70001-wide row at 3 threads).
+DECOMPOSED = ("glu", "glu_backward", "log_sigmoid_forward")
 
 
 def _overload(name: str) -> torch._ops.OpOverload:
@@ -67,27 +71,36 @@ def _overload(name: str) -> torch._ops.OpOverload:
 
 def _out_overload(op: torch._ops.OpOverload) -> tuple[torch._ops.OpOverload, str]:
     """The ``out=`` overload of a functional overload (the one with its arguments and one out tensor) and the name
-    of its out argument (``out``, ``grad_input``): ATen's own kernel, which the padded kernel calls."""
+    of its out argument (``out``, ``grad_input``): ATen's own kernel, which the padded kernel calls. Only one with a
+    CPU kernel of its own: a composite ``out=`` (``hardswish_backward.out``) calls the functional kernel, which is
+    the padded one (a recursion)."""
     args = [(a.name, str(a.type)) for a in op._schema.arguments]
     packet = getattr(torch.ops.aten, op._schema.name.split("::")[1])
     for name in packet.overloads():
         candidate = getattr(packet, name)
         outs = [a for a in candidate._schema.arguments if a.is_out]
-        if len(outs) == 1 and [(a.name, str(a.type)) for a in candidate._schema.arguments if not a.is_out] == args:
+        if (len(outs) == 1 and [(a.name, str(a.type)) for a in candidate._schema.arguments if not a.is_out] == args
+                and torch._C._dispatch_has_kernel_for_dispatch_key(candidate.name(), "CPU")):
             return candidate, outs[0].name
-    raise LookupError(f"{op} has no single-output out= overload")
+    raise LookupError(f"{op} has no single-output out= overload with a CPU kernel")
 
 
 def _padded_kernel(op: torch._ops.OpOverload):
     """The CPU kernel of ``op`` on copies of its tensor arguments padded to a multiple of :data:`PAD_ELEMENTS`
     (broadcast first; 0-dim tensors stay scalars, as ATen treats them), in pieces of :data:`PIECE_ELEMENTS`. An op
-    without an ``out=`` overload (``mish_backward``) runs its composite definition, whose parts are padded."""
+    without an ``out=`` kernel runs its definition in other ATen ops, whose transcendental parts are padded: its
+    composite (``mish_backward``) or torch's decomposition (``hardswish_backward``: exact ``where``/``mul``/``div``/
+    ``add``, one rounding each on either path)."""
     try:
         out_op, out_name = _out_overload(op)
     except LookupError:
-        if not torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd"):
-            raise
-        return op.decompose
+        if torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CompositeImplicitAutograd"):
+            return op.decompose
+        from torch._decomp import decomposition_table
+
+        if op in decomposition_table:
+            return decomposition_table[op]
+        raise
     dtypes: dict[tuple, torch.dtype] = {}
 
     def result_dtype(args, kwargs) -> torch.dtype:
@@ -102,14 +115,17 @@ def _padded_kernel(op: torch._ops.OpOverload):
             dtype = dtypes.setdefault(key, meta.dtype)
         return dtype
 
+    tensor_slots = [i for i, a in enumerate(op._schema.arguments) if str(a.type) == "Tensor" and not a.kwarg_only]
+
     def run(*args, **kwargs):
+        args = original = _rewrap_numbers(args, tensor_slots)
+        args = list(args)
         tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
         where = [i for i in tensors if args[i].dim() > 0] or tensors
         shape = torch.broadcast_shapes(*(args[i].shape for i in where))
         dtype = result_dtype(args, kwargs)
         n = math.prod(shape)
         size = n + (-n) % PAD_ELEMENTS
-        args = list(args)
         for i in where:
             buf = args[i].new_zeros(size)
             buf[:n] = args[i].expand(shape).reshape(-1)
@@ -119,9 +135,28 @@ def _padded_kernel(op: torch._ops.OpOverload):
             piece = slice(start, start + PIECE_ELEMENTS)
             piece_args = [a[piece] if i in where else a for i, a in enumerate(args)]
             out_op(*piece_args, **kwargs, **{out_name: out[piece]})
-        return out[:n].view(shape)
+        result = out[:n].view(shape)
+        # ATen's result takes the memory layout of its inputs (a transposed or channels-last input gives one):
+        # keep it, so that a caller's ``.view`` works or fails as outside the mode
+        template = next((a for a in original if isinstance(a, torch.Tensor) and a.shape == shape), None)
+        if template is not None and not template.is_contiguous():
+            result = torch.empty_like(template, dtype=dtype).copy_(result)
+        return result
 
     return run
+
+
+def _rewrap_numbers(args: tuple, tensor_slots: list[int]) -> list:
+    """``args`` with a Python number in a Tensor slot made a 0-dim tensor again. A composite wraps a scalar into a
+    "wrapped number" tensor (``xlogy(0.7, x)`` -> ``xlogy.Tensor``), which reaches a Python kernel as a number;
+    ATen casts it to the common dtype of the call, so the 0-dim tensor gets that dtype (the same value)."""
+    args = list(args)
+    numbers = [i for i in tensor_slots if i < len(args) and not isinstance(args[i], torch.Tensor)]
+    if numbers:
+        other = next(a for a in args if isinstance(a, torch.Tensor))
+        for i in numbers:
+            args[i] = torch.tensor(args[i], dtype=torch.result_type(args[i], other), device=other.device)
+    return args
 
 
 def _inplace_kernel(functional):
@@ -158,7 +193,9 @@ def _inplace_name(name: str) -> str | None:
 def _kernels() -> tuple[tuple[str, object], ...]:
     """(op name, padded CPU kernel) for :data:`ELEMENTWISE` and their in-place variants, built once (the mode is
     entered and left around every call of a rollout)."""
-    kernels = []
+    from torch._decomp import decomposition_table
+
+    kernels = [(name, decomposition_table[_overload(name)]) for name in DECOMPOSED]
     for name in ELEMENTWISE:
         functional = _padded_kernel(_overload(name))
         kernels.append((name, functional))

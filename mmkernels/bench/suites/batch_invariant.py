@@ -97,6 +97,11 @@ def _shapes(config: BenchConfig, ours: list) -> list[Shape]:
         lambda q, k, v: ops.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lens),
                                       max_seqlen_k=max(lens), backend=backend),
         4.0 * h * d * sum(n * n for n in lens), 4.0 * elem * sum(lens) * h * d, op="attention")
+    # causal (a decoder's): the reference's invariant path is then the 64-key online softmax (prefill = decode)
+    add(f"attention varlen causal {len(lens)} seqs H={h} D={d}", make_attention,
+        lambda q, k, v: ops.attention(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max(lens),
+                                      max_seqlen_k=max(lens), causal=True, backend=backend),
+        2.0 * h * d * sum(n * n for n in lens), 4.0 * elem * sum(lens) * h * d, op="attention")
 
     # Q-Former cross-attention: 32 queries over padded image tokens
     bq, lq, lk, hq, dq = size((3, 8, 20, 2, 16), (4, 32, 257, 12, 64), (8, 32, 257, 12, 64))

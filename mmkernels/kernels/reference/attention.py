@@ -16,9 +16,10 @@ It materialises the ``[B, H, Lq, Lk]`` score matrix: fine for tests and as a bas
 Differentiable (also twice) through PyTorch autograd.
 
 Batch-invariant mode (:func:`mmkernels.set_batch_invariant`): each sequence (each batch entry when dense, each
-``cu_seqlens`` segment when varlen) runs on its own, at its own lengths, so its products and softmax sums have the
-same shapes whatever else is in the call (:func:`attention_reference_per_sequence`; varlen reads ``cu_seqlens`` on
-the host once per call).
+``cu_seqlens`` segment when varlen) runs on its own, at its own lengths (:func:`attention_reference_per_sequence`;
+varlen reads ``cu_seqlens`` on the host once per call): its products and sums have the same shapes whatever else is
+in the call; a causal one as an online softmax over blocks of 64 keys, so a row's bits do not depend on the tokens
+after it either (a prefill, the full forward and a KV-cache decode step agree).
 """
 
 from __future__ import annotations
@@ -71,6 +72,64 @@ def _masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Te
     lse = (row_max + torch.log(denom)).squeeze(-1)
     lse = torch.where(denom.squeeze(-1) == 0, torch.full_like(lse, float("inf")), lse)
     return out.to(out_dtype).contiguous(), lse  # einsum leaves [B, H, L, D] memory
+
+
+KEY_BLOCK = 64  # keys per step of the batch-invariant path's online softmax
+
+
+def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, upcast: bool
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence, q [1, Lq, Hq, D], k/v [1, Lk, Hkv, D/Dv] -> (out [1, Lq, Hq, Dv] in q's dtype, lse [1, Hq, Lq]),
+    as FlashAttention computes it: an online softmax over key blocks of :data:`KEY_BLOCK` keys from key 0 (the last
+    block zero-padded and masked). A query row's result then depends only on the keys it sees, not on how many keys
+    or query rows the call has: a block past the row's causal diagonal is an exact no-op (its probabilities are 0,
+    its rescale factor ``exp(0) = 1``), and every product and sum has one shape per head dim. So the same token gets
+    the same bits in a prefill of P tokens, a full-length forward and a one-token KV-cache decode step (the sampler
+    and the trainer agree). The batch-invariant mode's path (its products run in fixed row blocks)."""
+    out_dtype = q.dtype
+    math_dtype = _math_dtype(q.dtype, upcast)
+    q, k, v = q.to(math_dtype), k.to(math_dtype), v.to(math_dtype)
+    lq, lk, heads = q.shape[1], k.shape[1], q.shape[2]
+    group = heads // max(k.shape[2], 1)
+    if group > 1:
+        k = k.repeat_interleave(group, dim=2)
+        v = v.repeat_interleave(group, dim=2)
+    rows = torch.arange(lq, device=q.device)[:, None] + (lk - lq)  # each row's last visible key (bottom-right)
+    if causal:  # a row that sees no key (Lq > Lk): zeros, and no NaN of its q reaches a product's backward
+        q = torch.where((rows >= 0)[None, :, :, None], q, 0.0)
+    qh = q.transpose(1, 2)  # [1, H, Lq, D]
+    m = torch.full((1, heads, lq), float("-inf"), dtype=math_dtype, device=q.device)
+    denom = torch.zeros((1, heads, lq), dtype=math_dtype, device=q.device)
+    acc = torch.zeros((1, heads, lq, v.shape[-1]), dtype=math_dtype, device=q.device)
+    for start in range(0, lk, KEY_BLOCK):
+        stop = min(start + KEY_BLOCK, lk)
+        kb = k.new_zeros((1, KEY_BLOCK, heads, k.shape[-1]))
+        vb = v.new_zeros((1, KEY_BLOCK, heads, v.shape[-1]))
+        kb[:, :stop - start], vb[:, :stop - start] = k[:, start:stop], v[:, start:stop]
+        cols = torch.arange(start, start + KEY_BLOCK, device=q.device)[None, :]
+        visible = (cols < lk) & (cols <= rows) if causal else (cols < lk).expand(lq, KEY_BLOCK)
+        s = torch.matmul(qh, kb.permute(0, 2, 3, 1)) * scale  # [1, H, Lq, KEY_BLOCK]
+        s = s.masked_fill(~visible, float("-inf"))
+        m_new = torch.maximum(m, s.amax(-1))
+        m_safe = torch.where(torch.isfinite(m_new), m_new, 0.0)  # a row without a visible key yet: p = 0, no NaN
+        p = torch.exp(s - m_safe[..., None])
+        alpha = torch.where(torch.isfinite(m), torch.exp(m - m_safe), 0.0)
+        denom = denom * alpha + p.sum(-1)
+        acc = acc * alpha[..., None] + torch.matmul(p, vb.transpose(1, 2))
+        m = m_new
+    empty = denom == 0
+    out = acc / torch.where(empty, 1.0, denom)[..., None]
+    lse = torch.where(empty, float("inf"), m + torch.log(torch.where(empty, 1.0, denom)))
+    return out.transpose(1, 2).to(out_dtype).contiguous(), lse
+
+
+def _one_sequence(q, k, v, causal: bool, scale: float, upcast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence of the batch-invariant path. Causal: :func:`_blocked` (a row's bits must not depend on the keys
+    after it: prefill, full forward and decode agree). Otherwise every key is the row's own: one product over the
+    sequence's keys (its shape is the sequence's, whatever else is in the call), about 3x cheaper on a CPU."""
+    if causal:
+        return _blocked(q, k, v, True, scale, upcast)
+    return _masked(q, k, v, None, scale, upcast, 0.0, None)
 
 
 def _causal(lq, lk, device, diag=None) -> torch.Tensor:
@@ -176,16 +235,17 @@ def attention_reference_per_sequence(
     """(out, lse) as :func:`attention_reference_with_lse` (no dropout), one sequence at a time: batch entry ``b``
     (dense) or segment ``b`` of ``cu_seqlens`` (varlen, read on the host) is computed from its own rows at its own
     lengths, so its result does not depend on the other sequences, their number, their lengths or its position (the
-    batch-invariant mode's path; with ``mmkernels.set_batch_invariant`` the products also run in fixed row blocks).
+    batch-invariant mode's path; with ``mmkernels.set_batch_invariant`` the products also run in fixed row blocks);
+    causal ones by :func:`_blocked`, so a row's result does not depend on the keys after it either.
     Empty sequences and padding rows past ``cu_seqlens_q[-1]``: zeros, lse ``+inf``."""
     if cu_seqlens_q is None:
-        visible = _causal(q.shape[1], k.shape[1], q.device)[None] if causal else None
         outs, lses = [], []
         for b in range(q.shape[0]):
-            o, lse = _masked(q[b:b + 1], k[b:b + 1], v[b:b + 1], visible, scale, upcast, 0.0, None)
+            o, lse = _one_sequence(q[b:b + 1], k[b:b + 1], v[b:b + 1], causal, scale, upcast)
             outs.append(o)
             lses.append(lse)
         if not outs:
+            visible = _causal(q.shape[1], k.shape[1], q.device)[None] if causal else None
             return _masked(q, k, v, visible, scale, upcast, 0.0, None)
         return torch.cat(outs), torch.cat(lses)
     bounds_q = cu_seqlens_q.tolist()
@@ -200,8 +260,7 @@ def attention_reference_per_sequence(
             continue
         if k1 == k0:  # a sequence without keys: zeros, lse +inf (the buffers' values)
             continue
-        visible = _causal(q1 - q0, k1 - k0, q.device)[None] if causal else None
-        o, l_ = _masked(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], visible, scale, upcast, 0.0, None)
+        o, l_ = _one_sequence(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], causal, scale, upcast)
         pieces.append(o[0])
         lse_pieces.append(l_[0])
         rows.append((q0, q1))
