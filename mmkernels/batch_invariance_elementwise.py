@@ -118,8 +118,8 @@ def _padded_kernel(op: torch._ops.OpOverload):
     tensor_slots = [i for i, a in enumerate(op._schema.arguments) if str(a.type) == "Tensor" and not a.kwarg_only]
 
     def run(*args, **kwargs):
-        args = original = _rewrap_numbers(args, tensor_slots)
-        args = list(args)
+        original = _rewrap_numbers(args, tensor_slots)
+        args = list(original)
         tensors = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
         where = [i for i in tensors if args[i].dim() > 0] or tensors
         shape = torch.broadcast_shapes(*(args[i].shape for i in where))
@@ -191,8 +191,8 @@ def _inplace_name(name: str) -> str | None:
 
 @functools.cache
 def _kernels() -> tuple[tuple[str, object], ...]:
-    """(op name, padded CPU kernel) for :data:`ELEMENTWISE` and their in-place variants, built once (the mode is
-    entered and left around every call of a rollout)."""
+    """(op name, CPU kernel): the decompositions of :data:`DECOMPOSED`, the padded kernels of :data:`ELEMENTWISE` and
+    their in-place variants; built once (the mode may be entered and left around every call of a rollout)."""
     from torch._decomp import decomposition_table
 
     kernels = [(name, decomposition_table[_overload(name)]) for name in DECOMPOSED]
