@@ -85,6 +85,11 @@ def test_reduction_kernels_keep_atens_results(threads):
         lambda: torch.ones(50000, dtype=torch.bool).sum(),
         lambda: torch.arange(7).prod(0), lambda: torch.tensor(2.5).sum(), lambda: torch.empty(0, 3).sum(0),
         lambda: torch.tensor(2.5).prod(), lambda: big[1:2].sum(-1, dtype=torch.float16),
+        lambda: big[1].mean(), lambda: big[1:2].mean(-1, keepdim=True), lambda: big.mean([0, 1]),
+        lambda: big[1].mean(dtype=torch.float64), lambda: torch.linalg.vector_norm(big[1]),
+        lambda: torch.linalg.vector_norm(big[1:2], 1, -1, keepdim=True),
+        lambda: torch.linalg.vector_norm(big[1:2].to(torch.complex64), dim=-1),
+        lambda: torch.linalg.vector_norm(big, float("inf"), dim=1), lambda: big[1].norm(),
     ]
     try:
         got = [call() for call in calls]
