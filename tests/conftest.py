@@ -20,7 +20,7 @@ os.environ.setdefault("MMKERNELS_DEBUG_CHECKS", "1")
 
 import pytest  # noqa: E402
 
-import mmkernels  # noqa: E402,F401  (registers the ops with the interpreter setting in place)
+import mmkernels  # noqa: E402  (registers the ops with the interpreter setting in place)
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 
@@ -43,6 +43,22 @@ def seed() -> int:
     """Every test starts from the same seed; tests that need other draws use their own torch.Generator."""
     torch.manual_seed(0)
     return 0
+
+
+@pytest.fixture
+def cpu_threads():
+    """``cpu_threads(n)`` sets torch's CPU thread count for the test; the caller's count is restored afterwards."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def batch_invariant_mode():
+    """The test runs inside ``mmkernels.batch_invariant()``; the mode's kernels are gone again afterwards."""
+    with mmkernels.batch_invariant():
+        yield
+    assert not mmkernels.batch_invariance.routed()
 
 
 @pytest.fixture

@@ -26,11 +26,7 @@ BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(not TRI
 SIZES = (2, 7, 33)
 
 
-@pytest.fixture(autouse=True)
-def _mode():
-    with mmkernels.batch_invariant():
-        yield
-    assert not mmkernels.batch_invariance.routed()
+pytestmark = pytest.mark.usefixtures("batch_invariant_mode")  # every test inside the mode (tests/conftest.py)
 
 
 def _gen(seed: int) -> torch.Generator:

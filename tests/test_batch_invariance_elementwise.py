@@ -20,11 +20,7 @@ RANGES = ((0.05, 0.95), (-3.0, 3.0))  # inside every domain (log, acos, atanh, l
 EXTRA = ("hardswish", "log_sigmoid_forward")  # activations without the pointwise tag
 
 
-@pytest.fixture(autouse=True)
-def _mode():
-    with mmkernels.batch_invariant():
-        yield
-    assert not mmkernels.batch_invariance.routed()
+pytestmark = pytest.mark.usefixtures("batch_invariant_mode")  # every test inside the mode (tests/conftest.py)
 
 
 SCALAR = 0.7  # for a Scalar argument without a default (pow's exponent, lerp's weight, add's other)
@@ -210,23 +206,19 @@ def test_the_sweep_flags_a_kernel_that_rounds_its_tail_differently():
 
 
 @pytest.mark.parametrize("threads", [1, 3, 4])
-def test_rows_at_any_thread_count(threads):
+def test_rows_at_any_thread_count(threads, cpu_threads):
     """ATen splits a large element-wise op across threads, each chunk with its own scalar tail, at boundaries that
     move with the batch: the mode's pieces stay below the parallel grain (found by the fresh-user trial: silu rows
     16 of 17 differed at 4 threads)."""
     gelu_tanh = lambda t: torch.nn.functional.gelu(t, approximate="tanh")  # noqa: E731
     fns = (torch.nn.functional.silu, torch.sigmoid, gelu_tanh, torch.nn.functional.softplus, torch.exp2,
            lambda t: torch.pow(t.abs(), t), lambda t: torch.lerp(t, t.flip(-1), 0.3))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for n in (17, 33):
-            x = torch.randn(n, 4096, generator=torch.Generator().manual_seed(n))
-            for i, fn in enumerate(fns):
-                y = fn(x)
-                assert [p for p in range(n) if not torch.equal(fn(x[p:p + 1])[0], y[p])] == [], f"function {i}"
-    finally:
-        torch.set_num_threads(before)
+    cpu_threads(threads)
+    for n in (17, 33):
+        x = torch.randn(n, 4096, generator=torch.Generator().manual_seed(n))
+        for i, fn in enumerate(fns):
+            y = fn(x)
+            assert [p for p in range(n) if not torch.equal(fn(x[p:p + 1])[0], y[p])] == [], f"function {i}"
 
 
 def test_padded_kernels_keep_atens_results_layout_and_errors():
@@ -257,23 +249,19 @@ def test_padded_kernels_keep_atens_results_layout_and_errors():
 
 @pytest.mark.parametrize("threads", [1, 3, 4])
 @pytest.mark.parametrize("name", ["glu", "logsigmoid", "glu dim 0"])
-def test_fused_activations_that_are_not_pointwise(name, threads):
+def test_fused_activations_that_are_not_pointwise(name, threads, cpu_threads):
     """GLU's and log-sigmoid's fused CPU kernels have the same scalar tails (found by the fresh-user trial: GLU of a
     70001-wide row at 3 threads moved with the batch): their decompositions run (DECOMPOSED); forward and input
     gradient of a row alone and inside batches of 2 and 7."""
     fn = {"glu": lambda t: torch.nn.functional.glu(t, -1), "logsigmoid": torch.nn.functional.logsigmoid,
           "glu dim 0": lambda t: torch.nn.functional.glu(t.t(), 0).t()}[name]
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        x = torch.randn(7, 70002, generator=torch.Generator().manual_seed(1))
-        results = []
-        for batch, row in ((x[3:4], 0), (x[2:4], 1), (x, 3)):
-            leaf = batch.clone().requires_grad_()
-            out = fn(leaf)
-            (grad,) = torch.autograd.grad(out, leaf, torch.ones_like(out))
-            results.append((out[row].detach(), grad[row]))
-        for i, (out, grad) in enumerate(results[1:], 1):
-            assert torch.equal(out, results[0][0]) and torch.equal(grad, results[0][1]), f"batch {i}"
-    finally:
-        torch.set_num_threads(before)
+    cpu_threads(threads)
+    x = torch.randn(7, 70002, generator=torch.Generator().manual_seed(1))
+    results = []
+    for batch, row in ((x[3:4], 0), (x[2:4], 1), (x, 3)):
+        leaf = batch.clone().requires_grad_()
+        out = fn(leaf)
+        (grad,) = torch.autograd.grad(out, leaf, torch.ones_like(out))
+        results.append((out[row].detach(), grad[row]))
+    for i, (out, grad) in enumerate(results[1:], 1):
+        assert torch.equal(out, results[0][0]) and torch.equal(grad, results[0][1]), f"batch {i}"

@@ -11,12 +11,7 @@ import torch.nn.functional as F
 
 import mmkernels
 
-
-@pytest.fixture(autouse=True)
-def _mode():
-    with mmkernels.batch_invariant():
-        yield
-    assert not mmkernels.batch_invariance.routed()
+pytestmark = pytest.mark.usefixtures("batch_invariant_mode")  # every test inside the mode (tests/conftest.py)
 
 
 def _entropy(t):
@@ -45,35 +40,30 @@ ROW_WISE = {
 @pytest.mark.parametrize("threads", [1, 3, 4])
 @pytest.mark.parametrize("vocab", [1000, 50257])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-def test_a_rows_reduction_is_the_same_alone_and_in_a_batch(threads, vocab, dtype):
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        x = torch.randn(7, vocab, generator=torch.Generator().manual_seed(vocab)).to(dtype)
-        failures = []
-        for name, fn in ROW_WISE.items():
-            if dtype != torch.float32 and name in ("prod", "var"):
-                continue  # half-precision products of 50k factors and variances: not a model's row reduction
-            for batch, row in ((x[3:4], 0), (x[2:4], 1), (x, 3)):  # row 3 of x alone, second of 2, fourth of 7
-                leaf = batch.detach().clone().requires_grad_()
-                out = fn(leaf)
-                (grad,) = torch.autograd.grad(out, leaf, torch.ones_like(out))
-                if batch.shape[0] == 1:
-                    alone = (out[0].detach(), grad[0])
-                elif not (torch.equal(out[row].detach(), alone[0]) and torch.equal(grad[row], alone[1])):
-                    failures.append(f"{name} in a batch of {batch.shape[0]}")
-        assert failures == [], failures
-    finally:
-        torch.set_num_threads(before)
+def test_a_rows_reduction_is_the_same_alone_and_in_a_batch(threads, vocab, dtype, cpu_threads):
+    cpu_threads(threads)
+    x = torch.randn(7, vocab, generator=torch.Generator().manual_seed(vocab)).to(dtype)
+    failures = []
+    for name, fn in ROW_WISE.items():
+        if dtype != torch.float32 and name in ("prod", "var"):
+            continue  # half-precision products of 50k factors and variances: not a model's row reduction
+        for batch, row in ((x[3:4], 0), (x[2:4], 1), (x, 3)):  # row 3 of x alone, second of 2, fourth of 7
+            leaf = batch.detach().clone().requires_grad_()
+            out = fn(leaf)
+            (grad,) = torch.autograd.grad(out, leaf, torch.ones_like(out))
+            if batch.shape[0] == 1:
+                alone = (out[0].detach(), grad[0])
+            elif not (torch.equal(out[row].detach(), alone[0]) and torch.equal(grad[row], alone[1])):
+                failures.append(f"{name} in a batch of {batch.shape[0]}")
+    assert failures == [], failures
 
 
 @pytest.mark.parametrize("threads", [1, 4])
-def test_reduction_kernels_keep_atens_results(threads):
+def test_reduction_kernels_keep_atens_results(threads, cpu_threads):
     """Every form of the padded reductions (dims as a list, an int, None or []; keepdim; dtype=; integer inputs;
     0-dim and empty tensors; a non-contiguous input; the single-output split and not) gives ATen's shape and dtype
     and its value up to the order of additions."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    cpu_threads(threads)
     gen = torch.Generator().manual_seed(0)
     big = torch.randn(3, 40000, generator=gen)
     calls = [
@@ -91,12 +81,9 @@ def test_reduction_kernels_keep_atens_results(threads):
         lambda: torch.linalg.vector_norm(big[1:2].to(torch.complex64), dim=-1),
         lambda: torch.linalg.vector_norm(big, float("inf"), dim=1), lambda: big[1].norm(),
     ]
-    try:
-        got = [call() for call in calls]
-        with mmkernels.batch_invariant(False):
-            want = [call() for call in calls]
-    finally:
-        torch.set_num_threads(before)
+    got = [call() for call in calls]
+    with mmkernels.batch_invariant(False):
+        want = [call() for call in calls]
     for i, (g, w) in enumerate(zip(got, want)):
         assert (g.shape, g.dtype) == (w.shape, w.dtype), i
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-3, msg=lambda m, i=i: f"call {i}: {m}")

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "flamingo_stack.py"
 
@@ -25,12 +24,9 @@ def _example():
 
 
 @pytest.fixture
-def one_thread():
+def one_thread(cpu_threads):
     """The example's CPU setting (main() sets it): two threads on a busy 2-core machine run several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    cpu_threads(1)
 
 
 def test_loss_goes_down_below_the_blind_bound(one_thread):

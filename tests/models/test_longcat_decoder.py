@@ -36,11 +36,8 @@ CONFIGS = {"hf_tiny": HF_TINY, "wide_192_128": WIDE}
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def one_thread(cpu_threads):
+    cpu_threads(1)
 
 
 def _hf_model(name: str, seed: int = 0, **changes):

@@ -77,15 +77,16 @@ def _masked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Te
 KEY_BLOCK = 64  # keys per step of the batch-invariant path's online softmax
 
 
-def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, upcast: bool
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sequence, q [1, Lq, Hq, D], k/v [1, Lk, Hkv, D/Dv] -> (out [1, Lq, Hq, Dv] in q's dtype, lse [1, Hq, Lq]),
-    as FlashAttention computes it: an online softmax over key blocks of :data:`KEY_BLOCK` keys from key 0 (the last
-    block zero-padded and masked). A query row's result then depends only on the keys it sees, not on how many keys
-    or query rows the call has: a block past the row's causal diagonal is an exact no-op (its probabilities are 0,
-    its rescale factor ``exp(0) = 1``), and every product and sum has one shape per head dim. So the same token gets
-    the same bits in a prefill of P tokens, a full-length forward and a one-token KV-cache decode step (the sampler
-    and the trainer agree). The batch-invariant mode's path (its products run in fixed row blocks)."""
+def _blocked_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, upcast: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One causal sequence (bottom-right aligned), q [1, Lq, Hq, D], k/v [1, Lk, Hkv, D/Dv] -> (out [1, Lq, Hq, Dv]
+    in q's dtype, lse [1, Hq, Lq]), as FlashAttention computes it: an online softmax over key blocks of
+    :data:`KEY_BLOCK` keys from key 0 (the last block zero-padded and masked). A query row's result then depends
+    only on the keys it sees, not on how many keys or query rows the call has: a block past the row's causal
+    diagonal is an exact no-op (its probabilities are 0, its rescale factor ``exp(0) = 1``), and every product and
+    sum has one shape per head dim. So the same token gets the same bits in a prefill of P tokens, a full-length
+    forward and a one-token KV-cache decode step (the sampler and the trainer agree). The batch-invariant mode's
+    path (its products run in fixed row blocks)."""
     out_dtype = q.dtype
     math_dtype = _math_dtype(q.dtype, upcast)
     q, k, v = q.to(math_dtype), k.to(math_dtype), v.to(math_dtype)
@@ -95,19 +96,19 @@ def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sc
         k = k.repeat_interleave(group, dim=2)
         v = v.repeat_interleave(group, dim=2)
     rows = torch.arange(lq, device=q.device)[:, None] + (lk - lq)  # each row's last visible key (bottom-right)
-    if causal:  # a row that sees no key (Lq > Lk): zeros, and no NaN of its q reaches a product's backward
-        q = torch.where((rows >= 0)[None, :, :, None], q, 0.0)
+    # a row that sees no key (Lq > Lk): zeros, and no NaN of its q reaches a product's backward
+    q = torch.where((rows >= 0)[None, :, :, None], q, 0.0)
     qh = q.transpose(1, 2)  # [1, H, Lq, D]
     m = torch.full((1, heads, lq), float("-inf"), dtype=math_dtype, device=q.device)
     denom = torch.zeros((1, heads, lq), dtype=math_dtype, device=q.device)
     acc = torch.zeros((1, heads, lq, v.shape[-1]), dtype=math_dtype, device=q.device)
+    pad = (-lk) % KEY_BLOCK  # the last block zero-padded once: every block is one shape
+    k = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, pad))
+    v = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, pad))
     for start in range(0, lk, KEY_BLOCK):
-        stop = min(start + KEY_BLOCK, lk)
-        kb = k.new_zeros((1, KEY_BLOCK, heads, k.shape[-1]))
-        vb = v.new_zeros((1, KEY_BLOCK, heads, v.shape[-1]))
-        kb[:, :stop - start], vb[:, :stop - start] = k[:, start:stop], v[:, start:stop]
+        kb, vb = k[:, start:start + KEY_BLOCK], v[:, start:start + KEY_BLOCK]
         cols = torch.arange(start, start + KEY_BLOCK, device=q.device)[None, :]
-        visible = (cols < lk) & (cols <= rows) if causal else (cols < lk).expand(lq, KEY_BLOCK)
+        visible = (cols < lk) & (cols <= rows)
         s = torch.matmul(qh, kb.permute(0, 2, 3, 1)) * scale  # [1, H, Lq, KEY_BLOCK]
         s = s.masked_fill(~visible, float("-inf"))
         m_new = torch.maximum(m, s.amax(-1))
@@ -124,11 +125,12 @@ def _blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sc
 
 
 def _one_sequence(q, k, v, causal: bool, scale: float, upcast: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sequence of the batch-invariant path. Causal: :func:`_blocked` (a row's bits must not depend on the keys
-    after it: prefill, full forward and decode agree). Otherwise every key is the row's own: one product over the
-    sequence's keys (its shape is the sequence's, whatever else is in the call), about 3x cheaper on a CPU."""
+    """One sequence of the batch-invariant path. Causal: :func:`_blocked_causal` (a row's bits must not depend on
+    the keys after it: prefill, full forward and decode agree). Otherwise every key is the row's own: one product
+    over the sequence's keys (its shape is the sequence's, whatever else is in the call), about 3x cheaper on a
+    CPU."""
     if causal:
-        return _blocked(q, k, v, True, scale, upcast)
+        return _blocked_causal(q, k, v, scale, upcast)
     return _masked(q, k, v, None, scale, upcast, 0.0, None)
 
 
@@ -236,7 +238,7 @@ def attention_reference_per_sequence(
     (dense) or segment ``b`` of ``cu_seqlens`` (varlen, read on the host) is computed from its own rows at its own
     lengths, so its result does not depend on the other sequences, their number, their lengths or its position (the
     batch-invariant mode's path; with ``mmkernels.set_batch_invariant`` the products also run in fixed row blocks);
-    causal ones by :func:`_blocked`, so a row's result does not depend on the keys after it either.
+    causal ones by :func:`_blocked_causal`, so a row's result does not depend on the keys after it either.
     Empty sequences and padding rows past ``cu_seqlens_q[-1]``: zeros, lse ``+inf``."""
     if cu_seqlens_q is None:
         outs, lses = [], []
