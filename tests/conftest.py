@@ -23,6 +23,11 @@ import pytest  # noqa: E402
 import mmkernels  # noqa: E402  (registers the ops with the interpreter setting in place)
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+# The tests' helper modules (op_samples, random_weights, hf_tiny_models, triton_launches) import by name from every
+# test folder: --import-mode=importlib keeps tests/ off sys.path, so it is put there once, here.
+TESTS = os.path.dirname(os.path.abspath(__file__))
+if TESTS not in sys.path:
+    sys.path.insert(0, TESTS)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -69,7 +74,6 @@ def no_backend_env(monkeypatch):
 
 
 if os.environ.get("MMKERNELS_RECORD_TRITON") and os.environ.get("TRITON_INTERPRET") == "1":
-    sys.path.insert(0, os.path.dirname(__file__))  # --import-mode=importlib keeps tests/ off sys.path
     from triton_launches import record_launches  # tests/triton_launches.py
 
     record_launches(os.environ["MMKERNELS_RECORD_TRITON"])

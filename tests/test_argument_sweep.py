@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import inspect
 import math
-import os
 import re
-import sys
 from collections.abc import Callable
 
+import op_samples  # (tests/op_samples.py: every op's valid call, from its own test file)
 import pytest
 import torch
 
@@ -57,10 +56,6 @@ from mmkernels.nn import (
     SwiGLUExperts,
     ZeroComputeMoE,
 )
-
-if os.path.dirname(__file__) not in sys.path:
-    sys.path.insert(0, os.path.dirname(__file__))  # tests/ (importlib import mode)
-import op_samples  # noqa: E402  (tests/op_samples.py: every op's valid call, from its own test file)
 
 CPU = torch.device("cpu")
 

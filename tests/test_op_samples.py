@@ -6,18 +6,13 @@ op, and a test file that cannot be imported each give one clear problem line, an
 
 from __future__ import annotations
 
-import os
-import sys
 import textwrap
 
+import op_samples  # tests/op_samples.py
 import pytest
 import torch
 
 from mmkernels._backends import registered_ops
-
-if os.path.dirname(__file__) not in sys.path:
-    sys.path.insert(0, os.path.dirname(__file__))  # tests/ (importlib import mode)
-import op_samples  # noqa: E402
 
 
 def test_every_registered_op_declares_a_sample():

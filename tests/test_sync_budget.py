@@ -16,9 +16,6 @@ path and on the reference path. Exact counts:
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 
@@ -174,8 +171,6 @@ def _tiny_models() -> dict:
         import transformers  # noqa: F401
     except ImportError:
         return {}
-    if os.path.dirname(__file__) not in sys.path:
-        sys.path.insert(0, os.path.dirname(__file__))  # tests/ (importlib import mode)
     import hf_tiny_models  # tests/hf_tiny_models.py
 
     return hf_tiny_models.load().MODELS

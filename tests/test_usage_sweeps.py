@@ -13,9 +13,8 @@ by ``tests/op_samples.py``: a new op needs no edit here.
 from __future__ import annotations
 
 import inspect
-import os
-import sys
 
+import op_samples  # (tests/op_samples.py: every op's valid call, from its own test file)
 import pytest
 import torch
 
@@ -34,10 +33,6 @@ from mmkernels.nn import (
     ZeroComputeMoE,
 )
 from mmkernels.nn.moe import MoEConfig
-
-if os.path.dirname(__file__) not in sys.path:
-    sys.path.insert(0, os.path.dirname(__file__))  # tests/ (importlib import mode)
-import op_samples  # noqa: E402  (tests/op_samples.py: every op's valid call, from its own test file)
 
 CPU = torch.device("cpu")
 

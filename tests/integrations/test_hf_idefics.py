@@ -11,9 +11,8 @@ from __future__ import annotations
 import copy
 import io
 import pickle
-import sys
-from pathlib import Path
 
+import hf_tiny_models  # tests/hf_tiny_models.py
 import pytest
 import torch
 
@@ -23,10 +22,6 @@ from mmkernels.integrations.hf import patch, unpatch
 from mmkernels.testing import count_host_syncs
 
 transformers = pytest.importorskip("transformers")
-
-if str(Path(__file__).parents[1]) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/ (importlib import mode)
-import hf_tiny_models  # noqa: E402  (tests/hf_tiny_models.py)
 
 if not hasattr(transformers, "IdeficsForVisionText2Text"):
     pytest.skip("this transformers has no IDEFICS", allow_module_level=True)

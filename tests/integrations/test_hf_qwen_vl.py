@@ -9,9 +9,8 @@ read per forward.)"""
 from __future__ import annotations
 
 import importlib
-import sys
-from pathlib import Path
 
+import hf_tiny_models  # tests/hf_tiny_models.py
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -22,10 +21,6 @@ from mmkernels.integrations.hf import qwen_vl as qv
 from mmkernels.testing import assert_within_ref_error
 
 transformers = pytest.importorskip("transformers")
-
-if str(Path(__file__).parents[1]) not in sys.path:
-    sys.path.insert(0, str(Path(__file__).parents[1]))  # tests/ (importlib import mode)
-import hf_tiny_models  # noqa: E402  (tests/hf_tiny_models.py)
 
 _M = hf_tiny_models.load()  # tests/integrations/conftest.py's builders
 qwen_patches, qwen_tower = _M.qwen_patches, _M.qwen_tower

@@ -778,10 +778,7 @@ def test_lookup_traces_with_symbolic_shapes_under_make_fx(files, as_on_gpu):
 def test_shipped_configs_reach_every_kernel_launch(files, tmp_path, monkeypatch):
     """Through the real launchers, as on a GPU (tests/triton_launches.py records the launches without running them):
     a shipped entry for each kernel family shows up in that kernel's launch constexprs and options."""
-    import os
-    import sys
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))  # tests/ (importlib import mode)
     from triton_launches import record_gpu_configs
 
     _, shipped = files

@@ -4,22 +4,15 @@ InstructBLIP's Q-Former for query tokens, the converter's errors, the FLOP split
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
+from random_weights import randomise  # tests/random_weights.py
 
 from mmkernels.models import QFormer
 from mmkernels.models.convert.qformer import ConversionError, hf_to_mmkernels
 from mmkernels.models.qformer import PRESETS, QFormerConfig, qformer_flops
 from mmkernels.ops.qformer_attention import QFORMER_BACKENDS
 from mmkernels.testing import assert_within_ref_error
-
-_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)  # tests/ (importlib import mode)
-from random_weights import randomise  # noqa: E402  (tests/random_weights.py)
 
 transformers = pytest.importorskip("transformers")
 

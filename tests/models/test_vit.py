@@ -4,21 +4,15 @@ embeddings), conversion errors, gradients to every parameter, torch.compile."""
 
 from __future__ import annotations
 
-import os
 import re
-import sys
 
 import pytest
 import torch
+from random_weights import randomise  # tests/random_weights.py
 
 from mmkernels.models import ViT
 from mmkernels.models.convert.vit import ConversionError, hf_to_mmkernels, timm_to_mmkernels
 from mmkernels.models.vit import PRESETS, ViTConfig
-
-_TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)  # tests/ (importlib import mode)
-from random_weights import randomise  # noqa: E402  (tests/random_weights.py)
 
 transformers = pytest.importorskip("transformers")
 timm_vit = pytest.importorskip("timm.models.vision_transformer")
